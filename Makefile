@@ -1,0 +1,38 @@
+# The two commands: `make run` and `make test`. Each creates .venv and installs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# A CPU build of torch, installed before the project so that pip never
+# fetches a multi-GB CUDA build to satisfy the dev extra.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: run test install install-dev bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: $(VENV)/.installed
+	$(VENV)/bin/capsim run scenarios/quickstart.yaml
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/capsim bench
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,91 @@
+"""``capsim bench``: simulated requests per wall second on standard scenarios.
+
+The SME case is also written the idiomatic SimPy way (a process per request
+holding a ``simpy.Resource``) and run on the same arrivals, service times and
+routing draws, to measure what requests-as-data buys.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import simpy
+
+from .core.rng import Streams
+from .scenario import parse_scenario
+from .simulate import simulate
+from .workload.build import build_workload
+
+
+def sme_scenario(requests: float = 1.0e6, instances: int = 10, load: float = 0.7) -> dict:
+    """A standard SME: ``instances`` single-copy instances, random routing, M/M/1 each at ``load``."""
+    mean_s = 0.05
+    rate = load * instances / mean_s
+    return {
+        "name": "bench-sme",
+        "seed": 1,
+        "duration": requests / rate,
+        "models": [{"name": "m", "size_gb": 1, "service": {"dist": "exponential", "mean": mean_s},
+                    "traffic": {"process": "poisson", "rate": rate}}],
+        "endpoints": [{"name": "sme", "mode": "sme", "instance_type": "ml.g5.xlarge", "instances": instances,
+                       "routing": "random", "models": ["m"]}],
+    }
+
+
+def _simpy_processes(arrival: np.ndarray, service: np.ndarray, u: np.ndarray, instances: int,
+                     horizon: float) -> int:
+    """The same system, a SimPy process per request; returns the requests completed."""
+    env = simpy.Environment()
+    servers = [simpy.Resource(env, capacity=1) for _ in range(instances)]
+    done = [0]
+
+    def request(k: int):
+        with servers[int(u[k] * instances)].request() as req:
+            yield req
+            yield env.timeout(service[k])
+        done[0] += 1
+
+    def source():
+        last = 0.0
+        for k in range(len(arrival)):
+            yield env.timeout(arrival[k] - last)
+            last = arrival[k]
+            env.process(request(k))
+
+    env.process(source())
+    env.run(until=horizon)
+    return done[0]
+
+
+def bench_sme(requests: float = 1.0e6, baseline_requests: float = 2.0e5) -> dict[str, Any]:
+    sc = parse_scenario(sme_scenario(requests), source="bench-sme")
+    t0 = time.perf_counter()
+    raw = simulate(sc)
+    wall = time.perf_counter() - t0
+    n = len(raw.columns["arrival"])
+
+    # Baseline on a shorter horizon of the same stream (a process per request is slow).
+    scb = parse_scenario(sme_scenario(baseline_requests), source="bench-sme-baseline")
+    streams = Streams(scb.spec.seed)
+    wl = build_workload(scb, streams)
+    u = streams.get("routing").random((len(wl), 2))[:, 0]
+    t0 = time.perf_counter()
+    _simpy_processes(wl.arrival, wl.service, u, scb.endpoints[0].instances.start, scb.horizon)
+    base_wall = time.perf_counter() - t0
+    nb = len(wl.arrival)
+    rps, brps = n / wall, nb / base_wall
+    return {"requests": n, "wall_seconds": wall, "requests_per_s": rps, "baseline_requests": nb,
+            "baseline_wall_seconds": base_wall, "baseline_requests_per_s": brps,
+            "speedup_vs_simpy_processes": rps / brps}
+
+
+def run_bench(cases: tuple[str, ...] = ("sme",), scale: float = 1.0) -> dict[str, Any]:
+    """All benchmark cases; the SME case's figures are also at the top level."""
+    out: dict[str, Any] = {"cases": {}}
+    if "sme" in cases:
+        sme = bench_sme(1.0e6 * scale, 2.0e5 * scale)
+        out["cases"]["sme"] = sme
+        for k in ("requests_per_s", "baseline_requests_per_s", "speedup_vs_simpy_processes"):
+            out[k] = sme[k]
+    return out

@@ -1,0 +1,164 @@
+"""The event core: SimPy's calendar, requests as rows of preallocated columns.
+
+A request is an index ``i`` into the columns of :class:`Requests`. It costs
+two calendar entries: its arrival (one reusable cursor walks the pre-generated
+arrival times) and its completion. Its start happens inside one of those two
+callbacks. Long-lived actors (autoscalers, failure injectors, samplers) may be
+ordinary SimPy processes on the same environment.
+"""
+from __future__ import annotations
+
+from heapq import heappush
+from typing import Callable
+
+import numpy as np
+import simpy
+from simpy.core import NORMAL
+
+# Request status codes (the ``status`` column); STATUS_NAMES maps them to the
+# strings of requests.parquet.
+IN_FLIGHT, OK, TIMEOUT, THROTTLED, NO_CAPACITY, INSTANCE_FAILURE = range(6)
+STATUS_NAMES = ("in_flight", "ok", "timeout", "throttled", "no_capacity", "instance_failure")
+
+
+class Call:
+    """A bare calendar entry. SimPy's ``step()`` pops it and calls its callbacks.
+
+    It has only what ``step()`` reads (``callbacks`` and ``_ok``), which makes
+    it several times cheaper than a ``simpy.Event`` to create and schedule.
+    """
+
+    __slots__ = ("callbacks", "arg", "obj")
+    _ok = True
+
+    def __init__(self, callbacks: list, arg: object = None, obj: object = None):
+        self.callbacks = callbacks
+        self.arg = arg
+        self.obj = obj
+
+
+class Requests:
+    """Columns of the request table. Python lists while running (cheap to index
+    and assign one element at a time); numpy arrays once finished."""
+
+    def __init__(self, arrival: np.ndarray, model: np.ndarray, service: np.ndarray,
+                 input_tokens: np.ndarray, output_tokens: np.ndarray, route_u: np.ndarray):
+        n = len(arrival)
+        self.n_open = n
+        self.arrival: list[float] = arrival.tolist()
+        self.model: list[int] = model.tolist()
+        self.service: list[float] = service.tolist()
+        self.input_tokens: list[int] = input_tokens.tolist()
+        self.output_tokens: list[int] = output_tokens.tolist()
+        self.u1: list[float] = route_u[:, 0].tolist()
+        self.u2: list[float] = route_u[:, 1].tolist()
+        self.start: list[float] = [np.nan] * n
+        self.end: list[float] = [np.nan] * n
+        self.instance: list[int] = [-1] * n
+        self.status: list[int] = [IN_FLIGHT] * n
+        self.load: list[float] = [0.0] * n
+        self.cold: list[bool] = [False] * n
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+    def append(self, arrival: float, model: int, service: float, input_tokens: int, output_tokens: int,
+               u1: float, u2: float) -> int:
+        """Add a request (closed-loop users create theirs as they go); returns its index."""
+        self.arrival.append(arrival)
+        self.model.append(model)
+        self.service.append(service)
+        self.input_tokens.append(input_tokens)
+        self.output_tokens.append(output_tokens)
+        self.u1.append(u1)
+        self.u2.append(u2)
+        self.start.append(np.nan)
+        self.end.append(np.nan)
+        self.instance.append(-1)
+        self.status.append(IN_FLIGHT)
+        self.load.append(0.0)
+        self.cold.append(False)
+        return len(self.arrival) - 1
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "arrival": np.asarray(self.arrival, dtype=float),
+            "model": np.asarray(self.model, dtype=np.int32),
+            "service": np.asarray(self.service, dtype=float),
+            "input_tokens": np.asarray(self.input_tokens, dtype=np.int64),
+            "output_tokens": np.asarray(self.output_tokens, dtype=np.int64),
+            "start": np.asarray(self.start, dtype=float),
+            "end": np.asarray(self.end, dtype=float),
+            "instance": np.asarray(self.instance, dtype=np.int32),
+            "status": np.asarray(self.status, dtype=np.int8),
+            "load": np.asarray(self.load, dtype=float),
+            "cold": np.asarray(self.cold, dtype=bool),
+        }
+
+
+class Engine:
+    """Owns the SimPy environment, the request table and the arrival cursor.
+
+    Hosting runtimes register per model a function ``arrive(i)`` and report a
+    finished request through :meth:`finish`.
+    """
+
+    def __init__(self, requests: Requests):
+        self.env = simpy.Environment()
+        self.requests = requests
+        self.arrive_of_model: list[Callable[[int], None]] = []
+        # closed-loop hooks: request index -> function called when it finishes
+        self.on_finish: dict[int, Callable[[int], None]] = {}
+        self.closed_loop = False
+        self._cursor = 0
+        self._cursor_callbacks = [self._on_arrival]
+        self._cursor_call = Call(self._cursor_callbacks)
+
+    # -- scheduling -----------------------------------------------------------
+    def at(self, delay: float, callback: Callable[[Call], None], arg: object = None, obj: object = None) -> Call:
+        """Call ``callback(call)`` after ``delay`` simulated seconds, with ``call.arg``, ``call.obj`` set."""
+        call = Call([callback], arg, obj)
+        env = self.env
+        # Inlined Environment.schedule: this is the hot path.
+        heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), call))
+        return call
+
+    def _on_arrival(self, call: Call) -> None:
+        i = self._cursor
+        arrival = self.requests.arrival
+        self.arrive_of_model[self.requests.model[i]](i)
+        i += 1
+        self._cursor = i
+        if i < self.requests.n_open:
+            env = self.env
+            call.callbacks = self._cursor_callbacks
+            heappush(env._queue, (arrival[i], NORMAL, next(env._eid), call))
+
+    def inject(self, i: int) -> None:
+        """Schedule the arrival of an appended request ``i`` (closed loop) at its arrival time."""
+        self.at(self.requests.arrival[i] - self.env._now, self._arrive_one, i)
+
+    def _arrive_one(self, call: Call) -> None:
+        i = call.arg
+        self.arrive_of_model[self.requests.model[i]](i)
+
+    def finish(self, i: int, status: int, end: float) -> None:
+        """Record request ``i`` as finished with ``status`` at time ``end``."""
+        r = self.requests
+        r.status[i] = status
+        r.end[i] = end
+        if self.closed_loop:
+            hook = self.on_finish.pop(i, None)
+            if hook is not None:
+                hook(i)
+
+    # -- running --------------------------------------------------------------
+    def run(self, horizon: float) -> None:
+        r = self.requests
+        self._cursor_call_callbacks = [self._on_arrival]
+        if r.n_open:
+            call = self._cursor_call
+            call.callbacks = self._cursor_callbacks
+            env = self.env
+            heappush(env._queue, (r.arrival[0], NORMAL, next(env._eid), call))
+        self.env.run(until=horizon)

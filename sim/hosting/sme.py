@@ -1,0 +1,80 @@
+"""Single-model endpoints: each instance holds ``copies_per_instance`` copies of
+one model; each copy serves up to ``max_concurrency`` requests at once, so an
+instance is a FIFO queue in front of ``copies x max_concurrency`` servers."""
+from __future__ import annotations
+
+from heapq import heappush
+
+from simpy.core import NORMAL
+
+from ..core.engine import OK, THROTTLED, TIMEOUT, Call, Engine
+from ..scenario.resolve import Endpoint
+from .base import EndpointRuntime, Instance
+
+
+class SMEEndpoint(EndpointRuntime):
+    def __init__(self, engine: Engine, ep: Endpoint):
+        super().__init__(engine, ep)
+        self.slots = ep.copies_per_instance * ep.max_concurrency
+        self.timeout = ep.timeout
+        self.queue_limit = ep.queue_limit
+        self._done_callbacks = [self._done]
+        for _ in range(ep.instances.start):
+            self._add_instance()
+        self._log_fleet()
+
+    def _add_instance(self) -> Instance:
+        inst = Instance(len(self.instances), self.slots, self.engine.env.now)
+        self.instances.append(inst)
+        self.active.append(inst)
+        self.billed += 1
+        return inst
+
+    # The two functions below run once per request: keep them lean.
+    def arrive(self, i: int) -> None:
+        r = self.requests
+        act = self.active
+        inst = act[0] if len(act) == 1 else self.route(act, r.u1[i], r.u2[i], self)
+        r.instance[i] = inst.index
+        if inst.busy < inst.slots:
+            inst.busy += 1
+            inst.n += 1
+            env = self.engine.env
+            now = env._now
+            r.start[i] = now
+            heappush(env._queue, (now + r.service[i], NORMAL, next(env._eid), Call(self._done_callbacks, i, inst)))
+        elif self.queue_limit is not None and len(inst.queue) >= self.queue_limit:
+            self.engine.finish(i, THROTTLED, self.engine.env._now)
+        else:
+            inst.queue.append(i)
+            inst.n += 1
+
+    def _done(self, call: Call) -> None:
+        i = call.arg
+        inst = call.obj
+        r = self.requests
+        env = self.engine.env
+        now = env._now
+        timeout = self.timeout
+        arrival = r.arrival
+        inst.n -= 1
+        q = inst.queue
+        while q:
+            j = q.popleft()
+            if now - arrival[j] >= timeout:
+                # The client gave up while it waited; the server drops it.
+                inst.n -= 1
+                self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
+                continue
+            r.start[j] = now
+            call.arg = j
+            call.callbacks = self._done_callbacks
+            heappush(env._queue, (now + r.service[j], NORMAL, next(env._eid), call))
+            break
+        else:
+            inst.busy -= 1
+        a = arrival[i]
+        if now - a <= timeout:
+            self.engine.finish(i, OK, now)
+        else:
+            self.engine.finish(i, TIMEOUT, a + timeout)

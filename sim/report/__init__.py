@@ -1,0 +1,1 @@
+"""Figures and reports (matplotlib), at the edge: the core never plots."""

@@ -1,0 +1,235 @@
+"""From a validated :class:`ScenarioSpec` to the resolved scenario the core runs.
+
+Resolution expands model groups (``name: embed-{i:03d}`` with ``count``),
+matches endpoint model globs, expands an ``sme`` endpoint that lists several
+models into one endpoint per model, looks up instance types and checks that
+each model fits the instance type that hosts it.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..catalog import Catalog, InstanceType, load_catalog
+from .errors import ScenarioError, suggest
+from .schema import EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
+
+
+@dataclass(frozen=True)
+class Model:
+    index: int
+    name: str
+    group: int
+    size_gb: float
+    memory_gb: float
+    host_memory_gb: float
+    accelerators: int
+    service: ServiceSpec
+    tokens: TokensSpec | None
+
+
+@dataclass(frozen=True)
+class Group:
+    """A model group: one ``models`` entry of the file, whose traffic its models share."""
+
+    index: int
+    name: str
+    traffic: TrafficSpec | None
+    models: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    index: int
+    name: str
+    mode: str
+    instance_type: InstanceType
+    instances: InstancesSpec
+    routing: str
+    max_concurrency: int
+    queue_limit: int | None
+    timeout: float
+    models: tuple[int, ...]
+    copies_per_instance: int
+    spec: EndpointSpec
+    spec_index: int
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A scenario ready to simulate: the spec plus everything it refers to, resolved."""
+
+    spec: ScenarioSpec
+    models: tuple[Model, ...]
+    groups: tuple[Group, ...]
+    endpoints: tuple[Endpoint, ...]
+    catalog: Catalog
+    source: str = "<scenario>"
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def horizon(self) -> float:
+        """End of the simulated time: warmup plus the measured duration."""
+        return self.spec.warmup + self.spec.duration
+
+    def model_endpoint(self) -> list[int]:
+        """For each model, the index of the endpoint that serves it."""
+        out = [-1] * len(self.models)
+        for ep in self.endpoints:
+            for m in ep.models:
+                out[m] = ep.index
+        return out
+
+
+def _expand_name(pattern: str, i: int, count: int, where: str, source: str) -> str:
+    if count == 1 and "{" not in pattern:
+        return pattern
+    if "{" not in pattern:
+        return f"{pattern}-{i}"
+    try:
+        return pattern.format(i=i)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ScenarioError(
+            f"cannot expand the name pattern {pattern!r} ({e}); use {{i}} or a format such as {{i:03d}}",
+            source=source, path=where,
+        ) from None
+
+
+def _catalog_for(spec: ScenarioSpec, source: str) -> Catalog:
+    base = load_catalog()
+    if not spec.instance_types:
+        return base
+    extra = []
+    for k, it in enumerate(spec.instance_types):
+        if it.gpu is not None and it.gpu not in base.gpus:
+            raise ScenarioError(
+                f"unknown GPU {it.gpu!r}{suggest(it.gpu, base.gpus)}; expected one of {', '.join(sorted(base.gpus))}",
+                source=source, path=f"instance_types[{k}].gpu",
+            )
+        extra.append(InstanceType(**it.model_dump(), source=f"scenario {source}", date=""))
+    return base.with_instance_types(extra)
+
+
+def _check_fit(model: Model, ep_spec: EndpointSpec, it: InstanceType, where: str, source: str) -> int:
+    """Copies of ``model`` one instance of ``it`` holds; a ScenarioError if none fits."""
+    if it.gpus > 0 and model.accelerators > 0:
+        if model.accelerators > it.gpus:
+            raise ScenarioError(
+                f"model {model.name!r} needs {model.accelerators} accelerators but {it.name} has {it.gpus}",
+                source=source, path=where,
+            )
+        room = model.accelerators * it.gpu_memory_gb
+        if ep_spec.mode == "mme" and ep_spec.cache is not None:
+            room *= ep_spec.cache.memory_fraction
+        if model.memory_gb > room + 1e-9:
+            raise ScenarioError(
+                f"model {model.name!r} needs {model.memory_gb:g} GB of GPU memory but {model.accelerators} "
+                f"GPU(s) of {it.name} offer {room:g} GB; choose a larger instance type or more accelerators",
+                source=source, path=where,
+            )
+        copies = it.gpus // model.accelerators
+        host_needed = model.host_memory_gb
+    else:
+        copies = 1
+        host_needed = model.memory_gb + model.host_memory_gb
+    if host_needed > it.memory_gb + 1e-9:
+        raise ScenarioError(
+            f"model {model.name!r} needs {host_needed:g} GB of host memory but {it.name} has {it.memory_gb:g} GB",
+            source=source, path=where,
+        )
+    return copies
+
+
+def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | None = None) -> Scenario:
+    catalog = _catalog_for(spec, source)
+
+    models: list[Model] = []
+    groups: list[Group] = []
+    seen: dict[str, str] = {}
+    for g, ms in enumerate(spec.models):
+        idx = []
+        for i in range(ms.count):
+            name = _expand_name(ms.name, i, ms.count, f"models[{g}].name", source)
+            if name in seen:
+                raise ScenarioError(f"duplicate model name {name!r} (also {seen[name]})", source=source,
+                                    path=f"models[{g}].name")
+            seen[name] = f"models[{g}]"
+            idx.append(len(models))
+            models.append(Model(len(models), name, g, ms.size_gb, ms.gpu_memory_gb, ms.host_memory_gb,
+                                ms.accelerators, ms.service, ms.tokens))
+        groups.append(Group(g, ms.name, ms.traffic, tuple(idx)))
+        _check_service(ms, g, source)
+
+    names = [m.name for m in models]
+    served_by: dict[int, str] = {}
+    endpoints: list[Endpoint] = []
+    ep_names: set[str] = set()
+    for e, es in enumerate(spec.endpoints):
+        where = f"endpoints[{e}]"
+        if es.mode != "sme":
+            raise ScenarioError(
+                f"mode {es.mode!r} is not supported by this version of capsim yet (only 'sme')",
+                source=source, path=f"{where}.mode",
+            )
+        if es.autoscaling is not None:
+            raise ScenarioError("autoscaling is not supported by this version of capsim yet",
+                                source=source, path=f"{where}.autoscaling")
+        try:
+            it = catalog.instance(es.instance_type)
+        except KeyError as err:
+            raise ScenarioError(str(err.args[0]) if err.args else f"unknown instance type {es.instance_type!r}",
+                                source=source, path=f"{where}.instance_type") from None
+        if not es.models:
+            raise ScenarioError("an endpoint needs at least one model (names or globs)", source=source,
+                                path=f"{where}.models")
+        matched: list[int] = []
+        for k, pat in enumerate(es.models):
+            hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise ScenarioError(f"no model matches {pat!r}{suggest(pat, names + [m.name for m in spec.models])}",
+                                    source=source, path=f"{where}.models[{k}]")
+            matched += [h for h in hits if h not in matched]
+        for m in matched:
+            if m in served_by:
+                raise ScenarioError(f"model {names[m]!r} is already served by endpoint {served_by[m]!r}",
+                                    source=source, path=f"{where}.models")
+            served_by[m] = es.name
+        if es.instances.start < 1 or es.instances.lo < 1:
+            raise ScenarioError("an sme endpoint needs at least 1 instance", source=source, path=f"{where}.instances")
+        groups_of = [matched] if len(matched) == 1 else [[m] for m in matched]
+        for ms in groups_of:
+            m = models[ms[0]]
+            name = es.name if len(groups_of) == 1 else f"{es.name}-{m.name}"
+            if name in ep_names:
+                raise ScenarioError(f"duplicate endpoint name {name!r}", source=source, path=f"{where}.name")
+            ep_names.add(name)
+            copies = _check_fit(m, es, it, f"{where}.instance_type", source)
+            endpoints.append(Endpoint(len(endpoints), name, es.mode, it, es.instances, es.routing,
+                                      es.max_concurrency, es.queue_limit, es.timeout, tuple(ms), copies, es, e))
+
+    for g in groups:
+        if g.traffic is None:
+            continue
+        for m in g.models:
+            if m not in served_by:
+                raise ScenarioError(f"model {names[m]!r} has traffic but no endpoint serves it",
+                                    source=source, path=f"models[{g.index}]")
+    return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source,
+                    base_dir or Path.cwd())
+
+
+def _check_service(ms: ModelSpec, g: int, source: str) -> None:
+    tr = ms.traffic
+    if ms.service.token_based and ms.tokens is None and not (tr is not None and tr.process == "trace"):
+        raise ScenarioError("a token-based service needs token counts: add tokens: {input: N, output: M} "
+                            "to the model or replay a trace that has them",
+                            source=source, path=f"models[{g}].service")
+    if tr is not None and isinstance(tr.popularity, dict) and "weights" in tr.popularity:
+        if len(tr.popularity["weights"]) != ms.count:
+            raise ScenarioError(f"popularity.weights has {len(tr.popularity['weights'])} entries for "
+                                f"{ms.count} models", source=source, path=f"models[{g}].traffic.popularity")

@@ -1,0 +1,330 @@
+"""Scenario schema v1 (DESIGN.md): pydantic models of the YAML file.
+
+The schema checks the shape and the units of each field. Cross-references
+(instance types, model names, fits) are resolved in :mod:`sim.scenario.resolve`.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .units import Duration, Rate, Size
+
+# One source of truth for the names the YAML accepts; each registry in the
+# core is checked against these lists by the tests.
+MODES = ("sme", "mme", "ic")
+ROUTING_POLICIES = ("random", "round_robin", "least_outstanding_requests", "power_of_two")
+SERVICE_DISTS = ("exponential", "deterministic", "lognormal", "gamma")
+PROCESSES = ("poisson", "gamma", "diurnal", "mmpp", "closed", "trace")
+TRACE_FORMATS = ("csv", "azure_llm", "mooncake")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InstanceTypeSpec(Strict):
+    name: str
+    gpus: int = Field(ge=0)
+    gpu_memory_gb: Size = 0.0
+    vcpus: int = Field(ge=1)
+    memory_gb: Size
+    price_per_hour: float = Field(ge=0)
+    gpu: str | None = None
+    storage: Literal["nvme", "ebs"] = "ebs"
+    storage_gb: Size = 30.0
+    disk_read_gbs: float = Field(default=0.25, gt=0)
+    network_gbps: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _gpu_memory(self) -> "InstanceTypeSpec":
+        if self.gpus > 0 and self.gpu_memory_gb <= 0:
+            raise ValueError("an instance type with gpus > 0 needs gpu_memory_gb > 0")
+        return self
+
+
+class Distribution(Strict):
+    """A positive random quantity given by its mean and coefficient of variation."""
+
+    dist: Literal[SERVICE_DISTS] = "lognormal"  # type: ignore[valid-type]
+    mean: float = Field(ge=0)
+    cv: float | None = Field(default=None, ge=0)
+
+
+class TokensSpec(Strict):
+    """Token counts of a model's requests: a constant or a distribution each."""
+
+    input: int | Distribution = 0
+    output: int | Distribution = 0
+
+    @field_validator("input", "output")
+    @classmethod
+    def _non_negative(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("token counts must be >= 0")
+        return v
+
+
+class ServiceSpec(Strict):
+    """Time to serve one request on one copy.
+
+    Parametric: ``{dist, mean, cv}``. Token-based: ``{base, per_input_token,
+    per_output_token, cv}`` with the model's ``tokens`` or the trace's.
+    """
+
+    dist: Literal[SERVICE_DISTS] | None = None  # type: ignore[valid-type]
+    mean: Duration | None = None
+    cv: float | None = Field(default=None, ge=0)
+    base: Duration | None = None
+    per_input_token: Duration | None = None
+    per_output_token: Duration | None = None
+
+    @model_validator(mode="after")
+    def _form(self) -> "ServiceSpec":
+        token = any(v is not None for v in (self.base, self.per_input_token, self.per_output_token))
+        if self.mean is None and not token:
+            raise ValueError("expected either {dist, mean, cv} or {base, per_input_token, per_output_token}")
+        if self.mean is not None and token:
+            raise ValueError("give either mean (parametric) or base/per_*_token (token-based), not both")
+        if self.mean is not None and self.mean <= 0:
+            raise ValueError("mean must be > 0")
+        dist = self.effective_dist
+        if dist == "exponential" and self.cv not in (None, 1.0):
+            raise ValueError("an exponential distribution has cv 1; use lognormal or gamma for another cv")
+        if dist == "deterministic" and self.cv not in (None, 0.0):
+            raise ValueError("a deterministic distribution has cv 0")
+        return self
+
+    @property
+    def token_based(self) -> bool:
+        return self.mean is None
+
+    @property
+    def effective_dist(self) -> str:
+        if self.dist:
+            return self.dist
+        return "exponential" if self.mean is not None and self.cv is None else "lognormal"
+
+    @property
+    def effective_cv(self) -> float:
+        d = self.effective_dist
+        if d == "exponential":
+            return 1.0
+        if d == "deterministic":
+            return 0.0
+        return 0.0 if self.cv is None else self.cv
+
+
+class TrafficSpec(Strict):
+    process: Literal[PROCESSES] = "poisson"  # type: ignore[valid-type]
+    rate: Rate | None = None
+    cv: float | None = Field(default=None, gt=0)
+    # diurnal
+    peak_to_trough: float = Field(default=1.0, ge=1.0)
+    period: Duration = 86400.0
+    phase: Duration = 0.0
+    hourly_weights: list[float] | None = None
+    # mmpp (on/off bursts)
+    rate_off: Rate = 0.0
+    mean_on: Duration | None = None
+    mean_off: Duration | None = None
+    # closed loop
+    users: int | None = Field(default=None, ge=1)
+    think_time: Duration = 0.0
+    # trace replay
+    path: str | None = None
+    format: Literal[TRACE_FORMATS] = "csv"  # type: ignore[valid-type]
+    rate_scale: float = Field(default=1.0, gt=0)
+    time_scale: float = Field(default=1.0, gt=0)
+    loop: bool = False
+    # how a group's traffic splits over its models
+    popularity: dict[str, Any] | Literal["uniform"] = "uniform"
+
+    @model_validator(mode="after")
+    def _required(self) -> "TrafficSpec":
+        p = self.process
+        if p in ("poisson", "gamma", "diurnal", "mmpp") and self.rate is None:
+            raise ValueError(f"process {p!r} needs a rate (for example rate: 20/s)")
+        if p == "gamma" and self.cv is None:
+            raise ValueError("process 'gamma' needs cv (the inter-arrival coefficient of variation)")
+        if p == "mmpp" and (self.mean_on is None or self.mean_off is None):
+            raise ValueError("process 'mmpp' needs mean_on and mean_off (burst and quiet durations)")
+        if p == "closed" and self.users is None:
+            raise ValueError("process 'closed' needs users (the number of closed-loop users)")
+        if p == "trace" and not self.path:
+            raise ValueError("process 'trace' needs path (a trace file, relative to the scenario)")
+        if self.hourly_weights is not None:
+            if len(self.hourly_weights) != 24 or min(self.hourly_weights) < 0 or sum(self.hourly_weights) <= 0:
+                raise ValueError("hourly_weights must be 24 non-negative numbers, not all zero")
+        if isinstance(self.popularity, dict):
+            keys = set(self.popularity)
+            if keys == {"zipf"}:
+                s = self.popularity["zipf"]
+                if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
+                    raise ValueError("popularity.zipf must be a number >= 0")
+            elif keys == {"weights"}:
+                w = self.popularity["weights"]
+                if not isinstance(w, list) or not w or any(
+                    isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in w
+                ) or sum(w) <= 0:
+                    raise ValueError("popularity.weights must be a list of non-negative numbers")
+            else:
+                raise ValueError("popularity must be 'uniform', {zipf: s} or {weights: [...]}")
+        return self
+
+
+class ModelSpec(Strict):
+    name: str = Field(min_length=1)
+    count: int = Field(default=1, ge=1)
+    size_gb: Size
+    memory_gb: Size | None = None
+    host_memory_gb: Size = 0.0
+    accelerators: int = Field(default=1, ge=0)
+    service: ServiceSpec
+    traffic: TrafficSpec | None = None
+    tokens: TokensSpec | None = None
+
+    @field_validator("size_gb")
+    @classmethod
+    def _positive_size(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("size_gb must be > 0")
+        return v
+
+    @property
+    def gpu_memory_gb(self) -> float:
+        return self.size_gb if self.memory_gb is None else self.memory_gb
+
+
+class InstancesSpec(Strict):
+    initial: int | None = Field(default=None, ge=0)
+    min: int | None = Field(default=None, ge=0)
+    max: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_int(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("expected a number of instances or {initial, min, max}")
+        if isinstance(v, int):
+            return {"initial": v, "min": v, "max": v}
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> "InstancesSpec":
+        lo, hi = self.lo, self.hi
+        if hi < lo:
+            raise ValueError(f"max ({hi}) must be >= min ({lo})")
+        if not lo <= self.start <= hi:
+            raise ValueError(f"initial ({self.start}) must lie within [min, max] = [{lo}, {hi}]")
+        return self
+
+    @property
+    def lo(self) -> int:
+        if self.min is not None:
+            return self.min
+        return self.initial if self.initial is not None else 1
+
+    @property
+    def hi(self) -> int:
+        if self.max is not None:
+            return self.max
+        return max(self.lo, self.initial if self.initial is not None else 1)
+
+    @property
+    def start(self) -> int:
+        return self.initial if self.initial is not None else max(self.lo, min(1, self.hi))
+
+
+class CacheSpec(Strict):
+    policy: Literal["lru", "lfu", "gds"] = "lru"
+    memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    enabled: bool = True
+
+
+class AutoscalingSpec(Strict):
+    metric: str
+    target: float = Field(gt=0)
+    scale_out_cooldown: Duration = 300.0
+    scale_in_cooldown: Duration = 300.0
+
+
+class CopiesSpec(InstancesSpec):
+    pass
+
+
+class ComponentSpec(Strict):
+    model: str
+    accelerators: int = Field(default=1, ge=0)
+    memory_gb: Size | None = None
+    cpus: float = Field(default=1.0, ge=0.25)
+    copies: CopiesSpec = CopiesSpec(initial=1, min=1, max=1)
+    max_concurrency: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingSpec | None = None
+
+
+class EndpointSpec(Strict):
+    name: str = Field(min_length=1)
+    mode: Literal[MODES] = "sme"  # type: ignore[valid-type]
+    instance_type: str
+    instances: InstancesSpec = InstancesSpec(initial=1, min=1, max=1)
+    routing: str = "random"
+    max_concurrency: int = Field(default=1, ge=1)
+    queue_limit: int | None = Field(default=None, ge=0)
+    timeout: Duration = 60.0
+    models: list[str] = []
+    cache: CacheSpec | None = None
+    autoscaling: AutoscalingSpec | None = None
+    placement: Literal["binpack", "spread"] = "binpack"
+    components: list[ComponentSpec] = []
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("timeout must be > 0")
+        return v
+
+    @field_validator("routing")
+    @classmethod
+    def _known_routing(cls, v: str) -> str:
+        if v not in ROUTING_POLICIES:
+            from difflib import get_close_matches
+
+            close = get_close_matches(v, ROUTING_POLICIES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown routing policy {v!r}{hint}; expected one of {', '.join(ROUTING_POLICIES)}")
+        return v
+
+
+class SLOSpec(Strict):
+    p50: Duration | None = None
+    p90: Duration | None = None
+    p99: Duration | None = None
+    mean: Duration | None = None
+
+    @property
+    def latency_target(self) -> float | None:
+        """The latency a request must meet to count as attained (the tightest target given)."""
+        given = [v for v in (self.p50, self.p90, self.p99, self.mean) if v is not None]
+        return self.p99 if self.p99 is not None else (min(given) if given else None)
+
+
+class ScenarioSpec(Strict):
+    name: str = Field(min_length=1)
+    seed: int = Field(default=0, ge=0)
+    duration: Duration
+    warmup: Duration = 0.0
+    replications: int = Field(default=1, ge=1)
+    instance_types: list[InstanceTypeSpec] = []
+    models: list[ModelSpec] = Field(min_length=1)
+    endpoints: list[EndpointSpec] = Field(min_length=1)
+    slo: SLOSpec | None = None
+
+    @field_validator("duration")
+    @classmethod
+    def _positive_duration(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("duration must be > 0")
+        return v

@@ -1,0 +1,91 @@
+"""Units for scenario files: durations, sizes and rates.
+
+Inside capsim, times are float seconds, sizes float GB (10^9 bytes) and rates
+float per second. A scenario may write a bare number in those units or a
+string with a unit (``250ms``, ``1.5GB``, ``16GiB``, ``1200/min``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+_NUM = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+
+_DURATION_UNITS = {
+    "us": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0,
+    "h": 3600.0, "hr": 3600.0, "d": 86400.0,
+}
+_SIZE_UNITS = {
+    "b": 1e-9, "kb": 1e-6, "mb": 1e-3, "gb": 1.0, "tb": 1e3,
+    "kib": 2**10 / 1e9, "mib": 2**20 / 1e9, "gib": 2**30 / 1e9, "tib": 2**40 / 1e9,
+}
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 1 / 60.0, "min": 1 / 60.0, "h": 1 / 3600.0, "hr": 1 / 3600.0, "d": 1 / 86400.0}
+
+_DURATION_RE = re.compile(rf"^\s*{_NUM}\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = _DURATION_RE
+_RATE_RE = re.compile(rf"^\s*{_NUM}\s*(?:/\s*([a-zA-Z]+))?\s*$")
+
+
+def _number(value: object, what: str, example: str) -> float | None:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a {what} such as {example}, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a {what} such as {example}, got {value!r}")
+    return None
+
+
+def _finite_non_negative(x: float, what: str, raw: object) -> float:
+    if not math.isfinite(x):
+        raise ValueError(f"expected a finite {what}, got {raw!r}")
+    if x < 0:
+        raise ValueError(f"expected a non-negative {what}, got {raw!r}")
+    return x
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string such as ``250ms``, ``5m``, ``2h``."""
+    example = "250ms, 30s, 5m, 2h or 1d"
+    x = _number(value, "duration", example)
+    if x is None:
+        m = _DURATION_RE.match(value)  # type: ignore[arg-type]
+        unit = m.group(2).lower() if m else None
+        if not m or (unit and unit not in _DURATION_UNITS):
+            raise ValueError(f"expected a duration such as {example}, got {value!r}")
+        x = float(m.group(1)) * _DURATION_UNITS[unit or "s"]
+    return _finite_non_negative(x, "duration", value)
+
+
+def parse_size(value: object) -> float:
+    """GB (10^9 bytes) from a number of GB or a string such as ``292MB``, ``16GiB``."""
+    example = "292MB, 1.5GB or 16GiB"
+    x = _number(value, "size", example)
+    if x is None:
+        m = _SIZE_RE.match(value)  # type: ignore[arg-type]
+        unit = m.group(2).lower() if m else None
+        if not m or (unit and unit not in _SIZE_UNITS):
+            raise ValueError(f"expected a size such as {example}, got {value!r}")
+        x = float(m.group(1)) * _SIZE_UNITS[unit or "gb"]
+    return _finite_non_negative(x, "size", value)
+
+
+def parse_rate(value: object) -> float:
+    """Events per second from a number per second or a string such as ``1200/min``."""
+    example = "20/s, 1200/min or 3/h"
+    x = _number(value, "rate", example)
+    if x is None:
+        m = _RATE_RE.match(value)  # type: ignore[arg-type]
+        unit = m.group(2).lower() if m and m.group(2) else "s"
+        if not m or unit not in _RATE_UNITS:
+            raise ValueError(f"expected a rate such as {example}, got {value!r}")
+        x = float(m.group(1)) * _RATE_UNITS[unit]
+    return _finite_non_negative(x, "rate", value)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[float, BeforeValidator(parse_size)]
+Rate = Annotated[float, BeforeValidator(parse_rate)]

@@ -1,0 +1,163 @@
+"""From a scenario's traffic specs to the arrays the event core replays.
+
+This is the edge between files and the core: trace files are read here, so
+that the core receives plain arrays. Every group draws from its own streams,
+keyed by the group's name, so plans of the same fleet see the same requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.rng import Streams
+from ..scenario.errors import ScenarioError
+from ..scenario.resolve import Group, Model, Scenario
+from ..service import sample_tokens, service_times
+from .arrivals import diurnal_arrivals, gamma_arrivals, mmpp_on_off_arrivals, poisson_arrivals
+from .popularity import assign, zipf_weights
+from .traces import TraceError, read_trace, trace_arrivals
+
+_CHUNK = 4096
+
+
+def group_weights(group: Group) -> np.ndarray:
+    pop = group.traffic.popularity if group.traffic else "uniform"
+    n = len(group.models)
+    if pop == "uniform":
+        return np.full(n, 1.0 / n)
+    if "zipf" in pop:
+        return zipf_weights(n, float(pop["zipf"]))
+    w = np.asarray(pop["weights"], dtype=float)
+    return w / w.sum()
+
+
+class ClosedSource:
+    """The requests of a closed-loop group, drawn in chunks as users ask for them."""
+
+    def __init__(self, scenario: Scenario, group: Group, streams: Streams):
+        self.group = group
+        tr = group.traffic
+        self.users = int(tr.users)
+        self.think_time = float(tr.think_time)
+        self._models = np.asarray(group.models)
+        self._weights = group_weights(group)
+        self._spec = scenario.spec.models[group.index]
+        self._rng_pop = streams.get("popularity", group.name)
+        self._rng_svc = streams.get("service", group.name)
+        self._rng_tok = streams.get("tokens", group.name)
+        self._buf: list[tuple[int, float, int, int]] = []
+
+    def _refill(self) -> None:
+        m = self._models[assign(self._rng_pop, _CHUNK, self._weights)]
+        tin, tout = _tokens(self._spec.tokens, self._rng_tok, _CHUNK)
+        svc = service_times(self._rng_svc, self._spec.service, tin, tout, _CHUNK)
+        self._buf = list(zip(m.tolist(), svc.tolist(), tin.tolist(), tout.tolist()))[::-1]
+
+    def draw(self) -> tuple[int, float, int, int]:
+        """(model, service time, input tokens, output tokens) of the next request."""
+        if not self._buf:
+            self._refill()
+        return self._buf.pop()
+
+
+@dataclass
+class Workload:
+    """Open-loop requests sorted by arrival, plus the closed-loop sources."""
+
+    arrival: np.ndarray
+    model: np.ndarray
+    service: np.ndarray
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    closed: list[ClosedSource] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+
+def _tokens(spec, rng, n) -> tuple[np.ndarray, np.ndarray]:
+    if spec is None:
+        z = np.zeros(n, dtype=np.int64)
+        return z, z.copy()
+    return sample_tokens(rng, spec.input, n), sample_tokens(rng, spec.output, n)
+
+
+def _trace_table(scenario: Scenario, group: Group, cache: dict):
+    tr = group.traffic
+    path = (scenario.base_dir / tr.path).resolve()
+    key = (str(path), tr.format)
+    if key not in cache:
+        try:
+            cache[key] = read_trace(path, tr.format)
+        except TraceError as e:
+            raise ScenarioError(str(e), source=scenario.source,
+                                path=f"models[{group.index}].traffic.path") from None
+    return cache[key]
+
+
+def _group_arrivals(scenario: Scenario, group: Group, streams: Streams, horizon: float,
+                    cache: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Arrival times of a group and, for a trace, its models (local indices) and tokens."""
+    tr = group.traffic
+    rng = streams.get("arrivals", group.name)
+    p = tr.process
+    if p == "poisson":
+        return poisson_arrivals(rng, tr.rate, horizon), None, None, None
+    if p == "gamma":
+        return gamma_arrivals(rng, tr.rate, tr.cv, horizon), None, None, None
+    if p == "diurnal":
+        return diurnal_arrivals(rng, tr.rate, horizon, peak_to_trough=tr.peak_to_trough, period=tr.period,
+                                phase=tr.phase, hourly_weights=tr.hourly_weights), None, None, None
+    if p == "mmpp":
+        return mmpp_on_off_arrivals(rng, tr.rate, tr.rate_off, tr.mean_on, tr.mean_off, horizon), None, None, None
+    if p == "trace":
+        df = _trace_table(scenario, group, cache)
+        times, rows = trace_arrivals(df, horizon, rate_scale=tr.rate_scale, time_scale=tr.time_scale, loop=tr.loop)
+        local = None
+        if "model" in df.columns:
+            names = [scenario.models[m].name for m in group.models]
+            pos = {n: k for k, n in enumerate(names)}
+            trace_models = df["model"].to_numpy()[rows]
+            mapped = np.array([pos.get(str(x), -1) for x in trace_models], dtype=np.int64)
+            if len(mapped) and (mapped >= 0).all():
+                local = mapped
+        tin = df["input_tokens"].to_numpy()[rows].astype(np.int64)
+        tout = df["output_tokens"].to_numpy()[rows].astype(np.int64)
+        return times, local, tin, tout
+    raise ValueError(f"not an open-loop process: {p}")
+
+
+def build_workload(scenario: Scenario, streams: Streams) -> Workload:
+    """All open-loop requests of the scenario up to its horizon, sorted by arrival."""
+    horizon = scenario.horizon
+    parts = []
+    closed = []
+    cache: dict = {}
+    for group in scenario.groups:
+        tr = group.traffic
+        if tr is None:
+            continue
+        if tr.process == "closed":
+            closed.append(ClosedSource(scenario, group, streams))
+            continue
+        spec = scenario.spec.models[group.index]
+        times, local, tin, tout = _group_arrivals(scenario, group, streams, horizon, cache)
+        n = len(times)
+        if local is None:
+            local = assign(streams.get("popularity", group.name), n, group_weights(group))
+        if tin is None:
+            tin, tout = _tokens(spec.tokens, streams.get("tokens", group.name), n)
+        svc = service_times(streams.get("service", group.name), spec.service, tin, tout, n)
+        models = np.asarray(group.models, dtype=np.int32)[local]
+        parts.append((times, models, svc, tin, tout))
+    if not parts:
+        e = np.empty(0)
+        return Workload(e, np.empty(0, np.int32), e, np.empty(0, np.int64), np.empty(0, np.int64), closed)
+    cat = [np.concatenate(x) for x in zip(*parts)]
+    order = np.argsort(cat[0], kind="stable")
+    return Workload(*(c[order] for c in cat), closed=closed)
+
+
+def model_of(scenario: Scenario, index: int) -> Model:
+    return scenario.models[index]
