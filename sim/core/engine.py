@@ -48,8 +48,9 @@ class Requests:
         self.arrival: list[float] = arrival.tolist()
         self.model: list[int] = model.tolist()
         self.service: list[float] = service.tolist()
-        self.input_tokens: list[int] = input_tokens.tolist()
-        self.output_tokens: list[int] = output_tokens.tolist()
+        # Tokens are not read while simulating: open-loop ones stay numpy arrays.
+        self._tokens_open = (input_tokens, output_tokens)
+        self._tokens_closed: list[tuple[int, int]] = []
         self.u1: list[float] = route_u[:, 0].tolist()
         self.u2: list[float] = route_u[:, 1].tolist()
         self.start: list[float] = [np.nan] * n
@@ -68,8 +69,7 @@ class Requests:
         self.arrival.append(arrival)
         self.model.append(model)
         self.service.append(service)
-        self.input_tokens.append(input_tokens)
-        self.output_tokens.append(output_tokens)
+        self._tokens_closed.append((input_tokens, output_tokens))
         self.u1.append(u1)
         self.u2.append(u2)
         self.start.append(np.nan)
@@ -85,8 +85,10 @@ class Requests:
             "arrival": np.asarray(self.arrival, dtype=float),
             "model": np.asarray(self.model, dtype=np.int32),
             "service": np.asarray(self.service, dtype=float),
-            "input_tokens": np.asarray(self.input_tokens, dtype=np.int64),
-            "output_tokens": np.asarray(self.output_tokens, dtype=np.int64),
+            "input_tokens": np.concatenate([self._tokens_open[0].astype(np.int64),
+                                            np.array([t[0] for t in self._tokens_closed], dtype=np.int64)]),
+            "output_tokens": np.concatenate([self._tokens_open[1].astype(np.int64),
+                                             np.array([t[1] for t in self._tokens_closed], dtype=np.int64)]),
             "start": np.asarray(self.start, dtype=float),
             "end": np.asarray(self.end, dtype=float),
             "instance": np.asarray(self.instance, dtype=np.int32),
