@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats
 
 from .core.engine import IN_FLIGHT, OK, STATUS_NAMES, TIMEOUT
+from .hosting.base import EndpointLog
 from .simulate import RawRun
 
 MINUTE = 60.0
@@ -108,8 +109,46 @@ def _fleet_integrals(log: list[tuple[float, int, int]], t0: float, t1: float) ->
     return float(step_integral(t, serving, edges)[0]), float(step_integral(t, billed, edges)[0]), peak
 
 
+def _memory_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Time integrals over each bin of loaded models and of each memory tier's use."""
+    mem = np.array(log.memory, dtype=float).reshape(-1, 5)
+    return {k: step_integral(mem[:, 0], mem[:, j], edges)
+            for j, k in ((1, "loaded"), (2, "gpu"), (3, "host"), (4, "disk"))}
+
+
+def _loads_frame(log: EndpointLog) -> pd.DataFrame:
+    recs = log.loads
+    return pd.DataFrame({
+        "instance": np.array([x.instance for x in recs], dtype=np.int64),
+        "model": np.array([x.model for x in recs], dtype=np.int64),
+        "queued": np.array([x.queued for x in recs], dtype=float),
+        "start": np.array([x.start for x in recs], dtype=float),
+        "end": np.array([x.end if x.end >= 0 else np.nan for x in recs], dtype=float),
+        "download_s": np.array([x.download_s for x in recs], dtype=float),
+        "downloaded": np.array([x.downloaded >= 0 and x.download_s > 0 for x in recs], dtype=bool),
+    })
+
+
+def thrashing(log: EndpointLog, window: float) -> np.ndarray:
+    """For each load, whether the same model was unloaded from the same instance
+    within ``window`` seconds before it (a reload the cache could not keep)."""
+    loads = _loads_frame(log)
+    out = np.zeros(len(loads), dtype=bool)
+    if not log.unloads or not len(loads):
+        return out
+    last: dict[tuple[int, int], list[float]] = {}
+    for t, inst, m in log.unloads:
+        last.setdefault((inst, m), []).append(t)
+    for k, (inst, m, q) in enumerate(zip(loads["instance"], loads["model"], loads["queued"])):
+        ts = last.get((int(inst), int(m)))
+        if ts:
+            j = np.searchsorted(ts, q, side="right") - 1
+            out[k] = j >= 0 and q - ts[j] <= window
+    return out
+
+
 def _block(lat_ok: np.ndarray, status: np.ndarray, cold: np.ndarray, duration: float, cost: float,
-           slo: float | None) -> dict[str, Any]:
+           slo: float | None, loads: int) -> dict[str, Any]:
     n = int(len(status))
     ok = status == OK
     done = int(ok.sum())
@@ -122,7 +161,7 @@ def _block(lat_ok: np.ndarray, status: np.ndarray, cold: np.ndarray, duration: f
     else:
         p50 = p90 = p99 = mean = None
     started = int((ok | (status == TIMEOUT)).sum())
-    cold_n = int(cold.sum())
+    cold_n = int(cold[ok | (status == TIMEOUT)].sum())
     return {
         "requests": n,
         "completed": done,
@@ -130,7 +169,8 @@ def _block(lat_ok: np.ndarray, status: np.ndarray, cold: np.ndarray, duration: f
         "in_flight": in_flight,
         "p50_ms": _f(p50), "p90_ms": _f(p90), "p99_ms": _f(p99), "mean_ms": _f(mean),
         "throughput_per_s": done / duration,
-        "cold_starts": cold_n,
+        "cold_starts": loads,
+        "cold_requests": int(cold.sum()),
         "cache_hit_rate": (1.0 - cold_n / started) if started else None,
         "cost_usd": cost,
         "cost_per_million_usd": cost / done * 1e6 if done else None,
@@ -141,6 +181,38 @@ def _block(lat_ok: np.ndarray, status: np.ndarray, cold: np.ndarray, duration: f
 
 def _f(x) -> float | None:
     return None if x is None else float(x)
+
+
+def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, sel: np.ndarray, win: np.ndarray) -> dict[str, Any]:
+    """The endpoint's CloudWatch-named figures over the measured horizon."""
+    sc = run.scenario
+    ep = sc.endpoints[e]
+    log = run.logs[e]
+    c = run.columns
+    loads = _loads_frame(log)
+    lw = loads[(loads["queued"] >= t0) & (loads["queued"] < t1)]
+    done = lw.dropna(subset=["end"])
+    cold_wait = c["load"][win][sel & c["cold"][win]]
+    edges = np.array([t0, t1])
+    serving_s, _, _ = _fleet_integrals(log.fleet, t0, t1)
+    mem = _memory_series(log, edges)
+    gcap, hcap, dcap = log.capacity
+    window = ep.cache.thrash_window if ep.mode == "mme" else 600.0
+    th = thrashing(log, window)[((loads["queued"] >= t0) & (loads["queued"] < t1)).to_numpy()]
+    pct = lambda used, cap: float(100.0 * used / (cap * serving_s)) if cap > 0 and serving_s > 0 else None  # noqa
+    return {
+        "ModelCacheHit": None,  # filled from cache_hit_rate by the caller
+        "ModelLoadingWaitTime_ms": float(cold_wait.mean() * 1e3) if len(cold_wait) else None,
+        "ModelDownloadingTime_ms": float(done.loc[done["downloaded"], "download_s"].mean() * 1e3)
+        if done["downloaded"].any() else None,
+        "ModelLoadingTime_ms": float((done["end"] - done["start"]).mean() * 1e3) if len(done) else None,
+        "ModelUnloadingTime_count": int(sum(1 for t, _, _ in log.unloads if t0 <= t < t1)),
+        "LoadedModelCount": float(mem["loaded"][0] / serving_s) if serving_s > 0 else None,
+        "GPUMemoryUtilization": pct(mem["gpu"][0], gcap),
+        "MemoryUtilization": pct(mem["host"][0], hcap),
+        "DiskUtilization": pct(mem["disk"][0], dcap),
+        "thrashing_index": float(th.mean()) if len(th) else 0.0,
+    }
 
 
 def summarize(run: RawRun) -> dict[str, Any]:
@@ -160,11 +232,15 @@ def summarize(run: RawRun) -> dict[str, Any]:
     service = c["service"][win]
 
     ep_cost, ep_extra = [], []
-    for ep, log in zip(sc.endpoints, run.fleet_logs):
-        serving_s, billed_s, peak = _fleet_integrals(log, t0, t1)
+    model_loads = np.zeros(len(sc.models), dtype=np.int64)
+    for ep, log in zip(sc.endpoints, run.logs):
+        serving_s, billed_s, peak = _fleet_integrals(log.fleet, t0, t1)
         ep_cost.append(billed_s * ep.instance_type.price_per_hour / 3600.0)
         ep_extra.append({"instance_hours": billed_s / 3600.0, "instances_mean": serving_s / duration,
                          "instances_max": peak})
+        for rec in log.loads:
+            if t0 <= rec.queued < t1:
+                model_loads[rec.model] += 1
 
     # A model's cost is its endpoint's cost shared by busy time (service seconds).
     busy = np.bincount(model, weights=service, minlength=len(sc.models))
@@ -184,61 +260,100 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "simulated_seconds": duration,
         "warmup_seconds": t0,
         "wall_seconds": run.wall_seconds,
-        "overall": _block(lat[ok], status, cold, duration, float(sum(ep_cost)), slo),
+        "overall": _block(lat[ok], status, cold, duration, float(sum(ep_cost)), slo, int(model_loads.sum())),
         "endpoints": {},
         "models": {},
+        "warnings": [],
     }
     for e, ep in enumerate(sc.endpoints):
         sel = ep_of == e
-        blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], slo)
+        loads_e = int(sum(model_loads[m] for m in ep.models))
+        blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], slo, loads_e)
         blk.update(ep_extra[e])
+        cw = _cloudwatch(run, e, t0, t1, sel, win)
+        cw["ModelCacheHit"] = blk["cache_hit_rate"]
+        blk["cloudwatch"] = cw
+        blk["thrashing_index"] = cw["thrashing_index"]
         out["endpoints"][ep.name] = blk
+        if ep.mode == "mme" and loads_e and cw["thrashing_index"] > ep.cache.thrash_warning:
+            out["warnings"].append(
+                f"endpoint {ep.name}: thrashing: {cw['thrashing_index']:.0%} of model loads reload a model "
+                f"unloaded in the previous {ep.cache.thrash_window / 60:g} min; the working set does not fit "
+                "the cache: use a larger instance type or more instances")
     order = np.argsort(model, kind="stable")
     bounds = np.searchsorted(model[order], np.arange(len(sc.models) + 1))
     for m, mod in enumerate(sc.models):
         idx = order[bounds[m]:bounds[m + 1]]
-        out["models"][mod.name] = _block(lat[idx][ok[idx]], status[idx], cold[idx], duration, model_cost(m), slo)
+        out["models"][mod.name] = _block(lat[idx][ok[idx]], status[idx], cold[idx], duration, model_cost(m), slo,
+                                         int(model_loads[m]))
     return out
 
 
-def timeline(run: RawRun, runtimes_loaded: list | None = None) -> pd.DataFrame:
-    """One row per minute and endpoint (DESIGN.md's timeline.csv)."""
+def timeline(run: RawRun) -> pd.DataFrame:
+    """One row per minute and endpoint (DESIGN.md's timeline.csv), with the
+    CloudWatch-named metrics of multi-model endpoints."""
     sc = run.scenario
     c = run.columns
     horizon = sc.horizon
-    edges = np.arange(0.0, horizon + MINUTE, MINUTE)
-    edges[-1] = min(edges[-1], horizon) if edges[-1] > horizon else edges[-1]
-    if edges[-1] < horizon:
-        edges = np.append(edges, horizon)
+    edges = np.arange(0.0, horizon, MINUTE)
+    edges = np.append(edges, horizon)
     width = np.diff(edges)
     ep_of = run.endpoint_of_model[c["model"]]
     frames = []
-    for e, (ep, log) in enumerate(zip(sc.endpoints, run.fleet_logs)):
+    for e, (ep, log) in enumerate(zip(sc.endpoints, run.logs)):
         sel = ep_of == e
         arr = c["arrival"][sel]
-        end = np.where(np.isnan(c["end"][sel]), np.inf, c["end"][sel])
+        end = c["end"][sel]
         served = sel & ((c["status"] == OK) | (c["status"] == TIMEOUT)) & ~np.isnan(c["start"])
-        t = np.array([x[0] for x in log])
-        serving = step_integral(t, [x[1] for x in log], edges) / width
-        billed = step_integral(t, [x[2] for x in log], edges)
-        in_flight = (_count_integral(np.sort(arr), edges) - _count_integral(np.sort(end[np.isfinite(end)]), edges)) / width
+        t = np.array([x[0] for x in log.fleet])
+        serving_s = step_integral(t, [x[1] for x in log.fleet], edges)
+        serving = serving_s / width
+        billed = step_integral(t, [x[2] for x in log.fleet], edges)
+        in_flight = (_count_integral(np.sort(arr), edges)
+                     - _count_integral(np.sort(end[np.isfinite(end)]), edges)) / width
         inv = np.histogram(arr, bins=edges)[0]
         starts = c["start"][served]
-        hits = np.histogram(starts[~c["cold"][served]], bins=edges)[0]
+        cold = c["cold"][served]
+        hits = np.histogram(starts[~cold], bins=edges)[0]
         tot = np.histogram(starts, bins=edges)[0]
+        wait_sum = np.histogram(starts[cold], bins=edges, weights=c["load"][served][cold])[0]
+        wait_n = np.histogram(starts[cold], bins=edges)[0]
+        mem = _memory_series(log, edges)
+        gcap, hcap, dcap = log.capacity
+        loads = _loads_frame(log)
+        done = loads.dropna(subset=["end"])
+        n_loads = np.histogram(loads["queued"], bins=edges)[0]
+        load_sum = np.histogram(done["end"], bins=edges, weights=done["end"] - done["start"])[0]
+        load_n = np.histogram(done["end"], bins=edges)[0]
+        dl = done[done["downloaded"]]
+        dl_sum = np.histogram(dl["end"], bins=edges, weights=dl["download_s"])[0]
+        dl_n = np.histogram(dl["end"], bins=edges)[0]
+        unloads = np.histogram([u[0] for u in log.unloads], bins=edges)[0]
         it = ep.instance_type
-        per_inst_mem = ep.copies_per_instance * max(sc.models[m].memory_gb for m in ep.models)
-        gpu_total = it.total_gpu_memory_gb if it.gpus else it.memory_gb
+
+        def ratio(a, b, scale=1.0):
+            return np.where(b > 0, scale * a / np.where(b > 0, b, 1), np.nan)
+
         frames.append(pd.DataFrame({
             "t_s": edges[:-1],
             "endpoint": ep.name,
             "instances": serving,
             "invocations": inv,
             "in_flight": in_flight,
-            "loaded_models": serving * ep.copies_per_instance,
-            "gpu_memory_utilization": np.where(serving > 0, per_inst_mem / gpu_total, 0.0),
-            "model_cache_hit": np.where(tot > 0, hits / np.maximum(tot, 1), np.nan),
+            "loaded_models": mem["loaded"] / width,
+            "gpu_memory_utilization": ratio(mem["gpu"], gcap * serving_s),
+            "model_cache_hit": ratio(hits, tot),
             "cost_usd": billed * it.price_per_hour / 3600.0,
+            "cold_starts": n_loads,
+            "ModelCacheHit": ratio(hits, tot),
+            "ModelLoadingWaitTime_ms": ratio(wait_sum, wait_n, 1e3),
+            "ModelDownloadingTime_ms": ratio(dl_sum, dl_n, 1e3),
+            "ModelLoadingTime_ms": ratio(load_sum, load_n, 1e3),
+            "ModelUnloadingTime_count": unloads,
+            "LoadedModelCount": ratio(mem["loaded"], serving_s),
+            "GPUMemoryUtilization": ratio(mem["gpu"], gcap * serving_s, 100.0),
+            "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
+            "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
         }))
     return pd.concat(frames, ignore_index=True)
 
@@ -255,6 +370,9 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k in blocks[0]:
             vals = [b[k] for b in blocks]
+            if isinstance(vals[0], dict):
+                out[k] = merge(vals)
+                continue
             if any(v is None for v in vals) or not all(isinstance(v, (int, float)) for v in vals):
                 out[k] = None if any(v is None for v in vals) else vals[0]
                 continue
@@ -270,4 +388,5 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     out["overall"] = merge([s["overall"] for s in summaries])
     out["endpoints"] = {n: merge([s["endpoints"][n] for s in summaries]) for n in first["endpoints"]}
     out["models"] = {n: merge([s["models"][n] for s in summaries]) for n in first["models"]}
+    out["warnings"] = sorted({w for s in summaries for w in s.get("warnings", [])})
     return out

@@ -8,13 +8,15 @@ import numpy as np
 
 from .core.engine import Engine, Requests
 from .core.rng import Streams
-from .hosting.base import EndpointRuntime
+from .hosting.base import EndpointLog, EndpointRuntime
+from .hosting.mme import MMEEndpoint
 from .hosting.sme import SMEEndpoint
 from .scenario.resolve import Scenario
+from .service import service_times
 from .workload.build import ClosedSource, Workload, build_workload
 
 # Hosting runtimes by the ``mode`` names of the YAML.
-HOSTING: dict[str, type[EndpointRuntime]] = {"sme": SMEEndpoint}
+HOSTING: dict[str, type[EndpointRuntime]] = {"sme": SMEEndpoint, "mme": MMEEndpoint}
 
 
 @dataclass
@@ -26,7 +28,7 @@ class RawRun:
     replication: int
     columns: dict[str, np.ndarray]
     endpoint_of_model: np.ndarray
-    fleet_logs: list[list[tuple[float, int, int]]]
+    logs: list[EndpointLog]
     wall_seconds: float
 
 
@@ -49,6 +51,22 @@ def _start_closed_loop(engine: Engine, source: ClosedSource, rng: np.random.Gene
         send(0.0)
 
 
+def _prewarm(engine: Engine, scenario: Scenario, rt: EndpointRuntime, streams: Streams):
+    """Invoke every model of the endpoint at each interval (keeps them loaded, as Forethought did)."""
+    rng = streams.get("prewarm", rt.ep.name)
+    r = engine.requests
+    interval = rt.ep.spec.prewarm
+    while True:
+        for m in rt.ep.models:
+            spec = scenario.models[m].service
+            tin = tout = np.zeros(1, dtype=np.int64)
+            svc = float(service_times(rng, spec, tin, tout, 1)[0])
+            u = rng.random(2)
+            i = r.append(engine.env.now, m, svc, 0, 0, float(u[0]), float(u[1]))
+            engine.inject(i)
+        yield engine.env.timeout(interval)
+
+
 def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 0,
              workload: Workload | None = None) -> RawRun:
     """Simulate ``scenario`` once, up to its horizon (warmup + duration)."""
@@ -58,7 +76,7 @@ def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 
     wl = workload if workload is not None else build_workload(scenario, streams)
     route_u = streams.get("routing").random((len(wl), 2))
     engine = Engine(Requests(wl.arrival, wl.model, wl.service, wl.input_tokens, wl.output_tokens, route_u))
-    runtimes = [HOSTING[ep.mode](engine, ep) for ep in scenario.endpoints]
+    runtimes = [HOSTING[ep.mode](engine, ep, scenario.models) for ep in scenario.endpoints]
     arrive = [None] * len(scenario.models)
     for rt in runtimes:
         for m in rt.ep.models:
@@ -67,7 +85,10 @@ def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 
     closed_rng = streams.get("routing", "closed")
     for source in wl.closed:
         _start_closed_loop(engine, source, closed_rng)
+    for rt in runtimes:
+        if rt.ep.spec.prewarm:
+            engine.env.process(_prewarm(engine, scenario, rt, streams))
     engine.run(scenario.horizon)
     wall = time.perf_counter() - t0
     return RawRun(scenario, seed, replication, engine.requests.to_arrays(),
-                  np.asarray(scenario.model_endpoint(), dtype=np.int32), [rt.fleet_log for rt in runtimes], wall)
+                  np.asarray(scenario.model_endpoint(), dtype=np.int32), [rt.log for rt in runtimes], wall)

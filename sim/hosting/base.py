@@ -1,11 +1,14 @@
-"""What every hosting mode shares: instances in service, routing and the fleet log."""
+"""What every hosting mode shares: instances in service, routing and the logs
+from which metrics are derived after the run."""
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from .. import routing
 from ..core.engine import Engine
 from ..scenario.resolve import Endpoint
+from .loading import LoadRecord
 
 
 class Instance:
@@ -23,12 +26,28 @@ class Instance:
         self.down_at: float | None = None
 
 
-class EndpointRuntime:
-    """Base of the hosting runtimes. Keeps ``active`` (instances in service, in
-    the order routing sees them) and ``fleet_log``: ``(t, in_service, billed)``
-    after every change, from which metrics derive instance counts and cost."""
+@dataclass
+class EndpointLog:
+    """Changes of an endpoint's state, appended as they happen (rare events only).
 
-    def __init__(self, engine: Engine, ep: Endpoint):
+    ``fleet``: ``(t, instances in service, instances billed)``;
+    ``memory``: ``(t, loaded models, GPU GB used, host GB used, disk GB used)``,
+    totals over the endpoint; ``capacity``: per instance ``(GPU, host, disk)`` GB;
+    ``loads`` and ``unloads``: model loads and unloads ``(t, instance, model)``.
+    """
+
+    capacity: tuple[float, float, float]
+    fleet: list[tuple[float, int, int]] = field(default_factory=list)
+    memory: list[tuple[float, int, float, float, float]] = field(default_factory=list)
+    loads: list[LoadRecord] = field(default_factory=list)
+    unloads: list[tuple[float, int, int]] = field(default_factory=list)
+
+
+class EndpointRuntime:
+    """Base of the hosting runtimes. ``active`` lists the instances in service,
+    in the order routing sees them."""
+
+    def __init__(self, engine: Engine, ep: Endpoint, capacity: tuple[float, float, float]):
         self.engine = engine
         self.ep = ep
         self.requests = engine.requests
@@ -37,7 +56,7 @@ class EndpointRuntime:
         self.billed = 0
         self.route = routing.get(ep.routing)
         self.rr = 0
-        self.fleet_log: list[tuple[float, int, int]] = []
+        self.log = EndpointLog(capacity)
 
     def _log_fleet(self) -> None:
-        self.fleet_log.append((self.engine.env.now, len(self.active), self.billed))
+        self.log.fleet.append((self.engine.env._now, len(self.active), self.billed))

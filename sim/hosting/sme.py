@@ -8,13 +8,15 @@ from heapq import heappush
 from simpy.core import NORMAL
 
 from ..core.engine import OK, THROTTLED, TIMEOUT, Call, Engine
-from ..scenario.resolve import Endpoint
+from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 
 
 class SMEEndpoint(EndpointRuntime):
-    def __init__(self, engine: Engine, ep: Endpoint):
-        super().__init__(engine, ep)
+    def __init__(self, engine: Engine, ep: Endpoint, models: tuple[Model, ...]):
+        it = ep.instance_type
+        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb))
+        self.model = models[ep.models[0]]
         self.slots = ep.copies_per_instance * ep.max_concurrency
         self.timeout = ep.timeout
         self.queue_limit = ep.queue_limit
@@ -28,7 +30,14 @@ class SMEEndpoint(EndpointRuntime):
         self.instances.append(inst)
         self.active.append(inst)
         self.billed += 1
+        self._log_memory()
         return inst
+
+    def _log_memory(self) -> None:
+        n, c, m = len(self.active), self.ep.copies_per_instance, self.model
+        on_gpu = self.ep.instance_type.gpus > 0 and m.accelerators > 0
+        self.log.memory.append((self.engine.env._now, n * c, n * c * m.memory_gb if on_gpu else 0.0,
+                                n * c * (m.host_memory_gb + (0.0 if on_gpu else m.memory_gb)), n * m.size_gb))
 
     # The two functions below run once per request: keep them lean.
     def arrive(self, i: int) -> None:

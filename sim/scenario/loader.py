@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -23,7 +23,7 @@ def read_yaml(path: str | Path) -> Any:
     """The parsed YAML of ``path``, or a ScenarioError naming the file and line."""
     p = Path(path)
     if not p.exists():
-        raise ScenarioError("file not found", source=str(path))
+        raise ScenarioError("file not found; expected the path of a scenario YAML file", source=str(path))
     if p.is_dir():
         raise ScenarioError("is a directory; expected a scenario YAML file", source=str(path))
     try:
@@ -33,10 +33,8 @@ def read_yaml(path: str | Path) -> Any:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
-        problem = getattr(e, "problem", None) or str(e)
-        raise ScenarioError(f"YAML syntax error: {problem}", source=str(path), path=where) from None
+        raise ScenarioError(f"YAML syntax error: {_yaml_problem(e, text)}", source=str(path),
+                            path=_yaml_where(e, text)) from None
     if data is None:
         raise ScenarioError("the file is empty; expected a scenario with name, duration, models and endpoints",
                             source=str(path))
@@ -46,7 +44,30 @@ def read_yaml(path: str | Path) -> Any:
     return data
 
 
-_SEG = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+def _yaml_where(e: yaml.YAMLError, text: str) -> str | None:
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow; no mark, a position
+        return f"line {text.count(chr(10), 0, e.position) + 1}"
+    return None
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """The problem on one line, with where the construct it broke began (an unclosed bracket's line)."""
+    if isinstance(e, yaml.reader.ReaderError):
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        return f"unacceptable character {char}: {e.reason}"
+    problem = getattr(e, "problem", None) or str(e)
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:
+        problem += f" ({context} started at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    return " ".join(problem.split())
+
+
+_SEG = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
 
 
 def _segments(key_path: str) -> list[str | int]:
@@ -82,17 +103,18 @@ def apply_overrides(data: dict, overrides: Iterable[str], source: str = "--set")
                 if isinstance(seg, str):
                     found = [i for i, x in enumerate(node) if isinstance(x, dict) and x.get("name") == seg]
                     if not found:
-                        names = [x.get("name") for x in node if isinstance(x, dict)]
-                        raise ScenarioError(f"no list item named {seg!r}{suggest(seg, names)}", source=source,
-                                            path=here)
+                        names = [str(x.get("name")) for x in node if isinstance(x, dict) and "name" in x]
+                        hint = suggest(seg, names) or (
+                            f"; expected an index or one of the names {', '.join(names)}" if names else "")
+                        raise ScenarioError(f"no list item named {seg!r}{hint}", source=source, path=here)
                     seg = found[0]
                 if not 0 <= seg < len(node):
                     raise ScenarioError(f"index {seg} out of range (the list has {len(node)} items)",
                                         source=source, path=here)
             elif isinstance(node, dict):
                 if seg not in node and not last:
-                    raise ScenarioError(f"no key {seg!r} to descend into{suggest(seg, node)}", source=source,
-                                        path=here)
+                    hint = suggest(seg, node) or (f"; expected one of {', '.join(map(str, node))}" if node else "")
+                    raise ScenarioError(f"no key {seg!r} to descend into{hint}", source=source, path=here)
             else:
                 raise ScenarioError("cannot set a key inside a scalar", source=source, path=here)
             if last:
@@ -117,10 +139,33 @@ def _data_path(data: Any, loc: tuple) -> tuple:
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             out.append(part)
             node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and part.isidentifier() and part.islower():
-            out.append(part)  # a key the user left out (missing) or misspelt
+        elif isinstance(node, dict) and part in _KNOWN_KEYS:
+            out.append(part)  # a key the user left out (missing); not a union member such as 'int'
             node = None
     return tuple(out)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``list[ModelSpec]``, ``TokensSpec | None``, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_in(a)]
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the schema allows in the mapping holding ``loc[-1]``; empty if unknown."""
+    classes: list[type[BaseModel]] = [schema.ScenarioSpec]
+    for part in loc[:-1]:
+        if not isinstance(part, str):
+            continue  # a list index
+        fields = [c.model_fields[part] for c in classes if part in c.model_fields]
+        if fields:
+            classes = [m for f in fields for m in _models_in(f.annotation)]
+            if not classes:
+                return []
+        else:  # a union member pydantic names ('Distribution'); keep it if it is one of ours
+            classes = [c for c in classes if c.__name__ == part] or classes
+    return list(dict.fromkeys(k for c in classes for k in c.model_fields))
 
 
 def _message(err: dict) -> str:
@@ -129,7 +174,10 @@ def _message(err: dict) -> str:
     loc = err.get("loc", ())
     if kind == "extra_forbidden":
         key = loc[-1] if loc else "?"
-        return f"unknown key {key!r}{suggest(key, _KNOWN_KEYS)}"
+        allowed = _allowed_keys(tuple(loc))
+        if not allowed:
+            return f"unknown key {key!r}{suggest(key, _KNOWN_KEYS)}"
+        return f"unknown key {key!r}{suggest(key, allowed)}; expected one of {', '.join(allowed)}"
     if kind == "missing":
         return "missing required key"
     if kind == "literal_error":
@@ -144,6 +192,7 @@ def _message(err: dict) -> str:
     got = err.get("input")
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "int_parsing",
                 "float_parsing", "int_type", "float_type", "bool_type", "string_type", "too_short",
+                "string_too_short",
                 "int_from_float", "list_type", "dict_type", "model_type"):
         msg = f"{msg[0].lower()}{msg[1:]}, got {got!r}" if not isinstance(got, (dict, list)) else msg
     return msg
@@ -183,4 +232,23 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
     """
     data = read_yaml(path)
     data = apply_overrides(data, overrides, source=f"{path} (--set)")
-    return parse_scenario(data, source=str(path), base_dir=Path(path).resolve().parent)
+    scenario = parse_scenario(data, source=str(path), base_dir=Path(path).resolve().parent)
+    _check_trace_files(scenario)
+    return scenario
+
+
+def _check_trace_files(scenario: Scenario) -> None:
+    """A trace that is not there fails here (``validate``), not minutes into a run."""
+    for g in scenario.groups:
+        tr = g.traffic
+        if tr is None or tr.process != "trace" or not tr.path:
+            continue
+        full = (scenario.base_dir / tr.path).resolve()
+        if not full.exists():
+            problem = "trace file not found"
+        elif full.is_dir():
+            problem = "is a directory"
+        else:
+            continue
+        raise ScenarioError(f"{problem}: {full}; expected a {tr.format} trace file (a path is relative to "
+                            f"the scenario file)", source=scenario.source, path=f"models[{g.index}].traffic.path")

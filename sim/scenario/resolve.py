@@ -13,7 +13,12 @@ from pathlib import Path
 
 from ..catalog import Catalog, InstanceType, load_catalog
 from .errors import ScenarioError, suggest
-from .schema import EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
+from .schema import CacheSpec, EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
+
+
+# Host-to-GPU bandwidth (GB/s) for an instance type whose GPU is not in the
+# catalog: about what a PCIe gen4 x16 link sustains with pinned memory.
+DEFAULT_H2D_GBS = 25.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Model:
     memory_gb: float
     host_memory_gb: float
     accelerators: int
+    init_time: float
     service: ServiceSpec
     tokens: TokensSpec | None
 
@@ -54,6 +60,11 @@ class Endpoint:
     copies_per_instance: int
     spec: EndpointSpec
     spec_index: int
+    h2d_gbs: float = DEFAULT_H2D_GBS
+
+    @property
+    def cache(self) -> CacheSpec:
+        return self.spec.cache or CacheSpec()
 
 
 @dataclass(frozen=True)
@@ -124,8 +135,6 @@ def _check_fit(model: Model, ep_spec: EndpointSpec, it: InstanceType, where: str
                 source=source, path=where,
             )
         room = model.accelerators * it.gpu_memory_gb
-        if ep_spec.mode == "mme" and ep_spec.cache is not None:
-            room *= ep_spec.cache.memory_fraction
         if model.memory_gb > room + 1e-9:
             raise ScenarioError(
                 f"model {model.name!r} needs {model.memory_gb:g} GB of GPU memory but {model.accelerators} "
@@ -161,7 +170,7 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             seen[name] = f"models[{g}]"
             idx.append(len(models))
             models.append(Model(len(models), name, g, ms.size_gb, ms.gpu_memory_gb, ms.host_memory_gb,
-                                ms.accelerators, ms.service, ms.tokens))
+                                ms.accelerators, ms.init_time, ms.service, ms.tokens))
         groups.append(Group(g, ms.name, ms.traffic, tuple(idx)))
         _check_service(ms, g, source)
 
@@ -171,11 +180,14 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
     ep_names: set[str] = set()
     for e, es in enumerate(spec.endpoints):
         where = f"endpoints[{e}]"
-        if es.mode != "sme":
+        if es.mode == "ic":
             raise ScenarioError(
-                f"mode {es.mode!r} is not supported by this version of capsim yet (only 'sme')",
+                "mode 'ic' (inference components) is not supported by this version of capsim yet",
                 source=source, path=f"{where}.mode",
             )
+        if es.mode != "mme" and (es.cache is not None or es.prewarm is not None):
+            key = "cache" if es.cache is not None else "prewarm"
+            raise ScenarioError(f"{key} applies to mode 'mme' endpoints only", source=source, path=f"{where}.{key}")
         if es.autoscaling is not None:
             raise ScenarioError("autoscaling is not supported by this version of capsim yet",
                                 source=source, path=f"{where}.autoscaling")
@@ -200,7 +212,20 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                     source=source, path=f"{where}.models")
             served_by[m] = es.name
         if es.instances.start < 1 or es.instances.lo < 1:
-            raise ScenarioError("an sme endpoint needs at least 1 instance", source=source, path=f"{where}.instances")
+            raise ScenarioError(f"an {es.mode} endpoint needs at least 1 instance", source=source,
+                                path=f"{where}.instances")
+        h2d = DEFAULT_H2D_GBS
+        if it.gpu is not None and it.gpu in catalog.gpus:
+            h2d = catalog.gpu_spec(it.gpu).pcie_bandwidth_gbs
+        if es.mode == "mme":
+            if es.name in ep_names:
+                raise ScenarioError(f"duplicate endpoint name {es.name!r}", source=source, path=f"{where}.name")
+            ep_names.add(es.name)
+            _check_cache_fit([models[m] for m in matched], es, it, where, source)
+            endpoints.append(Endpoint(len(endpoints), es.name, es.mode, it, es.instances, es.routing,
+                                      es.max_concurrency, es.queue_limit, es.timeout, tuple(matched), 1, es, e,
+                                      h2d))
+            continue
         groups_of = [matched] if len(matched) == 1 else [[m] for m in matched]
         for ms in groups_of:
             m = models[ms[0]]
@@ -210,7 +235,8 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             ep_names.add(name)
             copies = _check_fit(m, es, it, f"{where}.instance_type", source)
             endpoints.append(Endpoint(len(endpoints), name, es.mode, it, es.instances, es.routing,
-                                      es.max_concurrency, es.queue_limit, es.timeout, tuple(ms), copies, es, e))
+                                      es.max_concurrency, es.queue_limit, es.timeout, tuple(ms), copies, es, e,
+                                      h2d))
 
     for g in groups:
         if g.traffic is None:
@@ -221,6 +247,23 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                     source=source, path=f"models[{g.index}]")
     return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source,
                     base_dir or Path.cwd())
+
+
+def _check_cache_fit(models: list[Model], es: EndpointSpec, it: InstanceType, where: str, source: str) -> None:
+    """Each model of a multi-model endpoint must fit, alone, in every memory tier of one instance."""
+    cache = es.cache or CacheSpec()
+    gpu_cap = it.total_gpu_memory_gb * cache.memory_fraction
+    host_cap = it.memory_gb - cache.host_reserve
+    disk_cap = cache.disk if cache.disk is not None else it.storage_gb
+    for mod in models:
+        gpu, host = (mod.memory_gb, mod.host_memory_gb) if it.gpus > 0 else (0.0, mod.memory_gb + mod.host_memory_gb)
+        for need, cap, tier in ((gpu, gpu_cap, "GPU memory for models (memory_fraction of the GPU memory)"),
+                                (host, host_cap, "host memory above cache.host_reserve"),
+                                (mod.size_gb, disk_cap, "disk for artifacts")):
+            if need > cap + 1e-9:
+                raise ScenarioError(
+                    f"model {mod.name!r} needs {need:g} GB but one {it.name} offers {max(cap, 0):g} GB of {tier}; "
+                    "choose a larger instance type", source=source, path=f"{where}.instance_type")
 
 
 def _check_service(ms: ModelSpec, g: int, source: str) -> None:

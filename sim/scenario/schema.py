@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .units import Duration, Rate, Size
+from .units import Bandwidth, Duration, Rate, Size
 
 # One source of truth for the names the YAML accepts; each registry in the
 # core is checked against these lists by the tests.
@@ -181,6 +181,7 @@ class ModelSpec(Strict):
     memory_gb: Size | None = None
     host_memory_gb: Size = 0.0
     accelerators: int = Field(default=1, ge=0)
+    init_time: Duration = 0.0          # runtime init per load (backend start, CUDA context, warm-up)
     service: ServiceSpec
     traffic: TrafficSpec | None = None
     tokens: TokensSpec | None = None
@@ -238,9 +239,18 @@ class InstancesSpec(Strict):
 
 
 class CacheSpec(Strict):
+    """How a multi-model endpoint's instances cache models (memory tiers, loads, eviction)."""
+
     policy: Literal["lru", "lfu", "gds"] = "lru"
-    memory_fraction: float = Field(default=0.9, gt=0, le=1)
-    enabled: bool = True
+    memory_fraction: float = Field(default=0.9, gt=0, le=1)   # of GPU memory that may hold models
+    enabled: bool = True                 # false: unload after every invocation (ModelCacheSetting Disabled)
+    host_reserve: Size = 2.0             # host memory kept by the OS and the model server
+    disk: Size | None = None             # instance volume for artifacts (default: the instance type's)
+    s3_throughput: Bandwidth | None = None   # download speed (default: the instance's network bandwidth)
+    max_concurrent_loads: int = Field(default=2, ge=1)
+    replicate_above: int = Field(default=8, ge=1)   # load a hot model on another instance above this
+    thrash_window: Duration = 600.0      # a load of a model unloaded within this window is thrashing
+    thrash_warning: float = Field(default=0.2, ge=0, le=1)   # thrashing index that raises a warning
 
 
 class AutoscalingSpec(Strict):
@@ -275,6 +285,7 @@ class EndpointSpec(Strict):
     timeout: Duration = 60.0
     models: list[str] = []
     cache: CacheSpec | None = None
+    prewarm: Duration | None = None     # invoke every model of the endpoint at this interval
     autoscaling: AutoscalingSpec | None = None
     placement: Literal["binpack", "spread"] = "binpack"
     components: list[ComponentSpec] = []

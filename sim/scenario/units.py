@@ -86,6 +86,27 @@ def parse_rate(value: object) -> float:
     return _finite_non_negative(x, "rate", value)
 
 
+_BANDWIDTH_RE = re.compile(rf"^\s*{_NUM}\s*([a-zA-Z]+)(?:\s*/\s*s)?\s*$")
+_BITS = {"gbps": 1 / 8, "mbps": 1e-3 / 8, "gbit": 1 / 8, "mbit": 1e-3 / 8}
+
+
+def parse_bandwidth(value: object) -> float:
+    """GB/s from a number of GB/s or a string such as ``100MB/s``, ``1.5GB/s``, ``10Gbps``."""
+    example = "100MB/s, 1.5GB/s or 10Gbps"
+    x = _number(value, "bandwidth", example)
+    if x is None:
+        m = _BANDWIDTH_RE.match(value)  # type: ignore[arg-type]
+        unit = m.group(2).lower() if m else None
+        if not m or (unit not in _SIZE_UNITS and unit not in _BITS):
+            raise ValueError(f"expected a bandwidth such as {example}, got {value!r}")
+        x = float(m.group(1)) * (_SIZE_UNITS.get(unit) or _BITS[unit])
+    x = _finite_non_negative(x, "bandwidth", value)
+    if x == 0:
+        raise ValueError(f"expected a bandwidth > 0, got {value!r}")
+    return x
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[float, BeforeValidator(parse_size)]
 Rate = Annotated[float, BeforeValidator(parse_rate)]
+Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth)]

@@ -1,0 +1,319 @@
+"""Multi-model endpoints: models loaded on demand into a per-instance cache.
+
+Each instance has three memory tiers: GPU memory (``cache.memory_fraction`` of
+it may hold models), host memory (each loaded model's ``host_memory_gb`` above
+``cache.host_reserve``) and the instance volume (artifacts stay on disk after
+an unload until the disk needs room). A request goes to an instance where its
+model is loaded or loading (the routing policy chooses among those); if none
+has it, to an instance chosen by the policy among all, which loads it. When
+every instance holding a model has ``replicate_above`` requests in flight, the
+next request loads it on one more instance. Loads need room in every tier;
+idle models are evicted by the cache policy (lru, lfu, gds) to make it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from heapq import heappush
+
+from simpy.core import NORMAL
+
+from ..core.engine import OK, THROTTLED, TIMEOUT, Call, Engine
+from ..scenario.resolve import Endpoint, Model
+from .base import EndpointRuntime, Instance
+from .loading import Loader, LoadRecord, LoadSpeeds
+
+
+class Slot:
+    """A model on an instance: loading or loaded, with its own queue and concurrency."""
+
+    __slots__ = ("model", "inst", "loaded", "busy", "queue", "waiting", "last_used", "uses", "h", "record")
+
+    def __init__(self, model: int, inst: "MMEInstance", now: float):
+        self.model = model
+        self.inst = inst
+        self.loaded = False
+        self.busy = 0
+        self.queue: deque[int] = deque()     # requests waiting for a free concurrency slot
+        self.waiting: list[int] = []         # requests waiting for the load to finish
+        self.last_used = now
+        self.uses = 0
+        self.h = 0.0                         # GreedyDual-Size priority
+        self.record: LoadRecord | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.loaded and self.busy == 0 and not self.queue
+
+
+class MMEInstance(Instance):
+    __slots__ = ("models", "gpu_used", "host_used", "disk", "disk_used", "loading", "pending", "loader",
+                 "recent_unloads", "gds_floor")
+
+    def __init__(self, index: int, now: float, loader: Loader):
+        super().__init__(index, 0, now)
+        self.models: dict[int, Slot] = {}
+        self.gpu_used = 0.0
+        self.host_used = 0.0
+        self.disk: OrderedDict[int, float] = OrderedDict()   # artifacts on disk, least recently used first
+        self.disk_used = 0.0
+        self.loading = 0
+        self.pending: deque[Slot] = deque()   # loads waiting for a load slot or memory
+        self.loader = loader
+        self.gds_floor = 0.0
+
+
+def _victim_lru(slots):
+    return min(slots, key=lambda s: s.last_used)
+
+
+def _victim_lfu(slots):
+    return min(slots, key=lambda s: (s.uses, s.last_used))
+
+
+def _victim_gds(slots):
+    return min(slots, key=lambda s: (s.h, s.last_used))
+
+
+EVICTION = {"lru": _victim_lru, "lfu": _victim_lfu, "gds": _victim_gds}
+
+
+class MMEEndpoint(EndpointRuntime):
+    def __init__(self, engine: Engine, ep: Endpoint, models: tuple[Model, ...]):
+        it = ep.instance_type
+        cache = ep.cache
+        self.cache = cache
+        self.on_gpu = it.gpus > 0
+        gpu_cap = it.total_gpu_memory_gb * cache.memory_fraction if self.on_gpu else 0.0
+        host_cap = max(it.memory_gb - cache.host_reserve, 0.0)
+        disk_cap = cache.disk if cache.disk is not None else it.storage_gb
+        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, disk_cap))
+        self.gpu_cap, self.host_cap, self.disk_cap = gpu_cap, host_cap, disk_cap
+        self.models = models
+        self.max_conc = ep.max_concurrency
+        self.timeout = ep.timeout
+        self.queue_limit = ep.queue_limit
+        self.rep_above = cache.replicate_above
+        self.max_loads = cache.max_concurrent_loads
+        self.victim = EVICTION[cache.policy]
+        self.speeds = LoadSpeeds(
+            download_gbs=cache.s3_throughput or it.network_gbps / 8.0,
+            disk_gbs=it.disk_read_gbs,
+            h2d_gbs=ep.h2d_gbs,
+            init_s=0.0,
+        )
+        self.holders: list[list[MMEInstance]] = [[] for _ in models]
+        probe = Loader(engine, self.speeds)
+        self._gds = [probe.cold_start_estimate(mod.size_gb, False, mod.init_time, self.on_gpu)
+                     / max(mod.memory_gb if self.on_gpu else mod.memory_gb + mod.host_memory_gb, 1e-9)
+                     for mod in models]
+        self._done_callbacks = [self._done]
+        for _ in range(ep.instances.start):
+            self._add_instance()
+        self._log_fleet()
+        self._log_memory()
+
+    # -- fleet ------------------------------------------------------------------
+    def _add_instance(self) -> MMEInstance:
+        inst = MMEInstance(len(self.instances), self.engine.env._now, Loader(self.engine, self.speeds))
+        self.instances.append(inst)
+        self.active.append(inst)
+        self.billed += 1
+        return inst
+
+    def _log_memory(self) -> None:
+        loaded = gpu = host = disk = 0.0
+        for inst in self.active:
+            loaded += sum(1 for s in inst.models.values() if s.loaded)
+            gpu += inst.gpu_used
+            host += inst.host_used
+            disk += inst.disk_used
+        self.log.memory.append((self.engine.env._now, int(loaded), gpu, host, disk))
+
+    # -- footprint of a model in each tier ------------------------------------------
+    def _need(self, m: int) -> tuple[float, float]:
+        mod = self.models[m]
+        if self.on_gpu:
+            return mod.memory_gb, mod.host_memory_gb
+        return 0.0, mod.memory_gb + mod.host_memory_gb
+
+    def cold_start_estimate(self, m: int, on_disk: bool = False) -> float:
+        """A load of model ``m`` alone on an instance: the sum of its stages."""
+        mod = self.models[m]
+        return Loader(self.engine, self.speeds).cold_start_estimate(mod.size_gb, on_disk, mod.init_time,
+                                                                    self.on_gpu)
+
+    # -- requests (hot path) --------------------------------------------------------
+    def arrive(self, i: int) -> None:
+        r = self.requests
+        m = r.model[i]
+        hold = self.holders[m]
+        now = self.engine.env._now
+        if hold:
+            inst = hold[0] if len(hold) == 1 else self.route(hold, r.u1[i], r.u2[i], self)
+            slot = inst.models[m]
+            rep = self.rep_above
+            if inst.n >= rep and len(hold) < len(self.active) and all(h.n >= rep for h in hold):
+                others = [x for x in self.active if m not in x.models]
+                inst = others[0] if len(others) == 1 else self.route(others, r.u2[i], r.u1[i], self)
+                slot = self._request_load(inst, m)
+        else:
+            act = self.active
+            inst = act[0] if len(act) == 1 else self.route(act, r.u1[i], r.u2[i], self)
+            slot = self._request_load(inst, m)
+        r.instance[i] = inst.index
+        slot.last_used = now
+        slot.uses += 1
+        if slot.loaded:
+            if self.cache.policy == "gds":
+                slot.h = inst.gds_floor + self._gds_cost(m)
+            if slot.busy < self.max_conc:
+                inst.n += 1
+                self._start(i, slot, now)
+            elif self.queue_limit is not None and len(slot.queue) >= self.queue_limit:
+                self.engine.finish(i, THROTTLED, now)
+            else:
+                inst.n += 1
+                slot.queue.append(i)
+        else:
+            inst.n += 1
+            r.cold[i] = True
+            slot.waiting.append(i)
+
+    def _start(self, i: int, slot: Slot, now: float) -> None:
+        slot.busy += 1
+        r = self.requests
+        r.start[i] = now
+        env = self.engine.env
+        heappush(env._queue, (now + r.service[i], NORMAL, next(env._eid), Call(self._done_callbacks, i, slot)))
+
+    def _done(self, call: Call) -> None:
+        i = call.arg
+        slot = call.obj
+        inst = slot.inst
+        r = self.requests
+        now = self.engine.env._now
+        timeout = self.timeout
+        arrival = r.arrival
+        inst.n -= 1
+        q = slot.queue
+        while q:
+            j = q.popleft()
+            if now - arrival[j] >= timeout:
+                inst.n -= 1
+                self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
+                continue
+            r.start[j] = now
+            call.arg = j
+            call.callbacks = self._done_callbacks
+            env = self.engine.env
+            heappush(env._queue, (now + r.service[j], NORMAL, next(env._eid), call))
+            break
+        else:
+            slot.busy -= 1
+        a = arrival[i]
+        self.engine.finish(i, OK if now - a <= timeout else TIMEOUT, now if now - a <= timeout else a + timeout)
+        if slot.busy == 0 and not q:
+            if not self.cache.enabled:
+                self._unload(inst, slot)
+                self._log_memory()
+                self._pump(inst)
+            elif inst.pending:
+                self._pump(inst)
+
+    # -- loading and eviction --------------------------------------------------------
+    def _gds_cost(self, m: int) -> float:
+        """GreedyDual-Size's cost / size: the time a reload costs per GB it occupies."""
+        return self._gds[m]
+
+    def _request_load(self, inst: MMEInstance, m: int) -> Slot:
+        now = self.engine.env._now
+        slot = Slot(m, inst, now)
+        slot.record = LoadRecord(inst.index, m, now)
+        inst.models[m] = slot
+        self.holders[m].append(inst)
+        inst.pending.append(slot)
+        self._pump(inst)
+        return slot
+
+    def _pump(self, inst: MMEInstance) -> None:
+        """Start pending loads while a load slot and room in every tier are free (FIFO)."""
+        changed = False
+        while inst.pending and inst.loading < self.max_loads:
+            slot = inst.pending[0]
+            if not self._make_room(inst, slot.model):
+                break
+            inst.pending.popleft()
+            self._begin_load(inst, slot)
+            changed = True
+        if changed:
+            self._log_memory()
+
+    def _make_room(self, inst: MMEInstance, m: int) -> bool:
+        gpu, host = self._need(m)
+        size = self.models[m].size_gb
+        while inst.gpu_used + gpu > self.gpu_cap + 1e-9 or inst.host_used + host > self.host_cap + 1e-9:
+            idle = [s for s in inst.models.values() if s.idle]
+            if not idle:
+                return False
+            self._unload(inst, self.victim(idle))
+        if m not in inst.disk:
+            while inst.disk_used + size > self.disk_cap + 1e-9:
+                # The disk deletes its least recently used artifact not in memory.
+                gone = next((k for k in inst.disk if k not in inst.models), None)
+                if gone is None:
+                    return False
+                inst.disk_used -= inst.disk.pop(gone)
+        return True
+
+    def _begin_load(self, inst: MMEInstance, slot: Slot) -> None:
+        m = slot.model
+        mod = self.models[m]
+        gpu, host = self._need(m)
+        inst.gpu_used += gpu
+        inst.host_used += host
+        on_disk = m in inst.disk
+        if on_disk:
+            inst.disk.move_to_end(m)
+        else:
+            inst.disk[m] = mod.size_gb
+            inst.disk_used += mod.size_gb
+        inst.loading += 1
+        rec = slot.record
+        rec.start = self.engine.env._now
+        self.log.loads.append(rec)
+        inst.loader.load(mod.size_gb, on_disk, mod.init_time, rec, lambda: self._loaded(inst, slot), self.on_gpu)
+
+    def _loaded(self, inst: MMEInstance, slot: Slot) -> None:
+        now = self.engine.env._now
+        inst.loading -= 1
+        slot.loaded = True
+        if self.cache.policy == "gds":
+            slot.h = inst.gds_floor + self._gds_cost(slot.model)
+        r = self.requests
+        timeout = self.timeout
+        for j in slot.waiting:
+            r.load[j] = now - r.arrival[j]
+            if now - r.arrival[j] >= timeout:
+                inst.n -= 1
+                self.engine.finish(j, TIMEOUT, r.arrival[j] + timeout)
+            elif slot.busy < self.max_conc:
+                self._start(j, slot, now)
+            else:
+                slot.queue.append(j)
+        slot.waiting = []
+        self._log_memory()
+        if slot.busy == 0 and not slot.queue and not self.cache.enabled:
+            self._unload(inst, slot)
+            self._log_memory()
+        self._pump(inst)
+
+    def _unload(self, inst: MMEInstance, slot: Slot) -> None:
+        m = slot.model
+        gpu, host = self._need(m)
+        inst.gpu_used -= gpu
+        inst.host_used -= host
+        del inst.models[m]
+        self.holders[m].remove(inst)
+        if self.cache.policy == "gds":
+            inst.gds_floor = max(inst.gds_floor, slot.h)
+        self.log.unloads.append((self.engine.env._now, inst.index, m))
