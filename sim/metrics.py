@@ -208,6 +208,7 @@ def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, sel: np.ndarray, win:
         "ModelLoadingTime_ms": float((done["end"] - done["start"]).mean() * 1e3) if len(done) else None,
         "ModelUnloadingTime_count": int(sum(1 for t, _, _ in log.unloads if t0 <= t < t1)),
         "LoadedModelCount": float(mem["loaded"][0] / serving_s) if serving_s > 0 else None,
+        "LoadedModelCount_max": max((int(p[3]) for p in log.peaks.values()), default=None),
         "GPUMemoryUtilization": pct(mem["gpu"][0], gcap),
         "MemoryUtilization": pct(mem["host"][0], hcap),
         "DiskUtilization": pct(mem["disk"][0], dcap),

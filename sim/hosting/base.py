@@ -33,7 +33,8 @@ class EndpointLog:
     ``fleet``: ``(t, instances in service, instances billed)``;
     ``memory``: ``(t, loaded models, GPU GB used, host GB used, disk GB used)``,
     totals over the endpoint; ``capacity``: per instance ``(GPU, host, disk)`` GB;
-    ``loads`` and ``unloads``: model loads and unloads ``(t, instance, model)``.
+    ``loads`` and ``unloads``: model loads and unloads ``(t, instance, model)``;
+    ``peaks``: per instance the most each tier held (checked against ``capacity``).
     """
 
     capacity: tuple[float, float, float]
@@ -41,6 +42,8 @@ class EndpointLog:
     memory: list[tuple[float, int, float, float, float]] = field(default_factory=list)
     loads: list[LoadRecord] = field(default_factory=list)
     unloads: list[tuple[float, int, int]] = field(default_factory=list)
+    # per instance, the most it ever held: [GPU GB, host GB, disk GB, loaded or loading models]
+    peaks: dict[int, list[float]] = field(default_factory=dict)
 
 
 class EndpointRuntime:

@@ -278,6 +278,10 @@ class MMEEndpoint(EndpointRuntime):
             inst.disk[m] = mod.size_gb
             inst.disk_used += mod.size_gb
         inst.loading += 1
+        peak = self.log.peaks.setdefault(inst.index, [0.0, 0.0, 0.0, 0])
+        in_memory = inst.loading + sum(1 for s in inst.models.values() if s.loaded)
+        for k, v in enumerate((inst.gpu_used, inst.host_used, inst.disk_used, in_memory)):
+            peak[k] = max(peak[k], v)
         rec = slot.record
         rec.start = self.engine.env._now
         self.log.loads.append(rec)

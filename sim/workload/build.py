@@ -122,6 +122,8 @@ def _group_arrivals(scenario: Scenario, group: Group, streams: Streams, horizon:
             mapped = np.array([pos.get(str(x), -1) for x in trace_models], dtype=np.int64)
             if len(mapped) and (mapped >= 0).all():
                 local = mapped
+        if not df.attrs.get("token_columns", ["input_tokens"]):
+            return times, local, None, None   # no tokens in the trace: the model's own token counts
         tin = df["input_tokens"].to_numpy()[rows].astype(np.int64)
         tout = df["output_tokens"].to_numpy()[rows].astype(np.int64)
         return times, local, tin, tout

@@ -133,6 +133,7 @@ def _finish(path: Path, fmt: str, arrival: np.ndarray, lines: np.ndarray, name: 
         df["model"] = df["model"].astype(str)
     df.attrs["source"] = str(path)
     df.attrs["format"] = fmt
+    df.attrs["token_columns"] = ["input_tokens", "output_tokens"]   # csv narrows this
     return df
 
 
@@ -150,14 +151,17 @@ def _read_csv(path: Path) -> pd.DataFrame:
         else:
             tokens[name] = np.zeros(len(df), dtype=np.int64)
     model = None
+    has_tokens = [n for n in ("input_tokens", "output_tokens") if n in df.columns]
     if "model" in df.columns:
         empty = (df["model"] == "").to_numpy()
         if empty.any():
             i = int(np.flatnonzero(empty)[0])
             raise TraceError(f"{path}: line {lines[i]}: column 'model': expected a model name, got an empty value")
         model = df["model"].to_numpy()
-    return _finish(path, "csv", arrival, lines, "arrival_s",
-                   tokens["input_tokens"], tokens["output_tokens"], model)
+    out = _finish(path, "csv", arrival, lines, "arrival_s",
+                  tokens["input_tokens"], tokens["output_tokens"], model)
+    out.attrs["token_columns"] = has_tokens
+    return out
 
 
 def _read_azure(path: Path) -> pd.DataFrame:

@@ -1,0 +1,235 @@
+"""Bad scenario files: one clear paragraph naming the file, the key path and what
+was expected, exit code 2 from the CLI, and never a Python traceback.
+
+Each file in tests/data/bad/ is a copy of tests/data/bad/valid_base.yaml with one
+thing broken. The CLI runs as a real subprocess (``python -m sim.cli``); all the
+subprocesses start at once in a module fixture so the file stays fast.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import sim
+
+REPO = Path(__file__).resolve().parents[1]
+BAD = "tests/data/bad"  # relative to REPO: the CLI and the API both run there
+BASE = f"{BAD}/valid_base.yaml"
+MISSING = f"{BAD}/no_such_scenario.yaml"  # the missing-file case: deliberately not there
+
+# (file, key path the message must name or None, fragments the message must contain)
+CASES = [
+    ("unknown_instance_type", "endpoints[0].instance_type",
+     ["unknown instance type 'ml.g5.xlarg'", "(did you mean ml.g5.xlarge?)"]),
+    ("negative_rate", "models[0].traffic.rate", ["expected a non-negative rate, got '-5/s'"]),
+    ("bad_duration_unit", "duration",
+     ["expected a duration such as 250ms, 30s, 5m, 2h or 1d, got '30 minutes'"]),
+    ("bad_mean_unit", "models[0].service.mean", ["expected a duration such as", "got '40 parsecs'"]),
+    ("unknown_mode", "endpoints[0].mode",
+     ["unknown value 'mmx'", "(did you mean mme?)", "expected 'sme', 'mme' or 'ic'"]),
+    ("model_too_large", "endpoints[0].instance_type",
+     ["model 'classifier' needs 40 GB of GPU memory", "ml.g4dn.xlarge offer 16 GB", "choose a larger instance type"]),
+    ("zero_instances", "endpoints[0].instances", ["an sme endpoint needs at least 1 instance"]),
+    ("unknown_key", "endpoints[0].instnces",
+     ["unknown key 'instnces'", "(did you mean instances?)", "expected one of name, mode, instance_type"]),
+    ("yaml_bad_indent", "line 9, column 14", ["YAML syntax error", "mapping values are not allowed here"]),
+    ("yaml_unclosed_bracket", "line 20, column 1",
+     ["YAML syntax error", "expected ',' or ']'", "flow sequence started at line 19, column 13"]),
+    ("empty", None, ["the file is empty", "expected a scenario with name, duration, models and endpoints"]),
+    ("unknown_model_in_endpoint", "endpoints[0].models[0]",
+     ["no model matches 'clasifier'", "(did you mean classifier?)"]),
+    ("unknown_routing", "endpoints[0].routing",
+     ["unknown routing policy 'least_outstanding'", "(did you mean least_outstanding_requests?)",
+      "expected one of random, round_robin, least_outstanding_requests, power_of_two"]),
+    ("token_service_without_tokens", "models[0].service",
+     ["a token-based service needs token counts", "tokens: {input: N, output: M}"]),
+    ("popularity_weights_length", "models[0].traffic.popularity", ["popularity.weights has 2 entries for 3 models"]),
+    ("gamma_without_cv", "models[0].traffic", ["process 'gamma' needs cv"]),
+    ("missing_trace", "models[0].traffic.path",
+     ["trace file not found", "no-such-trace.csv", "relative to the scenario file"]),
+    ("duplicate_model_names", "models[1].name", ["duplicate model name 'classifier' (also models[0])"]),
+    ("model_on_two_endpoints", "endpoints[1].models",
+     ["model 'classifier' is already served by endpoint 'classifier'"]),
+    (None, None, ["file not found", "expected the path of a scenario YAML file"]),  # missing file
+]
+IDS = [c[0] or "missing_file" for c in CASES]
+RUN_CASES = ["unknown_instance_type", "negative_rate", "missing_trace", "yaml_unclosed_bracket", None]
+
+# --set through the CLI: (overrides, source the message names, key path, fragments)
+SET_CASES = [
+    (["endpoints.nosuch.instances=2"], f"{BASE} (--set)", "endpoints.nosuch",
+     ["no list item named 'nosuch'", "expected an index or one of the names classifier"]),
+    (["endpoints.clasifier.instances=2"], f"{BASE} (--set)", "endpoints.clasifier",
+     ["no list item named 'clasifier'", "(did you mean classifier?)"]),
+    (["endpoints[3].instances=2"], f"{BASE} (--set)", "endpoints[3]",
+     ["index 3 out of range (the list has 1 items)"]),
+    (["modles[0].size_gb=2"], f"{BASE} (--set)", "modles",
+     ["no key 'modles' to descend into", "(did you mean models?)"]),
+    (["seed.x=1"], f"{BASE} (--set)", "seed.x", ["cannot set a key inside a scalar"]),
+    (["endpoints[0].instances"], f"{BASE} (--set)", None,
+     ["expected key.path=value, got 'endpoints[0].instances'"]),
+    # a value that parses but breaks the schema: the message names the file and the key it set
+    (["models[0].traffic.rate=-1/s"], BASE, "models[0].traffic.rate", ["expected a non-negative rate, got '-1/s'"]),
+    (["endpoints[0].instnces=3"], BASE, "endpoints[0].instnces", ["(did you mean instances?)"]),
+]
+SET_IDS = [s[0][0] for s in SET_CASES]
+
+
+def _path(name: str | None) -> str:
+    return MISSING if name is None else f"{BAD}/{name}.yaml"
+
+
+def _cli(*args: str) -> dict:
+    """``capsim ARGS`` in a fresh Python process: {rc, stdout, stderr}."""
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+# Starting Python and importing sim takes about a second of CPU, so most cases share
+# one process that calls the CLI's ``main`` once per case, as ``python -m sim.cli``
+# would, and prints a traceback for anything that escapes. test_batch_matches_real_process
+# checks that it answers exactly as separate processes do.
+_BATCH = """
+import contextlib, io, json, sys, traceback
+from sim.cli import main
+out = []
+for args in json.load(sys.stdin):
+    o, e, rc = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            main(args=args, prog_name="capsim")
+        except SystemExit as x:
+            rc = x.code if isinstance(x.code, int) else (0 if x.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    out.append({"rc": rc, "stdout": o.getvalue(), "stderr": e.getvalue()})
+print(json.dumps(out))
+"""
+
+
+def _cli_batch(calls: list[tuple[str, ...]]) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", _BATCH], cwd=REPO, input=json.dumps(calls), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# the calls that also run as a process of their own
+REAL = [("validate", "unknown_instance_type"), ("validate", "yaml_unclosed_bracket"), ("validate", None),
+        ("run", "negative_rate"), ("run", "missing_trace"), ("set", ("endpoints.nosuch.instances=2",)),
+        ("ok", "base")]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Every CLI call of this file: {key: {rc, stdout, stderr}}, plus "real": the same for REAL."""
+    out = tmp_path_factory.mktemp("results")
+    jobs = {("validate", c[0]): ("validate", _path(c[0])) for c in CASES}
+    jobs.update({("run", name): ("run", _path(name), "--out", str(out / (name or "missing")), "--no-plots")
+                 for name in RUN_CASES})
+    jobs.update({("set", tuple(s[0])): ("validate", BASE, *[a for o in s[0] for a in ("--set", o)])
+                 for s in SET_CASES})
+    jobs[("ok", "base")] = ("validate", BASE)
+    jobs[("ok", "set")] = ("validate", BASE, "--set", "endpoints[0].instances=3")
+    keys = list(jobs)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batch = pool.submit(_cli_batch, [jobs[k] for k in keys])
+        real = {k: pool.submit(_cli, *jobs[k]) for k in REAL}
+        results = dict(zip(keys, batch.result()))
+        results["real"] = {k: f.result() for k, f in real.items()}
+    results["out"] = out
+    return results
+
+
+def _check_paragraph(res: dict, source: str, key: str | None, fragments: list[str]) -> str:
+    err = res["stderr"]
+    assert res["rc"] == 2, (res["rc"], res["stdout"], err)
+    assert "Traceback" not in err, err
+    assert res["stdout"] == "", res["stdout"]
+    text = err.strip()
+    lines = text.splitlines()
+    assert 1 <= len(lines) <= 3 and all(line.strip() for line in lines), f"not one paragraph:\n{err}"
+    assert text.startswith("error: "), err
+    prefix = f"error: {source}: " + (f"{key}: " if key else "")
+    assert text.startswith(prefix), f"expected the message to start with {prefix!r}:\n{err}"
+    assert Path(source.split(" ")[0]).name in text
+    for frag in fragments:
+        assert frag in text, f"{frag!r} not in:\n{err}"
+    return text
+
+
+def test_base_scenario_is_valid(cli):
+    """The files below fail only because of the one thing each breaks."""
+    res = cli[("ok", "base")]
+    assert res["rc"] == 0, res["stderr"]
+    assert "ok (1 models, 1 endpoints" in res["stdout"]
+    sc = sim.load_scenario(REPO / BASE)
+    assert sc.endpoints[0].instances.start == 2
+
+
+def test_every_bad_file_has_a_case():
+    files = {p.stem for p in (REPO / BAD).glob("*.yaml")} - {"valid_base"}
+    assert files == {c[0] for c in CASES if c[0]}
+    assert not (REPO / MISSING).exists()
+
+
+@pytest.mark.parametrize("key", REAL, ids=[f"{k[0]}-{k[1]}" for k in REAL])
+def test_batch_matches_real_process(cli, key):
+    """``python -m sim.cli`` in a process of its own: exit code 2, the same paragraph, no traceback."""
+    real = cli["real"][key]
+    if key[0] != "ok":
+        assert real["rc"] == 2 and "Traceback" not in real["stderr"], real
+    assert real == cli[key]
+
+
+@pytest.mark.parametrize("name,key,fragments", CASES, ids=IDS)
+def test_validate_reports_one_paragraph(cli, name, key, fragments):
+    _check_paragraph(cli[("validate", name)], _path(name), key, fragments)
+
+
+@pytest.mark.parametrize("name", RUN_CASES, ids=[n or "missing_file" for n in RUN_CASES])
+def test_run_reports_the_same_error(cli, name):
+    key, fragments = next((c[1], c[2]) for c in CASES if c[0] == name)
+    text = _check_paragraph(cli[("run", name)], _path(name), key, fragments)
+    assert text == cli[("validate", name)]["stderr"].strip()
+    assert not (cli["out"] / (name or "missing")).exists()  # nothing written
+
+
+@pytest.mark.parametrize("name,key,fragments", CASES, ids=IDS)
+def test_api_raises_the_same_message(cli, monkeypatch, name, key, fragments):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(sim.ScenarioError) as info:
+        sim.load_scenario(_path(name))
+    assert f"error: {info.value}" == cli[("validate", name)]["stderr"].strip()
+    assert info.value.source == _path(name)
+
+
+@pytest.mark.parametrize("overrides,source,key,fragments", SET_CASES, ids=SET_IDS)
+def test_set_errors(cli, monkeypatch, overrides, source, key, fragments):
+    text = _check_paragraph(cli[("set", tuple(overrides))], source, key, fragments)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(sim.ScenarioError) as info:
+        sim.load_scenario(BASE, overrides=overrides)
+    assert f"error: {info.value}" == text
+
+
+def test_set_takes_effect(cli):
+    res = cli[("ok", "set")]
+    assert res["rc"] == 0, res["stderr"]
+    assert "ok (1 models, 1 endpoints" in res["stdout"]
+    sc = sim.load_scenario(REPO / BASE, overrides=["endpoints[0].instances=3"])
+    assert (sc.endpoints[0].instances.start, sc.endpoints[0].instances.lo, sc.endpoints[0].instances.hi) == (3, 3, 3)
+    by_name = sim.load_scenario(REPO / BASE, overrides=["endpoints.classifier.instances={initial: 2, min: 1, max: 4}",
+                                                        "models[0].traffic.rate=1200/min"])
+    inst = by_name.endpoints[0].instances
+    assert (inst.start, inst.lo, inst.hi) == (2, 1, 4)
+    assert by_name.groups[0].traffic.rate == pytest.approx(20.0)
+    # the file itself is untouched by an override
+    assert sim.load_scenario(REPO / BASE).endpoints[0].instances.start == 2
