@@ -178,7 +178,8 @@ def test_merge_refuses_different_hosts_unless_forced():
 def _mini_cfg(tmp_path, **kw):
     cfg = dict(out=str(tmp_path / "mini.json"), device="cpu", quick=True,
                sizes=["0.3M", "1M", "2M"], infer_sizes=["0.3M"], families=["encoder"],
-               concurrency=[1, 2], runtime_repeats=1, workdir=str(tmp_path / "work"))
+               concurrency=[1, 2], runtime_repeats=1, workdir=str(tmp_path / "work"),
+               wait_budget_s=0.0)
     cfg.update(kw)
     return runmod.Config(**cfg)
 

@@ -51,7 +51,7 @@ def che_hit_rate(n: int, k: int, s: float) -> float:
 
 @pytest.mark.parametrize("n,k,s", [(50, 10, 0.8), (100, 20, 1.0), (200, 40, 1.2), (60, 30, 0.6)])
 def test_lru_hit_rate_matches_che(n, k, s):
-    res = run_dict(mme(n, capacity_models=k, zipf=s, rate=100.0, duration=4000))
+    res = run_dict(mme(n, capacity_models=k, zipf=s, rate=100.0, duration=1500))
     hit = res.summary["overall"]["cache_hit_rate"]
     assert res.summary["endpoints"]["mme"]["cloudwatch"]["LoadedModelCount_max"] == k
     assert hit == pytest.approx(che_hit_rate(n, k, s), abs=0.015)
@@ -66,7 +66,7 @@ def test_hit_rate_is_one_when_every_model_fits():
 def test_lfu_beats_lru_on_a_static_zipf_and_gds_runs():
     hits = {}
     for policy in ("lru", "lfu", "gds"):
-        res = run_dict(mme(100, capacity_models=10, zipf=0.9, rate=100.0, duration=2000, policy=policy))
+        res = run_dict(mme(100, capacity_models=10, zipf=0.9, rate=100.0, duration=900, policy=policy))
         hits[policy] = res.summary["overall"]["cache_hit_rate"]
     # LFU keeps the most popular models (the best static choice under independent requests).
     assert hits["lfu"] > hits["lru"] + 0.02

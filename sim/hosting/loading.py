@@ -12,9 +12,6 @@ from typing import Callable
 
 from ..core.engine import Call, Engine
 
-_EPS = 1e-12
-
-
 class SharedLink:
     """A link of ``bandwidth`` GB/s shared equally by the transfers on it."""
 
@@ -58,7 +55,11 @@ class SharedLink:
         if call.arg != self._version:
             return  # superseded by a later start or finish
         self._advance()
-        done = [key for key, e in self.active.items() if e[0] <= _EPS * max(1.0, self.bandwidth)]
+        # The transfer this call was scheduled for is done, whatever float residue
+        # is left; so is any other within a relative hair of it.
+        rem = min(e[0] for e in self.active.values())
+        tol = max(abs(rem), 1e-9) * 1e-6 + 1e-12
+        done = [key for key, e in self.active.items() if e[0] <= rem + tol]
         finished = [self.active.pop(key)[1] for key in done]
         self._reschedule()
         for cb in finished:

@@ -46,8 +46,8 @@ class Slot:
 
 
 class MMEInstance(Instance):
-    __slots__ = ("models", "gpu_used", "host_used", "disk", "disk_used", "loading", "pending", "loader",
-                 "recent_unloads", "gds_floor")
+    __slots__ = ("models", "gpu_used", "host_used", "disk", "disk_used", "loading", "loaded", "pending",
+                 "loader", "gds_floor")
 
     def __init__(self, index: int, now: float, loader: Loader):
         super().__init__(index, 0, now)
@@ -57,6 +57,7 @@ class MMEInstance(Instance):
         self.disk: OrderedDict[int, float] = OrderedDict()   # artifacts on disk, least recently used first
         self.disk_used = 0.0
         self.loading = 0
+        self.loaded = 0
         self.pending: deque[Slot] = deque()   # loads waiting for a load slot or memory
         self.loader = loader
         self.gds_floor = 0.0
@@ -102,6 +103,7 @@ class MMEEndpoint(EndpointRuntime):
             init_s=0.0,
         )
         self.holders: list[list[MMEInstance]] = [[] for _ in models]
+        self._totals = [0, 0.0, 0.0, 0.0]   # over the endpoint: loaded models, GPU, host, disk GB
         probe = Loader(engine, self.speeds)
         self._gds = [probe.cold_start_estimate(mod.size_gb, False, mod.init_time, self.on_gpu)
                      / max(mod.memory_gb if self.on_gpu else mod.memory_gb + mod.host_memory_gb, 1e-9)
@@ -121,13 +123,8 @@ class MMEEndpoint(EndpointRuntime):
         return inst
 
     def _log_memory(self) -> None:
-        loaded = gpu = host = disk = 0.0
-        for inst in self.active:
-            loaded += sum(1 for s in inst.models.values() if s.loaded)
-            gpu += inst.gpu_used
-            host += inst.host_used
-            disk += inst.disk_used
-        self.log.memory.append((self.engine.env._now, int(loaded), gpu, host, disk))
+        t = self._totals
+        self.log.memory.append((self.engine.env._now, t[0], t[1], t[2], t[3]))
 
     # -- footprint of a model in each tier ------------------------------------------
     def _need(self, m: int) -> tuple[float, float]:
@@ -262,7 +259,9 @@ class MMEEndpoint(EndpointRuntime):
                 gone = next((k for k in inst.disk if k not in inst.models), None)
                 if gone is None:
                     return False
-                inst.disk_used -= inst.disk.pop(gone)
+                freed = inst.disk.pop(gone)
+                inst.disk_used -= freed
+                self._totals[3] -= freed
         return True
 
     def _begin_load(self, inst: MMEInstance, slot: Slot) -> None:
@@ -271,15 +270,19 @@ class MMEEndpoint(EndpointRuntime):
         gpu, host = self._need(m)
         inst.gpu_used += gpu
         inst.host_used += host
+        t = self._totals
+        t[1] += gpu
+        t[2] += host
         on_disk = m in inst.disk
         if on_disk:
             inst.disk.move_to_end(m)
         else:
             inst.disk[m] = mod.size_gb
             inst.disk_used += mod.size_gb
+            t[3] += mod.size_gb
         inst.loading += 1
         peak = self.log.peaks.setdefault(inst.index, [0.0, 0.0, 0.0, 0])
-        in_memory = inst.loading + sum(1 for s in inst.models.values() if s.loaded)
+        in_memory = inst.loading + inst.loaded
         for k, v in enumerate((inst.gpu_used, inst.host_used, inst.disk_used, in_memory)):
             peak[k] = max(peak[k], v)
         rec = slot.record
@@ -291,6 +294,8 @@ class MMEEndpoint(EndpointRuntime):
         now = self.engine.env._now
         inst.loading -= 1
         slot.loaded = True
+        self._totals[0] += 1
+        inst.loaded += 1
         if self.cache.policy == "gds":
             slot.h = inst.gds_floor + self._gds_cost(slot.model)
         r = self.requests
@@ -316,6 +321,11 @@ class MMEEndpoint(EndpointRuntime):
         gpu, host = self._need(m)
         inst.gpu_used -= gpu
         inst.host_used -= host
+        t = self._totals
+        t[0] -= 1
+        inst.loaded -= 1
+        t[1] -= gpu
+        t[2] -= host
         del inst.models[m]
         self.holders[m].remove(inst)
         if self.cache.policy == "gds":
