@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import autoscaling
 from .core.engine import Engine, Requests
 from .core.rng import Streams
 from .hosting.base import EndpointLog, EndpointRuntime
@@ -67,6 +68,27 @@ def _prewarm(engine: Engine, scenario: Scenario, rt: EndpointRuntime, streams: S
         yield engine.env.timeout(interval)
 
 
+def _autoscale(engine: Engine, rt: EndpointRuntime):
+    """The endpoint's instance autoscaling: its policy, evaluated each period."""
+    spec = rt.ep.spec.autoscaling
+    lo, hi = rt.ep.instances.lo, rt.ep.instances.hi
+    policy = autoscaling.policy_from_spec(spec, lo, hi)
+    period = spec.period or autoscaling.METRIC_PERIODS[spec.metric]
+    bounds = None
+    if spec.schedule:
+        actions = [autoscaling.ScheduledAction(a.at_seconds, a.min, a.max) for a in spec.schedule]
+        bounds = lambda t: autoscaling.scheduled_bounds(actions, t, lo, hi)  # noqa: E731
+
+    def set_capacity(n: int) -> None:
+        d = policy.decisions[-1] if policy.decisions else None
+        if d is not None and d.t == engine.env.now:
+            rt.log.scaling.append((d.t, d.kind, d.old, d.new, d.metric))
+        rt.scale_to(n)
+
+    return autoscaling.drive(engine.env, period, policy, lambda p: rt.metric(spec.metric, p),
+                             lambda: rt.capacity, set_capacity, bounds, lambda: len(rt.active))
+
+
 def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 0,
              workload: Workload | None = None) -> RawRun:
     """Simulate ``scenario`` once, up to its horizon (warmup + duration)."""
@@ -86,8 +108,11 @@ def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 
     for source in wl.closed:
         _start_closed_loop(engine, source, closed_rng)
     for rt in runtimes:
+        rt.provision_rng = streams.get("provisioning", rt.ep.name)
         if rt.ep.spec.prewarm:
             engine.env.process(_prewarm(engine, scenario, rt, streams))
+        if rt.ep.spec.autoscaling is not None and rt.ep.mode in ("sme", "mme"):
+            engine.env.process(_autoscale(engine, rt))
     engine.run(scenario.horizon)
     wall = time.perf_counter() - t0
     return RawRun(scenario, seed, replication, engine.requests.to_arrays(),

@@ -12,9 +12,10 @@ from .loading import LoadRecord
 
 
 class Instance:
-    """One instance of an endpoint. ``n`` counts its requests in flight (serving or queued)."""
+    """One instance of an endpoint. ``n`` counts its requests in flight (serving or
+    queued); ``draining`` is set when it leaves service and waits for them to end."""
 
-    __slots__ = ("index", "slots", "busy", "queue", "n", "up_since", "down_at")
+    __slots__ = ("index", "slots", "busy", "queue", "n", "up_since", "draining")
 
     def __init__(self, index: int, slots: int, up_since: float):
         self.index = index
@@ -23,7 +24,7 @@ class Instance:
         self.queue: deque[int] = deque()
         self.n = 0
         self.up_since = up_since
-        self.down_at: float | None = None
+        self.draining = False
 
 
 @dataclass
@@ -44,11 +45,20 @@ class EndpointLog:
     unloads: list[tuple[float, int, int]] = field(default_factory=list)
     # per instance, the most it ever held: [GPU GB, host GB, disk GB, loaded or loading models]
     peaks: dict[int, list[float]] = field(default_factory=dict)
+    # autoscaling decisions: (t, "out" | "in", old capacity, new capacity, metric value)
+    scaling: list[tuple[float, str, int, int, float]] = field(default_factory=list)
 
 
 class EndpointRuntime:
-    """Base of the hosting runtimes. ``active`` lists the instances in service,
-    in the order routing sees them."""
+    """Base of the hosting runtimes: the fleet of instances and its changes.
+
+    ``active`` lists the instances in service, in the order routing sees them.
+    An instance asked for is billed at once, serves after its provisioning
+    delay and whatever the mode must do before (:meth:`_prepare`); one taken
+    out of service drains: it gets no new request and leaves (and stops being
+    billed) when its last request ends. Subclasses implement ``_new_instance``
+    and call :meth:`_maybe_release` when an instance's in-flight count drops.
+    """
 
     def __init__(self, engine: Engine, ep: Endpoint, capacity: tuple[float, float, float]):
         self.engine = engine
@@ -57,9 +67,116 @@ class EndpointRuntime:
         self.instances: list[Instance] = []
         self.active: list[Instance] = []
         self.billed = 0
+        self.pending = 0          # asked for, not yet in service
+        self._cancelled = 0       # pending ones a scale-in gave up before they came
+        self.invocations = 0      # requests routed, for the autoscaling metrics
+        self._inv_mark = 0
         self.route = routing.get(ep.routing)
         self.rr = 0
         self.log = EndpointLog(capacity)
+        self.provision_rng = None  # set by the simulation: the provisioning stream
 
     def _log_fleet(self) -> None:
         self.log.fleet.append((self.engine.env._now, len(self.active), self.billed))
+
+    # -- the fleet --------------------------------------------------------------------
+    def _new_instance(self) -> Instance:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _start_fleet(self, n: int) -> None:
+        """The initial instances: in service from time 0, models ready."""
+        for _ in range(n):
+            inst = self._new_instance()
+            self.instances.append(inst)
+            self.active.append(inst)
+            self.billed += 1
+        self._log_fleet()
+
+    @property
+    def capacity(self) -> int:
+        """Desired capacity: instances in service plus those on their way."""
+        return len(self.active) + self.pending - self._cancelled
+
+    def scale_to(self, n: int) -> None:
+        cur = self.capacity
+        if n > cur:
+            for _ in range(n - cur):
+                if self._cancelled:
+                    self._cancelled -= 1
+                else:
+                    self._provision()
+        elif n < cur:
+            drop = cur - n
+            take_back = min(drop, self.pending - self._cancelled)
+            self._cancelled += take_back
+            drop -= take_back
+            # Scale in the instances with the fewest requests in flight (newest on a tie).
+            for inst in sorted(self.active, key=lambda x: (x.n, -x.index))[:drop]:
+                self._drain(inst)
+        self._log_fleet()
+
+    def _provision(self) -> None:
+        self.pending += 1
+        self.billed += 1
+        p = self.ep.spec.provisioning
+        from ..service import sample
+
+        delay = float(sample(self.provision_rng, p.dist, p.mean, p.cv, 1)[0]) if p.mean > 0 else 0.0
+        self.engine.at(delay, self._provisioned)
+
+    def _provisioned(self, call) -> None:
+        self.pending -= 1
+        if self._cancelled:
+            self._cancelled -= 1
+            self.billed -= 1
+            self._log_fleet()
+            return
+        inst = self._new_instance()
+        self.instances.append(inst)
+        self._prepare(inst)
+
+    def _prepare(self, inst: Instance) -> None:
+        """Make a new instance ready to serve, then :meth:`_activate` it (default: at once)."""
+        self._activate(inst)
+
+    def _activate(self, inst: Instance) -> None:
+        self.active.append(inst)
+        self._log_fleet()
+        self._on_fleet_change()
+
+    def _drain(self, inst: Instance) -> None:
+        self.active.remove(inst)
+        inst.draining = True
+        self._on_fleet_change()
+        self._maybe_release(inst)
+
+    def _maybe_release(self, inst: Instance) -> None:
+        if inst.draining and inst.n == 0:
+            inst.draining = False
+            self.billed -= 1
+            self._release(inst)
+            self._log_fleet()
+
+    def _release(self, inst: Instance) -> None:
+        """Free what the instance held (subclasses)."""
+
+    def _on_fleet_change(self) -> None:
+        """Called when instances enter or leave service (subclasses log memory)."""
+
+    # -- autoscaling metrics --------------------------------------------------------------
+    def metric(self, name: str, period: float) -> float:
+        """The value of an autoscaling metric over the period just ended."""
+        n = max(len(self.active), 1)
+        if name == "invocations_per_instance":
+            count = self.invocations - self._inv_mark
+            self._inv_mark = self.invocations
+            return count / n * (60.0 / period)
+        if name == "concurrent_requests_per_model":
+            return sum(i.n for i in self.active) / (n * self._copies_per_instance())
+        if name == "cpu_utilization":
+            slots = sum(i.slots for i in self.active) or 1
+            return 100.0 * sum(i.busy for i in self.active) / slots
+        raise ValueError(f"metric {name!r} does not apply to a {self.ep.mode} endpoint")
+
+    def _copies_per_instance(self) -> int:
+        return 1

@@ -104,23 +104,41 @@ class MMEEndpoint(EndpointRuntime):
         )
         self.holders: list[list[MMEInstance]] = [[] for _ in models]
         self._totals = [0, 0.0, 0.0, 0.0]   # over the endpoint: loaded models, GPU, host, disk GB
+        self.gpu_total = it.total_gpu_memory_gb
         probe = Loader(engine, self.speeds)
         self._gds = [probe.cold_start_estimate(mod.size_gb, False, mod.init_time, self.on_gpu)
                      / max(mod.memory_gb if self.on_gpu else mod.memory_gb + mod.host_memory_gb, 1e-9)
                      for mod in models]
         self._done_callbacks = [self._done]
-        for _ in range(ep.instances.start):
-            self._add_instance()
-        self._log_fleet()
+        self._start_fleet(ep.instances.start)
         self._log_memory()
 
     # -- fleet ------------------------------------------------------------------
-    def _add_instance(self) -> MMEInstance:
-        inst = MMEInstance(len(self.instances), self.engine.env._now, Loader(self.engine, self.speeds))
-        self.instances.append(inst)
-        self.active.append(inst)
-        self.billed += 1
-        return inst
+    def _new_instance(self) -> MMEInstance:
+        return MMEInstance(len(self.instances), self.engine.env._now, Loader(self.engine, self.speeds))
+
+    def _drain(self, inst: MMEInstance) -> None:
+        # No new request may find its models there: routing reads the holders.
+        for m in inst.models:
+            if inst in self.holders[m]:
+                self.holders[m].remove(inst)
+        super()._drain(inst)
+
+    def _release(self, inst: MMEInstance) -> None:
+        for slot in [s for s in inst.models.values() if s.loaded]:
+            self._unload(inst, slot)
+        inst.models.clear()
+        inst.pending.clear()
+        self._totals[3] -= inst.disk_used
+        inst.disk.clear()
+        inst.disk_used = 0.0
+        self._log_memory()
+
+    def metric(self, name: str, period: float) -> float:
+        if name == "gpu_memory_utilization":
+            n = max(len(self.active), 1)
+            return 100.0 * sum(i.gpu_used for i in self.active) / (n * self.gpu_total or 1.0)
+        return super().metric(name, period)
 
     def _log_memory(self) -> None:
         t = self._totals
@@ -145,6 +163,7 @@ class MMEEndpoint(EndpointRuntime):
         m = r.model[i]
         hold = self.holders[m]
         now = self.engine.env._now
+        self.invocations += 1
         if hold:
             inst = hold[0] if len(hold) == 1 else self.route(hold, r.u1[i], r.u2[i], self)
             slot = inst.models[m]
@@ -216,6 +235,8 @@ class MMEEndpoint(EndpointRuntime):
                 self._pump(inst)
             elif inst.pending:
                 self._pump(inst)
+        if inst.draining:
+            self._maybe_release(inst)
 
     # -- loading and eviction --------------------------------------------------------
     def _gds_cost(self, m: int) -> float:
@@ -311,6 +332,8 @@ class MMEEndpoint(EndpointRuntime):
                 slot.queue.append(j)
         slot.waiting = []
         self._log_memory()
+        if inst.draining:
+            self._maybe_release(inst)
         if slot.busy == 0 and not slot.queue and not self.cache.enabled:
             self._unload(inst, slot)
             self._log_memory()
@@ -327,7 +350,8 @@ class MMEEndpoint(EndpointRuntime):
         t[1] -= gpu
         t[2] -= host
         del inst.models[m]
-        self.holders[m].remove(inst)
+        if inst in self.holders[m]:
+            self.holders[m].remove(inst)
         if self.cache.policy == "gds":
             inst.gds_floor = max(inst.gds_floor, slot.h)
         self.log.unloads.append((self.engine.env._now, inst.index, m))

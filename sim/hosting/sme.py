@@ -10,6 +10,7 @@ from simpy.core import NORMAL
 from ..core.engine import OK, THROTTLED, TIMEOUT, Call, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
+from .loading import Loader, LoadRecord, LoadSpeeds
 
 
 class SMEEndpoint(EndpointRuntime):
@@ -21,17 +22,27 @@ class SMEEndpoint(EndpointRuntime):
         self.timeout = ep.timeout
         self.queue_limit = ep.queue_limit
         self._done_callbacks = [self._done]
-        for _ in range(ep.instances.start):
-            self._add_instance()
-        self._log_fleet()
-
-    def _add_instance(self) -> Instance:
-        inst = Instance(len(self.instances), self.slots, self.engine.env.now)
-        self.instances.append(inst)
-        self.active.append(inst)
-        self.billed += 1
+        self.speeds = LoadSpeeds(it.network_gbps / 8.0, it.disk_read_gbs, ep.h2d_gbs, 0.0)
+        self._start_fleet(ep.instances.start)
         self._log_memory()
-        return inst
+
+    def _new_instance(self) -> Instance:
+        return Instance(len(self.instances), self.slots, self.engine.env._now)
+
+    def _prepare(self, inst: Instance) -> None:
+        """A new instance downloads and loads its model's copies before it serves."""
+        m = self.model
+        rec = LoadRecord(inst.index, m.index, self.engine.env._now, self.engine.env._now)
+        self.log.loads.append(rec)
+        on_gpu = self.ep.instance_type.gpus > 0 and m.accelerators > 0
+        Loader(self.engine, self.speeds).load(m.size_gb, False, m.init_time, rec, lambda: self._activate(inst),
+                                              on_gpu)
+
+    def _on_fleet_change(self) -> None:
+        self._log_memory()
+
+    def _copies_per_instance(self) -> int:
+        return self.ep.copies_per_instance
 
     def _log_memory(self) -> None:
         n, c, m = len(self.active), self.ep.copies_per_instance, self.model
@@ -43,6 +54,7 @@ class SMEEndpoint(EndpointRuntime):
     def arrive(self, i: int) -> None:
         r = self.requests
         act = self.active
+        self.invocations += 1
         inst = act[0] if len(act) == 1 else self.route(act, r.u1[i], r.u2[i], self)
         r.instance[i] = inst.index
         if inst.busy < inst.slots:
@@ -87,3 +99,5 @@ class SMEEndpoint(EndpointRuntime):
             self.engine.finish(i, OK, now)
         else:
             self.engine.finish(i, TIMEOUT, a + timeout)
+        if inst.draining:
+            self._maybe_release(inst)

@@ -189,8 +189,7 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             key = "cache" if es.cache is not None else "prewarm"
             raise ScenarioError(f"{key} applies to mode 'mme' endpoints only", source=source, path=f"{where}.{key}")
         if es.autoscaling is not None:
-            raise ScenarioError("autoscaling is not supported by this version of capsim yet",
-                                source=source, path=f"{where}.autoscaling")
+            _check_autoscaling(es, where, source)
         try:
             it = catalog.instance(es.instance_type)
         except KeyError as err:
@@ -247,6 +246,22 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                     source=source, path=f"models[{g.index}]")
     return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source,
                     base_dir or Path.cwd())
+
+
+_METRIC_MODES = {"invocations_per_instance": ("sme", "mme"), "concurrent_requests_per_model": ("sme", "mme"),
+                 "cpu_utilization": ("sme", "mme"), "gpu_memory_utilization": ("mme",),
+                 "invocations_per_copy": ("ic",), "concurrent_requests_per_copy": ("ic",)}
+
+
+def _check_autoscaling(es: EndpointSpec, where: str, source: str) -> None:
+    a = es.autoscaling
+    modes = _METRIC_MODES.get(a.metric, ())
+    if es.mode not in modes:
+        raise ScenarioError(f"metric {a.metric!r} does not apply to a {es.mode} endpoint (it applies to "
+                            f"{' and '.join(modes)} endpoints)", source=source, path=f"{where}.autoscaling.metric")
+    if es.instances.lo == es.instances.hi and not a.schedule:
+        raise ScenarioError(f"autoscaling needs room to scale: set instances: {{min, max}} "
+                            f"(now min = max = {es.instances.lo})", source=source, path=f"{where}.instances")
 
 
 def _check_cache_fit(models: list[Model], es: EndpointSpec, it: InstanceType, where: str, source: str) -> None:

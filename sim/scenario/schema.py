@@ -253,25 +253,135 @@ class CacheSpec(Strict):
     thrash_warning: float = Field(default=0.2, ge=0, le=1)   # thrashing index that raises a warning
 
 
+class StepSpec(Strict):
+    """A step-scaling alarm: when the metric is above ``above`` (or below ``below``), add ``change``."""
+
+    change: int
+    above: float | None = None
+    below: float | None = None
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "StepSpec":
+        if (self.above is None) == (self.below is None):
+            raise ValueError("a step needs exactly one of above or below")
+        return self
+
+
+class ScheduleSpec(Strict):
+    """Scheduled scaling: from ``at`` (time of day, e.g. 08:00 or 8h) min and max become these."""
+
+    at: str | float
+    min: int | None = Field(default=None, ge=0)
+    max: int | None = Field(default=None, ge=0)
+
+    @property
+    def at_seconds(self) -> float:
+        from .units import parse_duration
+
+        if isinstance(self.at, str) and ":" in self.at:
+            hh, mm = self.at.split(":", 1)
+            return int(hh) * 3600.0 + int(mm) * 60.0
+        return parse_duration(self.at)
+
+    @field_validator("at")
+    @classmethod
+    def _time_of_day(cls, v):
+        import re as _re
+
+        from .units import parse_duration
+
+        if isinstance(v, str) and ":" in v:
+            if not _re.match(r"^\d{1,2}:\d{2}$", v) or int(v.split(":")[0]) > 23 or int(v.split(":")[1]) > 59:
+                raise ValueError(f"expected a time of day such as 08:00, got {v!r}")
+            return v
+        if parse_duration(v) >= 86400:
+            raise ValueError(f"expected a time of day under 24h, got {v!r}")
+        return v
+
+
+AUTOSCALING_METRICS = ("invocations_per_instance", "concurrent_requests_per_model", "gpu_memory_utilization",
+                       "cpu_utilization", "invocations_per_copy", "concurrent_requests_per_copy")
+
+
 class AutoscalingSpec(Strict):
-    metric: str
-    target: float = Field(gt=0)
+    """Target tracking (default) or step scaling of an endpoint's instances (or a component's copies)."""
+
+    policy: Literal["target_tracking", "step"] = "target_tracking"
+    metric: Literal[AUTOSCALING_METRICS]  # type: ignore[valid-type]
+    target: float | None = Field(default=None, gt=0)
+    period: Duration | None = None          # default: 60 s, or 10 s for the high-resolution metrics
     scale_out_cooldown: Duration = 300.0
     scale_in_cooldown: Duration = 300.0
+    scale_out_datapoints: int = Field(default=3, ge=1)
+    scale_in_datapoints: int = Field(default=15, ge=1)
+    scale_in_ratio: float = Field(default=0.9, gt=0, le=1)
+    steps: list[StepSpec] = []
+    datapoints: int = Field(default=1, ge=1)   # step scaling: consecutive datapoints for an alarm
+    schedule: list[ScheduleSpec] = []
+
+    @model_validator(mode="after")
+    def _policy_fields(self) -> "AutoscalingSpec":
+        if self.policy == "target_tracking" and self.target is None:
+            raise ValueError("target tracking needs a target (for example target: 225)")
+        if self.policy == "step" and not self.steps:
+            raise ValueError("step scaling needs steps: [{above: X, change: N}, {below: Y, change: -M}]")
+        return self
+
+
+class ProvisioningSpec(Strict):
+    """Time from asking for an instance to its being able to start loading models."""
+
+    dist: Literal[SERVICE_DISTS] = "lognormal"  # type: ignore[valid-type]
+    mean: Duration = 300.0
+    cv: float = Field(default=0.3, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_duration(cls, v: Any) -> Any:
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            return {"dist": "deterministic", "mean": v, "cv": 0.0}
+        return v
 
 
 class CopiesSpec(InstancesSpec):
     pass
 
 
+class ScaleFromZeroSpec(Strict):
+    """The step-scaling alarm that brings a copy back to a component that has none:
+    NoCapacityInvocationFailures (Sum over ``period``) >= 1 for ``datapoints``
+    periods adds one copy; no second one within ``cooldown``."""
+
+    period: Duration = 60.0
+    datapoints: int = Field(default=1, ge=1)
+    cooldown: Duration = 300.0
+
+    @field_validator("period")
+    @classmethod
+    def _positive_period(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("period must be > 0")
+        return v
+
+
 class ComponentSpec(Strict):
-    model: str
-    accelerators: int = Field(default=1, ge=0)
-    memory_gb: Size | None = None
-    cpus: float = Field(default=1.0, ge=0.25)
+    """An inference component: a model and what each of its copies reserves on an instance."""
+
+    model: str                                              # a model name or a glob (one component per model)
+    accelerators: int | None = Field(default=None, ge=0)    # whole GPUs per copy (default: the model's)
+    memory_gb: Size | None = None                           # host memory per copy (default: the model's memory_gb)
+    cpus: float = Field(default=1.0, ge=0.25)               # vCPUs per copy
     copies: CopiesSpec = CopiesSpec(initial=1, min=1, max=1)
-    max_concurrency: int = Field(default=1, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)  # per copy (default: the endpoint's)
     autoscaling: AutoscalingSpec | None = None
+    scale_from_zero: ScaleFromZeroSpec | None = None        # default with copies.min 0: period 1m, +1 copy
+
+    @field_validator("memory_gb")
+    @classmethod
+    def _min_memory(cls, v: float | None) -> float | None:
+        if v is not None and v < 0.128 - 1e-12:
+            raise ValueError("memory_gb must be at least 128MB (SageMaker's MinMemoryRequiredInMb >= 128)")
+        return v
 
 
 class EndpointSpec(Strict):
@@ -287,8 +397,14 @@ class EndpointSpec(Strict):
     cache: CacheSpec | None = None
     prewarm: Duration | None = None     # invoke every model of the endpoint at this interval
     autoscaling: AutoscalingSpec | None = None
+    # Default: public reports put trigger-to-serving at 2-9 minutes (P50); 5 min mean, cv 0.3.
+    provisioning: ProvisioningSpec = ProvisioningSpec()
     placement: Literal["binpack", "spread"] = "binpack"
     components: list[ComponentSpec] = []
+    # mode ic only (managed instance scaling); None: the defaults of sim.hosting.ic
+    scale_in_policy: Literal["idle_release", "consolidation"] | None = None
+    scale_in_cooldown: Duration | None = None
+    data_cache: bool | None = None       # keep artifacts on an instance's disk for later copies
 
     @field_validator("timeout")
     @classmethod
