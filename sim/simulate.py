@@ -10,6 +10,7 @@ from . import autoscaling
 from .core.engine import Engine, Requests
 from .core.rng import Streams
 from .hosting.base import EndpointLog, EndpointRuntime
+from .hosting.ic import ICEndpoint
 from .hosting.mme import MMEEndpoint
 from .hosting.sme import SMEEndpoint
 from .scenario.resolve import Scenario
@@ -17,7 +18,7 @@ from .service import service_times
 from .workload.build import ClosedSource, Workload, build_workload
 
 # Hosting runtimes by the ``mode`` names of the YAML.
-HOSTING: dict[str, type[EndpointRuntime]] = {"sme": SMEEndpoint, "mme": MMEEndpoint}
+HOSTING: dict[str, type[EndpointRuntime]] = {"sme": SMEEndpoint, "mme": MMEEndpoint, "ic": ICEndpoint}
 
 
 @dataclass
@@ -89,6 +90,28 @@ def _autoscale(engine: Engine, rt: EndpointRuntime):
                              lambda: rt.capacity, set_capacity, bounds, lambda: len(rt.active))
 
 
+def _inject_failures(engine: Engine, rt: EndpointRuntime, rng: np.random.Generator) -> None:
+    """Scheduled failures (an instance, or a zone's outage) and random ones (MTBF per instance)."""
+    spec = rt.ep.spec.failures
+    for ev in spec.events:
+        if ev.zone is not None:
+            engine.at(ev.at, lambda call, ev=ev: rt.fail_zone(ev.zone, ev.duration))
+        else:
+            def fail_one(call, k=ev.instance):
+                if k < len(rt.active):
+                    rt.fail(rt.active[k])
+            engine.at(ev.at, fail_one)
+    if spec.mtbf:
+        def random_failures():
+            # Each instance in service fails at rate 1/MTBF: the fleet at len(active)/MTBF.
+            while True:
+                n = len(rt.active)
+                yield engine.env.timeout(rng.exponential(spec.mtbf / max(n, 1)))
+                if rt.active:
+                    rt.fail(rt.active[int(rng.random() * len(rt.active))])
+        engine.env.process(random_failures())
+
+
 def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 0,
              workload: Workload | None = None) -> RawRun:
     """Simulate ``scenario`` once, up to its horizon (warmup + duration)."""
@@ -113,6 +136,10 @@ def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 
             engine.env.process(_prewarm(engine, scenario, rt, streams))
         if rt.ep.spec.autoscaling is not None and rt.ep.mode in ("sme", "mme"):
             engine.env.process(_autoscale(engine, rt))
+        if rt.ep.mode == "ic":
+            rt.start()   # copy autoscaling, scale from zero, managed instance scaling
+        if rt.ep.spec.failures is not None:
+            _inject_failures(engine, rt, streams.get("failures", rt.ep.name))
     engine.run(scenario.horizon)
     wall = time.perf_counter() - t0
     return RawRun(scenario, seed, replication, engine.requests.to_arrays(),

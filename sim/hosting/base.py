@@ -15,7 +15,7 @@ class Instance:
     """One instance of an endpoint. ``n`` counts its requests in flight (serving or
     queued); ``draining`` is set when it leaves service and waits for them to end."""
 
-    __slots__ = ("index", "slots", "busy", "queue", "n", "up_since", "draining")
+    __slots__ = ("index", "slots", "busy", "queue", "n", "up_since", "draining", "failed", "zone")
 
     def __init__(self, index: int, slots: int, up_since: float):
         self.index = index
@@ -25,6 +25,8 @@ class Instance:
         self.n = 0
         self.up_since = up_since
         self.draining = False
+        self.failed = False
+        self.zone = 0
 
 
 @dataclass
@@ -47,6 +49,8 @@ class EndpointLog:
     peaks: dict[int, list[float]] = field(default_factory=dict)
     # autoscaling decisions: (t, "out" | "in", old capacity, new capacity, metric value)
     scaling: list[tuple[float, str, int, int, float]] = field(default_factory=list)
+    # instance failures: (t, instance, zone)
+    failures: list[tuple[float, int, int]] = field(default_factory=list)
 
 
 class EndpointRuntime:
@@ -75,6 +79,8 @@ class EndpointRuntime:
         self.rr = 0
         self.log = EndpointLog(capacity)
         self.provision_rng = None  # set by the simulation: the provisioning stream
+        self.zones_down: set[int] = set()
+        self._retried: set[int] = set()
 
     def _log_fleet(self) -> None:
         self.log.fleet.append((self.engine.env._now, len(self.active), self.billed))
@@ -87,10 +93,20 @@ class EndpointRuntime:
         """The initial instances: in service from time 0, models ready."""
         for _ in range(n):
             inst = self._new_instance()
+            inst.zone = self._pick_zone()
             self.instances.append(inst)
             self.active.append(inst)
             self.billed += 1
         self._log_fleet()
+
+    def _pick_zone(self) -> int:
+        """The availability zone with the fewest instances in service, among those up."""
+        zones = [z for z in range(self.ep.spec.zones) if z not in self.zones_down] or [0]
+        count = {z: 0 for z in zones}
+        for i in self.active:
+            if i.zone in count:
+                count[i.zone] += 1
+        return min(zones, key=lambda z: (count[z], z))
 
     @property
     def capacity(self) -> int:
@@ -132,6 +148,7 @@ class EndpointRuntime:
             self._log_fleet()
             return
         inst = self._new_instance()
+        inst.zone = self._pick_zone()
         self.instances.append(inst)
         self._prepare(inst)
 
@@ -144,8 +161,12 @@ class EndpointRuntime:
         self._log_fleet()
         self._on_fleet_change()
 
-    def _drain(self, inst: Instance) -> None:
+    def _leave_service(self, inst: Instance) -> None:
+        """Take ``inst`` out of routing (subclasses also forget what it holds)."""
         self.active.remove(inst)
+
+    def _drain(self, inst: Instance) -> None:
+        self._leave_service(inst)
         inst.draining = True
         self._on_fleet_change()
         self._maybe_release(inst)
@@ -162,6 +183,66 @@ class EndpointRuntime:
 
     def _on_fleet_change(self) -> None:
         """Called when instances enter or leave service (subclasses log memory)."""
+
+    # -- failures -------------------------------------------------------------------------
+    def fail(self, inst: Instance) -> None:
+        """``inst`` fails: it stops at once (and stops being billed); its requests fail,
+        or are retried once on the others; the endpoint asks for a replacement."""
+        if inst.failed:
+            return
+        from ..core.engine import INSTANCE_FAILURE, TIMEOUT
+
+        engine = self.engine
+        now = engine.env._now
+        was_active = inst in self.active
+        if was_active:
+            self._leave_service(inst)
+        inst.failed = True
+        inst.draining = False
+        self.billed -= 1
+        self.log.failures.append((now, inst.index, inst.zone))
+        victims = self._requests_on(inst)
+        self._release(inst)
+        self._log_fleet()
+        self._on_fleet_change()
+        spec = self.ep.spec.failures
+        r = self.requests
+        timeout = self.ep.timeout
+        for i in victims:
+            if now - r.arrival[i] >= timeout:
+                engine.finish(i, TIMEOUT, r.arrival[i] + timeout)
+            elif spec is not None and spec.in_flight == "retry" and i not in self._retried and self.active:
+                self._retried.add(i)
+                r.start[i] = float("nan")
+                r.cold[i] = False
+                r.load[i] = 0.0
+                self.arrive(i)
+            else:
+                engine.finish(i, INSTANCE_FAILURE, now)
+        if was_active and (spec is None or spec.replace):
+            self._provision()
+            self._log_fleet()
+
+    def fail_zone(self, zone: int, duration: float | None) -> None:
+        """An availability-zone outage: every instance there fails; none is placed there until it ends."""
+        self.zones_down.add(zone)
+        for inst in [i for i in self.active if i.zone == zone]:
+            self.fail(inst)
+        if duration:
+            self.engine.at(duration, lambda call: self.zones_down.discard(zone))
+
+    def _requests_on(self, inst: Instance) -> list[int]:
+        """Requests in flight on ``inst`` (serving, queued or waiting for a load): a scan of
+        the request table, done only when an instance fails."""
+        import numpy as np
+
+        from ..core.engine import IN_FLIGHT
+
+        r = self.requests
+        on = np.flatnonzero((np.asarray(r.instance) == inst.index) & (np.asarray(r.status) == IN_FLIGHT))
+        mine = set(self.ep.models)
+        model = r.model
+        return [int(i) for i in on if model[i] in mine]
 
     # -- autoscaling metrics --------------------------------------------------------------
     def metric(self, name: str, period: float) -> float:

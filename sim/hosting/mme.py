@@ -7,7 +7,8 @@ an unload until the disk needs room). A request goes to an instance where its
 model is loaded or loading (the routing policy chooses among those); if none
 has it, to an instance chosen by the policy among all, which loads it. When
 every instance holding a model has ``replicate_above`` requests in flight, the
-next request loads it on one more instance. Loads need room in every tier;
+next request loads it on one more instance (``replicate_above`` counts the
+model's own requests in flight there, and only where it is loaded). Loads need room in every tier;
 idle models are evicted by the cache policy (lru, lfu, gds) to make it.
 """
 from __future__ import annotations
@@ -117,16 +118,24 @@ class MMEEndpoint(EndpointRuntime):
     def _new_instance(self) -> MMEInstance:
         return MMEInstance(len(self.instances), self.engine.env._now, Loader(self.engine, self.speeds))
 
-    def _drain(self, inst: MMEInstance) -> None:
+    def _leave_service(self, inst: MMEInstance) -> None:
         # No new request may find its models there: routing reads the holders.
         for m in inst.models:
             if inst in self.holders[m]:
                 self.holders[m].remove(inst)
-        super()._drain(inst)
+        super()._leave_service(inst)
 
     def _release(self, inst: MMEInstance) -> None:
-        for slot in [s for s in inst.models.values() if s.loaded]:
-            self._unload(inst, slot)
+        for slot in list(inst.models.values()):
+            if slot.loaded:
+                self._unload(inst, slot, logged=not inst.failed)
+            elif slot.record is not None and slot.record.start >= 0:   # a load under way dies with it
+                gpu, host = self._need(slot.model)
+                inst.gpu_used -= gpu
+                inst.host_used -= host
+                self._totals[1] -= gpu
+                self._totals[2] -= host
+                inst.loading -= 1
         inst.models.clear()
         inst.pending.clear()
         self._totals[3] -= inst.disk_used
@@ -168,7 +177,9 @@ class MMEEndpoint(EndpointRuntime):
             inst = hold[0] if len(hold) == 1 else self.route(hold, r.u1[i], r.u2[i], self)
             slot = inst.models[m]
             rep = self.rep_above
-            if inst.n >= rep and len(hold) < len(self.active) and all(h.n >= rep for h in hold):
+            # Hot: every copy of the model is loaded and has `rep` of its requests in flight.
+            if (slot.busy + len(slot.queue) >= rep and len(hold) < len(self.active)
+                    and all(self._pressure(h.models[m]) >= rep for h in hold)):
                 others = [x for x in self.active if m not in x.models]
                 inst = others[0] if len(others) == 1 else self.route(others, r.u2[i], r.u1[i], self)
                 slot = self._request_load(inst, m)
@@ -195,6 +206,10 @@ class MMEEndpoint(EndpointRuntime):
             r.cold[i] = True
             slot.waiting.append(i)
 
+    @staticmethod
+    def _pressure(slot: Slot) -> int:
+        return slot.busy + len(slot.queue) if slot.loaded else -1
+
     def _start(self, i: int, slot: Slot, now: float) -> None:
         slot.busy += 1
         r = self.requests
@@ -206,6 +221,8 @@ class MMEEndpoint(EndpointRuntime):
         i = call.arg
         slot = call.obj
         inst = slot.inst
+        if inst.failed:
+            return  # the instance died with its requests
         r = self.requests
         now = self.engine.env._now
         timeout = self.timeout
@@ -312,6 +329,8 @@ class MMEEndpoint(EndpointRuntime):
         inst.loader.load(mod.size_gb, on_disk, mod.init_time, rec, lambda: self._loaded(inst, slot), self.on_gpu)
 
     def _loaded(self, inst: MMEInstance, slot: Slot) -> None:
+        if inst.failed:
+            return
         now = self.engine.env._now
         inst.loading -= 1
         slot.loaded = True
@@ -339,7 +358,7 @@ class MMEEndpoint(EndpointRuntime):
             self._log_memory()
         self._pump(inst)
 
-    def _unload(self, inst: MMEInstance, slot: Slot) -> None:
+    def _unload(self, inst: MMEInstance, slot: Slot, logged: bool = True) -> None:
         m = slot.model
         gpu, host = self._need(m)
         inst.gpu_used -= gpu
@@ -354,4 +373,5 @@ class MMEEndpoint(EndpointRuntime):
             self.holders[m].remove(inst)
         if self.cache.policy == "gds":
             inst.gds_floor = max(inst.gds_floor, slot.h)
-        self.log.unloads.append((self.engine.env._now, inst.index, m))
+        if logged:
+            self.log.unloads.append((self.engine.env._now, inst.index, m))

@@ -73,6 +73,8 @@ class SMEEndpoint(EndpointRuntime):
     def _done(self, call: Call) -> None:
         i = call.arg
         inst = call.obj
+        if inst.failed:
+            return  # the instance died with its requests
         r = self.requests
         env = self.engine.env
         now = env._now

@@ -364,6 +364,39 @@ class ScaleFromZeroSpec(Strict):
         return v
 
 
+class FailureEvent(Strict):
+    """A scheduled failure: one instance (``instance``: its index among those in
+    service) or a whole availability zone (``zone``) at ``at``; a zone outage
+    lasts ``duration`` (no instance is placed there meanwhile)."""
+
+    at: Duration
+    instance: int | None = Field(default=None, ge=0)
+    zone: int | None = Field(default=None, ge=0)
+    duration: Duration | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> "FailureEvent":
+        if (self.instance is None) == (self.zone is None):
+            raise ValueError("a failure event needs exactly one of instance or zone")
+        return self
+
+
+class FailuresSpec(Strict):
+    """Instance failures: random (mean time between failures per instance) and scheduled."""
+
+    mtbf: Duration | None = None
+    events: list[FailureEvent] = []
+    in_flight: Literal["fail", "retry"] = "fail"   # requests on a failed instance: fail, or retry once elsewhere
+    replace: bool = True                            # the endpoint replaces a failed instance (after provisioning)
+
+    @field_validator("mtbf")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError("mtbf must be > 0")
+        return v
+
+
 class ComponentSpec(Strict):
     """An inference component: a model and what each of its copies reserves on an instance."""
 
@@ -399,6 +432,8 @@ class EndpointSpec(Strict):
     autoscaling: AutoscalingSpec | None = None
     # Default: public reports put trigger-to-serving at 2-9 minutes (P50); 5 min mean, cv 0.3.
     provisioning: ProvisioningSpec = ProvisioningSpec()
+    zones: int = Field(default=1, ge=1)      # availability zones the instances are spread over
+    failures: FailuresSpec | None = None
     placement: Literal["binpack", "spread"] = "binpack"
     components: list[ComponentSpec] = []
     # mode ic only (managed instance scaling); None: the defaults of sim.hosting.ic
