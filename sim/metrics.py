@@ -330,6 +330,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
         dl_sum = np.histogram(dl["end"], bins=edges, weights=dl["download_s"])[0]
         dl_n = np.histogram(dl["end"], bins=edges)[0]
         unloads = np.histogram([u[0] for u in log.unloads], bins=edges)[0]
+        failures = np.histogram([f[0] for f in log.failures], bins=edges)[0]
         it = ep.instance_type
 
         def ratio(a, b, scale=1.0):
@@ -339,6 +340,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "t_s": edges[:-1],
             "endpoint": ep.name,
             "instances": serving,
+            "instances_pending": np.maximum(billed / width - serving, 0.0),
             "invocations": inv,
             "in_flight": in_flight,
             "loaded_models": mem["loaded"] / width,
@@ -346,6 +348,8 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "model_cache_hit": ratio(hits, tot),
             "cost_usd": billed * it.price_per_hour / 3600.0,
             "cold_starts": n_loads,
+            "failures": failures,
+            "failed_requests": np.histogram(c["end"][sel & (c["status"] > TIMEOUT)], bins=edges)[0],
             "ModelCacheHit": ratio(hits, tot),
             "ModelLoadingWaitTime_ms": ratio(wait_sum, wait_n, 1e3),
             "ModelDownloadingTime_ms": ratio(dl_sum, dl_n, 1e3),

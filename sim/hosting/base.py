@@ -185,7 +185,7 @@ class EndpointRuntime:
         """Called when instances enter or leave service (subclasses log memory)."""
 
     # -- failures -------------------------------------------------------------------------
-    def fail(self, inst: Instance) -> None:
+    def fail(self, inst: Instance, was_active: bool | None = None) -> None:
         """``inst`` fails: it stops at once (and stops being billed); its requests fail,
         or are retried once on the others; the endpoint asks for a replacement."""
         if inst.failed:
@@ -194,9 +194,10 @@ class EndpointRuntime:
 
         engine = self.engine
         now = engine.env._now
-        was_active = inst in self.active
-        if was_active:
-            self._leave_service(inst)
+        if was_active is None:
+            was_active = inst in self.active
+            if was_active:
+                self._leave_service(inst)
         inst.failed = True
         inst.draining = False
         self.billed -= 1
@@ -226,8 +227,11 @@ class EndpointRuntime:
     def fail_zone(self, zone: int, duration: float | None) -> None:
         """An availability-zone outage: every instance there fails; none is placed there until it ends."""
         self.zones_down.add(zone)
-        for inst in [i for i in self.active if i.zone == zone]:
-            self.fail(inst)
+        lost = [i for i in self.active if i.zone == zone]
+        for inst in lost:   # all out of routing first: no retry may land on a dying instance
+            self._leave_service(inst)
+        for inst in lost:
+            self.fail(inst, was_active=True)
         if duration:
             self.engine.at(duration, lambda call: self.zones_down.discard(zone))
 

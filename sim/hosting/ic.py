@@ -186,7 +186,8 @@ class Comp:
     """A component at run time: its copies by state and its autoscaling counters."""
 
     __slots__ = ("spec", "index", "model", "need", "gpu_mem", "size_gb", "init_s", "ready", "loading", "pending",
-                 "moving", "desired", "rr", "inv", "inv_mark", "nocap", "nocap_mark")
+                 "moving", "desired", "rr", "inv", "inv_mark", "nocap", "nocap_mark", "inflight", "area", "t_area",
+                 "area_mark")
 
     def __init__(self, spec: Component, model: Model, on_gpu: bool):
         self.spec = spec
@@ -204,6 +205,10 @@ class Comp:
         self.rr = 0                      # round-robin state of the routing policy
         self.inv = self.inv_mark = 0     # invocations routed to a copy
         self.nocap = self.nocap_mark = 0  # NoCapacityInvocationFailures
+        # requests in flight on its copies and their time integral (for concurrent_requests_per_copy)
+        self.inflight = 0
+        self.area = self.area_mark = 0.0
+        self.t_area = 0.0
 
     @property
     def live(self) -> int:
@@ -356,20 +361,24 @@ class ICEndpoint(EndpointRuntime):
             self.engine.finish(i, NO_CAPACITY, self.engine.env._now)
             return
         comp.inv += 1
+        env = self.engine.env
+        now = env._now
+        comp.area += comp.inflight * (now - comp.t_area)
+        comp.t_area = now
         c = ready[0] if len(ready) == 1 else self.route(ready, r.u1[i], r.u2[i], comp)
         r.instance[i] = c.inst.index
         if c.busy < c.slots:
             c.busy += 1
             c.n += 1
-            env = self.engine.env
-            now = env._now
+            comp.inflight += 1
             r.start[i] = now
             heappush(env._queue, (now + r.service[i], NORMAL, next(env._eid), Call(self._done_callbacks, i, c)))
         elif self.queue_limit is not None and len(c.queue) >= self.queue_limit:
-            self.engine.finish(i, THROTTLED, self.engine.env._now)
+            self.engine.finish(i, THROTTLED, now)
         else:
             c.queue.append(i)
             c.n += 1
+            comp.inflight += 1
 
     def _done(self, call: Call) -> None:
         i = call.arg
@@ -379,13 +388,18 @@ class ICEndpoint(EndpointRuntime):
         now = env._now
         timeout = self.timeout
         arrival = r.arrival
+        comp = c.comp
+        comp.area += comp.inflight * (now - comp.t_area)
+        comp.t_area = now
         c.n -= 1
+        comp.inflight -= 1
         q = c.queue
         while q:
             j = q.popleft()
             if now - arrival[j] >= timeout:
                 # The client gave up while it waited; the server drops it.
                 c.n -= 1
+                comp.inflight -= 1
                 self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
                 continue
             r.start[j] = now
@@ -672,7 +686,13 @@ class ICEndpoint(EndpointRuntime):
             comp.inv_mark = comp.inv
             return count / n * (60.0 / period) if n else 0.0
         if name == "concurrent_requests_per_copy":
-            return sum(c.n for c in comp.ready) / n if n else 0.0
+            # The time average over the period of the requests in flight on the component's copies.
+            now = self.engine.env._now
+            comp.area += comp.inflight * (now - comp.t_area)
+            comp.t_area = now
+            area = comp.area - comp.area_mark
+            comp.area_mark = comp.area
+            return area / (period * n) if n else 0.0
         raise ValueError(f"metric {name!r} does not apply to an inference component")
 
     def _no_capacity(self, comp: Comp) -> float:

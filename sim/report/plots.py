@@ -36,34 +36,47 @@ def latency_cdf(result: "Result", ax=None):
 
 
 def timeline_figure(result: "Result"):
-    """Invocations, instances, requests in flight and P99 latency per minute, per endpoint."""
+    """One figure to read at a glance: load, instances (in service and pending),
+    P99 latency per minute, and cold starts and failures, per endpoint."""
     tl = result.timeline
     req = result.requests
     if "replication" in tl.columns:
         tl = tl[tl["replication"] == 0]
         req = req[req["replication"] == 0]
-    fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True)
-    minutes = lambda s: s / 60.0  # noqa: E731
+    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
     ok = req[req["status"] == "ok"]
-    for name, g in tl.groupby("endpoint", sort=False):
-        axes[0].plot(minutes(g["t_s"]), g["invocations"], label=str(name))
-        axes[1].step(minutes(g["t_s"]), g["instances"], where="post", label=str(name))
-        axes[2].plot(minutes(g["t_s"]), g["in_flight"], label=str(name))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, g) in enumerate(tl.groupby("endpoint", sort=False)):
+        col = colors[k % len(colors)]
+        m = g["t_s"].to_numpy() / 60.0
+        axes[0].plot(m, g["invocations"], color=col, label=str(name))
+        axes[1].step(m, g["instances"], where="post", color=col, label=f"{name} in service")
+        if "instances_pending" in g and (g["instances_pending"] > 0).any():
+            axes[1].step(m, g["instances"] + g["instances_pending"], where="post", color=col, ls="--",
+                         label=f"{name} billed (incl. starting / draining)")
         r = ok[ok["endpoint"] == name]
         if len(r):
             minute = (r["arrival_s"] // 60).astype(int)
             p99 = r.groupby(minute)["latency_ms"].quantile(0.99)
-            axes[3].plot(p99.index.to_numpy(), p99.to_numpy(), label=str(name))
-    for ax, label in zip(axes, ("invocations / min", "instances in service", "requests in flight",
-                                "P99 latency (ms)")):
+            axes[2].plot(p99.index.to_numpy(), p99.to_numpy(), color=col, label=str(name))
+        if "cold_starts" in g:
+            axes[3].bar(m, g["cold_starts"], width=0.9, color=col, alpha=0.6, label=f"{name} cold starts")
+        if "failed_requests" in g and g["failed_requests"].any():
+            axes[3].plot(m, g["failed_requests"], color=col, ls=":", marker=".", label=f"{name} failed requests")
+        if "failures" in g:
+            for t in m[g["failures"].to_numpy() > 0]:
+                for ax in axes:
+                    ax.axvline(t, color="red", alpha=0.5, lw=1)
+    axes[2].set_yscale("log")
+    for ax, label in zip(axes, ("invocations / min", "instances", "P99 latency (ms)", "per minute")):
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right", fontsize="x-small")
     warm = result.scenario.spec.warmup
     if warm > 0:
         for ax in axes:
             ax.axvspan(0, warm / 60.0, color="grey", alpha=0.15, lw=0)
-    axes[0].legend(loc="upper right", fontsize="small")
-    axes[-1].set_xlabel("simulated minutes (shaded: warmup)")
+    axes[-1].set_xlabel("simulated minutes (shaded: warmup; red lines: instance failures)")
     fig.suptitle(f"{result.scenario.name}: timeline")
     fig.tight_layout()
     return fig

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..catalog import Catalog, InstanceType, load_catalog
 from .errors import ScenarioError, suggest
 from .schema import CacheSpec, EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
+from .schema import AutoscalingSpec, ScaleFromZeroSpec
 
 
 # Host-to-GPU bandwidth (GB/s) for an instance type whose GPU is not in the
@@ -61,10 +62,27 @@ class Endpoint:
     spec: EndpointSpec
     spec_index: int
     h2d_gbs: float = DEFAULT_H2D_GBS
+    components: tuple["Component", ...] = ()   # mode ic: its inference components
 
     @property
     def cache(self) -> CacheSpec:
         return self.spec.cache or CacheSpec()
+
+
+@dataclass(frozen=True)
+class Component:
+    """An inference component of an ``ic`` endpoint: one model and what each copy reserves."""
+
+    index: int                 # among the endpoint's components
+    model: int
+    accelerators: int          # whole GPUs per copy
+    memory_gb: float           # host memory per copy
+    cpus: float                # vCPUs per copy
+    copies: InstancesSpec      # initial, min and max copies
+    max_concurrency: int       # requests one copy serves at once
+    autoscaling: AutoscalingSpec | None
+    scale_from_zero: ScaleFromZeroSpec | None   # set when copies.min is 0
+    path: str                  # key path in the scenario file, for messages
 
 
 @dataclass(frozen=True)
@@ -181,10 +199,14 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
     for e, es in enumerate(spec.endpoints):
         where = f"endpoints[{e}]"
         if es.mode == "ic":
-            raise ScenarioError(
-                "mode 'ic' (inference components) is not supported by this version of capsim yet",
-                source=source, path=f"{where}.mode",
-            )
+            if es.name in ep_names:
+                raise ScenarioError(f"duplicate endpoint name {es.name!r}", source=source, path=f"{where}.name")
+            ep_names.add(es.name)
+            endpoints.append(_resolve_ic(es, e, len(endpoints), models, catalog, served_by, where, source))
+            continue
+        for key in ("components", "scale_in_policy", "scale_in_cooldown", "data_cache"):
+            if getattr(es, key) not in (None, []):
+                raise ScenarioError(f"{key} applies to mode 'ic' endpoints only", source=source, path=f"{where}.{key}")
         if es.mode != "mme" and (es.cache is not None or es.prewarm is not None):
             key = "cache" if es.cache is not None else "prewarm"
             raise ScenarioError(f"{key} applies to mode 'mme' endpoints only", source=source, path=f"{where}.{key}")
@@ -291,3 +313,100 @@ def _check_service(ms: ModelSpec, g: int, source: str) -> None:
         if len(tr.popularity["weights"]) != ms.count:
             raise ScenarioError(f"popularity.weights has {len(tr.popularity['weights'])} entries for "
                                 f"{ms.count} models", source=source, path=f"models[{g}].traffic.popularity")
+
+
+IC_METRICS = ("invocations_per_copy", "concurrent_requests_per_copy")
+
+
+def _resolve_ic(es: EndpointSpec, e: int, index: int, models: list[Model], catalog: Catalog,
+                served_by: dict[int, str], where: str, source: str) -> Endpoint:
+    """An inference-component endpoint: its components, each checked against the instance type."""
+    from ..hosting.placement import pack  # pure: no simulation state
+
+    try:
+        it = catalog.instance(es.instance_type)
+    except KeyError as err:
+        raise ScenarioError(str(err.args[0]) if err.args else f"unknown instance type {es.instance_type!r}",
+                            source=source, path=f"{where}.instance_type") from None
+    if getattr(es, "failures", None) is not None:
+        raise ScenarioError("failure injection does not apply to ic endpoints in this version", source=source,
+                            path=f"{where}.failures")
+    for key in ("models", "autoscaling"):
+        if getattr(es, key):
+            what = "models: list them as components[].model" if key == "models" else \
+                "autoscaling: scale each component's copies with components[k].autoscaling"
+            raise ScenarioError(f"an ic endpoint takes no {what}", source=source, path=f"{where}.{key}")
+    if not es.components:
+        raise ScenarioError("an ic endpoint needs at least one component (components: [{model: ...}])",
+                            source=source, path=f"{where}.components")
+    if es.instances.hi < 1:
+        raise ScenarioError("an ic endpoint needs instances.max >= 1", source=source, path=f"{where}.instances")
+    names = [m.name for m in models]
+    comps: list[Component] = []
+    for k, cs in enumerate(es.components):
+        cw = f"{where}.components[{k}]"
+        hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, cs.model)]
+        if not hits:
+            raise ScenarioError(f"no model matches {cs.model!r}{suggest(cs.model, names)}", source=source,
+                                path=f"{cw}.model")
+        for m in hits:
+            mod = models[m]
+            if m in served_by:
+                raise ScenarioError(f"model {mod.name!r} is already served by endpoint {served_by[m]!r}",
+                                    source=source, path=f"{cw}.model")
+            served_by[m] = es.name
+            acc = mod.accelerators if cs.accelerators is None else cs.accelerators
+            mem = cs.memory_gb if cs.memory_gb is not None else max(mod.memory_gb, 0.128)
+            if it.gpus > 0:
+                if acc < 1:
+                    raise ScenarioError(f"a copy on {it.name} (a GPU instance type) needs at least 1 accelerator "
+                                        "(NumberOfAcceleratorDevicesRequired >= 1)", source=source,
+                                        path=f"{cw}.accelerators")
+                if acc > it.gpus:
+                    raise ScenarioError(f"a copy of {mod.name!r} asks for {acc} accelerators but {it.name} has "
+                                        f"{it.gpus}", source=source, path=f"{cw}.accelerators")
+                if mod.memory_gb > acc * it.gpu_memory_gb + 1e-9:
+                    raise ScenarioError(
+                        f"model {mod.name!r} needs {mod.memory_gb:g} GB of GPU memory but {acc} GPU(s) of {it.name} "
+                        f"offer {acc * it.gpu_memory_gb:g} GB; give each copy more accelerators or choose a larger "
+                        "instance type", source=source, path=f"{cw}.accelerators")
+            elif acc > 0:
+                raise ScenarioError(f"{it.name} has no GPUs: set accelerators: 0", source=source,
+                                    path=f"{cw}.accelerators")
+            if mem > it.memory_gb + 1e-9:
+                raise ScenarioError(f"a copy of {mod.name!r} reserves {mem:g} GB of memory but {it.name} has "
+                                    f"{it.memory_gb:g} GB", source=source, path=f"{cw}.memory_gb")
+            if cs.cpus > it.vcpus + 1e-9:
+                raise ScenarioError(f"a copy reserves {cs.cpus:g} vCPUs but {it.name} has {it.vcpus}",
+                                    source=source, path=f"{cw}.cpus")
+            a = cs.autoscaling
+            if a is not None:
+                if a.metric not in IC_METRICS:
+                    raise ScenarioError(f"metric {a.metric!r} does not apply to an inference component; expected "
+                                        f"{' or '.join(IC_METRICS)}", source=source, path=f"{cw}.autoscaling.metric")
+                if cs.copies.lo == cs.copies.hi and not a.schedule:
+                    raise ScenarioError(f"autoscaling needs room to scale: set copies: {{min, max}} (now min = max "
+                                        f"= {cs.copies.lo})", source=source, path=f"{cw}.copies")
+            wake = cs.scale_from_zero
+            if wake is not None and cs.copies.lo > 0:
+                raise ScenarioError("scale_from_zero applies to a component with copies.min 0", source=source,
+                                    path=f"{cw}.scale_from_zero")
+            if wake is None and cs.copies.lo == 0:
+                wake = ScaleFromZeroSpec()
+            comps.append(Component(len(comps), m, acc, mem, cs.cpus, cs.copies,
+                                   cs.max_concurrency or es.max_concurrency, a, wake, cw))
+    # The initial copies must fit on instances.max instances, or they would wait for ever.
+    cap = (it.gpus, it.memory_gb, float(it.vcpus))
+    needs = [(c.accelerators, c.memory_gb, c.cpus) for c in comps for _ in range(c.copies.start)]
+    need = len(pack(needs, cap, "binpack")[0]) if needs else 0
+    if need > es.instances.hi:
+        raise ScenarioError(f"the components' initial copies need {need} instances of {it.name} but instances.max "
+                            f"is {es.instances.hi}", source=source, path=f"{where}.instances")
+    initial = es.instances.initial
+    if initial is None:   # managed instance scaling starts with what the initial copies need
+        initial = max(es.instances.lo, min(need, es.instances.hi))
+    instances = InstancesSpec(initial=initial, min=es.instances.lo, max=es.instances.hi)
+    h2d = catalog.gpu_spec(it.gpu).pcie_bandwidth_gbs if it.gpu is not None and it.gpu in catalog.gpus \
+        else DEFAULT_H2D_GBS
+    return Endpoint(index, es.name, "ic", it, instances, es.routing, es.max_concurrency, es.queue_limit, es.timeout,
+                    tuple(c.model for c in comps), 1, es, e, h2d, tuple(comps))

@@ -366,8 +366,9 @@ class ScaleFromZeroSpec(Strict):
 
 class FailureEvent(Strict):
     """A scheduled failure: one instance (``instance``: its index among those in
-    service) or a whole availability zone (``zone``) at ``at``; a zone outage
-    lasts ``duration`` (no instance is placed there meanwhile)."""
+    service) or a whole availability zone (``zone``) at ``at`` (simulated time
+    from the start, warmup included); a zone outage lasts ``duration`` (no
+    instance is placed there meanwhile)."""
 
     at: Duration
     instance: int | None = Field(default=None, ge=0)
