@@ -264,7 +264,7 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "overall": _block(lat[ok], status, cold, duration, float(sum(ep_cost)), slo, int(model_loads.sum())),
         "endpoints": {},
         "models": {},
-        "warnings": [],
+        "warnings": list(sc.warnings),
     }
     for e, ep in enumerate(sc.endpoints):
         sel = ep_of == e

@@ -436,24 +436,40 @@ class ICEndpoint(EndpointRuntime):
         copy = Copy(comp, inst, gpus, rec)
         inst.copies.append(copy)
         m = comp.model
-        on_disk = m in inst.disk
-        if not on_disk and self.data_cache:
-            self._cache_artifact(inst, m, comp.size_gb)
-        elif on_disk:
+        if m in inst.disk:
             inst.disk[m] = inst.disk.pop(m)   # most recently used last
         if ready:
+            if self.data_cache and m not in inst.disk:
+                self._cache_artifact(inst, m, comp.size_gb)
             copy.state = READY
             rec.ready = now
             comp.ready.append(copy)
         else:
             comp.loading.append(copy)
-            load = LoadRecord(inst.index, m, now, now)
-            self.log.loads.append(load)
-            inst.loader.load(comp.size_gb, on_disk, comp.init_s, load, lambda: self._loaded(copy), self.on_gpu)
+            self._load(copy, m in inst.disk)
         peak = self.log.peaks.setdefault(inst.index, [0.0, 0.0, 0.0, 0])
         for k, v in enumerate((inst.gpu_mem, self.cap[1] - f[1], inst.disk_used, len(inst.copies))):
             peak[k] = max(peak[k], v)
         return copy
+
+    def _load(self, copy: Copy, on_disk: bool) -> None:
+        """Download the artifact (unless on the instance's disk), then read it, copy it to the GPU, init."""
+        inst, comp = copy.inst, copy.comp
+        m, size = comp.model, comp.size_gb
+        now = self.engine.env._now
+        rec = LoadRecord(inst.index, m, now, now)
+        self.log.loads.append(rec)
+
+        def fetched() -> None:
+            # On disk from now on: a later copy of the model on this instance skips the download.
+            if self.data_cache and m not in inst.disk:
+                self._cache_artifact(inst, m, size)
+            inst.loader.load(size, True, comp.init_s, rec, lambda: self._loaded(copy), self.on_gpu)
+
+        if on_disk:
+            fetched()
+        else:
+            inst.loader.net.transfer(size, fetched)
 
     def _cache_artifact(self, inst: ICInstance, m: int, size: float) -> None:
         """Keep an artifact on the instance volume, deleting the least recently used unused ones for room."""

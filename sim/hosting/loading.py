@@ -81,7 +81,7 @@ class LoadRecord:
 
 @dataclass(frozen=True)
 class LoadSpeeds:
-    """Bandwidths (GB/s) and init time (s) of an instance's load path."""
+    """Bandwidths (GB/s) of an instance's load path, and a fixed time (s) every load adds."""
 
     download_gbs: float
     disk_gbs: float
@@ -102,6 +102,7 @@ class Loader:
     def load(self, size_gb: float, on_disk: bool, init_s: float, rec: LoadRecord,
              on_done: Callable[[], None], to_gpu: bool = True) -> None:
         env = self.engine.env
+        init_s += self.speeds.init_s
 
         def after_init(call=None):
             rec.end = env._now
@@ -133,4 +134,4 @@ class Loader:
         """The time of one load alone on the instance (the sum of its stages)."""
         s = self.speeds
         t = 0.0 if on_disk else size_gb / s.download_gbs
-        return t + size_gb / s.disk_gbs + (size_gb / s.h2d_gbs if to_gpu else 0.0) + init_s
+        return t + size_gb / s.disk_gbs + (size_gb / s.h2d_gbs if to_gpu else 0.0) + init_s + s.init_s

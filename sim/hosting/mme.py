@@ -99,9 +99,9 @@ class MMEEndpoint(EndpointRuntime):
         self.victim = EVICTION[cache.policy]
         self.speeds = LoadSpeeds(
             download_gbs=cache.s3_throughput or it.network_gbps / 8.0,
-            disk_gbs=it.disk_read_gbs,
+            disk_gbs=ep.disk_gbs or it.disk_read_gbs,
             h2d_gbs=ep.h2d_gbs,
-            init_s=0.0,
+            init_s=ep.load_overhead_s,
         )
         self.holders: list[list[MMEInstance]] = [[] for _ in models]
         self._totals = [0, 0.0, 0.0, 0.0]   # over the endpoint: loaded models, GPU, host, disk GB

@@ -22,7 +22,7 @@ class SMEEndpoint(EndpointRuntime):
         self.timeout = ep.timeout
         self.queue_limit = ep.queue_limit
         self._done_callbacks = [self._done]
-        self.speeds = LoadSpeeds(it.network_gbps / 8.0, it.disk_read_gbs, ep.h2d_gbs, 0.0)
+        self.speeds = LoadSpeeds(it.network_gbps / 8.0, ep.disk_gbs or it.disk_read_gbs, ep.h2d_gbs, ep.load_overhead_s)
         self._start_fleet(ep.instances.start)
         self._log_memory()
 

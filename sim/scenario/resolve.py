@@ -8,7 +8,7 @@ each model fits the instance type that hosts it.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..catalog import Catalog, InstanceType, load_catalog
@@ -44,6 +44,7 @@ class Group:
     name: str
     traffic: TrafficSpec | None
     models: tuple[int, ...]
+    service: ServiceSpec | None = None   # the group's service (calibrated ones resolved to token terms)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Endpoint:
     spec: EndpointSpec
     spec_index: int
     h2d_gbs: float = DEFAULT_H2D_GBS
+    disk_gbs: float | None = None        # from a calibration profile measured on this GPU, else the catalog's
+    load_overhead_s: float = 0.0         # fixed time of a load's disk and host-to-GPU steps (profile)
     components: tuple["Component", ...] = ()   # mode ic: its inference components
 
     @property
@@ -96,6 +99,7 @@ class Scenario:
     catalog: Catalog
     source: str = "<scenario>"
     base_dir: Path = field(default_factory=Path.cwd)
+    warnings: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -172,8 +176,23 @@ def _check_fit(model: Model, ep_spec: EndpointSpec, it: InstanceType, where: str
     return copies
 
 
+def _profile(path: str, base_dir: Path, source: str, where: str) -> dict:
+    from ..profile import ProfileError, load_profile
+
+    try:
+        return load_profile(base_dir / path)
+    except ProfileError as e:
+        raise ScenarioError(str(e), source=source, path=where) from None
+
+
 def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | None = None) -> Scenario:
+    from ..profile import ProfileError, load_speeds, runtime_memory, service_model
+
     catalog = _catalog_for(spec, source)
+    base_dir = base_dir or Path.cwd()
+    warnings: list[str] = []
+    profile = _profile(spec.profile, base_dir, source, "profile") if spec.profile else None
+    runtime_host = (runtime_memory(profile) or 0.0) if profile else 0.0
 
     models: list[Model] = []
     groups: list[Group] = []
@@ -187,9 +206,10 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                     path=f"models[{g}].name")
             seen[name] = f"models[{g}]"
             idx.append(len(models))
-            models.append(Model(len(models), name, g, ms.size_gb, ms.gpu_memory_gb, ms.host_memory_gb,
+            host = ms.host_memory_gb if ms.host_memory_gb is not None else runtime_host
+            models.append(Model(len(models), name, g, ms.size_gb, ms.gpu_memory_gb, host,
                                 ms.accelerators, ms.init_time, ms.service, ms.tokens))
-        groups.append(Group(g, ms.name, ms.traffic, tuple(idx)))
+        groups.append(Group(g, ms.name, ms.traffic, tuple(idx), ms.service))
         _check_service(ms, g, source)
 
     names = [m.name for m in models]
@@ -259,6 +279,43 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                       es.max_concurrency, es.queue_limit, es.timeout, tuple(ms), copies, es, e,
                                       h2d))
 
+    # Load speeds measured on the instance's own GPU replace the catalog's.
+    if profile is not None:
+        from ..profile import device_gpu
+
+        speeds = load_speeds(profile)
+        gpu = device_gpu(profile, catalog)
+        for k, ep in enumerate(endpoints):
+            if gpu is not None and ep.instance_type.gpu == gpu.name and speeds:
+                endpoints[k] = replace(ep, disk_gbs=speeds.get("disk_gbs"),
+                                       h2d_gbs=speeds.get("h2d_gbs", ep.h2d_gbs),
+                                       load_overhead_s=speeds.get("overhead_s", 0.0))
+    # Calibrated services: the profile's fit for the family and size, on the endpoint's GPU.
+    model_ep = {m: ep for ep in endpoints for m in ep.models}
+    for gi, grp in enumerate(groups):
+        svc = grp.service
+        if svc is None or not svc.calibrated:
+            continue
+        where = f"models[{gi}].service"
+        path = svc.profile or spec.profile
+        if not path:
+            raise ScenarioError("a calibrated service needs a profile (here or the scenario's profile key)",
+                                source=source, path=where)
+        prof = _profile(path, base_dir, source, f"{where}.profile")
+        ep = model_ep.get(grp.models[0])
+        target = ep.instance_type.gpu if ep is not None else None
+        try:
+            fit, notes = service_model(prof, svc.family, svc.params, catalog=catalog, target_gpu=target, where=where)
+        except ProfileError as e:
+            raise ScenarioError(str(e), source=source) from None
+        warnings += notes
+        resolved = ServiceSpec(base=fit.base_ms / 1e3, per_input_token=fit.per_input_token_ms / 1e3,
+                               per_output_token=fit.per_output_token_ms / 1e3,
+                               cv=svc.cv if svc.cv is not None else fit.cv, dist=svc.dist)
+        groups[gi] = replace(grp, service=resolved)
+        for m in grp.models:
+            models[m] = replace(models[m], service=resolved)
+
     for g in groups:
         if g.traffic is None:
             continue
@@ -266,8 +323,8 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             if m not in served_by:
                 raise ScenarioError(f"model {names[m]!r} has traffic but no endpoint serves it",
                                     source=source, path=f"models[{g.index}]")
-    return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source,
-                    base_dir or Path.cwd())
+    return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source, base_dir,
+                    tuple(warnings))
 
 
 _METRIC_MODES = {"invocations_per_instance": ("sme", "mme"), "concurrent_requests_per_model": ("sme", "mme"),

@@ -79,12 +79,24 @@ class ServiceSpec(Strict):
     base: Duration | None = None
     per_input_token: Duration | None = None
     per_output_token: Duration | None = None
+    # calibrated: the fitted token-based model of a profile (family and size)
+    profile: str | None = None
+    family: str | None = None
+    params: str | int | float | None = None
 
     @model_validator(mode="after")
     def _form(self) -> "ServiceSpec":
         token = any(v is not None for v in (self.base, self.per_input_token, self.per_output_token))
+        if self.family is not None or self.params is not None or self.profile is not None:
+            if self.family is None or self.params is None:
+                raise ValueError("a calibrated service needs family (encoder or decoder) and params (e.g. 7B); "
+                                 "profile defaults to the scenario's profile")
+            if self.mean is not None or token:
+                raise ValueError("a calibrated service takes its times from the profile: drop mean/base/per_*_token")
+            return self
         if self.mean is None and not token:
-            raise ValueError("expected either {dist, mean, cv} or {base, per_input_token, per_output_token}")
+            raise ValueError("expected either {dist, mean, cv}, {base, per_input_token, per_output_token} "
+                             "or {profile, family, params}")
         if self.mean is not None and token:
             raise ValueError("give either mean (parametric) or base/per_*_token (token-based), not both")
         if self.mean is not None and self.mean <= 0:
@@ -99,6 +111,10 @@ class ServiceSpec(Strict):
     @property
     def token_based(self) -> bool:
         return self.mean is None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.family is not None
 
     @property
     def effective_dist(self) -> str:
@@ -179,7 +195,7 @@ class ModelSpec(Strict):
     count: int = Field(default=1, ge=1)
     size_gb: Size
     memory_gb: Size | None = None
-    host_memory_gb: Size = 0.0
+    host_memory_gb: Size | None = None   # default 0, or the runtime's host memory of the scenario's profile
     accelerators: int = Field(default=1, ge=0)
     init_time: Duration = 0.0          # runtime init per load (backend start, CUDA context, warm-up)
     service: ServiceSpec
@@ -481,6 +497,7 @@ class ScenarioSpec(Strict):
     warmup: Duration = 0.0
     replications: int = Field(default=1, ge=1)
     instance_types: list[InstanceTypeSpec] = []
+    profile: str | None = None           # calibration profile: load bandwidths, runtime memory, services
     models: list[ModelSpec] = Field(min_length=1)
     endpoints: list[EndpointSpec] = Field(min_length=1)
     slo: SLOSpec | None = None

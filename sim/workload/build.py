@@ -51,7 +51,7 @@ class ClosedSource:
     def _refill(self) -> None:
         m = self._models[assign(self._rng_pop, _CHUNK, self._weights)]
         tin, tout = _tokens(self._spec.tokens, self._rng_tok, _CHUNK)
-        svc = service_times(self._rng_svc, self._spec.service, tin, tout, _CHUNK)
+        svc = service_times(self._rng_svc, self.group.service, tin, tout, _CHUNK)
         self._buf = list(zip(m.tolist(), svc.tolist(), tin.tolist(), tout.tolist()))[::-1]
 
     def draw(self) -> tuple[int, float, int, int]:
@@ -150,7 +150,7 @@ def build_workload(scenario: Scenario, streams: Streams) -> Workload:
             local = assign(streams.get("popularity", group.name), n, group_weights(group))
         if tin is None:
             tin, tout = _tokens(spec.tokens, streams.get("tokens", group.name), n)
-        svc = service_times(streams.get("service", group.name), spec.service, tin, tout, n)
+        svc = service_times(streams.get("service", group.name), group.service, tin, tout, n)
         models = np.asarray(group.models, dtype=np.int32)[local]
         parts.append((times, models, svc, tin, tout))
     if not parts:

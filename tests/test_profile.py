@@ -1,0 +1,94 @@
+"""The simulator side of calibration: profiles drive service times, load speeds and
+runtime memory; a profile from another GPU is transferred by a roofline model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import sim
+from sim.scenario import parse_scenario
+
+
+def write_profile(path, *, device="cuda", device_name="NVIDIA A100-SXM4-40GB", host_gb=2.5):
+    prof = {
+        "schema": "capsim.profile/1",
+        "metadata": {"host": "box", "device": device, "device_name": device_name},
+        "samples": {},
+        "fits": {
+            "load": {"disk_to_host": {"a_s": 0.05, "bandwidth_gbs": 3.0, "r2": 0.99, "n": 5, "hw_limit_gbs": None},
+                     "host_to_gpu_pinned": {"a_s": 0.01, "bandwidth_gbs": 20.0, "r2": 0.99, "n": 5,
+                                            "hw_limit_gbs": 31.5}},
+            "runtime": {"init_s": 2.0, "host_memory_gb": host_gb, "gpu_memory_gb": 0.5},
+            "inference": {"decoder": {"7B": {"params": 7e9, "base_ms": 20.0, "per_input_token_ms": 0.1,
+                                             "per_output_token_ms": 10.0, "cv": 0.05, "r2": 0.99,
+                                             "slowdown": {"1": 1.0, "2": 1.3}}}},
+        },
+    }
+    path.write_text(json.dumps(prof))
+    return path
+
+
+def scenario(tmp_path, itype, service, profile="p.json"):
+    return {
+        "name": "prof", "seed": 1, "duration": 2000, "profile": profile,
+        "models": [{"name": "llm", "size_gb": 14, "memory_gb": 16, "service": service,
+                    "tokens": {"input": 500, "output": 100},
+                    "traffic": {"process": "poisson", "rate": 0.5}}],
+        "endpoints": [{"name": "e", "mode": "sme", "instance_type": itype, "instances": 4, "models": ["llm"]}],
+    }
+
+
+def test_service_times_follow_the_profile(tmp_path):
+    write_profile(tmp_path / "p.json")
+    sc = parse_scenario(scenario(tmp_path, "ml.p4d.24xlarge", {"family": "decoder", "params": "7B"}),
+                        base_dir=tmp_path)
+    assert not [w for w in sc.warnings if "roofline" in w]     # same GPU: no transfer
+    res = sim.run(sc)
+    svc = res.requests["service_ms"].to_numpy()
+    expect = 20.0 + 0.1 * 500 + 10.0 * 100
+    assert svc.mean() == pytest.approx(expect, rel=0.01)
+    assert svc.std() / svc.mean() == pytest.approx(0.05, rel=0.2)
+    # runtime memory from the profile is the default host memory of a model
+    assert sc.models[0].host_memory_gb == 2.5
+    # load speeds measured on the instance's GPU replace the catalog's
+    ep = sc.endpoints[0]
+    assert (ep.disk_gbs, ep.h2d_gbs, ep.load_overhead_s) == (3.0, 20.0, pytest.approx(0.06))
+
+
+def test_roofline_transfer_scales_decode_by_bandwidth(tmp_path):
+    write_profile(tmp_path / "p.json")
+    sc = parse_scenario(scenario(tmp_path, "ml.g5.xlarge", {"family": "decoder", "params": "7B"}),
+                        base_dir=tmp_path)
+    a100, a10g = sc.catalog.gpus["A100-40GB"], sc.catalog.gpus["A10G"]
+    svc = sc.models[0].service
+    assert svc.per_output_token == pytest.approx(10.0e-3 * a100.memory_bandwidth_gbs / a10g.memory_bandwidth_gbs)
+    flops = a100.bf16_tflops / (a10g.bf16_tflops or a10g.fp16_tflops)
+    assert svc.per_input_token == pytest.approx(0.1e-3 * flops)
+    assert any("roofline" in w and "A10G" in w for w in sc.warnings)
+    # the warning reaches summary.json
+    res = sim.run(sc)
+    assert any("roofline" in w for w in res.summary["warnings"])
+
+
+def test_unmeasured_size_scales_by_parameters_and_cpu_profiles_are_not_transferred(tmp_path):
+    write_profile(tmp_path / "p.json", device="cpu", device_name="Intel Xeon")
+    sc = parse_scenario(scenario(tmp_path, "ml.g5.xlarge", {"family": "decoder", "params": "14B"}),
+                        base_dir=tmp_path)
+    assert sc.models[0].service.per_output_token == pytest.approx(20.0e-3)
+    assert any("not measured" in w for w in sc.warnings)
+    assert any("unchanged" in w for w in sc.warnings)
+    assert sc.endpoints[0].disk_gbs is None      # a CPU box's disk says nothing of the instance's
+
+
+def test_profile_errors_are_clear(tmp_path):
+    with pytest.raises(sim.ScenarioError, match="profile not found"):
+        parse_scenario(scenario(tmp_path, "ml.g5.xlarge", {"family": "decoder", "params": "7B"}), base_dir=tmp_path)
+    write_profile(tmp_path / "p.json")
+    with pytest.raises(sim.ScenarioError, match="no inference fits for family 'encoder'"):
+        parse_scenario(scenario(tmp_path, "ml.g5.xlarge", {"family": "encoder", "params": "7B"}), base_dir=tmp_path)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(sim.ScenarioError, match="not a calibration profile"):
+        parse_scenario(scenario(tmp_path, "ml.g5.xlarge", {"family": "decoder", "params": "7B"}, profile="bad.json"),
+                       base_dir=tmp_path)
