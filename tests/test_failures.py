@@ -61,7 +61,7 @@ def test_sme_instance_failure_fails_its_requests_and_is_replaced():
 
 
 def test_random_failures_follow_the_mtbf():
-    d = sme(rate=5, mean=0.05, instances=10, duration=200 * 3600)
+    d = sme(rate=0.2, mean=0.05, instances=10, duration=200 * 3600)
     d["endpoints"][0].update(provisioning="0s", failures={"mtbf": "20h"})
     raw = simulate(parse_scenario(d))
     n = len(raw.logs[0].failures)
