@@ -174,6 +174,18 @@ def bench(as_json, scale):
                        f"requests/s; speed-up {c['speedup_vs_simpy_processes']:.2f}x")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def calibrate(ctx):
+    """Run the calibration job (``python -m calibration``; needs torch): e.g.
+    ``capsim calibrate run --device cuda --out scenarios/profiles/mine.json``."""
+    import subprocess
+
+    args = ctx.args or ["--help"]
+    sys.exit(subprocess.call([sys.executable, "-m", "calibration", *args]))
+
+
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)

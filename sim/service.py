@@ -28,15 +28,6 @@ def sample(rng: np.random.Generator, dist: str, mean: float | np.ndarray, cv: fl
     raise ValueError(f"unknown distribution {dist!r}")
 
 
-def theoretical_moments(dist: str, mean: float, cv: float) -> tuple[float, float]:
-    """Mean and variance of a distribution given by mean and cv (for tests against theory)."""
-    if dist == "deterministic":
-        cv = 0.0
-    elif dist == "exponential":
-        cv = 1.0
-    return mean, (cv * mean) ** 2
-
-
 def sample_tokens(rng: np.random.Generator, spec: int | Distribution, n: int) -> np.ndarray:
     if isinstance(spec, int):
         return np.full(n, spec, dtype=np.int64)

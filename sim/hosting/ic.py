@@ -132,7 +132,7 @@ class ICLog(EndpointLog):
         copies_max = int(rows[k0:max(k1, k0 + 1), 1].max())
         inside = lambda t: t0 <= t < t1  # noqa: E731
         out: dict[str, float | int | None] = {f"{k}_mean": avg[k] for k in (
-            "copies", "gpus_reserved", "gpus_stranded", "gpus_fragmented", "memory_reserved_gb",
+            "copies", "copies_pending", "gpus_reserved", "gpus_stranded", "gpus_fragmented", "memory_reserved_gb",
             "memory_stranded_gb", "gpu_memory_stranded_gb", "cpus_reserved")}
         out["copies_max"] = copies_max
         out["gpu_stranded_fraction"] = avg["gpus_stranded"] / avg["gpus"] if avg["gpus"] > 0 else None
@@ -277,8 +277,8 @@ class ICEndpoint(EndpointRuntime):
         self.data_cache = DATA_CACHE if spec.data_cache is None else spec.data_cache
         self.timeout = ep.timeout
         self.queue_limit = ep.queue_limit
-        self.speeds = LoadSpeeds(download_gbs=it.network_gbps / 8.0, disk_gbs=it.disk_read_gbs, h2d_gbs=ep.h2d_gbs,
-                                 init_s=0.0)
+        self.speeds = LoadSpeeds(download_gbs=it.network_gbps / 8.0, disk_gbs=ep.disk_gbs or it.disk_read_gbs,
+                                 h2d_gbs=ep.h2d_gbs, init_s=ep.load_overhead_s)
         self.comps = [Comp(c, models[c.model], self.on_gpu) for c in ep.components]
         self.comp_of: list[Comp | None] = [None] * len(models)
         for comp in self.comps:

@@ -148,7 +148,7 @@ def _catalog_for(spec: ScenarioSpec, source: str) -> Catalog:
     return base.with_instance_types(extra)
 
 
-def _check_fit(model: Model, ep_spec: EndpointSpec, it: InstanceType, where: str, source: str) -> int:
+def _check_fit(model: Model, it: InstanceType, where: str, source: str) -> int:
     """Copies of ``model`` one instance of ``it`` holds; a ScenarioError if none fits."""
     if it.gpus > 0 and model.accelerators > 0:
         if model.accelerators > it.gpus:
@@ -274,7 +274,7 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             if name in ep_names:
                 raise ScenarioError(f"duplicate endpoint name {name!r}", source=source, path=f"{where}.name")
             ep_names.add(name)
-            copies = _check_fit(m, es, it, f"{where}.instance_type", source)
+            copies = _check_fit(m, it, f"{where}.instance_type", source)
             endpoints.append(Endpoint(len(endpoints), name, es.mode, it, es.instances, es.routing,
                                       es.max_concurrency, es.queue_limit, es.timeout, tuple(ms), copies, es, e,
                                       h2d))
@@ -466,4 +466,4 @@ def _resolve_ic(es: EndpointSpec, e: int, index: int, models: list[Model], catal
     h2d = catalog.gpu_spec(it.gpu).pcie_bandwidth_gbs if it.gpu is not None and it.gpu in catalog.gpus \
         else DEFAULT_H2D_GBS
     return Endpoint(index, es.name, "ic", it, instances, es.routing, es.max_concurrency, es.queue_limit, es.timeout,
-                    tuple(c.model for c in comps), 1, es, e, h2d, tuple(comps))
+                    tuple(c.model for c in comps), 1, es, e, h2d_gbs=h2d, components=tuple(comps))

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.rng import Streams
 from ..scenario.errors import ScenarioError
-from ..scenario.resolve import Group, Model, Scenario
+from ..scenario.resolve import Group, Scenario
 from ..service import sample_tokens, service_times
 from .arrivals import diurnal_arrivals, gamma_arrivals, mmpp_on_off_arrivals, poisson_arrivals
 from .popularity import assign, zipf_weights
@@ -159,7 +159,3 @@ def build_workload(scenario: Scenario, streams: Streams) -> Workload:
     cat = [np.concatenate(x) for x in zip(*parts)]
     order = np.argsort(cat[0], kind="stable")
     return Workload(*(c[order] for c in cat), closed=closed)
-
-
-def model_of(scenario: Scenario, index: int) -> Model:
-    return scenario.models[index]
