@@ -271,6 +271,8 @@ def summarize(run: RawRun) -> dict[str, Any]:
         loads_e = int(sum(model_loads[m] for m in ep.models))
         blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], slo, loads_e)
         blk.update(ep_extra[e])
+        if hasattr(run.logs[e], "summary_block"):
+            blk.update(run.logs[e].summary_block(t0, t1))
         cw = _cloudwatch(run, e, t0, t1, sel, win)
         cw["ModelCacheHit"] = blk["cache_hit_rate"]
         blk["cloudwatch"] = cw
@@ -336,7 +338,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
         def ratio(a, b, scale=1.0):
             return np.where(b > 0, scale * a / np.where(b > 0, b, 1), np.nan)
 
-        frames.append(pd.DataFrame({
+        cols = {
             "t_s": edges[:-1],
             "endpoint": ep.name,
             "instances": serving,
@@ -359,7 +361,11 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "GPUMemoryUtilization": ratio(mem["gpu"], gcap * serving_s, 100.0),
             "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
             "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
-        }))
+        }
+        extra = getattr(log, "timeline_columns", None)   # inference components: copies and packing
+        if extra is not None:
+            cols.update(extra(edges))
+        frames.append(pd.DataFrame(cols))
     return pd.concat(frames, ignore_index=True)
 
 
