@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .. import routing
-from ..core.engine import Engine
+from ..core.engine import OK, TIMEOUT, Engine
 from ..scenario.resolve import Endpoint
 from .loading import LoadRecord
 
@@ -78,12 +78,36 @@ class EndpointRuntime:
         self.route = routing.get(ep.routing)
         self.rr = 0
         self.log = EndpointLog(capacity)
+        self.timeout = ep.timeout
         self.provision_rng = None  # set by the simulation: the provisioning stream
         self.zones_down: set[int] = set()
         self._retried: set[int] = set()
 
     def _log_fleet(self) -> None:
         self.log.fleet.append((self.engine.env._now, len(self.active), self.billed))
+
+    # -- the request path shared by the modes (hot: keep lean) ---------------------------
+    def _pop_live(self, q: deque, now: float) -> tuple[int, int]:
+        """The next queued request whose client still waits (-1 if none), and how many
+        had given up meanwhile: the server drops those, finished as timeouts."""
+        arrival = self.requests.arrival
+        timeout = self.timeout
+        dropped = 0
+        while q:
+            j = q.popleft()
+            if now - arrival[j] < timeout:
+                return j, dropped
+            dropped += 1
+            self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
+        return -1, dropped
+
+    def _served(self, i: int, now: float) -> None:
+        """Request ``i``'s service ended at ``now``: ok, or a timeout if its client gave up first."""
+        a = self.requests.arrival[i]
+        if now - a <= self.timeout:
+            self.engine.finish(i, OK, now)
+        else:
+            self.engine.finish(i, TIMEOUT, a + self.timeout)
 
     # -- the fleet --------------------------------------------------------------------
     def _new_instance(self) -> Instance:  # pragma: no cover - abstract

@@ -48,7 +48,7 @@ import numpy as np
 from simpy.core import NORMAL
 
 from .. import autoscaling
-from ..core.engine import NO_CAPACITY, OK, THROTTLED, TIMEOUT, Call, Engine
+from ..core.engine import NO_CAPACITY, THROTTLED, Call, Engine
 from ..scenario.resolve import Component, Endpoint, Model
 from ..service import sample
 from . import placement
@@ -275,7 +275,6 @@ class ICEndpoint(EndpointRuntime):
         self.scale_in_policy = spec.scale_in_policy or SCALE_IN_POLICY
         self.cooldown = SCALE_IN_COOLDOWN if spec.scale_in_cooldown is None else spec.scale_in_cooldown
         self.data_cache = DATA_CACHE if spec.data_cache is None else spec.data_cache
-        self.timeout = ep.timeout
         self.queue_limit = ep.queue_limit
         self.speeds = LoadSpeeds(download_gbs=it.network_gbps / 8.0, disk_gbs=ep.disk_gbs or it.disk_read_gbs,
                                  h2d_gbs=ep.h2d_gbs, init_s=ep.load_overhead_s)
@@ -386,34 +385,20 @@ class ICEndpoint(EndpointRuntime):
         r = self.requests
         env = self.engine.env
         now = env._now
-        timeout = self.timeout
-        arrival = r.arrival
         comp = c.comp
         comp.area += comp.inflight * (now - comp.t_area)
         comp.t_area = now
-        c.n -= 1
-        comp.inflight -= 1
-        q = c.queue
-        while q:
-            j = q.popleft()
-            if now - arrival[j] >= timeout:
-                # The client gave up while it waited; the server drops it.
-                c.n -= 1
-                comp.inflight -= 1
-                self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
-                continue
+        j, dropped = self._pop_live(c.queue, now)
+        c.n -= 1 + dropped
+        comp.inflight -= 1 + dropped
+        if j >= 0:
             r.start[j] = now
             call.arg = j
             call.callbacks = self._done_callbacks
             heappush(env._queue, (now + r.service[j], NORMAL, next(env._eid), call))
-            break
         else:
             c.busy -= 1
-        a = arrival[i]
-        if now - a <= timeout:
-            self.engine.finish(i, OK, now)
-        else:
-            self.engine.finish(i, TIMEOUT, a + timeout)
+        self._served(i, now)
         if c.n == 0 and c.state == DRAINING:
             self._free(c)
 

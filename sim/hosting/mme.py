@@ -18,7 +18,7 @@ from heapq import heappush
 
 from simpy.core import NORMAL
 
-from ..core.engine import OK, THROTTLED, TIMEOUT, Call, Engine
+from ..core.engine import THROTTLED, TIMEOUT, Call, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -92,7 +92,6 @@ class MMEEndpoint(EndpointRuntime):
         self.gpu_cap, self.host_cap, self.disk_cap = gpu_cap, host_cap, disk_cap
         self.models = models
         self.max_conc = ep.max_concurrency
-        self.timeout = ep.timeout
         self.queue_limit = ep.queue_limit
         self.rep_above = cache.replicate_above
         self.max_loads = cache.max_concurrent_loads
@@ -223,28 +222,19 @@ class MMEEndpoint(EndpointRuntime):
         inst = slot.inst
         if inst.failed:
             return  # the instance died with its requests
-        r = self.requests
-        now = self.engine.env._now
-        timeout = self.timeout
-        arrival = r.arrival
-        inst.n -= 1
+        env = self.engine.env
+        now = env._now
         q = slot.queue
-        while q:
-            j = q.popleft()
-            if now - arrival[j] >= timeout:
-                inst.n -= 1
-                self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
-                continue
-            r.start[j] = now
+        j, dropped = self._pop_live(q, now)
+        inst.n -= 1 + dropped
+        if j >= 0:
+            self.requests.start[j] = now
             call.arg = j
             call.callbacks = self._done_callbacks
-            env = self.engine.env
-            heappush(env._queue, (now + r.service[j], NORMAL, next(env._eid), call))
-            break
+            heappush(env._queue, (now + self.requests.service[j], NORMAL, next(env._eid), call))
         else:
             slot.busy -= 1
-        a = arrival[i]
-        self.engine.finish(i, OK if now - a <= timeout else TIMEOUT, now if now - a <= timeout else a + timeout)
+        self._served(i, now)
         if slot.busy == 0 and not q:
             if not self.cache.enabled:
                 self._unload(inst, slot)

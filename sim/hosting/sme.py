@@ -7,7 +7,7 @@ from heapq import heappush
 
 from simpy.core import NORMAL
 
-from ..core.engine import OK, THROTTLED, TIMEOUT, Call, Engine
+from ..core.engine import THROTTLED, Call, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -19,7 +19,6 @@ class SMEEndpoint(EndpointRuntime):
         super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb))
         self.model = models[ep.models[0]]
         self.slots = ep.copies_per_instance * ep.max_concurrency
-        self.timeout = ep.timeout
         self.queue_limit = ep.queue_limit
         self._done_callbacks = [self._done]
         self.speeds = LoadSpeeds(it.network_gbps / 8.0, ep.disk_gbs or it.disk_read_gbs, ep.h2d_gbs, ep.load_overhead_s)
@@ -75,31 +74,17 @@ class SMEEndpoint(EndpointRuntime):
         inst = call.obj
         if inst.failed:
             return  # the instance died with its requests
-        r = self.requests
         env = self.engine.env
         now = env._now
-        timeout = self.timeout
-        arrival = r.arrival
-        inst.n -= 1
-        q = inst.queue
-        while q:
-            j = q.popleft()
-            if now - arrival[j] >= timeout:
-                # The client gave up while it waited; the server drops it.
-                inst.n -= 1
-                self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
-                continue
-            r.start[j] = now
+        j, dropped = self._pop_live(inst.queue, now)
+        inst.n -= 1 + dropped
+        if j >= 0:
+            self.requests.start[j] = now
             call.arg = j
             call.callbacks = self._done_callbacks
-            heappush(env._queue, (now + r.service[j], NORMAL, next(env._eid), call))
-            break
+            heappush(env._queue, (now + self.requests.service[j], NORMAL, next(env._eid), call))
         else:
             inst.busy -= 1
-        a = arrival[i]
-        if now - a <= timeout:
-            self.engine.finish(i, OK, now)
-        else:
-            self.engine.finish(i, TIMEOUT, a + timeout)
+        self._served(i, now)
         if inst.draining:
             self._maybe_release(inst)
