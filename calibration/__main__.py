@@ -1,0 +1,125 @@
+"""python -m calibration run --device cpu|cuda [--quick] [--sizes 10M,50M] \
+        [--families encoder,decoder] [--workdir DIR] --out PROFILE.json
+python -m calibration validate PROFILE.json
+python -m calibration merge A.json B.json --out C.json [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+
+def _csv(s: str) -> list:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> list:
+    try:
+        return [int(x) for x in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m calibration",
+                                 description="capsim calibration harness: times real model "
+                                 "loads, runtime init and inference; writes a profile.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a calibration job and write a profile")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    r.add_argument("--quick", action="store_true",
+                   help="small sizes and few repeats (a few minutes on a CPU)")
+    r.add_argument("--sizes", type=_csv, default=None,
+                   help="model sizes for the load paths (and, capped, inference), "
+                   "e.g. 10M,50M,1.3B")
+    r.add_argument("--infer-sizes", type=_csv, default=None,
+                   help="model sizes for inference (default: a subset of --sizes)")
+    r.add_argument("--families", type=_csv, default=["encoder", "decoder"],
+                   help="model families: encoder,decoder")
+    r.add_argument("--load-family", default=None,
+                   help="family whose files the load paths use (default: first family)")
+    r.add_argument("--sections", type=_csv, default=["runtime", "loads", "inference"],
+                   help="what to measure: runtime,loads,inference")
+    r.add_argument("--concurrency", type=_ints, default=None,
+                   help="concurrency levels (default 1,2 quick, 1,2,4 full)")
+    r.add_argument("--runtime-repeats", type=int, default=None,
+                   help="fresh-process runtime probes (default 3 quick, 5 full)")
+    r.add_argument("--dtype", default=None,
+                   help="weights dtype (default float32 on cpu, float16 on cuda)")
+    r.add_argument("--load-threads", type=int, default=1,
+                   help="torch intra-op threads while timing loads (0: torch default)")
+    r.add_argument("--wait-budget", type=float, default=None,
+                   help="seconds the job may spend waiting out other processes' CPU "
+                   "bursts (default 40 quick, 600 full; 0: only flag contended samples, "
+                   "never wait or re-measure)")
+    r.add_argument("--workdir", default=None,
+                   help="where temporary model files go (default: a hidden dir next to --out)")
+    r.add_argument("--keep", action="store_true", help="keep the model files")
+    r.add_argument("--no-resume", action="store_true",
+                   help="ignore OUT.partial.json from an interrupted run")
+    r.add_argument("--note", default=None, help="free text stored as metadata.note")
+    r.add_argument("--out", required=True, help="profile JSON to write")
+    v = sub.add_parser("validate", help="check a profile and print a summary")
+    v.add_argument("profile")
+    m = sub.add_parser("merge", help="merge two profiles of the same machine")
+    m.add_argument("a")
+    m.add_argument("b")
+    m.add_argument("--out", required=True)
+    m.add_argument("--force", action="store_true", help="merge even across hosts/devices")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from . import profile as prof
+    if args.cmd == "validate":
+        try:
+            p = prof.load(args.profile)
+        except (OSError, ValueError) as e:
+            print(f"invalid: {e}", file=sys.stderr)
+            return 1
+        print(prof.summary(p))
+        print("valid")
+        return 0
+    if args.cmd == "merge":
+        try:
+            p = prof.merge(prof.load(args.a), prof.load(args.b), force=args.force)
+            prof.save(p, args.out)
+        except (OSError, ValueError) as e:
+            print(f"merge failed: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.out}")
+        return 0
+
+    from .run import Config, run
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _term)
+    # Ctrl-C must interrupt (and clean up) even where the parent shell started
+    # us with SIGINT ignored (a background job of a non-interactive shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    cfg = Config(out=args.out, device=args.device, quick=args.quick, sizes=args.sizes,
+                 infer_sizes=args.infer_sizes, families=args.families,
+                 load_family=args.load_family, workdir=args.workdir, keep=args.keep,
+                 dtype=args.dtype, concurrency=args.concurrency, sections=args.sections,
+                 runtime_repeats=args.runtime_repeats,
+                 resume=not args.no_resume, load_threads=args.load_threads,
+                 wait_budget_s=args.wait_budget, note=args.note)
+    try:
+        p = run(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        from .run import partial_path
+        print(f"interrupted; partial results in {partial_path(args.out)} "
+              "(run again with the same --out to resume)", file=sys.stderr)
+        return 130
+    print(prof.summary(p))
+    return 1 if any(e.get("kind") != "oom" for e in p.get("errors", [])) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

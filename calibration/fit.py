@@ -1,0 +1,113 @@
+"""Robust linear fits for load times and service times.
+
+All fits are linear in their coefficients, non-negative, and robust:
+scipy.optimize.least_squares with loss="soft_l1" on LOG residuals
+(log prediction - log sample: timing noise is multiplicative, it grows with
+the time, and a sample 5x too slow weighs like one 5x too fast), started
+from Theil-Sen (one regressor) or ordinary least squares (several).
+The soft_l1 scale is 1.4826 x the MAD of the starting residuals, so samples
+far outside the bulk (a neighbour's burst of CPU work, a truly cold first
+read) weigh little.
+
+Goodness: `r2` is the coefficient of determination of the fit against the
+per-configuration MEDIAN times (the quantity the simulator draws around);
+`r2_samples` is the same against every raw sample (lower when repeats are
+noisy). Both are reported; `fits.*.r2` in the profile is the former.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import optimize, stats
+
+
+def _r2(y, pred) -> float | None:
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    if y.size < 2:
+        return None
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    ss_res = float(np.sum((y - pred) ** 2))
+    if ss_tot <= 0:
+        return 1.0 if ss_res <= 1e-30 else 0.0
+    return 1.0 - ss_res / ss_tot
+
+
+def robust_linear(X, y, *, intercept: bool = True) -> dict:
+    """Fit y ~ b0 + X @ b (all coefficients >= 0). X: [n, k] (or [n]).
+    Returns {"coef": [b0, b1, ...], "r2", "r2_samples", "n", "groups",
+    "rel_resid_mad", "cost", "success"}."""
+    X = np.asarray(X, float)
+    if X.ndim == 1:
+        X = X[:, None]
+    y = np.asarray(y, float)
+    ok = np.isfinite(y) & (y > 0) & np.all(np.isfinite(X), axis=1)
+    X, y = X[ok], y[ok]
+    n, k = X.shape
+    A = np.hstack([np.ones((n, 1)), X]) if intercept else X
+    p = A.shape[1]
+    if n < p:
+        raise ValueError(f"need at least {p} samples to fit {p} coefficients, got {n}")
+
+    # starting point
+    if k == 1 and intercept and len(np.unique(X[:, 0])) >= 2:
+        slope, icept, _, _ = stats.theilslopes(y, X[:, 0])
+        x0 = np.array([icept, slope])
+    else:
+        x0 = np.linalg.lstsq(A / y[:, None], np.ones(n), rcond=None)[0]
+    lo = np.full(p, 1e-12)
+    x0 = np.maximum(x0, 1e-9 * max(float(np.median(y)), 1e-12))
+
+    def resid(beta):
+        return np.log(np.maximum(A @ beta, 1e-300)) - logy
+
+    logy = np.log(y)
+
+    r0 = resid(x0)
+    scale = max(1.4826 * float(np.median(np.abs(r0 - np.median(r0)))), 0.01)
+    res = optimize.least_squares(resid, x0, loss="soft_l1", f_scale=scale,
+                                 bounds=(lo, np.full(p, np.inf)), method="trf")
+    beta = res.x
+    pred = A @ beta
+
+    # per-configuration medians for r2
+    keys = [tuple(row) for row in X]
+    groups = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    med_y = np.array([np.median(y[idx]) for idx in groups.values()])
+    med_pred = np.array([pred[idx[0]] for idx in groups.values()])
+    rel = (pred - y) / y
+    return {
+        "coef": [float(b) for b in beta],
+        "r2": _r2(med_y, med_pred),
+        "r2_samples": _r2(y, pred),
+        "n": int(n),
+        "groups": len(groups),
+        "rel_resid_mad": float(np.median(np.abs(rel - np.median(rel)))),
+        "f_scale": scale,
+        "success": bool(res.success),
+    }
+
+
+def fit_load(sizes_gb, times_s) -> dict:
+    """time = a_s + size_gb / bandwidth_gbs. Returns the profile layout
+    {"a_s", "bandwidth_gbs", "r2", "n"} plus diagnostics ("r2_samples", ...)."""
+    r = robust_linear(np.asarray(sizes_gb, float), np.asarray(times_s, float))
+    a, s = r["coef"]
+    # a flat fit (no measurable size effect) would mean infinite bandwidth:
+    # cap at 1e9 GB/s so that the profile stays finite JSON; r2 tells.
+    bw = 1.0 / max(s, 1e-9)
+    return {"a_s": a, "bandwidth_gbs": bw, "r2": r["r2"], "n": r["n"],
+            "r2_samples": r["r2_samples"], "groups": r["groups"],
+            "rel_resid_mad": r["rel_resid_mad"], "success": r["success"]}
+
+
+def fit_service(X, y_ms, names) -> dict:
+    """Service time (ms) = base_ms + sum(coef_i * X_i). names: the keys of the
+    X columns (e.g. ["per_input_token_ms", "per_output_token_ms"])."""
+    r = robust_linear(X, y_ms)
+    out = {"base_ms": r["coef"][0]}
+    for name, c in zip(names, r["coef"][1:]):
+        out[name] = c
+    out.update({"r2": r["r2"], "r2_samples": r["r2_samples"], "n": r["n"],
+                "groups": r["groups"], "rel_resid_mad": r["rel_resid_mad"]})
+    return out
