@@ -92,3 +92,25 @@ def test_profile_errors_are_clear(tmp_path):
     with pytest.raises(sim.ScenarioError, match="not a calibration profile"):
         parse_scenario(scenario(tmp_path, "ml.g5.xlarge", {"family": "decoder", "params": "7B"}, profile="bad.json"),
                        base_dir=tmp_path)
+
+
+def test_the_shipped_cpu_profile_drives_a_scenario():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    d = {
+        "name": "cpu-profile", "seed": 2, "duration": 600, "profile": "profiles/cpu-quick.json",
+        "models": [{"name": "tiny-gpt", "size_gb": 0.1, "accelerators": 0,
+                    "service": {"family": "decoder", "params": "25M"},
+                    "tokens": {"input": 64, "output": 16},
+                    "traffic": {"process": "poisson", "rate": 1}}],
+        "endpoints": [{"name": "cpu", "mode": "sme", "instance_type": "ml.c5.2xlarge", "instances": 2,
+                       "models": ["tiny-gpt"]}],
+    }
+    sc = parse_scenario(d, base_dir=root / "scenarios")
+    prof = json.loads((root / "scenarios" / "profiles" / "cpu-quick.json").read_text())
+    fit = prof["fits"]["inference"]["decoder"]["25M"]
+    expect = fit["base_ms"] + 64 * fit["per_input_token_ms"] + 16 * fit["per_output_token_ms"]
+    res = sim.run(sc)
+    assert res.requests["service_ms"].mean() == pytest.approx(expect, rel=0.05)
+    assert sc.models[0].host_memory_gb == pytest.approx(prof["fits"]["runtime"]["host_memory_gb"])
