@@ -25,8 +25,9 @@ $(VENV)/.installed-dev: $(VENV)/bin/activate pyproject.toml
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The main job: SME vs MME vs IC plans for the default fleet, with the HTML report.
 run: $(VENV)/.installed
-	$(VENV)/bin/capsim run scenarios/quickstart.yaml
+	$(VENV)/bin/capsim compare scenarios/compare_small_models.yaml --report --out results/compare
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

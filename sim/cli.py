@@ -210,5 +210,238 @@ def trace(scenario, out, seed, overrides):
     click.echo(f"{len(df):,} arrivals written to {out}{extra}", err=True)
 
 
+def _csv_list(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--grid", "grids", multiple=True, metavar="KEY.PATH=V1,V2,...",
+              help="A swept key and its values (YAML, comma-separated; A..B for integers A to B); repeat for "
+                   "more keys: the sweep runs their cartesian product.")
+@click.option("--replications", type=click.IntRange(min=1), help="Replications per point (default: the "
+              "scenario's); each figure then has its 95% CI (<key>_ci95).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sweep directory (default "
+              "results/<name>/sweep/): points/<hash>.json per finished point, results.parquet and results.csv. "
+              "Run the same command again to resume an interrupted sweep.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run the points on this Dask distributed scheduler.")
+@click.option("--workers", type=click.IntRange(min=1), help="Local worker processes (default: all cores; 1: "
+              "serial, in this process).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a scenario key for every point (repeatable).")
+@click.option("--retry-failed", is_flag=True, help="Run again the points recorded with an error.")
+def sweep(scenario, grids, replications, out, scheduler, workers, overrides, retry_failed):
+    """Simulate SCENARIO over a grid of overrides, each point with N replications; resumable."""
+    from .plan.sweep import sweep as run_sweep
+    from .scenario import read_yaml
+
+    if out is None:
+        name = read_yaml(scenario).get("name") or scenario.stem
+        out = Path("results") / str(name) / "sweep"
+    try:
+        table = run_sweep(scenario, list(grids), replications=replications, out=out, workers=workers,
+                          scheduler=scheduler, progress=True, retry_failed=retry_failed, overrides=overrides,
+                          log=lambda m: click.echo(m, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished points are kept in {out}/points/; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+    _print_sweep(table)
+    bad = table[table["status"] != "ok"]
+    for _, row in bad.iterrows():
+        click.echo(f"point {row['point']} failed: {row['error']}", err=True)
+    click.echo(f"{len(table) - len(bad)} of {len(table)} points done"
+               + (f", {len(bad)} failed" if len(bad) else "") + f"; table written to {out}/results.parquet "
+               f"and {out}/results.csv", err=True)
+
+
+def _print_sweep(table) -> None:
+    """The sweep's main figures on stdout, one row per point."""
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    skip = {"point", "key", "status", "error", "replications", "seed", "wall_seconds"}
+    params = []
+    for c in table.columns:
+        if c in skip:
+            continue
+        if c == "requests":
+            break
+        params.append(c)
+    t = Table(title=f"sweep: {len(table)} points")
+    for c in ["point", *params, "status"]:
+        t.add_column(c, justify="right" if c == "point" else "left", overflow="fold")
+    figs = [("p99_ms", "P99 (ms)", 1), ("failed", "failed", 0), ("cost_usd", "cost (USD)", 2)]
+    figs = [f for f in figs if f[0] in table.columns]
+    for _, label, _ in figs:
+        t.add_column(label, justify="right")
+
+    def cell(row, key, digits):
+        v = row.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        ci = row.get(f"{key}_ci95")
+        s = _fmt(v, digits)
+        return s + (f" ± {_fmt(ci, digits)}" if ci is not None and not (isinstance(ci, float) and math.isnan(ci))
+                    else "")
+
+    for _, row in table.iterrows():
+        t.add_row(str(row["point"]), *[str(row[c]) for c in params], str(row["status"]),
+                  *[cell(row, k, d) for k, _, d in figs])
+    Console().print(t)
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--instance-types", metavar="A,B,C", help="Instance types to consider (default: each "
+              "endpoint's own).")
+@click.option("--max-instances", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Largest instance count per endpoint.")
+@click.option("--min-instances", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--slo", "slo", multiple=True, metavar="p99=500ms",
+              help="Target(s) to meet: p50, p90, p99 or mean (default: the scenario's slo).")
+@click.option("--max-failed", type=click.FloatRange(min=0, max=1, max_open=True), default=0.001,
+              show_default=True, help="Largest share of failed requests a feasible plan may have.")
+@click.option("--routing", metavar="A,B", help="Routing policies to consider (default: each endpoint's own).")
+@click.option("--endpoint", "endpoints", multiple=True, metavar="NAME",
+              help="Endpoints to size (default: every sme and mme endpoint).")
+@click.option("--replications", type=click.IntRange(min=1), help="Replications per plan (default: the "
+              "scenario's when more than 1, else 5).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a scenario key first (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print optimize.json alone on stdout.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
+              "results/<name>/optimize/): optimize.json, best.yaml, plans.csv, frontier.csv, frontier.png.")
+def optimize(scenario, instance_types, max_instances, min_instances, slo, max_failed, routing, endpoints,
+             replications, overrides, as_json, out):
+    """The cheapest fixed fleet of SCENARIO whose P99 (upper end of its 95% CI) meets the SLO."""
+    from .plan.optimize import optimize as run_optimize
+    from .scenario import read_yaml
+
+    if out is None:
+        name = read_yaml(scenario).get("name") or scenario.stem
+        out = Path("results") / str(name) / "optimize"
+    res = run_optimize(scenario, instance_types=_csv_list(instance_types), max_instances=max_instances,
+                       min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
+                       replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
+                       overrides=overrides, out=out, log=(lambda m: None) if as_json else
+                       (lambda m: click.echo(m, err=True)))
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{res.scenario}: {'cheapest plan meeting' if res.feasible else 'NO plan meets'} "
+                    + ", ".join(f"{m} <= {v:g} ms" for m, v in res.slo.items()))
+    for c in ("endpoint", "instance type", "instances", "routing"):
+        t.add_column(c)
+    for name, p in res.best_plan.items():
+        t.add_row(name, p["instance_type"], str(p["instances"]), p["routing"])
+    Console().print(t)
+    ov = (res.best_summary or {}).get("overall") or {}
+    for m in res.slo:
+        v, ci = ov.get(f"{m}_ms"), ov.get(f"{m}_ms_ci95")
+        click.echo(f"{m}: {_fmt(v)}" + (f" ± {_fmt(ci)}" if ci is not None else "") + " ms (95% CI)")
+    click.echo(f"cost: ${res.cost_per_hour_usd:,.2f}/h")
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"{res.n_simulations} plans simulated x {res.replications} replications; best plan in "
+               f"{out}/best.yaml, frontier in {out}/frontier.csv and {out}/frontier.png", err=True)
+    if not res.feasible:
+        sys.exit(1)
+
+
+
+_COMPARE_ROWS = (("instances", "instances", None), ("cost per hour (USD)", "cost_per_hour_usd", 2),
+                 ("cost per 1M requests (USD)", "cost_per_million_usd", 2), ("P50 latency (ms)", "p50_ms", 1),
+                 ("P99 latency (ms)", "p99_ms", 1), ("SLO attainment", "slo_attainment", 4),
+                 ("SLO met", "slo_met", None), ("requests", "requests", 0), ("failed", "failed", 0),
+                 ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
+                 ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU memory utilisation", "gpu_memory_utilization", 3),
+                 ("GPUs stranded (fraction)", "gpu_stranded_fraction", 3), ("simulations (sizing)", "simulations", 0))
+
+
+def print_comparison(summary: dict) -> None:
+    """compare.json as a table: one column per plan."""
+    from rich.console import Console
+    from rich.table import Table
+
+    slo = ", ".join(f"{k[:-3]} <= {v:g} ms" for k, v in (summary.get("slo") or {}).items()) or "no SLO"
+    t = Table(title=f"{summary['scenario']}: plans on the same arrivals ({slo}; "
+                    f"{summary['simulated_seconds'] / 60:g} simulated minutes)")
+    plans = summary["plans"]
+    t.add_column("")
+    for name, b in plans.items():
+        t.add_column(f"{name}{' (best)' if name == summary.get('best') else ''}", justify="right")
+    for label, key, digits in _COMPARE_ROWS:
+        cells = []
+        for b in plans.values():
+            v = len(b.get("sizing", [])) if key == "simulations" else b.get(key)
+            if isinstance(v, dict):
+                cells.append(", ".join(f"{n} x {k}" for k, n in v.items()))
+            elif isinstance(v, bool) or digits is None:
+                cells.append("-" if v is None else ("yes" if v is True else "no" if v is False else str(v)))
+            else:
+                cells.append(_fmt(v, digits))
+        t.add_row(label, *cells)
+    Console().print(t)
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plans", default="sme,mme,ic", show_default=True, metavar="sme,mme,ic | PLANS.yaml",
+              help="Hosting modes to plan automatically, or a YAML file of plans written by hand (name -> list of "
+                   "endpoints, or name -> scenario file whose endpoints are taken).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
+              "results/<name>/compare/): compare.json, plans/<plan>.yaml, runs/<plan>/.")
+@click.option("--seed", type=int, help="Override the scenario's seed.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a scenario key first, e.g. --set slo.p99=1s (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print compare.json alone on stdout.")
+@click.option("--report", "with_report", is_flag=True, help="Also write report.html (as capsim report DIR).")
+def compare(scenario, plans, out, seed, overrides, as_json, with_report):
+    """One plan per hosting mode for SCENARIO's fleet, each sized to meet its SLO, all on the same arrivals."""
+    from .plan.compare import compare as run_compare
+    from .scenario import read_yaml
+
+    if out is None:
+        name = read_yaml(scenario).get("name") or scenario.stem
+        out = Path("results") / str(name) / "compare"
+    say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say)
+    if with_report:
+        from .report.html import write_report
+
+        page = write_report(out)
+        say(f"report written to {page}")
+    summary = cmp.summary
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    print_comparison(summary)
+    for name, why in summary["skipped"].items():
+        click.echo(f"{name}: not built: {why}", err=True)
+    for name, b in summary["plans"].items():
+        for note in b["notes"]:
+            click.echo(f"{name}: {note}", err=True)
+    best = summary["best"]
+    click.echo((f"cheapest plan meeting the SLO: {best}" if best else "no plan meets the SLO")
+               + f"; written to {out}/ (compare.json, plans/*.yaml to edit and re-run, runs/)", err=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="HTML file (default DIR/report.html).")
+def report(directory, out):
+    """Write a self-contained HTML report (figures embedded) for a run or compare directory."""
+    from .report.html import write_report
+
+    page = write_report(directory, out)
+    click.echo(f"report written to {page} (figures also in {Path(directory) / 'plots'}/)", err=True)
+
+
 if __name__ == "__main__":
     main()

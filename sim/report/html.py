@@ -1,0 +1,404 @@
+"""``capsim report DIR``: one self-contained HTML page for a run or a comparison.
+
+A run directory holds ``summary.json``, ``requests.parquet`` and
+``timeline.csv`` (``capsim run``); a comparison directory holds
+``compare.json`` and each plan's run under ``runs/<plan>/`` (``capsim
+compare``). The page embeds its figures as base64 PNG (no file or network
+reference: it can be mailed or attached as it is); the same PNGs are written
+to ``DIR/plots/report_*.png``. A small inline script counts the figures the
+browser decoded and shows it at the top of the page.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..scenario.errors import ScenarioError  # noqa: E402
+
+MAX_LINES = 8           # endpoints drawn one by one in a figure; the rest are summed
+CDF_POINTS = 2000       # quantiles drawn per latency CDF
+
+
+@dataclass
+class Figure:
+    name: str           # file stem under plots/
+    title: str
+    caption: str
+    png: bytes
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ScenarioError(f"cannot read {path.name} ({e})", source=str(path)) from None
+
+
+def _read_run(d: Path) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
+    summary = _read_json(d / "summary.json")
+    req = tl = None
+    if (d / "requests.parquet").exists():
+        cols = ["endpoint", "arrival_s", "latency_ms", "status", "cold"]
+        req = pd.read_parquet(d / "requests.parquet")
+        req = req[[c for c in cols + ["replication"] if c in req.columns]]
+        if "replication" in req.columns:
+            req = req[req["replication"] == 0]
+    if (d / "timeline.csv").exists():
+        tl = pd.read_csv(d / "timeline.csv")
+        if "replication" in tl.columns:
+            tl = tl[tl["replication"] == 0]
+    return summary, req, tl
+
+
+def _measured_ok(req: pd.DataFrame, summary: dict) -> pd.DataFrame:
+    t0 = summary.get("warmup_seconds", 0.0)
+    t1 = t0 + summary.get("simulated_seconds", np.inf)
+    return req[(req["status"] == "ok") & (req["arrival_s"] >= t0) & (req["arrival_s"] < t1)]
+
+
+# -- figures ---------------------------------------------------------------------------------------------------------
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _cdf(ax, lat: np.ndarray, label: str, **kw) -> None:
+    if not len(lat):
+        return
+    q = np.linspace(0.0, 1.0, min(CDF_POINTS, len(lat)))
+    ax.plot(np.quantile(lat, q), q, label=label, **kw)
+
+
+def _slo_ms(slo: Any) -> float | None:
+    if isinstance(slo, dict):
+        return slo.get("p99_ms") or next(iter(slo.values()), None)
+    return None
+
+
+def _cdf_axes(ax, title: str, slo_ms: float | None) -> None:
+    if slo_ms:
+        ax.axvline(slo_ms, color="red", ls="--", lw=1, label=f"SLO {slo_ms:g} ms")
+    ax.axhline(0.99, color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+
+
+def _busiest(summary: dict, k: int = MAX_LINES) -> list[str]:
+    eps = summary.get("endpoints", {})
+    return sorted(eps, key=lambda n: -(eps[n].get("requests") or 0))[:k]
+
+
+def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None) -> list[Figure]:
+    figs = []
+    name = summary.get("scenario", "run")
+    slo = _slo_from_summary(summary)
+    top = _busiest(summary)
+    if req is not None and len(req):
+        ok = _measured_ok(req, summary)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        _cdf(ax, ok["latency_ms"].to_numpy(), "all requests", color="black", lw=2)
+        if len(summary.get("endpoints", {})) > 1:
+            for ep in top:
+                _cdf(ax, ok.loc[ok["endpoint"] == ep, "latency_ms"].to_numpy(), ep, lw=1)
+        _cdf_axes(ax, f"{name}: latency CDF (completed requests, measured horizon)", slo)
+        figs.append(Figure("report_latency_cdf", "Latency CDF",
+                           "Completed requests after warmup; one line per endpoint (the busiest "
+                           f"{MAX_LINES} when there are more).", _png(fig)))
+    if tl is not None and len(tl):
+        figs.append(Figure("report_timeline", "Timeline",
+                           "Per simulated minute: invocations, instances in service, loaded models, GPU memory "
+                           "utilisation and cache hit rate (shaded: warmup).",
+                           _png(_timeline_figure({ep: g for ep, g in tl.groupby("endpoint", sort=False)},
+                                                 summary.get("warmup_seconds", 0.0), f"{name}: timeline",
+                                                 top))))
+    eps = summary.get("endpoints", {})
+    if eps:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        dur_h = summary.get("simulated_seconds", 3600.0) / 3600.0
+        for ep, b in eps.items():
+            if b.get("p99_ms") is None:
+                continue
+            ax.scatter(b["cost_usd"] / dur_h, b["p99_ms"], s=30)
+            if ep in top:
+                ax.annotate(ep, (b["cost_usd"] / dur_h, b["p99_ms"]), fontsize="x-small",
+                            xytext=(4, 4), textcoords="offset points")
+        if slo:
+            ax.axhline(slo, color="red", ls="--", lw=1, label=f"SLO {slo:g} ms")
+            ax.legend(loc="upper right", fontsize="small")
+        ax.set_xlabel("cost (USD per hour)")
+        ax.set_ylabel("P99 latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: cost against P99, per endpoint")
+        ax.grid(True, which="both", alpha=0.3)
+        figs.append(Figure("report_cost_p99", "Cost against P99",
+                           "Each endpoint's cost per hour and P99 latency over the measured horizon.", _png(fig)))
+    return figs
+
+
+def _slo_from_summary(summary: dict) -> float | None:
+    return summary.get("slo_ms")
+
+
+_PANELS = (("invocations", "invocations / min", "sum"), ("instances", "instances in service", "sum"),
+           ("loaded_models", "loaded models (copies)", "sum"),
+           ("gpu_memory_utilization", "GPU memory utilisation", "instances"),
+           ("model_cache_hit", "cache hit rate", "invocations"))
+
+
+def _aggregate(tl: pd.DataFrame) -> pd.DataFrame:
+    """Endpoints of one run summed per minute: counts added, ratios weighted
+    (GPU memory by instances, hit rate by invocations)."""
+    t = tl.copy()
+    out = t.groupby("t_s", sort=True)[["invocations", "instances", "loaded_models"]].sum()
+    for col, _, w in _PANELS:
+        if w == "sum" or col not in t.columns:
+            continue
+        v = t[col].to_numpy(dtype=float)
+        wt = t[w].to_numpy(dtype=float)
+        ok = np.isfinite(v) & (wt > 0)
+        num = pd.Series(np.where(ok, v * wt, 0.0)).groupby(t["t_s"].to_numpy()).sum()
+        den = pd.Series(np.where(ok, wt, 0.0)).groupby(t["t_s"].to_numpy()).sum()
+        out[col] = (num / den.where(den > 0)).reindex(out.index).to_numpy()
+    return out.reset_index()
+
+
+def _timeline_figure(series: dict[str, pd.DataFrame], warmup: float, title: str, keep: list[str] | None = None):
+    """One panel per figure of _PANELS, one line per entry of ``series`` (an endpoint or a plan)."""
+    names = list(series)
+    if keep is not None and len(names) > MAX_LINES:
+        rest = [n for n in names if n not in keep]
+        agg = _aggregate(pd.concat([series[n] for n in rest], ignore_index=True))
+        series = {**{n: series[n] for n in names if n in keep}, f"{len(rest)} others (total)": agg}
+    fig, axes = plt.subplots(len(_PANELS), 1, figsize=(9, 11), sharex=True)
+    for label, g in series.items():
+        m = g["t_s"].to_numpy() / 60.0
+        for ax, (col, _, _) in zip(axes, _PANELS):
+            if col in g.columns:
+                ax.step(m, g[col].to_numpy(dtype=float), where="post", label=str(label), lw=1.2)
+    for ax, (_, ylabel, _) in zip(axes, _PANELS):
+        ax.set_ylabel(ylabel, fontsize="small")
+        ax.grid(True, alpha=0.3)
+        if warmup > 0:
+            ax.axvspan(0, warmup / 60.0, color="grey", alpha=0.15, lw=0)
+    axes[0].legend(loc="upper right", fontsize="x-small", ncol=2)
+    axes[3].set_ylim(0, 1.05)
+    axes[4].set_ylim(-0.05, 1.05)
+    axes[-1].set_xlabel("simulated minutes (shaded: warmup)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def compare_figures(cmp: dict, runs: dict[str, tuple[dict, pd.DataFrame | None, pd.DataFrame | None]]) -> list[Figure]:
+    figs = []
+    name = cmp.get("scenario", "comparison")
+    slo = _slo_ms(cmp.get("slo"))
+    plans = cmp.get("plans", {})
+    with_req = {p: r for p, r in runs.items() if r[1] is not None and len(r[1])}
+    if with_req:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        # Plans often share their fast path: distinct dashes keep overlapping lines apart.
+        styles = ("-", "--", "-.", ":")
+        for k, (p, (summary, req, _)) in enumerate(with_req.items()):
+            _cdf(ax, _measured_ok(req, summary)["latency_ms"].to_numpy(), p, lw=1.8, ls=styles[k % len(styles)])
+        _cdf_axes(ax, f"{name}: latency CDF per plan (same arrivals)", slo)
+        figs.append(Figure("report_latency_cdf", "Latency CDF per plan",
+                           "Completed requests after warmup, every plan on the same arrivals.", _png(fig)))
+    if plans:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for p, b in plans.items():
+            if b.get("p99_ms") is None:
+                continue
+            met = b.get("slo_met")
+            ax.scatter(b["cost_per_hour_usd"], b["p99_ms"], s=90, marker="o" if met else "x",
+                       label=f"{p} ({'meets' if met else 'misses'} the SLO)" if met is not None else p)
+            ax.annotate(f"{p}: ${b['cost_per_hour_usd']:,.2f}/h", (b["cost_per_hour_usd"], b["p99_ms"]),
+                        fontsize="small", xytext=(6, 6), textcoords="offset points")
+        if slo:
+            ax.axhline(slo, color="red", ls="--", lw=1, label=f"SLO {slo:g} ms")
+        ax.set_xlabel("cost (USD per hour)")
+        ax.set_ylabel("P99 latency (ms)")
+        ax.set_xlim(left=0)
+        ax.set_title(f"{name}: cost against P99 per plan")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+        figs.append(Figure("report_cost_p99", "Cost against P99 per plan",
+                           "Lower left is better; circles meet the SLO, crosses miss it.", _png(fig)))
+    with_tl = {p: _aggregate(r[2]) for p, r in runs.items() if r[2] is not None and len(r[2])}
+    if with_tl:
+        warm = cmp.get("warmup_seconds", 0.0)
+        figs.append(Figure("report_timeline", "Timelines per plan",
+                           "Per simulated minute, each plan's endpoints together: invocations, instances, loaded "
+                           "models, GPU memory utilisation (weighted by instances) and cache hit rate (weighted by "
+                           "invocations).", _png(_timeline_figure(with_tl, warm, f"{name}: timelines per plan"))))
+    return figs
+
+
+# -- tables ----------------------------------------------------------------------------------------------------------
+_ROWS = (("cost per hour (USD)", "cost_per_hour_usd", 2), ("cost (USD)", "cost_usd", 2),
+         ("cost per 1M requests (USD)", "cost_per_million_usd", 2), ("requests", "requests", 0),
+         ("completed", "completed", 0), ("failed", "failed", 0), ("P50 latency (ms)", "p50_ms", 1),
+         ("P90 latency (ms)", "p90_ms", 1), ("P99 latency (ms)", "p99_ms", 1), ("mean latency (ms)", "mean_ms", 1),
+         ("SLO attainment", "slo_attainment", 4), ("SLO met", "slo_met", None), ("throughput (req/s)",
+         "throughput_per_s", 2), ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
+         ("instances (mean)", "instances_mean", 2), ("instances (max)", "instances_max", 0),
+         ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU memory utilisation", "gpu_memory_utilization", 3),
+         ("GPUs stranded (fraction)", "gpu_stranded_fraction", 3), ("copies (mean)", "copies_mean", 2))
+
+
+def _cell(v: Any, digits: int | None) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    if isinstance(v, dict):
+        return html.escape(", ".join(f"{k} x {n}" for k, n in v.items()))
+    if isinstance(v, bool) or digits is None:
+        return "yes" if v is True else "no" if v is False else html.escape(str(v))
+    if digits == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{digits}f}"
+
+
+def _table(columns: list[tuple[str, dict]], extra_rows: tuple = ()) -> str:
+    head = "".join(f"<th>{html.escape(n)}</th>" for n, _ in columns)
+    rows = []
+    for label, key, digits in tuple(extra_rows) + _ROWS:
+        vals = [b.get(key) for _, b in columns]
+        if all(v is None for v in vals):
+            continue
+        rows.append(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{_cell(v, digits)}</td>" for v in vals)
+                    + "</tr>")
+    return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+# -- the page --------------------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+.meta{color:#666;font-size:.9em} .status{font-size:.85em;color:#555}
+table{border-collapse:collapse;font-size:.85em;margin:.8em 0} th,td{border:1px solid #ddd;padding:.25em .6em}
+td{text-align:right;font-variant-numeric:tabular-nums} thead th{background:#f3f3f3} tbody th{text-align:left;
+font-weight:normal;background:#fafafa} figure{margin:1.2em 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.9em} .best{font-weight:bold} ul.notes{font-size:.9em;color:#444}
+"""
+
+# Counts the figures the browser decoded; shown at the top (and read by the tests through the DOM).
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img.figure'), n = 0;
+  imgs.forEach(function (i) { if (i.complete && i.naturalWidth > 0) { n++; } });
+  var s = document.getElementById('figure-status');
+  s.textContent = 'figures rendered: ' + n + '/' + imgs.length;
+  s.setAttribute('data-rendered', String(n));
+});
+"""
+
+
+def _page(title: str, meta: str, body: str, figs: list[Figure]) -> str:
+    fig_html = "".join(
+        f'<figure id="{html.escape(f.name)}"><h2>{html.escape(f.title)}</h2>'
+        f'<img class="figure" alt="{html.escape(f.title)}" src="data:image/png;base64,'
+        f'{base64.b64encode(f.png).decode("ascii")}"><figcaption>{html.escape(f.caption)}</figcaption></figure>'
+        for f in figs)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p class=\"meta\">{meta}</p>"
+            f"<p class=\"status\" id=\"figure-status\" data-rendered=\"0\">figures rendered: 0/{len(figs)} "
+            f"(the page counts them once loaded)</p>{body}{fig_html}<script>{_SCRIPT}</script></body></html>\n")
+
+
+def _notes(items: list[str]) -> str:
+    return "<ul class=\"notes\">" + "".join(f"<li>{html.escape(x)}</li>" for x in items) + "</ul>" if items else ""
+
+
+def _run_page(d: Path) -> tuple[str, list[Figure]]:
+    summary, req, tl = _read_run(d)
+    figs = run_figures(summary, req, tl)
+    eps = summary.get("endpoints", {})
+    shown = _busiest(summary, 12)
+    cols = [(n, eps[n]) for n in eps if n in shown] + [("total", summary.get("overall", {}))]
+    dur = summary.get("simulated_seconds", 0.0)
+    meta = (f"run directory {html.escape(str(d))}; {dur / 60:g} simulated minutes after "
+            f"{summary.get('warmup_seconds', 0.0) / 60:g} min warmup; seed {summary.get('seed')}")
+    body = "<h2>Summary</h2>"
+    if len(eps) > len(shown):
+        body += f"<p class=\"meta\">The {len(shown)} busiest of {len(eps)} endpoints, and the total.</p>"
+    body += _table(cols) + _notes(summary.get("warnings", []))
+    return _page(f"capsim run: {summary.get('scenario', d.name)}", meta, body, figs), figs
+
+
+def _compare_page(d: Path) -> tuple[str, list[Figure]]:
+    cmp = _read_json(d / "compare.json")
+    plans = cmp.get("plans", {})
+    runs = {}
+    missing = []
+    for p, b in plans.items():
+        rd = d / b.get("run_dir", f"runs/{p}")
+        if (rd / "summary.json").exists():
+            runs[p] = _read_run(rd)
+        else:
+            missing.append(f"plan {p}: no run directory at {rd} (figures left out)")
+    figs = compare_figures(cmp, runs)
+    slo = cmp.get("slo") or {}
+    slo_txt = ", ".join(f"{k.removesuffix('_ms')} <= {v:g} ms" for k, v in slo.items()) or "none"
+    meta = (f"comparison directory {html.escape(str(d))}; SLO {html.escape(slo_txt)}; "
+            f"{cmp.get('simulated_seconds', 0) / 60:g} simulated minutes after "
+            f"{cmp.get('warmup_seconds', 0) / 60:g} min warmup; seed {cmp.get('seed')}; same arrivals for every plan")
+    best = cmp.get("best")
+    body = "<h2>Plans side by side</h2>"
+    body += (f"<p class=\"best\">Cheapest plan that meets the SLO: {html.escape(best)}</p>" if best
+             else "<p class=\"best\">No plan meets the SLO.</p>")
+    body += _table(list(plans.items()), (("instances", "instances", None), ("mode", "mode", None)))
+    notes = [f"{p}: {n}" for p, b in plans.items() for n in ([b["description"]] if b.get("description") else [])
+             + b.get("notes", [])]
+    notes += [f"{p}: not built: {why}" for p, why in (cmp.get("skipped") or {}).items()]
+    notes += [f"{p}: {w}" for p, b in plans.items() for w in b.get("warnings", [])]
+    body += _notes(notes + missing)
+    files = "".join(f"<li>{html.escape(p)}: {html.escape(b.get('scenario_file', ''))} (scenario to edit and re-run), "
+                    f"{html.escape(b.get('run_dir', ''))}/</li>" for p, b in plans.items())
+    body += f"<p class=\"meta\">Files in this directory:</p><ul class=\"notes\">{files}</ul>"
+    return _page(f"capsim compare: {cmp.get('scenario', d.name)}", meta, body, figs), figs
+
+
+def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (default ``DIR/report.html``) and ``DIR/plots/report_*.png``
+    for a run or comparison directory; returns the HTML file's path."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ScenarioError("not a directory; expected a run directory (summary.json, requests.parquet, "
+                            "timeline.csv) or a comparison directory (compare.json)", source=str(directory))
+    if (d / "compare.json").exists():
+        page, figs = _compare_page(d)
+    elif (d / "summary.json").exists():
+        page, figs = _run_page(d)
+    else:
+        raise ScenarioError("neither compare.json nor summary.json here; expected the directory `capsim run` or "
+                            "`capsim compare` wrote", source=str(directory))
+    plots = d / "plots"
+    plots.mkdir(exist_ok=True)
+    for f in figs:
+        (plots / f"{f.name}.png").write_bytes(f.png)
+    path = Path(out) if out is not None else d / "report.html"
+    path.write_text(page.replace("</body>", f"<p class=\"meta\">Written by capsim on "
+                                 f"{_dt.datetime.now().isoformat(timespec='seconds')}.</p></body>"),
+                    encoding="utf-8")
+    return path

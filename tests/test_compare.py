@@ -1,0 +1,202 @@
+"""capsim compare: auto-plans per hosting mode, sized to the SLO, on the same arrivals."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import sim
+from sim.cli import main
+cmp_mod = importlib.import_module("sim.plan.compare")
+from sim.plan.compare import erlang_c, read_plans, units_needed
+from sim.scenario import ScenarioError
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+SMALL = SCENARIOS / "compare_small_models.yaml"
+LARGE = SCENARIOS / "compare_large_models.yaml"
+M_KEYS = ("requests", "completed", "failed", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_per_s",
+          "cold_starts", "cache_hit_rate", "cost_usd", "cost_per_million_usd", "slo_attainment")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small")
+    return sim.compare(SMALL, out=out), out
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    out = tmp_path_factory.mktemp("large")
+    return sim.compare(LARGE, out=out), out
+
+
+def _cph(c, name):
+    return c.summary["plans"][name]["cost_per_hour_usd"]
+
+
+def test_small_models_mme_costs_a_third_of_sme_and_both_meet_the_slo(small):
+    c, _ = small
+    s = c.summary
+    assert set(s["plans"]) == {"sme", "mme", "ic"}
+    assert len(c.loads) == 40
+    for name in ("sme", "mme"):
+        assert s["plans"][name]["slo_met"], s["plans"][name]["sizing"]
+        assert s["plans"][name]["p99_ms"] <= 1000.0
+    assert _cph(c, "mme") <= _cph(c, "sme") / 3
+    assert s["best"] == "mme"
+    # The SME plan: one endpoint per model; the MME plan: one endpoint, on a single-GPU type.
+    assert len(s["plans"]["sme"]["endpoints"]) == 40
+    (ep,) = c.plans["mme"].endpoints
+    assert sim.load_scenario(SMALL).catalog.instance(ep["instance_type"]).gpus == 1
+
+
+def test_every_plan_sees_the_same_arrivals(small):
+    c, _ = small
+    frames = [p.result.requests for p in c.plans.values()]
+    for f in frames[1:]:
+        assert len(f) == len(frames[0])
+        assert (f["arrival_s"].to_numpy() == frames[0]["arrival_s"].to_numpy()).all()
+        assert (f["model"].to_numpy() == frames[0]["model"].to_numpy()).all()
+        assert (f["service_ms"].to_numpy() == frames[0]["service_ms"].to_numpy()).all()
+
+
+def test_large_models_ic_wins(large):
+    c, _ = large
+    s = c.summary
+    assert s["best"] == "ic"
+    ok = {n: b["cost_per_hour_usd"] for n, b in s["plans"].items() if b["slo_met"]}
+    assert min(ok, key=ok.get) == "ic"
+    assert _cph(c, "ic") < _cph(c, "sme")
+    # Two-GPU models cannot go on a GPU MME: the plan is reported as skipped, with the reason.
+    assert "mme" in s["skipped"] and "single-GPU" in s["skipped"]["mme"]
+    ic = s["plans"]["ic"]["endpoints"]["ic"]
+    assert ic["gpu_stranded_fraction"] is not None and ic["copies_mean"] >= 6
+
+
+def test_compare_json_and_plan_files(small):
+    c, out = small
+    data = json.loads((out / "compare.json").read_text())
+    assert data["slo"] == {"p99_ms": 1000.0}
+    for name, block in data["plans"].items():
+        for k in M_KEYS + ("cost_per_hour_usd", "slo_met", "gpu_busy_fraction", "gpu_memory_utilization",
+                           "gpu_stranded_fraction", "endpoints", "sizing"):
+            assert k in block, (name, k)
+        assert block["cost_per_hour_usd"] == pytest.approx(
+            block["cost_usd"] / data["simulated_seconds"] * 3600)
+        # The plan is a scenario a user can edit and re-run: it gives the same figures.
+        sc = sim.load_scenario(out / block["scenario_file"])
+        assert sc.name == f"compare-small-models-{name}"
+        run_dir = out / block["run_dir"]
+        assert (run_dir / "summary.json").exists() and (run_dir / "requests.parquet").exists()
+        assert (run_dir / "timeline.csv").exists()
+    again = sim.run(sim.load_scenario(out / "plans" / "mme.yaml"))
+    assert again.summary["overall"]["p99_ms"] == pytest.approx(data["plans"]["mme"]["p99_ms"])
+    assert again.summary["overall"]["cost_usd"] == pytest.approx(data["plans"]["mme"]["cost_usd"])
+
+
+def test_sizing_grows_a_plan_that_misses_the_slo(monkeypatch):
+    # An optimistic estimate (servers fully busy, any wait allowed) misses the SLO:
+    # the sizing loop adds capacity until the simulation meets it.
+    monkeypatch.setattr(cmp_mod, "MAX_UTILISATION", 1.0)
+    monkeypatch.setattr(cmp_mod, "TAIL", 1.0)
+    sc = sim.load_scenario(SMALL, ["models[0].traffic.rate=400/s", "endpoints[0].max_concurrency=1",
+                                   "slo.p99=300ms", "duration=3m", "warmup=1m"])
+    c = sim.compare(sc, ["sme", "ic"], rounds=4)
+    for name, p in c.plans.items():
+        assert len(p.sizing) >= 2, name
+        assert p.sizing[0]["slo_met"] is False
+        assert p.slo_met, p.sizing
+        costs = [r["cost_per_hour_usd"] for r in p.sizing]
+        assert costs == sorted(costs) and costs[-1] > costs[0]
+
+
+def test_hand_written_plans(tmp_path, small):
+    _, out = small
+    plans = tmp_path / "plans.yaml"
+    plans.write_text(yaml.safe_dump({
+        "mme-g5": [{"name": "all", "mode": "mme", "instance_type": "ml.g5.xlarge", "instances": 6,
+                    "max_concurrency": 4, "models": ["small-*"]}],
+        "edited": str(out / "plans" / "mme.yaml"),
+    }))
+    res = CliRunner().invoke(main, ["compare", str(SMALL), "--plans", str(plans), "--out", str(tmp_path / "o"),
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert set(data["plans"]) == {"mme-g5", "edited"}
+    assert data["plans"]["mme-g5"]["instances"] == {"ml.g5.xlarge": 6}
+    assert data["plans"]["edited"]["mode"] == "custom"
+    assert (tmp_path / "o" / "plans" / "mme-g5.yaml").exists()
+
+
+def test_cli_table_and_progress(tmp_path):
+    res = CliRunner().invoke(main, ["compare", str(LARGE), "--plans", "ic,sme", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "cost per hour (USD)" in res.stdout and "ic (best)" in res.stdout
+    assert "estimating each model's traffic" in res.stderr and "simulating" in res.stderr
+    assert set(json.loads((tmp_path / "compare.json").read_text())["plans"]) == {"ic", "sme"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--plans", "sme,mmx"], "unknown plan 'mmx' (did you mean mme?)"),
+    (["--set", "slo=null"], "slo: compare sizes plans to meet the scenario's SLO, and it has none"),
+])
+def test_errors_are_one_paragraph(args, expected, tmp_path):
+    res = CliRunner().invoke(main, ["compare", str(SMALL), "--out", str(tmp_path), *args])
+    assert res.exit_code == 2
+    assert expected in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.output
+
+
+def test_bad_plans_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("a: 3\n")
+    with pytest.raises(ScenarioError, match=r"p\.yaml: a: expected a list of endpoints"):
+        read_plans(f)
+    f.write_text("a: [{name: x, mode: sme, instance_type: ml.g5.xlarg, models: [small-00]}]\n")
+    with pytest.raises(ScenarioError, match=r"p\.yaml \(plan a\): endpoints\[0\]\.instance_type: unknown instance "
+                                            r"type 'ml\.g5\.xlarg' \(did you mean ml\.g5\.xlarge\?\)"):
+        sim.compare(SMALL, f)
+
+
+def test_queueing_estimate():
+    # Erlang C: M/M/2 offered 1 Erlang waits with probability 1/3.
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)
+    assert erlang_c(3, 3.0) == 1.0
+    # More traffic never needs fewer units; more slots per unit never need more units.
+    prev = 0
+    for rate in (0.1, 1, 5, 20, 80):
+        u = units_needed(rate, 0.05, 0.15, 1.0, 1)
+        assert u >= prev and u >= math.ceil(rate * 0.05)
+        prev = u
+    assert units_needed(20, 0.05, 0.15, 1.0, 4) <= units_needed(20, 0.05, 0.15, 1.0, 1)
+    assert units_needed(0.0, 0.05, 0.15, 1.0, 1) == 1
+
+
+def test_trace_and_closed_traffic_and_relocated_paths(tmp_path):
+    # A trace path is relative to the scenario; the plan files live elsewhere and must still find it.
+    src = tmp_path / "in"
+    (src / "traces").mkdir(parents=True)
+    (src / "traces" / "t.csv").write_text("arrival_s\n" + "".join(f"{0.25 * k:.2f}\n" for k in range(2400)))
+    (src / "s.yaml").write_text(yaml.safe_dump({
+        "name": "tr", "seed": 1, "duration": "8m", "warmup": "1m",
+        "models": [{"name": "t-{i}", "count": 3, "size_gb": 2, "service": {"dist": "lognormal", "mean": "100ms",
+                                                                            "cv": 0.5},
+                    "traffic": {"process": "trace", "path": "traces/t.csv", "loop": True}},
+                   {"name": "chat", "size_gb": 4, "service": {"dist": "exponential", "mean": "200ms"},
+                    "traffic": {"process": "closed", "users": 4, "think_time": "1s"}}],
+        "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g5.xlarge", "models": ["*"]}],
+        "slo": {"p99": "2s"}}))
+    c = sim.compare(src / "s.yaml", "sme,mme", out=tmp_path / "out")
+    rates = {lm.name: lm.rate for lm in c.loads}
+    assert sum(rates[f"t-{i}"] for i in range(3)) == pytest.approx(4.0, rel=0.02)
+    assert rates["chat"] == pytest.approx(4 / 1.2, rel=0.1)
+    for name in ("sme", "mme"):
+        assert c.plans[name].slo_met
+        sc = sim.load_scenario(tmp_path / "out" / "plans" / f"{name}.yaml")
+        assert sc.groups[0].traffic.path.endswith("t.csv")

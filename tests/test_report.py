@@ -1,0 +1,101 @@
+"""capsim report: a self-contained HTML page for a run or a comparison directory."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import sim
+from sim.cli import main
+from sim.report.html import write_report
+from sim.scenario import ScenarioError
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    sc = sim.load_scenario(SCENARIOS / "compare_small_models.yaml", ["duration=3m", "warmup=1m"])
+    sim.run(sc).save(out, plots=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    sim.compare(SCENARIOS / "compare_large_models.yaml", ["sme", "mme", "ic"], out=out)
+    return out
+
+
+def _check_page(d: Path) -> str:
+    page = (d / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    # Self-contained: every src is an embedded data URI, and nothing links out.
+    srcs = re.findall(r"""\bsrc\s*=\s*["']([^"']*)""", page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r"\bhref\s*=", page)
+    assert not re.search(r"@import|url\(", page)
+    # One <img> per figure, and the same figures as PNG files in plots/.
+    imgs = re.findall(r"<img\b", page)
+    pngs = sorted((d / "plots").glob("report_*.png"))
+    figures = re.findall(r"<figure\b", page)
+    assert len(imgs) == len(figures) == len(pngs) >= 3
+    return page
+
+
+def test_report_of_a_run(run_dir):
+    path = write_report(run_dir)
+    assert path == run_dir / "report.html"
+    page = _check_page(run_dir)
+    assert "Latency CDF" in page and "Timeline" in page and "P99 latency (ms)" in page
+
+
+def test_report_of_a_comparison(compare_dir):
+    res = CliRunner().invoke(main, ["report", str(compare_dir)])
+    assert res.exit_code == 0, res.output
+    page = _check_page(compare_dir)
+    for text in ("Latency CDF per plan", "Cost against P99 per plan", "Timelines per plan",
+                 "Cheapest plan that meets the SLO: ic", "plans/ic.yaml", "mme: not built"):
+        assert text in page, text
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ScenarioError, match="neither compare.json nor summary.json"):
+        write_report(tmp_path)
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "not a directory" in res.stderr
+
+
+def _chromium() -> str | None:
+    for name in CHROMIUM:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless browser: none of chromium, chromium-browser, "
+                                                "google-chrome is on PATH (apt-get install chromium)")
+def test_report_renders_its_figures_in_chromium(compare_dir, tmp_path):
+    write_report(compare_dir)
+    n = len(re.findall(r"<img\b", (compare_dir / "report.html").read_text()))
+    url = (compare_dir / "report.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    # The page's script counts the images the browser decoded (complete, with a width).
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert f"figures rendered: {n}/{n}" in dom.stdout, dom.stderr[-2000:]
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2000", url],
+                   capture_output=True, text=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    import matplotlib.image as mpimg
+
+    px = mpimg.imread(shot)
+    assert px.std() > 0.05   # not a blank page
