@@ -33,10 +33,10 @@ class Result:
         (default ``results/<scenario name>/``); returns the directory."""
         out = Path(out) if out is not None else Path("results") / self.scenario.name
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "summary.json", json.dumps(self.summary, indent=2, allow_nan=False,
-                                                       default=_json_default) + "\n")
-        self.requests.to_parquet(out / "requests.parquet", index=False)
-        self.timeline.to_csv(out / "timeline.csv", index=False)
+        atomic_write(out / "summary.json", json.dumps(self.summary, indent=2, allow_nan=False,
+                                                      default=json_default) + "\n")
+        atomic_write_frame(self.requests, out / "requests.parquet")
+        atomic_write_frame(self.timeline, out / "timeline.csv")
         if plots:
             from .report.plots import save_run_plots
 
@@ -44,17 +44,50 @@ class Result:
         return out
 
 
-def _json_default(x: Any) -> Any:
-    if hasattr(x, "item"):
+def json_default(x: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: numpy scalars as Python numbers, numpy arrays as
+    lists, paths as strings; anything else is an error (a figure of the wrong type is a bug)."""
+    if hasattr(x, "item") and getattr(x, "ndim", 0) == 0:
         return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a
+    part: a temporary file in the same folder, flushed to disk, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
+    """A DataFrame as parquet (``.parquet``) or CSV (anything else), written as :func:`atomic_write`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def run(scenario: Scenario | str | Path, *, seed: int | None = None, replications: int | None = None,

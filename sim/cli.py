@@ -262,7 +262,9 @@ def _print_sweep(table) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    skip = {"point", "key", "status", "error", "replications", "seed", "wall_seconds"}
+    from .plan.sweep import META_COLUMNS
+
+    skip = set(META_COLUMNS)
     params = []
     for c in table.columns:
         if c in skip:

@@ -72,7 +72,7 @@ def test_table_figures_cis_files_and_seeds_as_sim_run(tmp_path):
     # The final table is the per-point files, in parquet and CSV.
     assert len(list((out / "points").glob("*.json"))) == 4
     pq = pd.read_parquet(out / "results.parquet")
-    pd.testing.assert_frame_equal(pq, df)
+    pd.testing.assert_frame_equal(pq, df, check_exact=True)
     assert len(pd.read_csv(out / "results.csv")) == 4
     # A point's figures are those of sim.run with the same overrides: the seed comes from the point.
     res = sim.run(sim.load_scenario(path, ["endpoints.e.instances=2", "endpoints.e.routing=round_robin"]),
@@ -148,7 +148,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_points(tmp_path):
     resumed = pd.read_parquet(out / "results.parquet")
     # Same table as an uninterrupted sweep (run here in a pool).
     fresh = sweep(path, {"seed": list(range(1, 9))}, out=tmp_path / "fresh", executor=LocalExecutor(2))
-    pd.testing.assert_frame_equal(comparable(resumed), comparable(fresh))
+    pd.testing.assert_frame_equal(comparable(resumed), comparable(fresh), check_exact=True)
     assert list(resumed["seed"]) == list(range(1, 9))
 
 
@@ -168,6 +168,6 @@ def test_dask_cluster_gives_the_local_executors_table(tmp_path):
         finally:
             ex.close()
     assert (local["status"] == "ok").all()
-    pd.testing.assert_frame_equal(comparable(on_dask), comparable(local))
-    pd.testing.assert_frame_equal(comparable(via_address), comparable(local))
-    pd.testing.assert_frame_equal(comparable(serial), comparable(local))
+    pd.testing.assert_frame_equal(comparable(on_dask), comparable(local), check_exact=True)
+    pd.testing.assert_frame_equal(comparable(via_address), comparable(local), check_exact=True)
+    pd.testing.assert_frame_equal(comparable(serial), comparable(local), check_exact=True)

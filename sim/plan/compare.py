@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..api import Result, _atomic_write, _json_default, run
+from ..api import Result, atomic_write, json_default, run
 from ..catalog import InstanceType
 from ..core.rng import Streams
 from ..scenario import Scenario, ScenarioError, apply_overrides, load_scenario, parse_scenario, read_yaml
@@ -724,10 +724,10 @@ class Comparison:
                     + "".join(f"# {note}\n" for note in ([p.description] if p.description else []) + p.notes)
                     + f"# Cost {cost_per_hour(p.result.summary):,.2f} USD/h; SLO met: {p.slo_met}. "
                       f"Edit and re-run: capsim run {out / 'plans' / (n + '.yaml')}\n")
-            _atomic_write(out / "plans" / f"{n}.yaml", head + yaml.safe_dump(d, sort_keys=False, width=110))
+            atomic_write(out / "plans" / f"{n}.yaml", head + yaml.safe_dump(d, sort_keys=False, width=110))
             p.result.save(out / "runs" / n, plots=plots)
-        _atomic_write(out / "compare.json", json.dumps(self.summary, indent=2, allow_nan=False,
-                                                       default=_json_default) + "\n")
+        atomic_write(out / "compare.json", json.dumps(self.summary, indent=2, allow_nan=False,
+                                                       default=json_default) + "\n")
         return out
 
 

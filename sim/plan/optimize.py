@@ -55,8 +55,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..api import atomic_write, atomic_write_frame, json_default
 from ..scenario import ScenarioError, apply_overrides, parse_scenario, read_yaml
 from ..scenario.schema import ROUTING_POLICIES
+from .compare import erlang_c
 
 SLO_METRICS = ("p50", "p90", "p99", "mean")
 _QUANTILE = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
@@ -110,18 +112,6 @@ def parse_slo(slo: Any, scenario_slo: Any = None, source: str = "--slo") -> dict
 
 
 # -- analytic bounds -----------------------------------------------------------------------------------
-def erlang_c(c: int, a: float) -> float:
-    """Probability that a request waits in an M/M/c queue with offered load ``a`` (Erlangs)."""
-    if c <= 0 or a >= c:
-        return 1.0
-    if a <= 0:
-        return 0.0
-    b = 1.0   # Erlang B, by the stable recursion
-    for k in range(1, c + 1):
-        b = a * b / (k + a * b)
-    return c * b / (c - a * (1.0 - b))
-
-
 def wait_tail(c: int, lam: float, mean_s: float, t: float, cv: float = 1.0) -> float:
     """P(wait > t) in M/M/c with arrival rate ``lam`` and mean service ``mean_s``; for service times
     of coefficient of variation ``cv``, the wait scaled by (1 + cv^2) / 2 (Allen-Cunneen, M/G/c)."""
@@ -137,18 +127,6 @@ def mean_wait(c: int, lam: float, mean_s: float, cv: float = 1.0) -> float:
     if a >= c:
         return math.inf
     return erlang_c(c, a) / (c / mean_s - lam) * (1.0 + cv * cv) / 2.0
-
-
-@dataclass
-class _Load:
-    """An endpoint's offered work from the workload itself (replication 0)."""
-
-    rate: float          # requests per second
-    mean_s: float        # mean service time
-    load: float          # busy servers needed (Erlangs) = rate x mean service
-    quantiles_s: dict    # service-time quantiles by SLO metric
-    per_model: list      # (load, memory) per model with traffic
-    cap: int             # requests one instance serves at once (copies x max_concurrency)
 
 
 # -- the result ----------------------------------------------------------------------------------------
@@ -187,24 +165,14 @@ class OptimizeResult:
 
     def save(self, out: str | Path) -> Path:
         """Write optimize.json, best.yaml, plans.csv, frontier.csv and frontier.png to ``out``."""
-        from .sweep import _atomic_write_frame, _atomic_write_text
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "optimize.json", json.dumps(self.to_dict(), indent=2, default=_jd) + "\n")
-        _atomic_write_text(out / "best.yaml", self.best_yaml)
-        _atomic_write_frame(self.plans, out / "plans.csv")
-        _atomic_write_frame(self.frontier, out / "frontier.csv")
+        atomic_write(out / "optimize.json", json.dumps(self.to_dict(), indent=2, default=json_default) + "\n")
+        atomic_write(out / "best.yaml", self.best_yaml)
+        atomic_write_frame(self.plans, out / "plans.csv")
+        atomic_write_frame(self.frontier, out / "frontier.csv")
         plot_frontier(self, out / "frontier.png")
         return out
-
-
-def _jd(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
 
 
 def plot_frontier(res: OptimizeResult, path: Path) -> None:

@@ -22,7 +22,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 import yaml
 
+from ..api import atomic_write, atomic_write_frame, json_default
 from ..scenario import ScenarioError, apply_overrides, parse_scenario, read_yaml
 from .executors import DaskExecutor, Executor, LocalExecutor, SerialExecutor, _cpu_count, make_executor
 
@@ -171,43 +171,8 @@ def run_point(task: PointTask) -> dict[str, Any]:
 
 
 # -- files --------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_frame(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json(rec: dict) -> str:
-    return json.dumps(rec, indent=1, default=_json_default, ensure_ascii=False) + "\n"
-
-
-def _json_default(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
+    return json.dumps(rec, indent=1, default=json_default, ensure_ascii=False) + "\n"
 
 
 def load_points(points_dir: Path) -> dict[str, dict]:
@@ -374,9 +339,9 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
         records = {k: r for k, r in load_points(points_dir).items() if k in wanted}
         if retry_failed:
             records = {k: r for k, r in records.items() if r.get("status") == "ok"}
-        _atomic_write_text(out / "sweep.json", json.dumps({
+        atomic_write(out / "sweep.json", json.dumps({
             "scenario": str(path.resolve()), "grid": grid, "replications": replications,
-            "overrides": list(overrides), "points": len(points)}, indent=2, default=str) + "\n")
+            "overrides": list(overrides), "points": len(points)}, indent=2, default=json_default) + "\n")
 
     todo: list[PointTask] = []
     seen = set(records)
@@ -404,7 +369,7 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
                     if outcome.ok:
                         rec = json.loads(_json(outcome.value))   # exactly what a resumed sweep reads back
                         if points_dir is not None:
-                            _atomic_write_text(points_dir / f"{task.key}.json", _json(rec))
+                            atomic_write(points_dir / f"{task.key}.json", _json(rec))
                     else:   # the executor failed (a worker died): reported, not saved, so a rerun retries it
                         e = outcome.error
                         rec = {"schema": POINT_SCHEMA, "key": task.key, "params": task.params,
@@ -424,8 +389,8 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
 
     table = results_table(points, keys, records)
     if out is not None:
-        _atomic_write_frame(table, out / "results.parquet")
-        _atomic_write_frame(table, out / "results.csv")
+        atomic_write_frame(table, out / "results.parquet")
+        atomic_write_frame(table, out / "results.csv")
     return table
 
 

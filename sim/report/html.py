@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..api import atomic_write  # noqa: E402
 from ..scenario.errors import ScenarioError  # noqa: E402
 
 MAX_LINES = 8           # endpoints drawn one by one in a figure; the rest are summed
@@ -86,8 +87,46 @@ def _cdf(ax, lat: np.ndarray, label: str, **kw) -> None:
 
 
 def _slo_ms(slo: Any) -> float | None:
-    if isinstance(slo, dict):
-        return slo.get("p99_ms") or next(iter(slo.values()), None)
+    """The latency target drawn on the figures, from an SLO block ``{"p99_ms": 500.0, ...}``
+    (compare.json's ``slo``): the P99 target, else the first one given."""
+    if isinstance(slo, dict) and slo:
+        v = slo.get("p99_ms", next(iter(slo.values())))
+        return float(v) if v is not None else None
+    return None
+
+
+def _slo_text(slo: Any) -> str:
+    if not isinstance(slo, dict) or not slo:
+        return "none"
+    return ", ".join(f"{k.removesuffix('_ms')} <= {v:g} ms" for k, v in slo.items())
+
+
+def _run_slo(d: Path, summary: dict) -> dict | None:
+    """The SLO of a run directory, as compare.json writes it (``{"p99_ms": ...}``).
+
+    summary.json does not carry the SLO; it comes from the scenario: a ``scenario.yaml`` in
+    the run directory, else, for a comparison's ``runs/<plan>/``, the plan's scenario file
+    (``plans/<plan>.yaml``) or the comparison's ``slo``. None when nothing says."""
+    import yaml
+
+    from ..scenario.units import parse_duration
+
+    candidates = [d / "scenario.yaml"]
+    if d.parent.name == "runs":
+        candidates.append(d.parent.parent / "plans" / f"{d.name}.yaml")
+    for f in candidates:
+        if f.is_file():
+            try:
+                slo = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("slo")
+                if isinstance(slo, dict) and slo:
+                    return {f"{k}_ms": parse_duration(v) * 1e3 for k, v in slo.items() if v is not None}
+            except (OSError, ValueError, yaml.YAMLError):
+                continue
+    cmp = d.parent.parent / "compare.json"
+    if d.parent.name == "runs" and cmp.is_file():
+        slo = _read_json(cmp).get("slo")
+        if isinstance(slo, dict) and slo:
+            return slo
     return None
 
 
@@ -108,10 +147,11 @@ def _busiest(summary: dict, k: int = MAX_LINES) -> list[str]:
     return sorted(eps, key=lambda n: -(eps[n].get("requests") or 0))[:k]
 
 
-def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None) -> list[Figure]:
+def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None,
+                slo_block: dict | None = None) -> list[Figure]:
     figs = []
     name = summary.get("scenario", "run")
-    slo = _slo_from_summary(summary)
+    slo = _slo_ms(slo_block)
     top = _busiest(summary)
     if req is not None and len(req):
         ok = _measured_ok(req, summary)
@@ -153,10 +193,6 @@ def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None
         figs.append(Figure("report_cost_p99", "Cost against P99",
                            "Each endpoint's cost per hour and P99 latency over the measured horizon.", _png(fig)))
     return figs
-
-
-def _slo_from_summary(summary: dict) -> float | None:
-    return summary.get("slo_ms")
 
 
 _PANELS = (("invocations", "invocations / min", "sum"), ("instances", "instances in service", "sum"),
@@ -332,13 +368,15 @@ def _notes(items: list[str]) -> str:
 
 def _run_page(d: Path) -> tuple[str, list[Figure]]:
     summary, req, tl = _read_run(d)
-    figs = run_figures(summary, req, tl)
+    slo = _run_slo(d, summary)
+    figs = run_figures(summary, req, tl, slo)
     eps = summary.get("endpoints", {})
     shown = _busiest(summary, 12)
     cols = [(n, eps[n]) for n in eps if n in shown] + [("total", summary.get("overall", {}))]
     dur = summary.get("simulated_seconds", 0.0)
     meta = (f"run directory {html.escape(str(d))}; {dur / 60:g} simulated minutes after "
-            f"{summary.get('warmup_seconds', 0.0) / 60:g} min warmup; seed {summary.get('seed')}")
+            f"{summary.get('warmup_seconds', 0.0) / 60:g} min warmup; seed {summary.get('seed')}; "
+            f"SLO {html.escape(_slo_text(slo))}")
     body = "<h2>Summary</h2>"
     if len(eps) > len(shown):
         body += f"<p class=\"meta\">The {len(shown)} busiest of {len(eps)} endpoints, and the total.</p>"
@@ -358,9 +396,7 @@ def _compare_page(d: Path) -> tuple[str, list[Figure]]:
         else:
             missing.append(f"plan {p}: no run directory at {rd} (figures left out)")
     figs = compare_figures(cmp, runs)
-    slo = cmp.get("slo") or {}
-    slo_txt = ", ".join(f"{k.removesuffix('_ms')} <= {v:g} ms" for k, v in slo.items()) or "none"
-    meta = (f"comparison directory {html.escape(str(d))}; SLO {html.escape(slo_txt)}; "
+    meta = (f"comparison directory {html.escape(str(d))}; SLO {html.escape(_slo_text(cmp.get('slo')))}; "
             f"{cmp.get('simulated_seconds', 0) / 60:g} simulated minutes after "
             f"{cmp.get('warmup_seconds', 0) / 60:g} min warmup; seed {cmp.get('seed')}; same arrivals for every plan")
     best = cmp.get("best")
@@ -395,10 +431,9 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
                             "`capsim compare` wrote", source=str(directory))
     plots = d / "plots"
     plots.mkdir(exist_ok=True)
-    for f in figs:
-        (plots / f"{f.name}.png").write_bytes(f.png)
+    for f in figs:   # atomically: a reader (a browser, a CI artifact upload) never sees half a file
+        atomic_write(plots / f"{f.name}.png", f.png)
     path = Path(out) if out is not None else d / "report.html"
-    path.write_text(page.replace("</body>", f"<p class=\"meta\">Written by capsim on "
-                                 f"{_dt.datetime.now().isoformat(timespec='seconds')}.</p></body>"),
-                    encoding="utf-8")
+    atomic_write(path, page.replace("</body>", f"<p class=\"meta\">Written by capsim on "
+                                    f"{_dt.datetime.now().isoformat(timespec='seconds')}.</p></body>"))
     return path
