@@ -156,17 +156,25 @@ def catalog(as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--scale", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
               help="Scale the number of simulated requests (1.0: about 10^6 per case).")
-def bench(as_json, scale):
+@click.option("--parallel", is_flag=True, help="Also time a 16-point sweep serially and on a local process "
+              "pool (sweep_serial_s, sweep_parallel_s, sweep_speedup; about half a minute more).")
+def bench(as_json, scale, parallel):
     """Simulated requests per wall second, and the speed-up over a process-per-request SimPy model."""
     from .bench import run_bench
 
     if not as_json:
         click.echo("benchmarking (about a minute)...", err=True)
-    res = run_bench(scale=scale)
+    res = run_bench(("sme", "mme", "sweep") if parallel else ("sme", "mme"), scale=scale)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
     for name, c in res["cases"].items():
+        if name == "sweep":
+            click.echo(f"sweep: {c['points']} points ({c['requests_per_point']:,} requests each) serial "
+                       f"{c['sweep_serial_s']:.2f} s, on {c['workers']} worker processes "
+                       f"{c['sweep_parallel_s']:.2f} s: {c['sweep_speedup']:.2f}x on {c['cores']} cores"
+                       f"{'' if c['identical'] else ' (TABLES DIFFER)'}")
+            continue
         click.echo(f"{name}: {c['requests']:,} requests in {c['wall_seconds']:.2f} s = "
                    f"{c['requests_per_s']:,.0f} simulated requests/s")
         if "baseline_requests_per_s" in c:

@@ -171,3 +171,16 @@ def test_dask_cluster_gives_the_local_executors_table(tmp_path):
     pd.testing.assert_frame_equal(comparable(on_dask), comparable(local), check_exact=True)
     pd.testing.assert_frame_equal(comparable(via_address), comparable(local), check_exact=True)
     pd.testing.assert_frame_equal(comparable(serial), comparable(local), check_exact=True)
+
+
+def test_bench_parallel_reports_the_sweep_speedup():
+    # The figures of `capsim bench --parallel` (a small scale here: the speed-up itself is measured by
+    # hand on an idle machine, see CHANGELOG.md; on a loaded CI machine a timing assertion would flake).
+    r = CliRunner().invoke(main, ["bench", "--parallel", "--scale", "0.01", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    sw = doc["cases"]["sweep"]
+    assert sw["points"] == 16 and sw["identical"] is True
+    for k in ("sweep_serial_s", "sweep_parallel_s", "sweep_speedup"):
+        assert doc[k] == sw[k] and doc[k] > 0, k
+    assert doc["sweep_speedup"] == pytest.approx(doc["sweep_serial_s"] / doc["sweep_parallel_s"], rel=0.01)
