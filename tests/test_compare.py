@@ -66,16 +66,117 @@ def test_every_plan_sees_the_same_arrivals(small):
 
 
 def test_large_models_ic_wins(large):
+    # Eight models that each need one whole (80 GB) GPU, at low to moderate traffic: as SMEs each holds
+    # an 8-GPU instance; as inference components their copies share one. No single-GPU type holds a
+    # copy, so no GPU MME can host them: skipped, with the reason.
     c, _ = large
     s = c.summary
+    assert all(lm.accelerators == 1 for lm in c.loads) and len(c.loads) == 8
     assert s["best"] == "ic"
     ok = {n: b["cost_per_hour_usd"] for n, b in s["plans"].items() if b["slo_met"]}
-    assert min(ok, key=ok.get) == "ic"
-    assert _cph(c, "ic") < _cph(c, "sme")
-    # Two-GPU models cannot go on a GPU MME: the plan is reported as skipped, with the reason.
-    assert "mme" in s["skipped"] and "single-GPU" in s["skipped"]["mme"]
+    assert set(ok) == {"sme", "ic"} and min(ok, key=ok.get) == "ic"
+    assert "mme" in s["skipped"] and "single-GPU" in s["skipped"]["mme"] and "48 GB" in s["skipped"]["mme"]
+    # The cost ratio is the GPUs each plan rents: 8 per model as SMEs, one per copy (packed) as ICs.
+    cat = sim.load_scenario(LARGE).catalog
+    sme_types = {ep["instance_type"] for ep in c.plans["sme"].endpoints}
+    assert len(c.plans["sme"].endpoints) == 8 and all(cat.instance(t).gpus == 8 for t in sme_types)
+    ratio = _cph(c, "sme") / _cph(c, "ic")
     ic = s["plans"]["ic"]["endpoints"]["ic"]
-    assert ic["gpu_stranded_fraction"] is not None and ic["copies_mean"] >= 6
+    gpus_sme = sum(s["plans"]["sme"]["instances"].values()) * 8
+    assert ratio == pytest.approx(gpus_sme / (ic["instances_mean"] * 8), rel=1e-6)
+    assert ratio >= 4
+    assert ic["copies_mean"] >= 8
+    # Same service: both plans meet the SLO on the same requests, with similar P99s.
+    assert s["plans"]["ic"]["p99_ms"] <= 1.1 * s["plans"]["sme"]["p99_ms"]
+    assert s["plans"]["sme"]["gpu_busy_fraction"] < 0.1 < s["plans"]["ic"]["gpu_busy_fraction"]
+
+
+def _estimate(plan, catalog) -> float:
+    return sum(catalog.instance(t).price_per_hour * n for t, n in cmp_mod._instances(plan.endpoints).items())
+
+
+def test_sme_is_no_dearer_than_ic_where_a_single_gpu_type_holds_the_model():
+    # The control of the case above: 20 GB one-GPU models fit a 24 GB L4 or A10G, sold as single-GPU
+    # instances, which cost less per GPU than the 4- and 8-GPU types inference components pack onto.
+    # So the plans' estimates rank SME first; an MME holds one such model per GPU and needs memory
+    # slack on top, so it cannot be cheaper either. Nothing in the sizing favours a mode.
+    sc = sim.load_scenario(LARGE, ["models[0].memory_gb=20", "models[0].size_gb=16", "models[1].memory_gb=20",
+                                   "models[1].size_gb=16"])
+    loads = cmp_mod.fleet_load(sc)
+    types = list(sc.catalog.instance_types.values())
+    slo = cmp_mod.SLO.of(sc).latency_s
+    sme, ic = cmp_mod.build_sme(loads, types, slo), cmp_mod.build_ic(loads, types, slo)
+    mme = cmp_mod.build_mme(loads, types, slo)
+    assert sme.feasible and ic.feasible and mme.feasible
+    assert all(sc.catalog.instance(ep["instance_type"]).gpus == 1 for ep in sme.endpoints)
+    per_gpu = {t.name: t.price_per_hour / t.gpus for t in cmp_mod._gpu_types(types)}
+    assert per_gpu[sme.endpoints[0]["instance_type"]] < per_gpu[ic.endpoints[0]["instance_type"]]
+    assert _estimate(sme, sc.catalog) < _estimate(ic, sc.catalog)
+    assert _estimate(sme, sc.catalog) <= _estimate(mme, sc.catalog)
+
+
+def test_mme_plan_keeps_multi_gpu_models_on_their_own_smes(tmp_path):
+    # The hybrid branch of build_mme: small models share the MME; a model that needs two GPUs cannot
+    # (GPU MMEs run on single-GPU types) and gets an SME endpoint inside the MME plan.
+    d = {"name": "mixed", "seed": 3, "duration": "3m", "warmup": "1m",
+         "models": [{"name": "s-{i}", "count": 10, "size_gb": 1, "service": {"dist": "lognormal", "mean": "40ms",
+                                                                             "cv": 0.5},
+                     "traffic": {"process": "poisson", "rate": "20/s", "popularity": {"zipf": 1.0}}},
+                    {"name": "big", "size_gb": 26, "memory_gb": 30, "accelerators": 2,
+                     "service": {"dist": "lognormal", "mean": "1s", "cv": 0.5},
+                     "traffic": {"process": "poisson", "rate": "1/s"}}],
+         "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g5.xlarge", "max_concurrency": 4,
+                        "models": ["s-*"]},
+                       {"name": "b", "mode": "sme", "instance_type": "ml.g5.12xlarge", "max_concurrency": 2,
+                        "models": ["big"]}],
+         "slo": {"p99": "5s"}}
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    c = sim.compare(path, "mme", out=tmp_path / "out")
+    p = c.plans["mme"]
+    assert [ep["name"] for ep in p.endpoints] == ["mme", "sme-big"]
+    cat = sim.load_scenario(path).catalog
+    assert cat.instance(p.endpoints[0]["instance_type"]).gpus == 1 and p.endpoints[0]["models"] == ["s-*"]
+    assert p.endpoints[1]["mode"] == "sme" and p.endpoints[1]["models"] == ["big"]
+    assert cat.instance(p.endpoints[1]["instance_type"]).gpus >= 2
+    assert p.endpoints[1]["max_concurrency"] == 2
+    assert any("keep their own SME endpoint" in n for n in p.notes)
+    assert p.slo_met, p.sizing
+    blk = json.loads((tmp_path / "out" / "compare.json").read_text())["plans"]["mme"]
+    assert set(blk["endpoints"]) == {"mme", "sme-big"}
+    assert blk["endpoints"]["sme-big"]["requests"] > 0 and blk["endpoints"]["mme"]["requests"] > 0
+    # Only multi-GPU models: nothing left to share, the plan is not built.
+    only = cmp_mod.build_mme([lm for lm in c.loads if lm.accelerators > 1], list(cat.instance_types.values()), 5.0)
+    assert not only.feasible and "more than one accelerator" in only.error
+
+
+def test_replications_decide_slo_met_and_best(tmp_path, monkeypatch):
+    # With replications the sizing runs replication 0, then every plan is simulated again with all of
+    # them: the verdict and the best plan must follow those figures, the ones compare.json reports.
+    # A stand-in for "the replications disagree with replication 0": the MME plan's replicated P99
+    # is made to miss the SLO.
+    real = cmp_mod._Runner.simulate
+
+    def simulate(self, plan, replications=1):
+        res = real(self, plan, replications)
+        if replications > 1 and plan.name == "mme":
+            res.summary["overall"]["p99_ms"] = 10 * 1000.0
+        return res
+
+    monkeypatch.setattr(cmp_mod._Runner, "simulate", simulate)
+    c = sim.compare(SMALL, ["sme", "mme"], overrides=["duration=2m", "warmup=1m", "replications=2"],
+                    out=tmp_path)
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert c.plans["mme"].sizing[0]["slo_met"] is True          # replication 0 alone met it
+    assert data["plans"]["mme"]["slo_met"] is False
+    assert data["plans"]["mme"]["p99_ms"] == 10000.0
+    assert data["plans"]["sme"]["slo_met"] is True and data["best"] == "sme"
+    assert any("over 2 replications the plan misses" in n for n in data["plans"]["mme"]["notes"])
+    # And in general: every verdict agrees with the figures reported beside it.
+    slo = cmp_mod.SLO.of(c.scenario)
+    for name, block in data["plans"].items():
+        assert block["slo_met"] == slo.met(block), name
+        assert "p99_ms_ci95" in block
 
 
 def test_compare_json_and_plan_files(small):

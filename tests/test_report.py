@@ -65,6 +65,22 @@ def test_report_of_a_comparison(compare_dir):
         assert text in page, text
 
 
+def test_run_report_takes_the_slo_from_the_scenario(compare_dir, run_dir, tmp_path):
+    # summary.json carries no SLO: a plan's run directory gets it from the plan's scenario file.
+    page = write_report(compare_dir / "runs" / "ic").read_text(encoding="utf-8")
+    assert "SLO p99 &lt;= 15000 ms" in page
+    # A plain run directory says none, unless its scenario sits beside it.
+    assert "SLO none" in write_report(run_dir).read_text(encoding="utf-8")
+    d = tmp_path / "run"
+    d.mkdir()
+    for f in ("summary.json", "requests.parquet", "timeline.csv"):
+        (d / f).write_bytes((run_dir / f).read_bytes())
+    (d / "scenario.yaml").write_text((SCENARIOS / "compare_small_models.yaml").read_text())
+    assert "SLO p99 &lt;= 1000 ms" in write_report(d).read_text(encoding="utf-8")
+    # Written atomically: no temporary file is left beside the page or the figures.
+    assert not [f for f in d.rglob("*") if f.name.endswith(".tmp")]
+
+
 def test_report_errors(tmp_path):
     with pytest.raises(ScenarioError, match="neither compare.json nor summary.json"):
         write_report(tmp_path)

@@ -30,6 +30,7 @@ from ..api import atomic_write  # noqa: E402
 from ..scenario.errors import ScenarioError  # noqa: E402
 
 MAX_LINES = 8           # endpoints drawn one by one in a figure; the rest are summed
+_STYLES = ("-", "--", "-.", ":")   # line styles of successive series
 CDF_POINTS = 2000       # quantiles drawn per latency CDF
 
 
@@ -226,17 +227,24 @@ def _timeline_figure(series: dict[str, pd.DataFrame], warmup: float, title: str,
         agg = _aggregate(pd.concat([series[n] for n in rest], ignore_index=True))
         series = {**{n: series[n] for n in names if n in keep}, f"{len(rest)} others (total)": agg}
     fig, axes = plt.subplots(len(_PANELS), 1, figsize=(9, 11), sharex=True)
-    for label, g in series.items():
+    for k, (label, g) in enumerate(series.items()):
         m = g["t_s"].to_numpy() / 60.0
+        if len(m):   # each row is a minute: draw its last one as wide as the others
+            m = np.append(m, m[-1] + 1.0)
         for ax, (col, _, _) in zip(axes, _PANELS):
             if col in g.columns:
-                ax.step(m, g[col].to_numpy(dtype=float), where="post", label=str(label), lw=1.2)
-    for ax, (_, ylabel, _) in zip(axes, _PANELS):
+                v = g[col].to_numpy(dtype=float)
+                # Plans often agree minute by minute (the same arrivals): distinct dashes keep them apart.
+                ax.step(m, np.append(v, v[-1:]), where="post", label=str(label), lw=1.4,
+                        ls=_STYLES[k % len(_STYLES)])
+    for ax, (col, ylabel, w) in zip(axes, _PANELS):
         ax.set_ylabel(ylabel, fontsize="small")
         ax.grid(True, alpha=0.3)
+        if w == "sum":   # counts from zero, so that a few percent of noise does not look like a swing
+            ax.set_ylim(0, max(ax.get_ylim()[1], 1.0) * 1.08)
         if warmup > 0:
             ax.axvspan(0, warmup / 60.0, color="grey", alpha=0.15, lw=0)
-    axes[0].legend(loc="upper right", fontsize="x-small", ncol=2)
+    axes[0].legend(loc="lower right", fontsize="x-small", ncol=2)
     axes[3].set_ylim(0, 1.05)
     axes[4].set_ylim(-0.05, 1.05)
     axes[-1].set_xlabel("simulated minutes (shaded: warmup)")
@@ -254,9 +262,8 @@ def compare_figures(cmp: dict, runs: dict[str, tuple[dict, pd.DataFrame | None, 
     if with_req:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         # Plans often share their fast path: distinct dashes keep overlapping lines apart.
-        styles = ("-", "--", "-.", ":")
         for k, (p, (summary, req, _)) in enumerate(with_req.items()):
-            _cdf(ax, _measured_ok(req, summary)["latency_ms"].to_numpy(), p, lw=1.8, ls=styles[k % len(styles)])
+            _cdf(ax, _measured_ok(req, summary)["latency_ms"].to_numpy(), p, lw=1.8, ls=_STYLES[k % len(_STYLES)])
         _cdf_axes(ax, f"{name}: latency CDF per plan (same arrivals)", slo)
         figs.append(Figure("report_latency_cdf", "Latency CDF per plan",
                            "Completed requests after warmup, every plan on the same arrivals.", _png(fig)))
@@ -272,9 +279,14 @@ def compare_figures(cmp: dict, runs: dict[str, tuple[dict, pd.DataFrame | None, 
                         fontsize="small", xytext=(6, 6), textcoords="offset points")
         if slo:
             ax.axhline(slo, color="red", ls="--", lw=1, label=f"SLO {slo:g} ms")
+        # From zero on both axes, with room on the right for the labels and above the SLO line.
+        shown = [b for b in plans.values() if b.get("p99_ms") is not None]
+        if shown:
+            top = max([b["p99_ms"] for b in shown] + ([slo] if slo else []))
+            ax.set_ylim(0, top * 1.15)
+            ax.set_xlim(0, max(b["cost_per_hour_usd"] for b in shown) * 1.3 or 1.0)
         ax.set_xlabel("cost (USD per hour)")
         ax.set_ylabel("P99 latency (ms)")
-        ax.set_xlim(left=0)
         ax.set_title(f"{name}: cost against P99 per plan")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
