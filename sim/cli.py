@@ -317,6 +317,9 @@ def _print_sweep(table) -> None:
 @click.option("--routing", metavar="A,B", help="Routing policies to consider (default: each endpoint's own).")
 @click.option("--endpoint", "endpoints", multiple=True, metavar="NAME",
               help="Endpoints to size (default: every sme and mme endpoint).")
+@click.option("--modes", metavar="sme,mme,ic", help="Search hosting modes too: per mode the endpoints are "
+              "replaced by the plan capsim compare builds for the fleet, sized by the search (ic: by compare's "
+              "sizing, checked with the replications' CIs); the cheapest feasible mode wins.")
 @click.option("--replications", type=click.IntRange(min=1), help="Replications per plan (default: the "
               "scenario's when more than 1, else 5).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
@@ -325,7 +328,7 @@ def _print_sweep(table) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
               "results/<name>/optimize/): optimize.json, best.yaml, plans.csv, frontier.csv, frontier.png.")
 def optimize(scenario, instance_types, max_instances, min_instances, slo, max_failed, routing, endpoints,
-             replications, overrides, as_json, out):
+             modes, replications, overrides, as_json, out):
     """The cheapest fixed fleet of SCENARIO whose P99 (upper end of its 95% CI) meets the SLO."""
     from .plan.optimize import optimize as run_optimize
     from .scenario import read_yaml
@@ -336,7 +339,7 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
     res = run_optimize(scenario, instance_types=_csv_list(instance_types), max_instances=max_instances,
                        min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
                        replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
-                       overrides=overrides, out=out, log=(lambda m: None) if as_json else
+                       modes=_csv_list(modes), overrides=overrides, out=out, log=(lambda m: None) if as_json else
                        (lambda m: click.echo(m, err=True)))
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, default=str))
@@ -346,10 +349,18 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
 
     t = Table(title=f"{res.scenario}: {'cheapest plan meeting' if res.feasible else 'NO plan meets'} "
                     + ", ".join(f"{m} <= {v:g} ms" for m, v in res.slo.items()))
+    if res.modes:
+        m = Table(title="hosting modes searched")
+        for c in ("mode", "outcome", "cost per hour (USD)", "plans simulated"):
+            m.add_column(c)
+        for mode, o in res.modes.items():
+            m.add_row(mode + (" (best)" if mode == res.mode else ""), o.get("reason") or o["status"],
+                      _fmt(o.get("cost_per_hour_usd"), 2), str(o.get("n_simulations", 0)))
+        Console().print(m)
     for c in ("endpoint", "instance type", "instances", "routing"):
         t.add_column(c)
     for name, p in res.best_plan.items():
-        t.add_row(name, p["instance_type"], str(p["instances"]), p["routing"])
+        t.add_row(name, p["instance_type"], str(p["instances"]), str(p.get("routing")))
     Console().print(t)
     ov = (res.best_summary or {}).get("overall") or {}
     for m in res.slo:

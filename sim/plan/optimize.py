@@ -129,6 +129,35 @@ def mean_wait(c: int, lam: float, mean_s: float, cv: float = 1.0) -> float:
     return erlang_c(c, a) / (c / mean_s - lam) * (1.0 + cv * cv) / 2.0
 
 
+def check_blocks(blocks: list[dict], slo: Mapping[str, float], max_failed: float
+                 ) -> tuple[bool, dict[str, float], float]:
+    """(feasible, upper end of each SLO figure's CI in ms (worst block), failed share (worst block)) of
+    summary blocks against ``slo`` (seconds by metric): every block's ``<m>_ms + <m>_ms_ci95`` within
+    its target and at most ``max_failed`` of its requests failed."""
+    ok = True
+    upper = {m: 0.0 for m in slo}
+    worst_failed = 0.0
+    for b in blocks:
+        n = b.get("requests") or 0
+        if n <= 0:
+            continue
+        share = (b.get("failed") or 0.0) / n
+        worst_failed = max(worst_failed, share)
+        if share > max_failed + 1e-12:
+            ok = False
+        for m, target in slo.items():
+            v = b.get(f"{m}_ms")
+            if v is None:
+                upper[m] = math.inf
+                ok = False
+                continue
+            u = v + (b.get(f"{m}_ms_ci95") or 0.0)
+            upper[m] = max(upper[m], u)
+            if u > target * 1e3 + 1e-9:
+                ok = False
+    return ok, upper, worst_failed
+
+
 # -- the result ----------------------------------------------------------------------------------------
 @dataclass
 class OptimizeResult:
@@ -149,6 +178,8 @@ class OptimizeResult:
     n_simulations: int                    # plans simulated (each with `replications` runs)
     candidates: list[dict] = field(default_factory=list)   # per endpoint, type and routing: bounds, outcome
     notes: list[str] = field(default_factory=list)
+    mode: str | None = None               # with ``modes``: the hosting mode of the best plan
+    modes: dict[str, dict] = field(default_factory=dict)   # with ``modes``: each mode's outcome
 
     def to_dict(self) -> dict[str, Any]:
         best = None
@@ -161,6 +192,7 @@ class OptimizeResult:
             "cost_per_hour_usd": self.cost_per_hour_usd, "n_simulations": self.n_simulations,
             "n_runs": self.n_simulations * self.replications, "best_summary": best,
             "candidates": self.candidates, "notes": self.notes,
+            **({"mode": self.mode, "modes": self.modes} if self.modes else {}),
         }
 
     def save(self, out: str | Path) -> Path:
@@ -326,29 +358,7 @@ class _Optimizer:
         return float(sum(self.ep_cost(e, state[e]) for e in self.targets))
 
     def check(self, blocks: list[dict]) -> tuple[bool, dict[str, float], float]:
-        """(feasible, upper end of each SLO figure's CI in ms (worst block), failed share (worst block))."""
-        ok = True
-        upper = {m: 0.0 for m in self.slo}
-        worst_failed = 0.0
-        for b in blocks:
-            n = b.get("requests") or 0
-            if n <= 0:
-                continue
-            share = (b.get("failed") or 0.0) / n
-            worst_failed = max(worst_failed, share)
-            if share > self.max_failed + 1e-12:
-                ok = False
-            for m, target in self.slo.items():
-                v = b.get(f"{m}_ms")
-                if v is None:
-                    upper[m] = math.inf
-                    ok = False
-                    continue
-                u = v + (b.get(f"{m}_ms_ci95") or 0.0)
-                upper[m] = max(upper[m], u)
-                if u > target * 1e3 + 1e-9:
-                    ok = False
-        return ok, upper, worst_failed
+        return check_blocks(blocks, self.slo, self.max_failed)
 
     def evaluate(self, state: Mapping[int, Choice], searching: str = "") -> dict:
         """Simulate a plan (once: results are cached); its row of the plans table, or ``error``."""
@@ -635,9 +645,14 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
              max_instances: int = 10, min_instances: int = 1, slo: Any = None, max_failed: float = 0.001,
              replications: int | None = None, routing: Iterable[str] | None = None,
              endpoints: Iterable[str] | None = None, overrides: Iterable[str] = (),
+             modes: Iterable[str] | str | None = None,
              out: str | Path | None = None, log: Callable[[str], None] | None = None) -> OptimizeResult:
     """The cheapest plan (instance type, count and routing per endpoint) whose SLO figures' 95% CI upper
     ends meet ``slo`` (default: the scenario's ``slo``) with at most ``max_failed`` of requests failed.
+
+    ``modes`` (``"sme,mme,ic"`` or a subset): search hosting modes too. The scenario's endpoints are
+    then replaced, per mode, by the plan ``capsim compare`` builds for its fleet (see
+    :func:`optimize_modes`), and the cheapest feasible mode wins.
 
     ``instance_types``: the types to consider (default: each endpoint's own); ``routing``: the routing
     policies (default: each endpoint's own); ``endpoints``: the endpoints to size (default: every sme and
@@ -658,6 +673,16 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     sc0 = parse_scenario(data, source=str(path), base_dir=path.resolve().parent)
     targets = parse_slo(slo, sc0.spec.slo)
     reps = replications or (sc0.spec.replications if sc0.spec.replications > 1 else DEFAULT_REPLICATIONS)
+    if modes:
+        if endpoints:
+            raise ScenarioError("--endpoint and --modes do not go together: with --modes the plans replace "
+                                "every endpoint", source="--endpoint")
+        res = optimize_modes(path, data, sc0, targets, _parse_modes(modes), instance_types=instance_types,
+                             max_instances=max_instances, min_instances=min_instances, max_failed=max_failed,
+                             replications=reps, routing=routing, log=log or (lambda m: None))
+        if out is not None:
+            res.save(out)
+        return res
     opt = _Optimizer(path, data, [], targets, max_failed, reps,
                      list(instance_types) if instance_types else None, list(routing) if routing else None,
                      min_instances, max_instances, list(endpoints) if endpoints else None, log or (lambda m: None))
@@ -673,4 +698,174 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     return res
 
 
-__all__ = ["optimize", "OptimizeResult", "parse_slo", "erlang_c", "pareto"]
+# -- hosting modes ---------------------------------------------------------------------------------
+def _parse_modes(modes: Iterable[str] | str) -> list[str]:
+    from ..scenario.errors import suggest
+    from .compare import MODES
+
+    items = modes.split(",") if isinstance(modes, str) else list(modes)
+    out = [m.strip() for m in items if m and m.strip()]
+    for m in out:
+        if m not in MODES:
+            raise ScenarioError(f"unknown hosting mode {m!r}{suggest(m, MODES)}; expected a comma-separated "
+                                f"subset of {','.join(MODES)}", source="--modes")
+    if not out:
+        raise ScenarioError(f"expected a comma-separated subset of {','.join(MODES)}", source="--modes")
+    return list(dict.fromkeys(out))
+
+
+def optimize_modes(path: Path, data: dict, sc0, slo: dict[str, float], modes: list[str], *,
+                   instance_types: Iterable[str] | None, max_instances: int, min_instances: int,
+                   max_failed: float, replications: int, routing: Iterable[str] | None,
+                   log: Callable[[str], None], rounds: int = 4) -> OptimizeResult:
+    """The cheapest feasible plan over hosting modes, for the fleet (models and traffic) of ``data``.
+
+    Per mode, the endpoints are those of ``capsim compare``'s plan builders (sim.plan.compare: one SME
+    per model on its cheapest type; one MME on a single-GPU type, multi-GPU models on SMEs; one IC
+    endpoint packed on a multi-GPU type), restricted to ``instance_types`` when given. Then:
+
+    - **sme, mme**: the search of :func:`optimize` (type among ``instance_types`` or the builder's
+      choice, count, routing) on every endpoint of the plan;
+    - **ic**: compare's sizing (copies from the queueing estimate, grown where the simulation of
+      replication 0 misses the SLO, repacked on the cheapest type), then checked over ``replications``
+      with the optimizer's rule (each model's CI upper end within the target); where that check fails
+      the missing components get more copies, for at most ``rounds`` checks. Copies are only grown,
+      never searched downward from the estimate, and managed instance scaling is not searched: the
+      IC plan is a fixed fleet, so its cost is an upper bound on the cheapest IC plan.
+    """
+    import copy
+
+    from . import compare as cmp
+
+    loads = cmp.fleet_load(sc0)
+    types = list(sc0.catalog.instance_types.values())
+    if instance_types:
+        wanted = list(instance_types)
+        for t in wanted:
+            try:
+                sc0.catalog.instance(t)
+            except KeyError as err:
+                raise ScenarioError(str(err.args[0]) if err.args else f"unknown instance type {t!r}",
+                                    source="--instance-types") from None
+        types = [t for t in types if t.name in wanted]
+    slo_s = slo.get("p99", min(slo.values()))
+    groups = [(g.name, [sc0.models[m].name for m in g.models]) for g in sc0.groups]
+    outcomes: dict[str, dict] = {}
+    results: dict[str, OptimizeResult] = {}
+    yamls: dict[str, str] = {}
+    notes: list[str] = []
+    for mode in modes:
+        plan = (cmp.build_mme(loads, types, slo_s, groups) if mode == "mme"
+                else cmp.BUILDERS[mode](loads, types, slo_s))
+        if plan.error:
+            outcomes[mode] = {"status": "not built", "reason": plan.error}
+            notes.append(f"{mode}: not built: {plan.error}")
+            log(f"{mode}: not built: {plan.error}")
+            continue
+        mdata = copy.deepcopy(data)
+        mdata["endpoints"] = copy.deepcopy(plan.endpoints)
+        log(f"{mode}: {len(plan.endpoints)} endpoint(s) from compare's builder; searching")
+        if mode == "ic":
+            r = _size_ic(path, mdata, sc0, plan, slo, max_failed, replications, rounds, log)
+        else:
+            opt = _Optimizer(path, mdata, [], slo, max_failed, replications,
+                             list(instance_types) if instance_types else None, list(routing) if routing else None,
+                             min_instances, max_instances, None, log)
+            r = opt.run()
+            r.best_yaml = yaml.safe_dump(apply_overrides(mdata, r.best_overrides, source=f"{path} (plan)"),
+                                         sort_keys=False)
+        r.plans.insert(0, "mode", mode)
+        results[mode] = r
+        yamls[mode] = r.best_yaml
+        outcomes[mode] = {"status": "feasible" if r.feasible else "infeasible", "feasible": r.feasible,
+                          "cost_per_hour_usd": r.cost_per_hour_usd, "best_plan": r.best_plan,
+                          "n_simulations": r.n_simulations, "notes": list(r.notes)}
+        notes += [f"{mode}: {n}" for n in r.notes]
+        log(f"{mode}: {'feasible' if r.feasible else 'no feasible plan'}, ${r.cost_per_hour_usd:,.2f}/h "
+            f"({r.n_simulations} plans simulated)")
+    ok = [(r.cost_per_hour_usd, m) for m, r in results.items() if r.feasible]
+    if ok:
+        best_mode = min(ok)[1]
+    elif results:   # none meets the SLO: show the mode whose plan came closest (lowest P99 upper end)
+        m0 = next(iter(slo))
+
+        def upper(r):
+            ov = (r.best_summary or {}).get("overall") or {}
+            v = ov.get(f"{m0}_ms")
+            return math.inf if v is None else v + (ov.get(f"{m0}_ms_ci95") or 0.0)
+
+        best_mode = min(results, key=lambda m: (upper(results[m]), results[m].cost_per_hour_usd))
+        notes.append(f"no hosting mode meets the SLO; the plan shown ({best_mode}) came closest")
+    else:
+        raise ScenarioError("no hosting mode could be built for this fleet: "
+                            + "; ".join(f"{m}: {o['reason']}" for m, o in outcomes.items()), source=str(path))
+    best = results[best_mode]
+    plans = pd.concat([r.plans for r in results.values()], ignore_index=True)
+    m0 = next(iter(slo))
+    frontier = pareto(plans, "cost_per_hour_usd", f"{m0}_ms") if len(plans) else plans
+    return OptimizeResult(
+        scenario=sc0.name, slo={m: v * 1e3 for m, v in slo.items()}, max_failed=max_failed,
+        replications=replications, best_plan=best.best_plan, best_overrides=[], best_summary=best.best_summary,
+        best_yaml=yamls[best_mode], feasible=best.feasible, cost_per_hour_usd=best.cost_per_hour_usd,
+        frontier=frontier, plans=plans, n_simulations=sum(r.n_simulations for r in results.values()),
+        candidates=[{**c, "mode": m} for m, r in results.items() for c in r.candidates], notes=notes,
+        mode=best_mode, modes=outcomes)
+
+
+def _size_ic(path: Path, mdata: dict, sc0, plan, slo: dict[str, float], max_failed: float, replications: int,
+             rounds: int, log: Callable[[str], None]) -> OptimizeResult:
+    """compare's sizing of an IC plan, then growth until each model's CI upper end meets the SLO."""
+    from . import compare as cmp
+
+    cslo = cmp.SLO({m: v * 1e3 for m, v in slo.items()})
+    runner = cmp._Runner(sc0, mdata, sc0.spec.seed, log)
+    plan.state.setdefault("loads", {lm.name: lm for lm in plan.state["ic_loads"]})
+    cmp._size(plan, runner, cslo, rounds)
+    rows, n_sim = [], len(plan.sizing)
+    notes = [f"sized as capsim compare does ({len(plan.sizing)} simulation(s) of replication 0)"]
+    res = None
+    ok = False
+    for k in range(rounds):
+        res = runner.simulate(plan, replications=replications)
+        n_sim += 1
+        s = res.summary
+        blocks = {lm.name: s["models"][lm.name] for lm in plan.state["ic_loads"]}
+        ok, upper, failed = check_blocks(list(blocks.values()), slo, max_failed)
+        ep = plan.endpoints[0]
+        m0 = next(iter(slo))
+        ov = s["overall"]
+        rows.append({"simulation": n_sim, "searching": "ic copies", "ic.instance_type": ep["instance_type"],
+                     "ic.instances": ep["instances"], "ic.copies": sum(c["copies"] for c in ep["components"]),
+                     "cost_per_hour_usd": cmp.cost_per_hour(s), f"{m0}_ms": ov.get(f"{m0}_ms"),
+                     f"{m0}_ms_ci95": ov.get(f"{m0}_ms_ci95"), "failed_share": failed, "feasible": ok})
+        if ok or k == rounds - 1:
+            break
+        missed = [n for n, b in blocks.items() if not check_blocks([b], slo, max_failed)[0]]
+        copies = plan.state["copies"]
+        for i, lm in enumerate(plan.state["ic_loads"]):
+            if lm.name in missed:
+                copies[i] = cmp._grow(copies[i])
+        it, n = cmp._ic_choose(plan.state["ic_loads"], copies, plan.state["types"])
+        plan.endpoints[0] = cmp._ic_endpoint(plan.state["ic_loads"], copies, it, n)
+        log(f"ic: the 95% CI misses the SLO for {cmp._few(missed)}; more copies ({n} x {it.name})")
+    if not ok:
+        notes.append(f"no IC plan met the SLO with confidence within {rounds} checks; the last one is shown")
+    ep = plan.endpoints[0]
+    best_plan = {ep["name"]: {"instance_type": ep["instance_type"], "instances": ep["instances"],
+                              "routing": ep.get("routing"),
+                              "copies": {c["model"]: c["copies"] for c in ep["components"]}}}
+    import copy as _copy
+
+    final = _copy.deepcopy(mdata)
+    final["endpoints"] = _copy.deepcopy(plan.endpoints)
+    df = pd.DataFrame(rows)
+    m0 = next(iter(slo))
+    return OptimizeResult(
+        scenario=sc0.name, slo={m: v * 1e3 for m, v in slo.items()}, max_failed=max_failed,
+        replications=replications, best_plan=best_plan, best_overrides=[], best_summary=res.summary,
+        best_yaml=yaml.safe_dump(final, sort_keys=False), feasible=ok,
+        cost_per_hour_usd=cmp.cost_per_hour(res.summary), frontier=pareto(df, "cost_per_hour_usd", f"{m0}_ms"),
+        plans=df, n_simulations=n_sim, notes=notes)
+
+
+__all__ = ["optimize", "optimize_modes", "OptimizeResult", "parse_slo", "check_blocks", "erlang_c", "pareto"]
