@@ -1,14 +1,135 @@
 """The source documents' results reproduced as scenarios (MISSION.md): each test
-prints the simulated figures beside the reported ones."""
+prints the simulated figures beside the reported ones (run with -s to see the
+tables) and asserts the tolerance it states. Savings and ratios come out of
+simulated costs (instances in service x prices), never written in."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import pytest
+import yaml
 
 import sim
+from sim.scenario import parse_scenario
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+
+
+def _table(title: str, head: tuple[str, ...], rows: list[tuple]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[k])) for r in rows)) for k, h in enumerate(head)]
+    print(f"\n{title}")
+    print(" | ".join(str(h).ljust(w) for h, w in zip(head, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def _fleet(instances: dict) -> str:
+    return ", ".join(f"{v} x {k}" for k, v in instances.items())
+
+
+def _models(path: Path) -> list:
+    return yaml.safe_load(path.read_text())["models"]
+
+
+# -- Forethought (seed 001): MME against the dedicated EKS set-up ----------------------------------------
+def _per_instance(path: Path, itype: str) -> int:
+    """Models one instance holds at once, as the simulation finds it (LoadedModelCount's maximum on a
+    single instance that every model asks for)."""
+    sc = sim.load_scenario(path, [f"endpoints[0].instance_type={itype}", "endpoints[0].instances=1",
+                                  "duration=10m", "warmup=2m"])
+    return int(sim.run(sc).summary["endpoints"][sc.endpoints[0].name]["cloudwatch"]["LoadedModelCount_max"])
+
+
+def test_forethought_mme_against_dedicated_eks(tmp_path):
+    emb, eks_emb = SCENARIOS / "forethought_embeddings.yaml", SCENARIOS / "forethought_eks_embeddings.yaml"
+    day, eks_ac = SCENARIOS / "forethought_autocomplete_day.yaml", SCENARIOS / "forethought_eks_autocomplete.yaml"
+    assert _models(emb) == _models(eks_emb) and _models(day) == _models(eks_ac)
+
+    # Embeddings. Production provisions memory for every model (pre-warmed, no cold start): the MME
+    # plan is as many instances as hold all models once (1 replica) or three times (3 replicas), with
+    # the models-per-instance figure the simulation finds (12; the source's 12).
+    per = _per_instance(emb, "ml.g4dn.xlarge")
+    n = len(sim.load_scenario(emb).models)
+    ep = yaml.safe_load(emb.read_text())["endpoints"][0]
+    plans = {"eks": str(eks_emb)}
+    for reps in (1, 3):
+        plans[f"mme-{reps}"] = [{**ep, "instances": math.ceil(reps * n / per)}]
+    (tmp_path / "emb.yaml").write_text(yaml.safe_dump(plans, sort_keys=False))
+    c = sim.compare(emb, tmp_path / "emb.yaml")
+    s = c.summary["plans"]
+    for name, b in s.items():
+        assert b["slo_met"] and b["failed"] == 0, name
+        assert b["requests"] == s["eks"]["requests"]           # the same arrivals
+    eks_cost = s["eks"]["cost_per_hour_usd"]
+    save1 = 1 - s["mme-1"]["cost_per_hour_usd"] / eks_cost
+    save3 = 1 - s["mme-3"]["cost_per_hour_usd"] / eks_cost
+
+    # Autocomplete: the day of forethought_autocomplete_day.yaml (MME on ml.g4dn.2xlarge, autoscaling on
+    # InvocationsPerInstance 225 from a floor of 3 instances that hold all 30 models) against the
+    # fixed EKS fleet on g4dn.xlarge. Savings over the whole day, and at the quietest hour (the
+    # floor): the source's "66-74%" reads as that range.
+    per_ac = _per_instance(SCENARIOS / "forethought_autocomplete.yaml", "ml.g4dn.2xlarge")
+    n_ac = len(sim.load_scenario(day).models)
+    assert sim.load_scenario(day).endpoints[0].instances.min == math.ceil(n_ac / per_ac)
+    (tmp_path / "ac.yaml").write_text(yaml.safe_dump({"eks": str(eks_ac), "mme": str(day)}))
+    a = sim.compare(day, tmp_path / "ac.yaml")
+    sa = a.summary["plans"]
+    for name, b in sa.items():
+        assert b["slo_met"] and b["failed"] == 0, name
+    save_day = 1 - sa["mme"]["cost_per_hour_usd"] / sa["eks"]["cost_per_hour_usd"]
+    tl = a.plans["mme"].result.timeline
+    warm = a.scenario.spec.warmup
+    floor = int(tl.loc[tl["t_s"] >= warm, "instances"].min())
+    price_2x = a.scenario.catalog.instance("ml.g4dn.2xlarge").price_per_hour
+    save_night = 1 - floor * price_2x / sa["eks"]["cost_per_hour_usd"]
+
+    rows = [("embeddings, 1 replica", f"{_fleet(s['eks']['instances'])} vs {_fleet(s['mme-1']['instances'])}",
+             f"{save1:.1%}", "up to 80%"),
+            ("embeddings, 3 replicas", f"{_fleet(s['eks']['instances'])} vs {_fleet(s['mme-3']['instances'])}",
+             f"{save3:.1%}", "about 43%"),
+            ("autocomplete, day average", f"{_fleet(sa['eks']['instances'])} vs {_fleet(sa['mme']['instances'])}",
+             f"{save_day:.1%}", "66-74%"),
+            ("autocomplete, quietest hour", f"{floor} x ml.g4dn.2xlarge", f"{save_night:.1%}", "66-74%")]
+    _table(f"Forethought: MME savings against dedicated EKS (rigid fractions: 2 models per g4dn.xlarge); "
+           f"models per instance simulated {per} (reported 12) and {per_ac} on g4dn.2xlarge (reported 10)",
+           ("case", "EKS vs MME instances", "simulated", "reported"), rows)
+    assert per == 12 and per_ac == 10
+    # Tolerances: 5 percentage points around a reported figure, 3 outside a reported range.
+    assert abs(save1 - 0.80) <= 0.05
+    # 3 replicas: ceil(90 / 12) = 8 instances against 15 gives 47%; the source's 43% implies about 2.3
+    # models per GPU on EKS on average (our rigid 2 is an assumption, see forethought_eks_embeddings.yaml).
+    assert abs(save3 - 0.43) <= 0.05
+    assert 0.66 - 0.03 <= save_day <= 0.74 + 0.03
+    assert 0.66 - 0.03 <= save_night <= 0.74 + 0.03 and save_night >= save_day
+
+
+# -- Salesforce (seeds 000, 002): SMEs, ICs and the hybrid, as hand-written plans ----------------------
+def test_salesforce_sme_ic_and_hybrid_plans():
+    plans = SCENARIOS / "salesforce_plans.yaml"
+    c = sim.compare(SCENARIOS / "salesforce_ic.yaml", plans)
+    s = c.summary["plans"]
+    assert list(s) == ["sme", "ic", "hybrid"]
+    cost = {n: b["cost_per_hour_usd"] for n, b in s.items()}
+    rows = [(n, _fleet(b["instances"]), f"{cost[n]:,.2f}",
+             f"{cost['sme'] / cost[n]:.2f}x", f"{b['p99_ms']:,.0f}", "yes" if b["slo_met"] else "no")
+            for n, b in s.items()]
+    _table("Salesforce, one day on ml.p4d.24xlarge (reported: ICs cut cost by up to 8x)",
+           ("plan", "instances (mean)", "USD/h", "SME cost / plan cost", "P99 ms", "SLO met"), rows)
+    for name, b in s.items():
+        assert b["slo_met"] and b["failed"] == 0, name
+        assert b["requests"] == s["sme"]["requests"]
+    assert c.summary["best"] == "ic"
+    # IC: between 4x and the reported 8x (8x needs one instance all day; the noon peak adds a second).
+    assert 4.0 <= cost["sme"] / cost["ic"] <= 8.0
+    # The hybrid keeps an 8-GPU SME per steady (large, lightly used) model: between the two.
+    assert cost["ic"] < cost["hybrid"] < cost["sme"]
+    assert sum(s["hybrid"]["instances"].values()) >= 7
+
+
+# -- Routing (seed 003): least outstanding requests against random ----------------------------------------
+REPORTED_P99_LOWER = (0.04, 0.33)       # LOR's P99 4-33% lower, from 5 to 20 instances
+REPORTED_TPUT_HIGHER = (0.15, 0.16)     # LOR's throughput per instance per minute 15-16% higher
 
 
 def _routing_run(instances: int, routing: str) -> dict:
@@ -25,16 +146,46 @@ def test_routing_lor_against_random_codegen2():
         lor, rnd = _routing_run(n, "least_outstanding_requests"), _routing_run(n, "random")
         p99_lower = 1 - lor["p99"] / rnd["p99"]
         tput_higher = lor["per_instance_per_min"] / rnd["per_instance_per_min"] - 1
-        rows.append((n, p99_lower, tput_higher))
-    print("\ninstances | LOR P99 lower (reported 4-33%) | LOR throughput/instance higher (reported 15-16%)")
-    for n, p, t in rows:
-        print(f"{n:9d} | {p:30.1%} | {t:.1%}")
+        rows.append((n, 4 * n, f"{rnd['p99']:,.0f}", f"{lor['p99']:,.0f}", f"{p99_lower:.1%}",
+                     f"{rnd['per_instance_per_min']:.1f}", f"{lor['per_instance_per_min']:.1f}",
+                     f"{tput_higher:.1%}", p99_lower, tput_higher))
+    _table("Routing, codegen2-7B-like on ml.g5.24xlarge, 4 closed-loop users per instance "
+           "(reported from 5 to 20 instances: P99 4-33% lower, throughput/instance 15-16% higher)",
+           ("instances", "users", "P99 random", "P99 LOR", "P99 lower", "req/min/inst random",
+            "req/min/inst LOR", "tput higher"), [r[:8] for r in rows])
     one = rows[0]
-    assert abs(one[1]) < 0.02 and abs(one[2]) < 0.02          # one instance: routing cannot matter
-    for n, p, t in rows[1:]:
-        assert 0.04 <= p <= 0.33, (n, p)                      # within the reported 4-33% lower P99
-        # More throughput per instance, but about twice the reported 15-16%: capsim's copy serves
-        # each of its max_concurrency requests at full speed, so an instance that random routing
-        # leaves with 1-2 requests wastes its batch slots; a real batching server runs a small
+    assert abs(one[8]) < 0.02 and abs(one[9]) < 0.02          # one instance: routing cannot matter
+    for r in rows[1:]:
+        n, p, t = r[0], r[8], r[9]
+        assert REPORTED_P99_LOWER[0] <= p <= REPORTED_P99_LOWER[1], (n, p)   # within the reported range
+        # More throughput per instance, but about twice the reported 15-16% (tolerance: 10-45%): capsim's
+        # copy serves each of its max_concurrency requests at full speed, so an instance that random
+        # routing leaves with 1-2 requests wastes its batch slots; a real batching server runs a small
         # batch faster per request, which narrows the gap (see routing_codegen2.yaml).
         assert 0.10 <= t <= 0.45, (n, t)
+
+
+def _short(routing: str, rho: float, mean: float = 0.003, n: int = 4, requests: int = 100_000) -> dict:
+    rate = rho * n / mean
+    d = {"name": "short", "seed": 3, "duration": requests / rate, "warmup": 0,
+         "models": [{"name": "m", "size_gb": 1, "service": {"dist": "exponential", "mean": mean},
+                     "traffic": {"process": "poisson", "rate": rate}}],
+         "endpoints": [{"name": "e", "mode": "sme", "instance_type": "ml.g5.xlarge", "instances": n,
+                        "routing": routing, "max_concurrency": 1, "models": ["m"]}]}
+    return sim.run(parse_scenario(d, source="short")).summary["overall"]
+
+
+def test_routing_with_a_few_ms_of_service_exact_lor_never_loses():
+    # The source: "with very short latencies random may do better". capsim's least-outstanding router
+    # sees every instance's in-flight count exactly and at once, and joining the shortest queue of
+    # identical servers is never worse than random: it cannot show random winning. What would, in a
+    # real router (a lagging view of the counts that herds requests onto the instance that looked
+    # least loaded, or a per-request cost of finding it), is not modelled (see CHANGELOG.md).
+    rows = []
+    for rho in (0.2, 0.5, 0.8):
+        lor, rnd = _short("least_outstanding_requests", rho), _short("random", rho)
+        rows.append((rho, f"{rnd['p99_ms']:.1f}", f"{lor['p99_ms']:.1f}", lor["p99_ms"], rnd["p99_ms"]))
+    _table("Routing, 3 ms exponential service, 4 instances (exact LOR)", ("utilisation", "P99 random ms",
+                                                                          "P99 LOR ms"), [r[:3] for r in rows])
+    for rho, _, _, lor, rnd in rows:
+        assert lor <= rnd, rho

@@ -585,6 +585,16 @@ def _few(names: list[str], k: int = 4) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
+def _fleet(res: Result) -> dict[str, float]:
+    """Instances in service by type over the measured horizon, as simulated (the mean, where
+    autoscaling or managed instance scaling moved it; replication 0's figures with replications)."""
+    s = (res.replication_summaries or [res.summary])[0]
+    out: dict[str, float] = {}
+    for ep in res.scenario.endpoints:
+        out[ep.instance_type.name] = out.get(ep.instance_type.name, 0.0) + s["endpoints"][ep.name]["instances_mean"]
+    return {k: (int(round(v)) if abs(v - round(v)) < 1e-9 else round(v, 2)) for k, v in out.items()}
+
+
 def _instances(endpoints: list[dict]) -> dict[str, int]:
     out: dict[str, int] = {}
     for ep in endpoints:
@@ -677,7 +687,7 @@ class Comparison:
         out["cost_per_hour_usd"] = cost_per_hour(s)
         out["mode"] = plan.mode
         out["slo_met"] = plan.slo_met
-        out["instances"] = _instances(plan.endpoints)
+        out["instances"] = _fleet(plan.result)
         out.update(utilisation(plan.result))
         out["description"] = plan.description
         out["notes"] = list(plan.notes)
