@@ -13,9 +13,10 @@ from .loading import LoadRecord
 
 class Instance:
     """One instance of an endpoint. ``n`` counts its requests in flight (serving or
-    queued); ``draining`` is set when it leaves service and waits for them to end."""
+    queued); ``seen`` is ``n`` as the router last saw it (only with ``routing_refresh``);
+    ``draining`` is set when it leaves service and waits for them to end."""
 
-    __slots__ = ("index", "slots", "busy", "queue", "n", "up_since", "draining", "failed", "zone")
+    __slots__ = ("index", "slots", "busy", "queue", "n", "seen", "up_since", "draining", "failed", "zone")
 
     def __init__(self, index: int, slots: int, up_since: float):
         self.index = index
@@ -23,6 +24,7 @@ class Instance:
         self.busy = 0
         self.queue: deque[int] = deque()
         self.n = 0
+        self.seen = 0
         self.up_since = up_since
         self.draining = False
         self.failed = False
@@ -75,13 +77,30 @@ class EndpointRuntime:
         self._cancelled = 0       # pending ones a scale-in gave up before they came
         self.invocations = 0      # requests routed, for the autoscaling metrics
         self._inv_mark = 0
-        self.route = routing.get(ep.routing)
+        # routing_refresh: the load-aware policies read a snapshot of the in-flight counts,
+        # refreshed at that period (see sim.routing); unset, they read the exact counts.
+        refresh = ep.spec.routing_refresh
+        stale = refresh is not None and routing.reads_load(ep.routing)
+        self.route = routing.get(ep.routing, stale)
+        if stale:
+            engine.env.process(self._refresh_view(refresh))
         self.rr = 0
         self.log = EndpointLog(capacity)
         self.timeout = ep.timeout
         self.provision_rng = None  # set by the simulation: the provisioning stream
         self.zones_down: set[int] = set()
         self._retried: set[int] = set()
+
+    def _refresh_view(self, period: float):
+        """The router's view of the in-flight counts, refreshed every ``period`` from time 0."""
+        timeout = self.engine.env.timeout
+        while True:
+            routing.refresh(self._routed())
+            yield timeout(period)
+
+    def _routed(self):
+        """What routing chooses among: the instances in service (IC: its components' copies)."""
+        return self.active
 
     def _log_fleet(self) -> None:
         self.log.fleet.append((self.engine.env._now, len(self.active), self.billed))

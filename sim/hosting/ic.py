@@ -165,9 +165,10 @@ class ICInstance(Instance):
 
 class Copy:
     """A copy of a component on an instance: a FIFO queue in front of ``slots`` servers.
-    ``n`` counts its requests in flight (routing reads it)."""
+    ``n`` counts its requests in flight (routing reads it; ``seen``: as last refreshed,
+    with ``routing_refresh``)."""
 
-    __slots__ = ("comp", "inst", "gpus", "state", "slots", "busy", "n", "queue", "record", "replaces")
+    __slots__ = ("comp", "inst", "gpus", "state", "slots", "busy", "n", "seen", "queue", "record", "replaces")
 
     def __init__(self, comp: "Comp", inst: ICInstance, gpus: tuple[int, ...], record: CopyRecord):
         self.comp = comp
@@ -177,6 +178,7 @@ class Copy:
         self.slots = comp.spec.max_concurrency
         self.busy = 0
         self.n = 0
+        self.seen = 0
         self.queue: deque[int] = deque()
         self.record = record
         self.replaces: Copy | None = None
@@ -289,6 +291,10 @@ class ICEndpoint(EndpointRuntime):
         self._last_copies: dict[int, tuple[int, int, int]] = {}
         self._done_callbacks = [self._done]
         self._deploy()
+
+    def _routed(self):
+        """Routing chooses among each component's copies in service."""
+        return [c for comp in self.comps for c in comp.ready]
 
     # -- the initial deployment ------------------------------------------------------------
     def _deploy(self) -> None:

@@ -440,6 +440,12 @@ class EndpointSpec(Strict):
     instance_type: str
     instances: InstancesSpec = InstancesSpec(initial=1, min=1, max=1)
     routing: str = "random"
+    # The router's view of the requests in flight on each instance (ic: each copy) is a snapshot
+    # refreshed at this period, as a fleet of router hosts reading a shared load table; between
+    # refreshes least_outstanding_requests and power_of_two send every request where the counts
+    # looked lowest (they herd). Default (None): exact, instantaneous counts. random and
+    # round_robin read no counts: no effect on them.
+    routing_refresh: Duration | None = None
     max_concurrency: int = Field(default=1, ge=1)
     queue_limit: int | None = Field(default=None, ge=0)
     timeout: Duration = 60.0
@@ -463,6 +469,13 @@ class EndpointSpec(Strict):
     def _positive_timeout(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("timeout must be > 0")
+        return v
+
+    @field_validator("routing_refresh")
+    @classmethod
+    def _positive_refresh(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("routing_refresh must be a duration > 0")
         return v
 
     @field_validator("routing")
