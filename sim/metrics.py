@@ -216,6 +216,15 @@ def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, sel: np.ndarray, win:
     }
 
 
+def slo_block(sc) -> dict[str, float]:
+    """summary.json's ``slo``: the latency targets the scenario sets, in ms (``{"p99_ms": 500.0}``);
+    empty when it sets none."""
+    s = sc.spec.slo
+    if s is None:
+        return {}
+    return {f"{k}_ms": getattr(s, k) * 1e3 for k in ("p50", "p90", "p99", "mean") if getattr(s, k) is not None}
+
+
 def summarize(run: RawRun) -> dict[str, Any]:
     """summary.json's figures (DESIGN.md) for one run, over the measured horizon."""
     sc = run.scenario
@@ -261,6 +270,7 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "simulated_seconds": duration,
         "warmup_seconds": t0,
         "wall_seconds": run.wall_seconds,
+        "slo": slo_block(sc),
         "overall": _block(lat[ok], status, cold, duration, float(sum(ep_cost)), slo, int(model_loads.sum())),
         "endpoints": {},
         "models": {},
@@ -396,6 +406,7 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: first[k] for k in ("scenario", "seed", "simulated_seconds", "warmup_seconds")}
     out["replications"] = r
     out["wall_seconds"] = float(sum(s["wall_seconds"] for s in summaries))
+    out["slo"] = dict(first["slo"])
     out["overall"] = merge([s["overall"] for s in summaries])
     out["endpoints"] = {n: merge([s["endpoints"][n] for s in summaries]) for n in first["endpoints"]}
     out["models"] = {n: merge([s["models"][n] for s in summaries]) for n in first["models"]}

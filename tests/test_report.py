@@ -1,6 +1,7 @@
 """capsim report: a self-contained HTML page for a run or a comparison directory."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 import sim
 from sim.cli import main
+from sim.report import html as html_report
 from sim.report.html import write_report
 from sim.scenario import ScenarioError
 
@@ -66,19 +68,42 @@ def test_report_of_a_comparison(compare_dir):
 
 
 def test_run_report_takes_the_slo_from_the_scenario(compare_dir, run_dir, tmp_path):
-    # summary.json carries no SLO: a plan's run directory gets it from the plan's scenario file.
+    # A plan's run directory: its summary.json carries the plan's SLO.
     page = write_report(compare_dir / "runs" / "ic").read_text(encoding="utf-8")
     assert "SLO p99 &lt;= 15000 ms" in page
-    # A plain run directory says none, unless its scenario sits beside it.
-    assert "SLO none" in write_report(run_dir).read_text(encoding="utf-8")
+    # A summary.json written before it carried the SLO: none, unless the scenario sits beside it.
     d = tmp_path / "run"
     d.mkdir()
-    for f in ("summary.json", "requests.parquet", "timeline.csv"):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    del summary["slo"]
+    (d / "summary.json").write_text(json.dumps(summary))
+    for f in ("requests.parquet", "timeline.csv"):
         (d / f).write_bytes((run_dir / f).read_bytes())
+    assert "SLO none" in write_report(d).read_text(encoding="utf-8")
     (d / "scenario.yaml").write_text((SCENARIOS / "compare_small_models.yaml").read_text())
     assert "SLO p99 &lt;= 1000 ms" in write_report(d).read_text(encoding="utf-8")
     # Written atomically: no temporary file is left beside the page or the figures.
     assert not [f for f in d.rglob("*") if f.name.endswith(".tmp")]
+
+
+def test_summary_carries_the_slo_and_the_run_report_draws_it(run_dir, monkeypatch):
+    # summary.json's "slo": the targets the scenario sets, in ms (compare_small_models: slo {p99: 1s}).
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["slo"] == {"p99_ms": 1000.0}
+    # No scenario file beside the run: the report takes the SLO from summary.json and draws it.
+    assert not (run_dir / "scenario.yaml").exists()
+    drawn = []
+    real = html_report._cdf_axes
+    monkeypatch.setattr(html_report, "_cdf_axes", lambda ax, title, slo: (drawn.append(slo), real(ax, title, slo)))
+    assert "SLO p99 &lt;= 1000 ms" in write_report(run_dir).read_text(encoding="utf-8")
+    assert drawn == [1000.0]
+    # Only the targets set; none set: an empty block and "SLO none".
+    sc = sim.load_scenario(SCENARIOS / "compare_small_models.yaml",
+                           ["duration=1m", "warmup=0", "slo.p99=null", "slo.p50=200ms", "slo.mean=100ms"])
+    assert sim.run(sc).summary["slo"] == {"p50_ms": 200.0, "mean_ms": 100.0}
+    sc = sim.load_scenario(SCENARIOS / "quickstart.yaml", ["duration=1m", "warmup=0", "slo=null"])
+    res = sim.run(sc, replications=2)
+    assert res.summary["slo"] == {} and res.replication_summaries[0]["slo"] == {}
 
 
 def test_report_errors(tmp_path):

@@ -105,9 +105,12 @@ def _slo_text(slo: Any) -> str:
 def _run_slo(d: Path, summary: dict) -> dict | None:
     """The SLO of a run directory, as compare.json writes it (``{"p99_ms": ...}``).
 
-    summary.json does not carry the SLO; it comes from the scenario: a ``scenario.yaml`` in
-    the run directory, else, for a comparison's ``runs/<plan>/``, the plan's scenario file
-    (``plans/<plan>.yaml``) or the comparison's ``slo``. None when nothing says."""
+    summary.json's ``slo`` (the targets the scenario set; empty: none). A summary.json written
+    before it carried one: from the scenario, a ``scenario.yaml`` in the run directory, else,
+    for a comparison's ``runs/<plan>/``, the plan's scenario file (``plans/<plan>.yaml``) or
+    the comparison's ``slo``. None when nothing says."""
+    if isinstance(summary.get("slo"), dict):
+        return dict(summary["slo"]) or None
     import yaml
 
     from ..scenario.units import parse_duration
