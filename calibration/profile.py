@@ -29,9 +29,10 @@
 #       time_s(size) = a_s + size_gb / bandwidth_gbs   (GB = 1e9 bytes of file)
 #       paths: disk_to_host          cold read of the file into host memory
 #                                    (page cache evicted before each repeat)
-#              safetensors_to_host   safetensors.torch.load_file to CPU
-#                                    + faulting in every page (load_file is
-#                                    mmap-backed and lazy); file in page cache
+#              safetensors_to_host   safetensors.torch.load of the file's
+#                                    bytes into host memory; file in page cache
+#                                    (v1 before 2026-12: load_file + faulting
+#                                    in every page, nearly size-independent)
 #              torch_load            torch.load(weights_only=True)
 #              torch_load_mmap       torch.load(mmap=True, weights_only=True)
 #                                    + faulting in every page
