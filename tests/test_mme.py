@@ -130,7 +130,7 @@ def test_requests_during_a_load_wait_for_it(tmp_path):
     r = res.requests
     ready = (1.0 + 0.5 + 1 / 15.75 + 2.0)
     assert r["start_s"].tolist()[:2] == pytest.approx([ready, ready])
-    assert r["cold"].tolist() == [True, True, False]
+    assert r["cold"].tolist() == [True, True, True]              # the third came during the load
     assert res.summary["overall"]["cold_starts"] == 1
 
 
@@ -237,3 +237,31 @@ def test_prewarming_keeps_every_model_loaded():
     late = r[r["arrival_s"] >= 3600]
     assert len(late) > 8 * 5  # the pings and the users' requests
     assert not late["cold"].any()
+
+
+def test_instance_concurrency_workers_serve_and_load_oldest_first(tmp_path):
+    """One worker runs requests and loads alike, the longest-waiting job first (exact times)."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,model\n0.0,m-000\n0.5,m-001\n1.0,m-000\n")
+    d = mme(2, init=2.0, mean=1.0, duration=20.0, warmup=0.0, instance_concurrency=1,
+            traffic={"process": "trace", "path": str(trace)})
+    d["models"][0]["traffic"].pop("popularity", None)
+    res = sim.run(parse_scenario(d, source="t", base_dir=tmp_path))
+    r = res.requests.sort_values("arrival_s")
+    # m-000 loads 0-2 and serves its first request 2-3; m-001's load (asked at 0.5) is older
+    # than m-000's second request (1.0): it loads 3-5, serves 5-6; then m-000's second 6-7.
+    assert r["end_s"].round(3).tolist() == [3.0, 6.0, 7.0]      # (+ microseconds of transfer)
+    assert r["cold"].tolist() == [True, True, True]              # the third came during the load
+    # no cap: loads and requests run side by side (two loads at once, default max_concurrent_loads)
+    d2 = mme(2, init=2.0, mean=1.0, duration=20.0, warmup=0.0, traffic={"process": "trace", "path": str(trace)})
+    d2["models"][0]["traffic"].pop("popularity", None)
+    r2 = sim.run(parse_scenario(d2, source="t", base_dir=tmp_path)).requests.sort_values("arrival_s")
+    assert r2["end_s"].round(3).tolist() == [3.0, 3.5, 3.0]
+
+
+def test_instance_concurrency_is_for_mme_only():
+    d = mme(2)
+    d["endpoints"][0].update(mode="sme", models=["m-000"], instance_concurrency=1)
+    d["endpoints"][0].pop("cache")
+    with pytest.raises(sim.ScenarioError, match="instance_concurrency applies to mode 'mme'"):
+        parse_scenario(d, source="t")

@@ -10,6 +10,11 @@ every instance holding a model has ``replicate_above`` requests in flight, the
 next request loads it on one more instance (``replicate_above`` counts the
 model's own requests in flight there, and only where it is loaded). Loads need room in every tier;
 idle models are evicted by the cache policy (lru, lfu, gds) to make it.
+With ``instance_concurrency`` an instance has that many workers, which run
+its requests and its loads alike (a CPU-bound model server's worker processes:
+vCPUs bound CPU-bound models, and a worker that loads a model serves nothing
+meanwhile); a free worker takes the longest-waiting job, a request whose model
+has a free concurrency slot or the next pending load.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ class Slot:
 
 class MMEInstance(Instance):
     __slots__ = ("models", "gpu_used", "host_used", "disk", "disk_used", "loading", "loaded", "pending",
-                 "loader", "gds_floor")
+                 "loader", "gds_floor", "serving")
 
     def __init__(self, index: int, now: float, loader: Loader):
         super().__init__(index, 0, now)
@@ -62,6 +67,7 @@ class MMEInstance(Instance):
         self.pending: deque[Slot] = deque()   # loads waiting for a load slot or memory
         self.loader = loader
         self.gds_floor = 0.0
+        self.serving = 0                      # busy workers (instance_concurrency): requests and loads
 
 
 def _victim_lru(slots):
@@ -92,6 +98,8 @@ class MMEEndpoint(EndpointRuntime):
         self.gpu_cap, self.host_cap, self.disk_cap = gpu_cap, host_cap, disk_cap
         self.models = models
         self.max_conc = ep.max_concurrency
+        # No limit unless set: the uncapped path is the plain per-model one.
+        self.inst_cap = ep.spec.instance_concurrency
         self.queue_limit = ep.queue_limit
         self.rep_above = cache.replicate_above
         self.max_loads = cache.max_concurrent_loads
@@ -192,7 +200,14 @@ class MMEEndpoint(EndpointRuntime):
         if slot.loaded:
             if self.cache.policy == "gds":
                 slot.h = inst.gds_floor + self._gds_cost(m)
-            if slot.busy < self.max_conc:
+            if self.inst_cap is not None:
+                if self.queue_limit is not None and len(slot.queue) >= self.queue_limit:
+                    self.engine.finish(i, THROTTLED, now)
+                    return
+                inst.n += 1
+                slot.queue.append(i)
+                self._dispatch(inst)
+            elif slot.busy < self.max_conc:
                 inst.n += 1
                 self._start(i, slot, now)
             elif self.queue_limit is not None and len(slot.queue) >= self.queue_limit:
@@ -211,6 +226,7 @@ class MMEEndpoint(EndpointRuntime):
 
     def _start(self, i: int, slot: Slot, now: float) -> None:
         slot.busy += 1
+        slot.inst.serving += 1
         r = self.requests
         r.start[i] = now
         env = self.engine.env
@@ -225,15 +241,21 @@ class MMEEndpoint(EndpointRuntime):
         env = self.engine.env
         now = env._now
         q = slot.queue
-        j, dropped = self._pop_live(q, now)
-        inst.n -= 1 + dropped
-        if j >= 0:
-            self.requests.start[j] = now
-            call.arg = j
-            call.callbacks = self._done_callbacks
-            heappush(env._queue, (now + self.requests.service[j], NORMAL, next(env._eid), call))
+        if self.inst_cap is None:
+            j, dropped = self._pop_live(q, now)
+            inst.n -= 1 + dropped
+            if j >= 0:
+                self.requests.start[j] = now
+                call.arg = j
+                call.callbacks = self._done_callbacks
+                heappush(env._queue, (now + self.requests.service[j], NORMAL, next(env._eid), call))
+            else:
+                slot.busy -= 1
+                inst.serving -= 1
         else:
+            inst.n -= 1
             slot.busy -= 1
+            inst.serving -= 1
         self._served(i, now)
         if slot.busy == 0 and not q:
             if not self.cache.enabled:
@@ -242,8 +264,37 @@ class MMEEndpoint(EndpointRuntime):
                 self._pump(inst)
             elif inst.pending:
                 self._pump(inst)
+        if self.inst_cap is not None:
+            self._dispatch(inst)
         if inst.draining:
             self._maybe_release(inst)
+
+    def _dispatch(self, inst: MMEInstance) -> None:
+        """Capped instance: while a worker is free, start the longest-waiting job: a queued
+        request whose model has a free concurrency slot, or the next pending load (waiting
+        since its first request) when a load slot and room for it are free."""
+        r = self.requests
+        now = self.engine.env._now
+        started = False
+        while inst.serving < self.inst_cap:
+            ready = [s for s in inst.models.values() if s.loaded and s.queue and s.busy < self.max_conc]
+            slot = min(ready, key=lambda s: r.arrival[s.queue[0]]) if ready else None
+            load = inst.pending[0] if inst.pending and inst.loading < self.max_loads else None
+            if load is not None and (slot is None or load.record.queued <= r.arrival[slot.queue[0]]):
+                if self._make_room(inst, load.model):
+                    inst.pending.popleft()
+                    inst.serving += 1
+                    self._begin_load(inst, load)
+                    started = True
+                    continue
+            if slot is None:
+                break
+            j, dropped = self._pop_live(slot.queue, now)
+            inst.n -= dropped
+            if j >= 0:
+                self._start(j, slot, now)
+        if started:
+            self._log_memory()
 
     # -- loading and eviction --------------------------------------------------------
     def _gds_cost(self, m: int) -> float:
@@ -262,6 +313,9 @@ class MMEEndpoint(EndpointRuntime):
 
     def _pump(self, inst: MMEInstance) -> None:
         """Start pending loads while a load slot and room in every tier are free (FIFO)."""
+        if self.inst_cap is not None:
+            self._dispatch(inst)
+            return
         changed = False
         while inst.pending and inst.loading < self.max_loads:
             slot = inst.pending[0]
@@ -335,11 +389,13 @@ class MMEEndpoint(EndpointRuntime):
             if now - r.arrival[j] >= timeout:
                 inst.n -= 1
                 self.engine.finish(j, TIMEOUT, r.arrival[j] + timeout)
-            elif slot.busy < self.max_conc:
+            elif self.inst_cap is None and slot.busy < self.max_conc:
                 self._start(j, slot, now)
             else:
                 slot.queue.append(j)
         slot.waiting = []
+        if self.inst_cap is not None:
+            inst.serving -= 1   # the load's worker
         self._log_memory()
         if inst.draining:
             self._maybe_release(inst)
