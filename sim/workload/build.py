@@ -116,12 +116,18 @@ def _group_arrivals(scenario: Scenario, group: Group, streams: Streams, horizon:
         times, rows = trace_arrivals(df, horizon, rate_scale=tr.rate_scale, time_scale=tr.time_scale, loop=tr.loop)
         local = None
         if "model" in df.columns:
+            # A trace naming the scenario's models sends each request to its model: this group
+            # takes the rows of its own. Other names: the group's popularity spreads the rows.
             names = [scenario.models[m].name for m in group.models]
             pos = {n: k for k, n in enumerate(names)}
-            trace_models = df["model"].to_numpy()[rows]
-            mapped = np.array([pos.get(str(x), -1) for x in trace_models], dtype=np.int64)
+            trace_models = df["model"].to_numpy()[rows].astype(str)
+            mapped = np.array([pos.get(x, -1) for x in trace_models], dtype=np.int64)
+            known = {m.name for m in scenario.models}
             if len(mapped) and (mapped >= 0).all():
                 local = mapped
+            elif len(mapped) and all(x in known for x in set(trace_models)):
+                mine = mapped >= 0
+                times, rows, local = times[mine], rows[mine], mapped[mine]
         if not df.attrs.get("token_columns", ["input_tokens"]):
             return times, local, None, None   # no tokens in the trace: the model's own token counts
         tin = df["input_tokens"].to_numpy()[rows].astype(np.int64)
@@ -159,3 +165,17 @@ def build_workload(scenario: Scenario, streams: Streams) -> Workload:
     cat = [np.concatenate(x) for x in zip(*parts)]
     order = np.argsort(cat[0], kind="stable")
     return Workload(*(c[order] for c in cat), closed=closed)
+
+
+def arrivals_frame(scenario: Scenario, seed: int | None = None):
+    """The exact open-loop arrivals a run of ``scenario`` uses (``capsim trace``):
+    time, model name, tokens and service time, one row per request."""
+    import pandas as pd
+
+    wl = build_workload(scenario, Streams(scenario.spec.seed if seed is None else seed))
+    names = np.array([m.name for m in scenario.models], dtype=object)
+    df = pd.DataFrame({"arrival_s": wl.arrival, "model": names[wl.model] if len(wl.model) else [],
+                       "input_tokens": wl.input_tokens, "output_tokens": wl.output_tokens,
+                       "service_s": wl.service})
+    df.attrs["closed_groups"] = len(wl.closed)
+    return df
