@@ -227,10 +227,10 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         for key in ("components", "scale_in_policy", "scale_in_cooldown", "data_cache"):
             if getattr(es, key) not in (None, []):
                 raise ScenarioError(f"{key} applies to mode 'ic' endpoints only", source=source, path=f"{where}.{key}")
-        if es.mode != "mme":
-            key = next((k for k in ("cache", "prewarm", "instance_concurrency") if getattr(es, k) is not None), None)
-        if es.mode != "mme" and key is not None:
-            raise ScenarioError(f"{key} applies to mode 'mme' endpoints only", source=source, path=f"{where}.{key}")
+        mme_only = [k for k in ("cache", "prewarm", "instance_concurrency") if getattr(es, k) is not None]
+        if es.mode != "mme" and mme_only:
+            raise ScenarioError(f"{mme_only[0]} applies to mode 'mme' endpoints only", source=source,
+                                path=f"{where}.{mme_only[0]}")
         if es.autoscaling is not None:
             _check_autoscaling(es, where, source)
         try:

@@ -452,8 +452,8 @@ class EndpointSpec(Strict):
     models: list[str] = []
     cache: CacheSpec | None = None
     prewarm: Duration | None = None     # invoke every model of the endpoint at this interval
-    # mme: requests an instance serves at once over all its models (default: no limit beyond
-    # max_concurrency per model); vCPUs bound the concurrency of CPU-bound models
+    # mme: workers per instance, which run its requests and its loads alike, the longest-waiting
+    # job first (a CPU-bound model server's worker processes); default: no such limit
     instance_concurrency: int | None = Field(default=None, ge=1)
     autoscaling: AutoscalingSpec | None = None
     # Default: public reports put trigger-to-serving at 2-9 minutes (P50); 5 min mean, cv 0.3.
