@@ -2,6 +2,7 @@
         [--families encoder,decoder] [--workdir DIR] --out PROFILE.json
 python -m calibration validate PROFILE.json
 python -m calibration merge A.json B.json --out C.json [--force]
+python -m calibration testbed ARRIVALS.csv --plan PLAN.json --device cpu|cuda --out measured.json
 """
 from __future__ import annotations
 
@@ -67,11 +68,40 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("b")
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="merge even across hosts/devices")
+    t = sub.add_parser("testbed", help="serve ARRIVALS.csv with real models as PLAN.json says; "
+                       "record every request, load and unload")
+    t.add_argument("arrivals", help="arrivals CSV (capsim trace SCENARIO --out arrivals.csv)")
+    t.add_argument("--plan", required=True, help="PLAN.json (capsim.testbed-plan/1, written by capsim)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    t.add_argument("--workdir", default=None, help="where the model files go (default: a temporary dir)")
+    t.add_argument("--seed", type=int, default=0, help="the router's random seed")
+    t.add_argument("--out", required=True, help="measured.json to write")
     return ap
+
+
+def _testbed(args) -> int:
+    from . import testbed
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+    try:
+        res = testbed.run_testbed(args.arrivals, args.plan, args.out, device=args.device,
+                                  workdir=args.workdir, seed=args.seed, log=log)
+        log(f"testbed: {len(res['requests']['model']):,} requests, {len(res['loads'])} loads, "
+            f"{len(res['unloads'])} unloads, {res['unfinished']} unfinished; wrote {args.out}")
+        return 1 if res["unfinished"] else 0
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.cmd == "testbed":
+        return _testbed(args)
     from . import profile as prof
     if args.cmd == "validate":
         try:

@@ -201,20 +201,13 @@ def calibrate(ctx):
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
 def trace(scenario, out, seed, overrides):
     """Write the exact open-loop arrivals (time, model, tokens) SCENARIO's simulation uses."""
-    import pandas as pd
-
-    from .core.rng import Streams
     from .scenario import load_scenario
-    from .workload.build import build_workload
+    from .workload.build import arrivals_frame
 
-    sc = load_scenario(scenario, overrides)
-    wl = build_workload(sc, Streams(sc.spec.seed if seed is None else seed))
-    names = [m.name for m in sc.models]
-    df = pd.DataFrame({"arrival_s": wl.arrival, "model": [names[m] for m in wl.model],
-                       "input_tokens": wl.input_tokens, "output_tokens": wl.output_tokens,
-                       "service_s": wl.service})
+    df = arrivals_frame(load_scenario(scenario, overrides), seed)
     df.to_csv(out, index=False)
-    extra = f" (closed-loop groups are not open-loop arrivals: {len(wl.closed)} left out)" if wl.closed else ""
+    closed = df.attrs["closed_groups"]
+    extra = f" (closed-loop groups are not open-loop arrivals: {closed} left out)" if closed else ""
     click.echo(f"{len(df):,} arrivals written to {out}{extra}", err=True)
 
 
@@ -462,6 +455,50 @@ def report(directory, out):
 
     page = write_report(directory, out)
     click.echo(f"report written to {page} (figures also in {Path(directory) / 'plots'}/)", err=True)
+
+
+@main.command()
+@click.argument("measured", nargs=-1, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda: where the testbed runs.")
+@click.option("--quick", is_flag=True, help="Short replays (about a minute per case).")
+@click.option("--cases", metavar="A,B", help="Cases of the built-in suite (default: all).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/fidelity"),
+              show_default=True, help="fidelity.json and, per case, plan.json, arrivals.csv, measured.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print fidelity.json alone on stdout.")
+def fidelity(measured, device, quick, cases, out, as_json):
+    """The simulator's error against a real serving testbed on this machine, case by case.
+
+    With MEASURED.json files (testbed runs made elsewhere, e.g. on a GPU box:
+    python -m calibration testbed ...), compare those instead of running the suite."""
+    from . import fidelity as fid
+
+    say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    try:
+        if measured:
+            res = fid.from_measured(list(measured))
+        else:
+            res = fid.run_suite(_csv_list(cases), quick=quick, device=device, out=out, log=say)
+    except fid.FidelityError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="simulated against measured, same plan and arrivals")
+    for c in ("case", "figure", "measured", "simulated", "error"):
+        t.add_column(c, justify="left" if c in ("case", "figure") else "right")
+    for name, row in res["cases"].items():
+        for fig in fid.FIGURES:
+            m, s_ = row["measured"][fig], row["simulated"][fig]
+            key = fig.replace("_ms", "").replace("_per_s", "")
+            err = (f"{row['hit_rate_err_pp']:+.1f} pp" if fig == "hit_rate" else f"{row[key + '_err']:+.1%}")
+            t.add_row(name if fig == fid.FIGURES[0] else "", fig, _fmt(m, 3 if fig == "hit_rate" else 1),
+                      _fmt(s_, 3 if fig == "hit_rate" else 1), err)
+    Console().print(t)
+    if not measured:
+        click.echo(f"fidelity.json and each case's plan, arrivals and testbed records in {out}/", err=True)
 
 
 if __name__ == "__main__":

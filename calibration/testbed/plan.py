@@ -1,0 +1,82 @@
+"""The testbed's plan: what capsim writes (PLAN.json) and the testbed serves.
+
+Format ``capsim.testbed-plan/1``::
+
+    {"schema": "capsim.testbed-plan/1",
+     "name": "mme_thrash",
+     "mode": "mme",                    # mme: load on demand, evict LRU; sme: every model preloaded
+     "instances": 1,                   # serving processes
+     "memory_budget_gb": 0.2,          # per instance: memory that may hold models
+     "routing": "random",              # random | round_robin | least_outstanding_requests | power_of_two
+     "max_concurrency": 1,             # requests one model serves at once on an instance
+     "instance_concurrency": 1,        # requests an instance serves at once over its models
+     "max_concurrent_loads": 1,        # loads under way at once on an instance
+     "replicate_above": 8,             # mme: load a hot model on another instance above this
+     "timeout_s": 60,
+     "threads": 1,                     # torch intra-op threads per instance
+     "models": [{"name": "m-00", "family": "encoder", "params": "8M", "seq_len": 64,
+                 "memory_gb": 0.032}]}  # memory_gb: what a loaded copy counts against the budget
+
+Versions: 1 (2026-12) first.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+SCHEMA = "capsim.testbed-plan/1"
+ROUTING = ("random", "round_robin", "least_outstanding_requests", "power_of_two")
+_INTS = ("instances", "max_concurrency", "instance_concurrency", "max_concurrent_loads", "replicate_above",
+         "threads")
+_DEFAULTS = {"mode": "mme", "routing": "random", "max_concurrency": 1, "instance_concurrency": 1,
+             "max_concurrent_loads": 1, "replicate_above": 8, "timeout_s": 60.0, "threads": 1}
+
+
+def validate(plan: dict, source: str = "plan") -> dict:
+    """A checked copy of ``plan`` with defaults filled in; ValueError names the key."""
+    if not isinstance(plan, dict) or plan.get("schema") != SCHEMA:
+        raise ValueError(f"{source}: schema: expected {SCHEMA!r}")
+    p = {**_DEFAULTS, **plan}
+    for key in ("name", "instances", "memory_budget_gb", "models"):
+        if key not in p:
+            raise ValueError(f"{source}: {key}: missing")
+    unknown = set(p) - set(_DEFAULTS) - {"schema", "name", "instances", "memory_budget_gb", "models"}
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {sorted(unknown)}")
+    for key in _INTS:
+        if not isinstance(p[key], int) or p[key] < 1:
+            raise ValueError(f"{source}: {key}: expected an integer >= 1, got {p[key]!r}")
+    if p["mode"] not in ("mme", "sme"):
+        raise ValueError(f"{source}: mode: expected 'mme' or 'sme', got {p['mode']!r}")
+    if p["routing"] not in ROUTING:
+        raise ValueError(f"{source}: routing: expected one of {', '.join(ROUTING)}, got {p['routing']!r}")
+    if not isinstance(p["memory_budget_gb"], (int, float)) or p["memory_budget_gb"] <= 0:
+        raise ValueError(f"{source}: memory_budget_gb: expected a number > 0")
+    if not isinstance(p["models"], list) or not p["models"]:
+        raise ValueError(f"{source}: models: expected a non-empty list")
+    names = set()
+    for k, m in enumerate(p["models"]):
+        where = f"{source}: models[{k}]"
+        for key in ("name", "family", "params", "memory_gb"):
+            if key not in m:
+                raise ValueError(f"{where}.{key}: missing")
+        if m["family"] not in ("encoder", "decoder"):
+            raise ValueError(f"{where}.family: expected encoder or decoder")
+        if m["name"] in names:
+            raise ValueError(f"{where}.name: duplicate {m['name']!r}")
+        names.add(m["name"])
+        if m["memory_gb"] > p["memory_budget_gb"]:
+            raise ValueError(f"{where}.memory_gb: {m['memory_gb']} GB does not fit the budget of "
+                             f"{p['memory_budget_gb']} GB")
+    if p["mode"] == "sme" and sum(m["memory_gb"] for m in p["models"]) > p["memory_budget_gb"]:
+        raise ValueError(f"{source}: mode sme preloads every model: they do not fit memory_budget_gb")
+    return p
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        try:
+            plan = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+    return validate(plan, os.path.basename(path))

@@ -1,0 +1,272 @@
+"""The testbed's router and load generator (the parent process).
+
+It starts one serving process per instance (``server.serve``), replays the
+arrivals open-loop on their timestamps, routes each request as the plan says
+and records what happens: per request send, start and end times, instance,
+cold or warm; every load and unload. Multi-model plans route with affinity, as
+SageMaker's MMEs do and the simulator models: to an instance where the model is
+loaded or loading (the policy chooses among those; a model whose every holder
+has ``replicate_above`` of its requests outstanding goes to one more instance),
+else to any instance by the policy, which loads it.
+"""
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+import random
+import threading
+import time
+from multiprocessing.connection import wait
+
+from .. import harness
+from . import server
+
+STARTUP_S = 0.5   # between the start signal and the first arrival
+
+
+def read_arrivals(path: str, names: list) -> list:
+    """(arrival_s, model index) from ``capsim trace``'s CSV, sorted by time."""
+    index = {n: k for k, n in enumerate(names)}
+    out = []
+    with open(path, newline="") as f:
+        rd = csv.DictReader(f)
+        if rd.fieldnames is None or "arrival_s" not in rd.fieldnames:
+            raise ValueError(f"{path}: expected a CSV with a column arrival_s (and model)")
+        for k, row in enumerate(rd):
+            name = row.get("model") or names[0]
+            if name not in index:
+                raise ValueError(f"{path}: row {k + 2}: model {name!r} is not in the plan")
+            out.append((float(row["arrival_s"]), index[name]))
+    out.sort()
+    return out
+
+
+class Router:
+    """Routing state as the parent sees it: requests outstanding per instance and model."""
+
+    def __init__(self, plan: dict, seed: int = 0):
+        self.n = plan["instances"]
+        self.policy = plan["routing"]
+        self.affinity = plan["mode"] == "mme"
+        self.rep_above = plan["replicate_above"]
+        self.rng = random.Random(seed)
+        self.outstanding = [0] * self.n
+        self.per_model: list[dict] = [dict() for _ in range(self.n)]   # instance -> model -> outstanding
+        n_models = len(plan["models"])
+        self.holders: list[list[int]] = [[] if self.affinity else list(range(self.n)) for _ in range(n_models)]
+        self._rr = 0
+        self.lock = threading.Lock()
+
+    def _choose(self, among: list) -> int:
+        if len(among) == 1:
+            return among[0]
+        if self.policy == "random":
+            return self.rng.choice(among)
+        if self.policy == "round_robin":
+            self._rr += 1
+            return among[self._rr % len(among)]
+        if self.policy == "power_of_two":
+            a, b = self.rng.sample(among, 2)
+            return a if self.outstanding[a] <= self.outstanding[b] else b
+        low = min(self.outstanding[i] for i in among)
+        return self.rng.choice([i for i in among if self.outstanding[i] == low])
+
+    def route(self, m: int) -> int:
+        with self.lock:
+            hold = self.holders[m]
+            if hold:
+                inst = self._choose(hold)
+                if (self.affinity and len(hold) < self.n
+                        and all(self.per_model[h].get(m, 0) >= self.rep_above for h in hold)):
+                    inst = self._choose([i for i in range(self.n) if i not in hold])
+                    hold.append(inst)
+            else:
+                inst = self._choose(list(range(self.n)))
+                hold.append(inst)
+            self.outstanding[inst] += 1
+            self.per_model[inst][m] = self.per_model[inst].get(m, 0) + 1
+            return inst
+
+    def done(self, inst: int, m: int) -> None:
+        with self.lock:
+            self.outstanding[inst] -= 1
+            self.per_model[inst][m] -= 1
+
+    def unloaded(self, inst: int, m: int) -> None:
+        with self.lock:
+            if inst in self.holders[m]:
+                self.holders[m].remove(inst)
+
+
+def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int = 0, probe_loads: int = 5,
+        probe_requests: int = 40, calibration_requests: int = 240, log=print) -> dict:
+    """Serve ``arrivals`` (from read_arrivals) with ``plan`` and its model ``files``; return the
+    records, with the models' calibrated times under ``probe`` (see calibration_arrivals)."""
+    ctx = mp.get_context("spawn")
+    conns, procs = [], []
+    for i in range(plan["instances"]):
+        parent, child = ctx.Pipe()
+        # instance 0 probes the models; the others only start
+        p = ctx.Process(target=server.serve, args=(i, plan, files, device, child,
+                                                   probe_loads if i == 0 else 0, probe_requests if i == 0 else 0),
+                        daemon=True)
+        p.start()
+        conns.append(parent)
+        procs.append(p)
+    try:
+        probed = None
+        for c in conns:
+            if not c.poll(600):
+                raise RuntimeError("an instance did not start within 600 s")
+            msg = c.recv()
+            probed = probed or msg[3]
+        # Half the calibration before the measured replay and half after: the machine's
+        # speed drifts (a shared host: +-10% over minutes here), and a drift in between
+        # then biases neither side.
+        cals = []
+        for half in range(2):
+            cal = calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half)
+            log(f"testbed: calibration replay {half + 1} of 2, {len(cal)} requests over "
+                f"{cal[-1][0] if cal else 0:.0f} s")
+            cals.append(_replay(plan, cal, conns, seed + 1 + half, lambda m: None))
+            _reset(conns)
+            if half == 0:
+                measured = _replay(plan, arrivals, conns, seed, log)
+                _reset(conns)
+        probed = _calibrated(plan, probed, cals)
+        for name, p in probed.items():
+            log(f"probe: {name} cold start {p['load']['median'] * 1e3:.0f} ms, "
+                f"request {p['service']['median'] * 1e3:.1f} ms (medians)")
+        return {"probe": {"models": probed, "calibration": cals}, **measured}
+    finally:
+        for c in conns:
+            try:
+                c.send(("stop",))
+            except (OSError, BrokenPipeError):
+                pass
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay
+CALIBRATION_MAX_S = 20.0    # and its longest span
+
+
+def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
+    """A calibration workload: Poisson arrivals spread evenly over the models, at a
+    rate that keeps an instance about half busy (requests and the loads of the
+    models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds.
+
+    The simulator's service and load times come from this replay, run through the
+    same router, pipes and workers as the measured one: a request there costs
+    about 7% more than timed alone in a loop (the thread that reads the pipe
+    takes the interpreter lock from the one that serves), and a copy loaded there
+    is placed in memory as the served ones are."""
+    ms = plan["models"]
+    svc = sum(p["service"]["mean"] for p in probed.values()) / len(probed)
+    load = sum(p["load"]["mean"] for p in probed.values()) / len(probed)
+    fit = int(plan["memory_budget_gb"] // max(m["memory_gb"] for m in ms)) if plan["mode"] == "mme" else len(ms)
+    miss = max(0.0, 1.0 - fit / len(ms))
+    rate = CALIBRATION_BUSY * plan["instances"] / (svc + miss * load)
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while len(out) < n:
+        t += rng.expovariate(rate)
+        if t > CALIBRATION_MAX_S:
+            break
+        out.append((t, rng.randrange(len(ms))))
+    return out
+
+
+def _reset(conns: list) -> None:
+    """Between replays: multi-model instances unload everything (and say so)."""
+    for c in conns:
+        c.send(("reset",))
+    for c in conns:
+        c.recv()
+
+
+def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
+    """Each model's service times (end - start) and load times from the calibration replays;
+    the in-process probe's loads are added (its own samples kept under ``probe_*``)."""
+    out = {}
+    for k, m in enumerate(plan["models"]):
+        p = dict(probed[m["name"]])
+        p["probe_service_s"], p["probe_load_s"] = p["service_s"], p["load_s"]
+        svc, loads = [], []
+        for rec in recs:
+            req = rec["requests"]
+            svc += [e - s for mm, s, e in zip(req["model"], req["start_s"], req["end_s"]) if mm == k and e is not None]
+            loads += [x["end_s"] - x["start_s"] for x in rec["loads"] if x["model"] == k]
+        p["service_s"] = svc or p["probe_service_s"]
+        p["load_s"] = loads + p["probe_load_s"]
+        p["service"], p["load"] = harness.robust_summary(p["service_s"]), harness.robust_summary(p["load_s"])
+        out[m["name"]] = p
+    return out
+
+
+def _replay(plan: dict, arrivals: list, conns: list, seed: int, log) -> dict:
+    router = Router(plan, seed)
+    n = len(arrivals)
+    req = {k: [None] * n for k in ("model", "arrival_s", "send_s", "instance", "start_s", "end_s", "cold",
+                                   "load_ms")}
+    loads, unloads = [], []
+    left = [n]
+    finished = threading.Event()
+    if n == 0:
+        finished.set()
+
+    def receive():
+        open_ = list(conns)
+        while open_ and not finished.is_set():
+            for c in wait(open_, timeout=0.5):
+                try:
+                    msg = c.recv()
+                except EOFError:
+                    open_.remove(c)
+                    continue
+                kind = msg[0]
+                if kind == "done":
+                    _, rid, inst, _arrived, start, end, cold, load_ms = msg
+                    req["start_s"][rid], req["end_s"][rid] = start, end
+                    req["cold"][rid], req["load_ms"][rid] = cold, load_ms
+                    router.done(inst, req["model"][rid])
+                    left[0] -= 1
+                    if left[0] == 0:
+                        finished.set()
+                elif kind == "load":
+                    _, inst, m, queued, start, end = msg
+                    loads.append({"instance": inst, "model": m, "queued_s": queued, "start_s": start,
+                                  "end_s": end})
+                elif kind == "unload":
+                    _, inst, m, t = msg
+                    router.unloaded(inst, m)
+                    unloads.append({"instance": inst, "model": m, "t_s": t})
+
+    rx = threading.Thread(target=receive, daemon=True)
+    rx.start()
+    t0 = time.monotonic() + STARTUP_S
+    for c in conns:
+        c.send(("start", t0))
+    horizon = arrivals[-1][0] if arrivals else 0.0
+    next_note = 10.0
+    for rid, (at, m) in enumerate(arrivals):
+        delay = t0 + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        inst = router.route(m)
+        req["model"][rid], req["arrival_s"][rid], req["instance"][rid] = m, at, inst
+        sent = req["send_s"][rid] = time.monotonic() - t0
+        conns[inst].send(("req", rid, m, sent))
+        if at >= next_note:
+            log(f"testbed: {at:.0f} of {horizon:.0f} s replayed, {rid + 1:,} of {n:,} requests")
+            next_note += 10.0
+    finished.wait(timeout=plan["timeout_s"] + 60.0)
+    finished.set()
+    rx.join(timeout=5)
+    lag = [s - a for s, a in zip(req["send_s"], req["arrival_s"]) if s is not None]
+    return {"requests": req, "loads": loads, "unloads": unloads,
+            "unfinished": left[0], "send_lag_ms": {"max": 1e3 * max(lag, default=0.0),
+                                                    "mean": 1e3 * sum(lag) / max(len(lag), 1)}}

@@ -1,0 +1,91 @@
+"""Sim-to-real fidelity: the testbed's plan and arrivals, the simulator's side of
+a testbed run, and the quick suite on this machine against its tolerances."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim import fidelity as fid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plans_are_valid_testbed_plans():
+    pytest.importorskip("torch")
+    from calibration.testbed import plan
+
+    for case in fid.CASES.values():
+        p = plan.validate(fid.plan_of(case))
+        assert p["instances"] >= 1 and len(p["models"]) == len(case.models)
+    bad = fid.plan_of(fid.CASES["mme_thrash"]) | {"routing": "fastest"}
+    with pytest.raises(ValueError, match="routing: expected one of"):
+        plan.validate(bad)
+    bad = fid.plan_of(fid.CASES["mme_thrash"]) | {"memory_budget_gb": 0.05}
+    with pytest.raises(ValueError, match=r"models\[0\].memory_gb"):
+        plan.validate(bad)
+
+
+def test_arrivals_are_the_cases_trace_and_reach_the_simulator_unchanged():
+    case = fid.CASES["mme_thrash"]
+    a = fid.arrivals_of(case, quick=True)
+    b = fid.arrivals_of(case, quick=True)
+    assert a.equals(b) and len(a) > 300                      # deterministic
+    assert a["model"].nunique() == len(case.models)
+    counts = a["model"].value_counts()
+    assert counts["m-00"] > 2 * counts["m-07"]               # Zipf-skewed
+    names = [m["name"] for m in case.models]
+    probe = {n: {"service_s": [0.010, 0.012], "load_s": [0.05, 0.06, 0.07]} for n in names}
+    measured = {"plan": fid.plan_of(case) | {"max_concurrency": 1, "instance_concurrency": 1,
+                                             "max_concurrent_loads": 1, "replicate_above": 8, "timeout_s": 60.0},
+                "probe": {"models": probe},
+                "requests": {"arrival_s": a["arrival_s"].tolist(), "model": [names.index(m) for m in a["model"]]}}
+    res = fid.simulate_measured(measured)
+    req = res.requests.sort_values("arrival_s")
+    assert np.array_equal(req["arrival_s"].to_numpy(), a["arrival_s"].to_numpy())
+    assert req["model"].tolist() == a["model"].tolist()
+    sc = fid.scenario_of(measured, Path("a.csv"))
+    assert sc["models"][0]["init_time"] == pytest.approx(0.06)       # the probe's median cold start
+    assert sc["models"][0]["service"]["mean"] == pytest.approx(0.011)
+    assert sc["endpoints"][0]["instance_concurrency"] == 1
+
+
+def test_errors_are_relative_and_the_hit_rate_in_points():
+    real = {"p50_ms": 10.0, "p90_ms": 20.0, "p99_ms": 40.0, "mean_ms": 12.0, "throughput_per_s": 5.0,
+            "cold_starts": 100, "hit_rate": 0.5}
+    sim = real | {"p50_ms": 11.0, "cold_starts": 90, "hit_rate": 0.52}
+    e = fid.errors(sim, real)
+    assert e["p50_err"] == pytest.approx(0.1) and e["cold_starts_err"] == pytest.approx(-0.1)
+    assert e["hit_rate_err_pp"] == pytest.approx(2.0) and e["p99_err"] == 0.0
+    assert fid.within(e, fid.QUICK_TOLERANCE) == {"p50": True, "p99": True, "cold_starts": True, "hit_rate": True}
+    assert not fid.within(e, fid.FULL_TOLERANCE)["p50"]
+
+
+@pytest.mark.slow
+def test_quick_suite_is_within_its_tolerances(tmp_path):
+    """`capsim fidelity --quick` on this machine: every case's P50, P99 and cold starts within 15%,
+    the hit rate within 3 points (a case that misses is measured once more, see run_suite)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    out = tmp_path / "fid"
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "fidelity", "--quick", "--json", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert json.loads((out / "fidelity.json").read_text()) == res
+    assert set(res["cases"]) == set(fid.CASES)
+    print(f"\n{'case':<18}{'P50':>8}{'P99':>8}{'cold':>8}{'hit pp':>8}  attempts")
+    for name, row in res["cases"].items():
+        print(f"{name:<18}{row['p50_err']:>+8.1%}{row['p99_err']:>+8.1%}{row['cold_starts_err']:>+8.1%}"
+              f"{row['hit_rate_err_pp']:>+8.1f}  {row['attempts']}")
+    for name, row in res["cases"].items():
+        assert row["unfinished"] == 0
+        assert row["measured"]["completed"] == row["simulated"]["completed"] == row["measured"]["requests"]
+        assert all(row["within"].values()), (name, {k: v for k, v in row.items() if k.endswith(("err", "pp"))})
+    thrash = res["cases"]["mme_thrash"]
+    assert thrash["measured"]["cold_starts"] > 100 and thrash["measured"]["hit_rate"] < 0.8
+    assert res["cases"]["sme_warm"]["measured"]["cold_starts"] == 0
