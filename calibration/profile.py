@@ -35,7 +35,8 @@
 #                                    in every page, nearly size-independent)
 #              torch_load            torch.load(weights_only=True)
 #              torch_load_mmap       torch.load(mmap=True, weights_only=True)
-#                                    + faulting in every page
+#                                    + copying the tensors out (v1 before
+#                                    2026-12: + faulting in every page)
 #              host_to_gpu_pageable  state dict .to("cuda") from pageable memory
 #              host_to_gpu_pinned    state dict .to("cuda", non_blocking) from
 #                                    pinned memory (pinning not timed)
