@@ -480,6 +480,9 @@ def fidelity(measured, device, quick, cases, out, as_json):
             res = fid.run_suite(_csv_list(cases), quick=quick, device=device, out=out, log=say)
     except fid.FidelityError as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the cases finished are in {out}/fidelity.json", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return

@@ -68,7 +68,9 @@ def test_errors_are_relative_and_the_hit_rate_in_points():
 @pytest.mark.slow
 def test_quick_suite_is_within_its_tolerances(tmp_path):
     """`capsim fidelity --quick` on this machine: every case's P50, P99 and cold starts within 15%,
-    the hit rate within 3 points (a case that misses is measured once more, see run_suite)."""
+    the hit rate within 3 points. Latency percentiles over a minute of this shared 2-core machine
+    move by 10-20% with its speed, so a case that misses is measured again, three attempts at
+    most (run_suite); every attempt's counts must hold and all are printed."""
     pytest.importorskip("torch")
     pytest.importorskip("safetensors")
     out = tmp_path / "fid"
@@ -82,6 +84,12 @@ def test_quick_suite_is_within_its_tolerances(tmp_path):
     for name, row in res["cases"].items():
         print(f"{name:<18}{row['p50_err']:>+8.1%}{row['p99_err']:>+8.1%}{row['cold_starts_err']:>+8.1%}"
               f"{row['hit_rate_err_pp']:>+8.1f}  {row['attempts']}")
+    for name, row in res["cases"].items():
+        for e in row["earlier_attempts"]:
+            print(f"{name:<18}{e['p50_err']:>+8.1%}{e['p99_err']:>+8.1%}{e['cold_starts_err']:>+8.1%}"
+                  f"{e['hit_rate_err_pp']:>+8.1f}  (earlier attempt)")
+            assert abs(e["cold_starts_err"]) <= fid.QUICK_TOLERANCE["cold_starts"]
+            assert abs(e["hit_rate_err_pp"]) <= fid.QUICK_TOLERANCE["hit_rate_pp"]
     for name, row in res["cases"].items():
         assert row["unfinished"] == 0
         assert row["measured"]["completed"] == row["simulated"]["completed"] == row["measured"]["requests"]
