@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +53,6 @@ class Case:
     traffic: dict[str, Any]              # the group's traffic, as in a scenario file
     seconds: tuple[float, float]         # replayed span: quick, full
     popularity: Any = "uniform"
-    notes: list[str] = field(default_factory=list)
 
 
 def _models(n: int, params: str, memory_gb: float, seq_len: int = 64) -> list[dict[str, Any]]:

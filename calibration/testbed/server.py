@@ -288,5 +288,4 @@ def serve(index: int, plan: dict, files: list, device: str, conn, probe_loads: i
     server.stop()
     for t in threads:
         t.join(timeout=30)
-    conn.send(("stopped", index))
 
