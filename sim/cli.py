@@ -489,16 +489,19 @@ def fidelity(measured, device, quick, cases, out, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="simulated against measured, same plan and arrivals")
-    for c in ("case", "figure", "measured", "simulated", "error"):
+    t = Table(title="simulated against measured, same plan and arrivals (means over a case's runs)")
+    for c in ("case", "figure", "measured", "simulated", "error", "measured spread"):
         t.add_column(c, justify="left" if c in ("case", "figure") else "right")
     for name, row in res["cases"].items():
+        spread = row.get("measured_spread")
         for fig in fid.FIGURES:
             m, s_ = row["measured"][fig], row["simulated"][fig]
             key = fig.replace("_ms", "").replace("_per_s", "")
             err = (f"{row['hit_rate_err_pp']:+.1f} pp" if fig == "hit_rate" else f"{row[key + '_err']:+.1%}")
-            t.add_row(name if fig == fid.FIGURES[0] else "", fig, _fmt(m, 3 if fig == "hit_rate" else 1),
-                      _fmt(s_, 3 if fig == "hit_rate" else 1), err)
+            first = fig == fid.FIGURES[0]
+            t.add_row(f"{name} ({len(row['runs'])} run{'s' if len(row['runs']) > 1 else ''})" if first else "",
+                      fig, _fmt(m, 3 if fig == "hit_rate" else 1), _fmt(s_, 3 if fig == "hit_rate" else 1), err,
+                      f"{spread[fig]:.1%}" if spread else "")
     Console().print(t)
     if not measured:
         click.echo(f"fidelity.json and each case's plan, arrivals and testbed records in {out}/", err=True)

@@ -188,17 +188,39 @@ def _reset(conns: list) -> None:
         c.recv()
 
 
+def occupancy(req: dict, loads: list, instances: int) -> list:
+    """Per request of a replay, the time its instance's one worker spent on it: from the later of its
+    send and the end of the worker's previous job (a request or a load) to its end, so that reading
+    the pipe, choosing the job and replying count, as the worker cannot serve meanwhile. None for a
+    request that did not finish."""
+    out = [None] * len(req["end_s"])
+    for inst in range(instances):
+        jobs = [(s, e, rid) for rid, (i, s, e) in enumerate(zip(req["instance"], req["start_s"], req["end_s"]))
+                if i == inst and e is not None]
+        jobs += [(x["start_s"], x["end_s"], None) for x in loads if x["instance"] == inst]
+        jobs.sort()
+        free = float("-inf")
+        for s, e, rid in jobs:
+            if rid is not None:
+                out[rid] = e - max(req["send_s"][rid], free)
+            free = e
+    return out
+
+
 def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
-    """Each model's service times (end - start) and load times from the calibration replays;
-    the in-process probe's loads are added (its own samples kept under ``probe_*``)."""
+    """Each model's service times and load times from the calibration replays; the in-process
+    probe's loads are added (its own samples kept under ``probe_*``). A service time is the
+    worker's occupancy (``occupancy``) where an instance has one worker, else end - start."""
     out = {}
+    svcs = [occupancy(rec["requests"], rec["loads"], plan["instances"]) if plan["instance_concurrency"] == 1
+            else [None if e is None else e - s for s, e in zip(rec["requests"]["start_s"], rec["requests"]["end_s"])]
+            for rec in recs]
     for k, m in enumerate(plan["models"]):
         p = dict(probed[m["name"]])
         p["probe_service_s"], p["probe_load_s"] = p["service_s"], p["load_s"]
         svc, loads = [], []
-        for rec in recs:
-            req = rec["requests"]
-            svc += [e - s for mm, s, e in zip(req["model"], req["start_s"], req["end_s"]) if mm == k and e is not None]
+        for rec, occ in zip(recs, svcs):
+            svc += [o for mm, o in zip(rec["requests"]["model"], occ) if mm == k and o is not None]
             loads += [x["end_s"] - x["start_s"] for x in rec["loads"] if x["model"] == k]
         p["service_s"] = svc or p["probe_service_s"]
         p["load_s"] = loads + p["probe_load_s"]

@@ -2,12 +2,18 @@
 from safetensors files into a memory budget, evicts idle ones least recently
 used first, and runs real inference on each request.
 
-Threads: the main one reads requests from the router's pipe; the instance's
-``instance_concurrency`` workers (a CPU-bound model server's) each take the
-job that has waited longest: a queued request of a loaded model with a free
-concurrency slot, or the next pending load (file -> state dict -> module ->
-warm-up pass; at most ``max_concurrent_loads`` at once), for which idle models
-are evicted. All state is under one lock; loads and inference run outside it. The rules are the
+Threads: the instance's ``instance_concurrency`` workers (a CPU-bound model
+server's). A free worker first reads what the router's pipe holds, then takes
+the job that has waited longest: a queued request of a loaded model with a
+free concurrency slot, or the next pending load (file -> state dict -> module
+-> warm-up pass; at most ``max_concurrent_loads`` at once), for which idle
+models are evicted. No thread reads the pipe while a worker computes: a
+reader thread would take the interpreter lock from it at every message, and a
+request would cost more (about 7% here) the more requests arrive while it
+runs, so that bursts drained faster than a calibration could tell. Requests
+keep the router's send time, so reading them late changes neither their
+order nor their latency. All state is under one lock; loads and inference
+run outside it. The rules are the
 simulator's for multi-model endpoints (sim/hosting/mme.py), so that the two
 can be compared on the same plan.
 
@@ -88,12 +94,13 @@ def request_fn(mod: torch.nn.Module, m: dict, device: str, seed: int = 0):
 
 
 class _Slot:
-    __slots__ = ("m", "loaded", "busy", "queue", "waiting", "last_used", "queued", "module", "run")
+    __slots__ = ("m", "loaded", "loaded_at", "busy", "queue", "waiting", "last_used", "queued", "module", "run")
 
     def __init__(self, m: int, now: float):
         self.m = m
         self.queued = now               # when its load was asked for
         self.loaded = False
+        self.loaded_at = float("-inf")  # when its load ended
         self.busy = 0
         self.queue: deque = deque()     # (rid, arrived, cold, load_ms) waiting for a worker
         self.waiting: list = []         # (rid, arrived) waiting for the load
@@ -107,14 +114,15 @@ class _Slot:
 
 
 class Server:
-    def __init__(self, index: int, plan: dict, files: list, device: str, t0: float, send):
+    def __init__(self, index: int, plan: dict, files: list, device: str, t0: float, conn):
         self.index = index
         self.plan = plan
         self.files = files
         self.device = device
         self.t0 = t0
-        self._send = send
+        self.conn = conn
         self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
         self.lock = threading.Lock()
         self.slots: dict[int, _Slot] = {}
         self.pending: deque = deque()      # slots whose load waits for a worker and room
@@ -131,7 +139,29 @@ class Server:
 
     def send(self, msg) -> None:
         with self._send_lock:
-            self._send(msg)
+            self.conn.send(msg)
+
+    def read(self) -> None:
+        """Handle what the router's pipe holds, without waiting (one worker at a time)."""
+        if not self._recv_lock.acquire(blocking=False):
+            return
+        try:
+            while not self.stopping and self.conn.poll():
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):      # the router is gone
+                    msg = ("stop",)
+                if msg[0] == "req":
+                    self.arrive(msg[1], msg[2], msg[3])
+                elif msg[0] == "start":          # a replay begins: its clock's origin
+                    self.t0 = msg[1]
+                elif msg[0] == "reset":
+                    self.reset()
+                    self.send(("reset", self.index))
+                elif msg[0] == "stop":
+                    self.stop()
+        finally:
+            self._recv_lock.release()
 
     # -- requests -----------------------------------------------------------------
     def arrive(self, rid: int, m: int, sent: float) -> None:
@@ -144,7 +174,10 @@ class Server:
                 self.slots[m] = slot
                 self.pending.append(slot)
             slot.last_used = now
-            if slot.loaded:
+            if slot.loaded and slot.loaded_at > now:
+                # sent while its model loaded, read once the worker was free: it waited for the load
+                slot.queue.append((rid, now, True, (slot.loaded_at - now) * 1e3))
+            elif slot.loaded:
                 slot.queue.append((rid, now, False, 0.0))
             else:
                 slot.waiting.append((rid, now))
@@ -169,12 +202,13 @@ class Server:
 
     def worker(self) -> None:
         """One of the instance's workers: it serves requests and loads models, oldest job
-        first. Idle, it spins (yielding the interpreter lock to the thread that reads
-        the pipe), as GPU servers spin on their stream: a worker that slept would
-        leave its core idle, and the next request would pay the wake-up (cold
-        caches, a descheduled virtual CPU), about +10% here, a cost that depends
-        on the gaps between requests, which the probe cannot know."""
+        first, reading the pipe before each. Idle, it spins on the pipe, as GPU
+        servers spin on their stream: a worker that slept would leave its core
+        idle, and the next request would pay the wake-up (cold caches, a
+        descheduled virtual CPU), about +10% here, a cost that depends on the gaps
+        between requests, which the probe cannot know."""
         while True:
+            self.read()
             with self.lock:
                 job = self._next_job()
                 if job is not None:
@@ -206,7 +240,7 @@ class Server:
         mod, run = load_and_warm(self.files[slot.m], self.plan["models"][slot.m], slot.m, self.device)
         end = self.now()
         with self.lock:
-            slot.module, slot.run, slot.loaded = mod, run, True
+            slot.module, slot.run, slot.loaded, slot.loaded_at = mod, run, True, end
             self.loading -= 1
             self.serving -= 1
             for rid, arrived in slot.waiting:
@@ -264,7 +298,7 @@ def serve(index: int, plan: dict, files: list, device: str, conn, probe_loads: i
     torch.set_grad_enabled(False)
     probed, runs = probe(plan, files, device, loads=probe_loads, requests=probe_requests,
                          log=lambda m: None) if probe_loads or probe_requests else (None, None)
-    server = Server(index, plan, files, device, 0.0, conn.send)
+    server = Server(index, plan, files, device, 0.0, conn)
     if plan["mode"] == "sme":
         # Serve with the very copies the probe timed: a copy's speed depends on where
         # its weights lie in memory (about +-8% from one load to the next here).
@@ -274,18 +308,5 @@ def serve(index: int, plan: dict, files: list, device: str, conn, probe_loads: i
     threads = [threading.Thread(target=server.worker, daemon=True) for _ in range(server.cap)]
     for t in threads:
         t.start()
-    while True:
-        msg = conn.recv()
-        if msg[0] == "req":
-            server.arrive(msg[1], msg[2], msg[3])
-        elif msg[0] == "start":          # a replay begins: its clock's origin
-            server.t0 = msg[1]
-        elif msg[0] == "reset":
-            server.reset()
-            conn.send(("reset", index))
-        elif msg[0] == "stop":
-            break
-    server.stop()
     for t in threads:
-        t.join(timeout=30)
-
+        t.join()
