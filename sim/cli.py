@@ -464,8 +464,11 @@ def report(directory, out):
 @click.option("--cases", metavar="A,B", help="Cases of the built-in suite (default: all).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/fidelity"),
               show_default=True, help="fidelity.json and, per case, plan.json, arrivals.csv, measured.json.")
+@click.option("--runs", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="Testbed runs per case at least (the errors are those of their mean; two or more give "
+                   "the real system's own spread). A case outside the tolerance is run again, 3 runs at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print fidelity.json alone on stdout.")
-def fidelity(measured, device, quick, cases, out, as_json):
+def fidelity(measured, device, quick, cases, out, runs, as_json):
     """The simulator's error against a real serving testbed on this machine, case by case.
 
     With MEASURED.json files (testbed runs made elsewhere, e.g. on a GPU box:
@@ -477,7 +480,7 @@ def fidelity(measured, device, quick, cases, out, as_json):
         if measured:
             res = fid.from_measured(list(measured))
         else:
-            res = fid.run_suite(_csv_list(cases), quick=quick, device=device, out=out, log=say)
+            res = fid.run_suite(_csv_list(cases), quick=quick, device=device, out=out, runs=runs, log=say)
     except fid.FidelityError as e:
         _fail(str(e))
     except KeyboardInterrupt:

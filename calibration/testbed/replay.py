@@ -160,10 +160,10 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
     models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds.
 
     The simulator's service and load times come from this replay, run through the
-    same router, pipes and workers as the measured one: a request there costs
-    about 7% more than timed alone in a loop (the thread that reads the pipe
-    takes the interpreter lock from the one that serves), and a copy loaded there
-    is placed in memory as the served ones are."""
+    same router, pipes and workers as the measured one: a request's time there is
+    the worker's whole occupancy (reading the pipe and replying included, about
+    0.3 ms here, see ``occupancy``), and a copy loaded there is placed in memory
+    as the served ones are."""
     ms = plan["models"]
     svc = sum(p["service"]["mean"] for p in probed.values()) / len(probed)
     load = sum(p["load"]["mean"] for p in probed.values()) / len(probed)
