@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "scenarios" / "traces"
 PLAN_SCHEMA = "capsim.testbed-plan/1"
 FIGURES = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_per_s", "cold_starts", "hit_rate")
-# Tolerances of the acceptance checks (relative, and points for the hit rate).
 SIM_REPLICATIONS = 5   # the simulator's figures: the mean over this many service draws
+# Tolerances of the acceptance checks (relative, and points for the hit rate).
 QUICK_TOLERANCE = {"p50": 0.15, "p99": 0.15, "cold_starts": 0.15, "hit_rate_pp": 3.0}
 FULL_TOLERANCE = {"p50": 0.05, "p99": 0.10, "cold_starts": 0.05, "hit_rate_pp": 2.0}
 Log = Callable[[str], None]
