@@ -466,7 +466,8 @@ def report(directory, out):
               show_default=True, help="fidelity.json and, per case, plan.json, arrivals.csv, measured.json.")
 @click.option("--runs", type=click.IntRange(1, 10), default=1, show_default=True,
               help="Testbed runs per case at least (the errors are those of their mean; two or more give "
-                   "the real system's own spread). A case outside the tolerance is run again, 3 runs at most.")
+                   "the real system's own spread). A case outside the tolerance is run again, up to 3 runs "
+                   "(or N, if more).")
 @click.option("--json", "as_json", is_flag=True, help="Print fidelity.json alone on stdout.")
 def fidelity(measured, device, quick, cases, out, runs, as_json):
     """The simulator's error against a real serving testbed on this machine, case by case.
