@@ -115,3 +115,19 @@ hold, and every run is printed."""
     thrash = res["cases"]["mme_thrash"]
     assert thrash["measured"]["cold_starts"] > 100 and thrash["measured"]["hit_rate"] < 0.8
     assert res["cases"]["sme_warm"]["measured"]["cold_starts"] == 0
+
+
+def test_occupancy_counts_the_worker_time_between_jobs():
+    pytest.importorskip("torch")
+    from calibration.testbed.replay import occupancy
+
+    # one worker: request 0 sent at 0.0 starts 0.001, ends 0.011; request 1 was queued (sent 0.005)
+    # and starts 0.0113 after the reply; a load runs 0.030-0.080; request 2 (sent 0.025) waits for it
+    req = {"instance": [0, 0, 0, 1], "send_s": [0.0, 0.005, 0.025, 0.0],
+           "start_s": [0.001, 0.0113, 0.0802, 0.0], "end_s": [0.011, 0.0213, 0.0902, None]}
+    loads = [{"instance": 0, "start_s": 0.030, "end_s": 0.080}]
+    occ = occupancy(req, loads, 2)
+    assert occ[0] == pytest.approx(0.011)      # from its send: the idle worker's pick-up counts
+    assert occ[1] == pytest.approx(0.0103)     # from the previous job's end: the reply counts
+    assert occ[2] == pytest.approx(0.0102)     # from the load's end
+    assert occ[3] is None                      # unfinished
