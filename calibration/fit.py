@@ -111,3 +111,46 @@ def fit_service(X, y_ms, names) -> dict:
     out.update({"r2": r["r2"], "r2_samples": r["r2_samples"], "n": r["n"],
                 "groups": r["groups"], "rel_resid_mad": r["rel_resid_mad"]})
     return out
+
+
+SUSTAINED_MIN_SPAN_S = 0.5   # a sustained-load fit needs samples this far into busy periods
+SUSTAINED_MIN_EFFECT = 0.03  # and a speed change at least this large, else there is none to model
+
+
+def fit_sustained(busy_s, times_s) -> dict | None:
+    """time = base * (factor + (1 - factor) * exp(-busy / time_constant)): how the service time of a
+    request changes with how long its server had been busy without a break when it started
+    (``busy``). Robust (soft_l1 on log residuals, as above). Returns {"factor", "time_constant_s",
+    "base_s", "n", "rel_resid_mad"}, or None when the samples do not reach SUSTAINED_MIN_SPAN_S into
+    busy periods or the change is under SUSTAINED_MIN_EFFECT."""
+    b, y = np.asarray(busy_s, float), np.asarray(times_s, float)
+    ok = np.isfinite(b) & np.isfinite(y) & (y > 0) & (b >= 0)
+    b, y = b[ok], y[ok]
+    long = b >= SUSTAINED_MIN_SPAN_S
+    if long.sum() < 20 or (~long).sum() < 20:
+        return None
+    logy = np.log(y)
+
+    def shape(x):
+        f, tau = x[1], np.exp(x[2])
+        return np.log(f + (1.0 - f) * np.exp(-b / tau))
+
+    def resid(x):
+        return x[0] + shape(x) - logy
+
+    start = float(np.median(logy[b <= 0.05])) if (b <= 0.05).sum() >= 10 else float(np.median(logy[~long]))
+    x0 = np.array([start, float(np.exp(np.median(logy[long]) - start)), np.log(0.3)])
+    x0[1] = min(max(x0[1], 0.55), 1.9)
+    r0 = resid(x0)
+    scale = max(1.4826 * float(np.median(np.abs(r0 - np.median(r0)))), 0.01)
+    # A time constant beyond the longest busy period seen cannot be told from a slope: bounded there.
+    top = np.log(max(float(b.max()), 2e-3))
+    x0[2] = min(x0[2], top - 1e-6)
+    res = optimize.least_squares(resid, x0, loss="soft_l1", f_scale=scale, method="trf",
+                                 bounds=([-np.inf, 0.5, np.log(1e-3)], [np.inf, 2.0, top]))
+    base, f, tau = float(np.exp(res.x[0])), float(res.x[1]), float(np.exp(res.x[2]))
+    if abs(1.0 - f) < SUSTAINED_MIN_EFFECT:
+        return None
+    rel = np.expm1(resid(res.x))
+    return {"factor": f, "time_constant_s": tau, "base_s": base, "n": int(y.size),
+            "rel_resid_mad": float(np.median(np.abs(rel - np.median(rel))))}

@@ -126,10 +126,17 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
     for m in plan["models"]:
         p = probe[m["name"]]
         svc = np.asarray(p["service_s"], dtype=float)
+        service: dict[str, Any] = {"dist": "lognormal"}
+        sus = p.get("sustained")
+        if sus:
+            # The calibration's times, each divided by its sustained-load factor: the draws at rest.
+            f, tau = sus["factor"], sus["time_constant_s"]
+            svc = svc / (f + (1.0 - f) * np.exp(-np.asarray(p["service_busy_s"], dtype=float) / tau))
+            service["sustained"] = {"factor": f, "time_constant": tau}
+        service.update(mean=float(svc.mean()), cv=float(svc.std(ddof=1) / svc.mean()) if len(svc) > 1 else 0.0)
         models.append({"name": m["name"], "size_gb": m["memory_gb"], "memory_gb": m["memory_gb"],
                        "host_memory_gb": 0, "accelerators": 0, "init_time": float(np.median(p["load_s"])),
-                       "service": {"dist": "lognormal", "mean": float(svc.mean()),
-                                   "cv": float(svc.std(ddof=1) / svc.mean()) if len(svc) > 1 else 0.0},
+                       "service": service,
                        "traffic": {"process": "trace", "path": str(arrivals_csv), "format": "csv"}})
     # One group per model: the trace's model column sends each request to its model.
     ep: dict[str, Any] = {"name": plan["name"], "mode": plan["mode"], "instance_type": "testbed.cpu",

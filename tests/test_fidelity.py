@@ -52,6 +52,20 @@ def test_arrivals_are_the_cases_trace_and_reach_the_simulator_unchanged():
     assert sc["models"][0]["init_time"] == pytest.approx(0.06)       # the probe's median cold start
     assert sc["models"][0]["service"]["mean"] == pytest.approx(0.011)
     assert sc["endpoints"][0]["instance_concurrency"] == 1
+    assert "sustained" not in sc["models"][0]["service"]
+
+
+def test_a_sustained_load_fit_reaches_the_simulator_with_the_draws_at_rest():
+    case = fid.CASES["sme_warm"]
+    name = case.models[0]["name"]
+    probe = {"service_s": [0.010, 0.008, 0.012], "service_busy_s": [0.0, 1.0, 0.0], "load_s": [0.05],
+             "sustained": {"factor": 0.8, "time_constant_s": 0.5}}
+    measured = {"plan": fid.plan_of(case) | {"max_concurrency": 1, "instance_concurrency": 1, "timeout_s": 60.0},
+                "probe": {"models": {name: probe}}, "requests": {"arrival_s": [0.0]}}
+    svc = fid.scenario_of(measured, Path("a.csv"))["models"][0]["service"]
+    assert svc["sustained"] == {"factor": 0.8, "time_constant": 0.5}
+    at_rest = [0.010, 0.008 / (0.8 + 0.2 * np.exp(-2.0)), 0.012]
+    assert svc["mean"] == pytest.approx(np.mean(at_rest))
 
 
 def test_errors_are_relative_and_the_hit_rate_in_points():
@@ -126,8 +140,12 @@ def test_occupancy_counts_the_worker_time_between_jobs():
     req = {"instance": [0, 0, 0, 1], "send_s": [0.0, 0.005, 0.025, 0.0],
            "start_s": [0.001, 0.0113, 0.0802, 0.0], "end_s": [0.011, 0.0213, 0.0902, None]}
     loads = [{"instance": 0, "start_s": 0.030, "end_s": 0.080}]
-    occ = occupancy(req, loads, 2)
+    busy = [None] * 4
+    occ = occupancy(req, loads, 2, busy)
     assert occ[0] == pytest.approx(0.011)      # from its send: the idle worker's pick-up counts
     assert occ[1] == pytest.approx(0.0103)     # from the previous job's end: the reply counts
     assert occ[2] == pytest.approx(0.0102)     # from the load's end
     assert occ[3] is None                      # unfinished
+    # How long the worker had been busy: 0 for one that found it idle; the load began a new period.
+    assert busy[0] == 0.0 and busy[1] == pytest.approx(0.011) and busy[2] == pytest.approx(0.05)
+    assert busy[3] is None

@@ -18,7 +18,7 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-from .. import harness
+from .. import fit, harness
 from . import server
 
 STARTUP_S = 0.5   # between the start signal and the first arrival
@@ -152,6 +152,9 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
 
 CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay
 CALIBRATION_MAX_S = 20.0    # and its longest span
+BURST_LOAD = 1.25           # then a burst at this multiple of capacity,
+BURST_S = 3.0               # this long, after a pause of
+BURST_PAUSE_S = 1.0
 
 
 def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
@@ -177,6 +180,16 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
         if t > CALIBRATION_MAX_S:
             break
         out.append((t, rng.randrange(len(ms))))
+    # A burst above capacity: the instance stays busy for seconds, and the request times along it
+    # show how the machine's speed changes under sustained load (see ``occupancy``).
+    t += BURST_PAUSE_S
+    end = t + BURST_S
+    burst_rate = BURST_LOAD * plan["instances"] / svc
+    while True:
+        t += rng.expovariate(burst_rate)
+        if t > end:
+            break
+        out.append((t, rng.randrange(min(fit, len(ms)))))
     return out
 
 
@@ -188,21 +201,27 @@ def _reset(conns: list) -> None:
         c.recv()
 
 
-def occupancy(req: dict, loads: list, instances: int) -> list:
+def occupancy(req: dict, loads: list, instances: int, busy: list | None = None) -> list:
     """Per request of a replay, the time its instance's one worker spent on it: from the later of its
     send and the end of the worker's previous job (a request or a load) to its end, so that reading
     the pipe, choosing the job and replying count, as the worker cannot serve meanwhile. None for a
-    request that did not finish."""
+    request that did not finish. With ``busy`` (a list as long), also how long the worker had been
+    busy without a break when the request's occupancy began (0 for one that found it idle)."""
     out = [None] * len(req["end_s"])
     for inst in range(instances):
         jobs = [(s, e, rid) for rid, (i, s, e) in enumerate(zip(req["instance"], req["start_s"], req["end_s"]))
                 if i == inst and e is not None]
         jobs += [(x["start_s"], x["end_s"], None) for x in loads if x["instance"] == inst]
         jobs.sort()
-        free = float("-inf")
+        free = since = float("-inf")
         for s, e, rid in jobs:
+            begin = s if rid is None else max(req["send_s"][rid], free)
+            if begin > free:
+                since = begin     # the worker was idle: a busy period begins
             if rid is not None:
-                out[rid] = e - max(req["send_s"][rid], free)
+                out[rid] = e - begin
+                if busy is not None:
+                    busy[rid] = begin - since
             free = e
     return out
 
@@ -212,17 +231,28 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
     probe's loads are added (its own samples kept under ``probe_*``). A service time is the
     worker's occupancy (``occupancy``) where an instance has one worker, else end - start."""
     out = {}
-    svcs = [occupancy(rec["requests"], rec["loads"], plan["instances"]) if plan["instance_concurrency"] == 1
-            else [None if e is None else e - s for s, e in zip(rec["requests"]["start_s"], rec["requests"]["end_s"])]
-            for rec in recs]
+    svcs, busys = [], []
+    for rec in recs:
+        r = rec["requests"]
+        busy = [None] * len(r["end_s"])
+        if plan["instance_concurrency"] == 1:
+            svcs.append(occupancy(r, rec["loads"], plan["instances"], busy))
+        else:
+            svcs.append([None if e is None else e - s for s, e in zip(r["start_s"], r["end_s"])])
+        busys.append(busy)
     for k, m in enumerate(plan["models"]):
         p = dict(probed[m["name"]])
         p["probe_service_s"], p["probe_load_s"] = p["service_s"], p["load_s"]
-        svc, loads = [], []
-        for rec, occ in zip(recs, svcs):
-            svc += [o for mm, o in zip(rec["requests"]["model"], occ) if mm == k and o is not None]
+        svc, busy, loads = [], [], []
+        for rec, occ, bus in zip(recs, svcs, busys):
+            mine = [(o, b) for mm, o, b in zip(rec["requests"]["model"], occ, bus) if mm == k and o is not None]
+            svc += [o for o, _ in mine]
+            busy += [b for _, b in mine]
             loads += [x["end_s"] - x["start_s"] for x in rec["loads"] if x["model"] == k]
         p["service_s"] = svc or p["probe_service_s"]
+        if svc and all(b is not None for b in busy):
+            p["service_busy_s"] = busy
+            p["sustained"] = fit.fit_sustained(busy, svc)
         p["load_s"] = loads + p["probe_load_s"]
         p["service"], p["load"] = harness.robust_summary(p["service_s"]), harness.robust_summary(p["load_s"])
         out[m["name"]] = p

@@ -2,6 +2,7 @@
 from which metrics are derived after the run."""
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -14,9 +15,10 @@ from .loading import LoadRecord
 class Instance:
     """One instance of an endpoint. ``n`` counts its requests in flight (serving or
     queued); ``seen`` is ``n`` as the router last saw it (only with ``routing_refresh``);
-    ``draining`` is set when it leaves service and waits for them to end."""
+    ``draining`` is set when it leaves service and waits for them to end; ``since``: when its
+    current busy period began (for a sustained-load service)."""
 
-    __slots__ = ("index", "slots", "busy", "queue", "n", "seen", "up_since", "draining", "failed", "zone")
+    __slots__ = ("index", "slots", "busy", "queue", "n", "seen", "up_since", "draining", "failed", "zone", "since")
 
     def __init__(self, index: int, slots: int, up_since: float):
         self.index = index
@@ -29,6 +31,7 @@ class Instance:
         self.draining = False
         self.failed = False
         self.zone = 0
+        self.since = up_since
 
 
 @dataclass
@@ -66,7 +69,7 @@ class EndpointRuntime:
     and call :meth:`_maybe_release` when an instance's in-flight count drops.
     """
 
-    def __init__(self, engine: Engine, ep: Endpoint, capacity: tuple[float, float, float]):
+    def __init__(self, engine: Engine, ep: Endpoint, capacity: tuple[float, float, float], models: tuple = ()):
         self.engine = engine
         self.ep = ep
         self.requests = engine.requests
@@ -88,6 +91,9 @@ class EndpointRuntime:
         self.log = EndpointLog(capacity)
         self.timeout = ep.timeout
         self.provision_rng = None  # set by the simulation: the provisioning stream
+        # models whose service changes under sustained load: model -> (factor, time constant); None if none
+        self.sustained = {m.index: (m.service.sustained.factor, m.service.sustained.time_constant)
+                          for m in (models[k] for k in ep.models) if m.service.sustained is not None} or None
         self.zones_down: set[int] = set()
         self._retried: set[int] = set()
 
@@ -119,6 +125,17 @@ class EndpointRuntime:
             dropped += 1
             self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
         return -1, dropped
+
+    def _sustained_time(self, i: int, since: float, now: float) -> float:
+        """Request ``i``'s service time when it starts at ``now`` on a server busy since ``since``
+        (``sustained``); written back to the request table."""
+        r = self.requests
+        p = self.sustained.get(r.model[i])
+        if p is None:
+            return r.service[i]
+        f, tau = p
+        s = r.service[i] = r.service[i] * (f + (1.0 - f) * math.exp((since - now) / tau))
+        return s
 
     def _served(self, i: int, now: float) -> None:
         """Request ``i``'s service ended at ``now``: ok, or a timeout if its client gave up first."""

@@ -168,7 +168,8 @@ class Copy:
     ``n`` counts its requests in flight (routing reads it; ``seen``: as last refreshed,
     with ``routing_refresh``)."""
 
-    __slots__ = ("comp", "inst", "gpus", "state", "slots", "busy", "n", "seen", "queue", "record", "replaces")
+    __slots__ = ("comp", "inst", "gpus", "state", "slots", "busy", "n", "seen", "queue", "record", "replaces",
+                 "since")
 
     def __init__(self, comp: "Comp", inst: ICInstance, gpus: tuple[int, ...], record: CopyRecord):
         self.comp = comp
@@ -182,6 +183,7 @@ class Copy:
         self.queue: deque[int] = deque()
         self.record = record
         self.replaces: Copy | None = None
+        self.since = 0.0   # when its current busy period began (a sustained-load service)
 
 
 class Comp:
@@ -266,7 +268,7 @@ class _FromZero:
 class ICEndpoint(EndpointRuntime):
     def __init__(self, engine: Engine, ep: Endpoint, models: tuple[Model, ...]):
         it = ep.instance_type
-        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb))
+        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb), models)
         self.log = ICLog(self.log.capacity)
         spec = ep.spec
         self.on_gpu = it.gpus > 0
@@ -373,11 +375,14 @@ class ICEndpoint(EndpointRuntime):
         c = ready[0] if len(ready) == 1 else self.route(ready, r.u1[i], r.u2[i], comp)
         r.instance[i] = c.inst.index
         if c.busy < c.slots:
+            if c.busy == 0:
+                c.since = now
             c.busy += 1
             c.n += 1
             comp.inflight += 1
             r.start[i] = now
-            heappush(env._queue, (now + r.service[i], NORMAL, next(env._eid), Call(self._done_callbacks, i, c)))
+            svc = r.service[i] if self.sustained is None else self._sustained_time(i, c.since, now)
+            heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, c)))
         elif self.queue_limit is not None and len(c.queue) >= self.queue_limit:
             self.engine.finish(i, THROTTLED, now)
         else:
@@ -401,7 +406,8 @@ class ICEndpoint(EndpointRuntime):
             r.start[j] = now
             call.arg = j
             call.callbacks = self._done_callbacks
-            heappush(env._queue, (now + r.service[j], NORMAL, next(env._eid), call))
+            svc = r.service[j] if self.sustained is None else self._sustained_time(j, c.since, now)
+            heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
         else:
             c.busy -= 1
         self._served(i, now)

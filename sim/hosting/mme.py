@@ -53,7 +53,7 @@ class Slot:
 
 class MMEInstance(Instance):
     __slots__ = ("models", "gpu_used", "host_used", "disk", "disk_used", "loading", "loaded", "pending",
-                 "loader", "gds_floor", "serving")
+                 "loader", "gds_floor", "serving", "free_at")
 
     def __init__(self, index: int, now: float, loader: Loader):
         super().__init__(index, 0, now)
@@ -68,6 +68,7 @@ class MMEInstance(Instance):
         self.loader = loader
         self.gds_floor = 0.0
         self.serving = 0                      # busy workers (instance_concurrency): requests and loads
+        self.free_at = now                    # when a job (request or load) last ended
 
 
 def _victim_lru(slots):
@@ -94,7 +95,7 @@ class MMEEndpoint(EndpointRuntime):
         gpu_cap = it.total_gpu_memory_gb * cache.memory_fraction if self.on_gpu else 0.0
         host_cap = max(it.memory_gb - cache.host_reserve, 0.0)
         disk_cap = cache.disk if cache.disk is not None else it.storage_gb
-        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, disk_cap))
+        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, disk_cap), models)
         self.gpu_cap, self.host_cap, self.disk_cap = gpu_cap, host_cap, disk_cap
         self.models = models
         self.max_conc = ep.max_concurrency
@@ -225,12 +226,16 @@ class MMEEndpoint(EndpointRuntime):
         return slot.busy + len(slot.queue) if slot.loaded else -1
 
     def _start(self, i: int, slot: Slot, now: float) -> None:
+        inst = slot.inst
+        if inst.serving == 0 and now > inst.free_at:
+            inst.since = now   # it was idle: a busy period begins
         slot.busy += 1
-        slot.inst.serving += 1
+        inst.serving += 1
         r = self.requests
         r.start[i] = now
         env = self.engine.env
-        heappush(env._queue, (now + r.service[i], NORMAL, next(env._eid), Call(self._done_callbacks, i, slot)))
+        svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst.since, now)
+        heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, slot)))
 
     def _done(self, call: Call) -> None:
         i = call.arg
@@ -248,7 +253,9 @@ class MMEEndpoint(EndpointRuntime):
                 self.requests.start[j] = now
                 call.arg = j
                 call.callbacks = self._done_callbacks
-                heappush(env._queue, (now + self.requests.service[j], NORMAL, next(env._eid), call))
+                svc = (self.requests.service[j] if self.sustained is None
+                       else self._sustained_time(j, inst.since, now))
+                heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
             else:
                 slot.busy -= 1
                 inst.serving -= 1
@@ -256,6 +263,7 @@ class MMEEndpoint(EndpointRuntime):
             inst.n -= 1
             slot.busy -= 1
             inst.serving -= 1
+        inst.free_at = now
         self._served(i, now)
         if slot.busy == 0 and not q:
             if not self.cache.enabled:
@@ -283,6 +291,8 @@ class MMEEndpoint(EndpointRuntime):
             if load is not None and (slot is None or load.record.queued <= r.arrival[slot.queue[0]]):
                 if self._make_room(inst, load.model):
                     inst.pending.popleft()
+                    if inst.serving == 0 and now > inst.free_at:
+                        inst.since = now
                     inst.serving += 1
                     self._begin_load(inst, load)
                     started = True
@@ -396,6 +406,7 @@ class MMEEndpoint(EndpointRuntime):
         slot.waiting = []
         if self.inst_cap is not None:
             inst.serving -= 1   # the load's worker
+            inst.free_at = now
         self._log_memory()
         if inst.draining:
             self._maybe_release(inst)

@@ -16,7 +16,7 @@ from .loading import Loader, LoadRecord, LoadSpeeds
 class SMEEndpoint(EndpointRuntime):
     def __init__(self, engine: Engine, ep: Endpoint, models: tuple[Model, ...]):
         it = ep.instance_type
-        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb))
+        super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb), models)
         self.model = models[ep.models[0]]
         self.slots = ep.copies_per_instance * ep.max_concurrency
         self.queue_limit = ep.queue_limit
@@ -57,12 +57,15 @@ class SMEEndpoint(EndpointRuntime):
         inst = act[0] if len(act) == 1 else self.route(act, r.u1[i], r.u2[i], self)
         r.instance[i] = inst.index
         if inst.busy < inst.slots:
-            inst.busy += 1
-            inst.n += 1
             env = self.engine.env
             now = env._now
+            if inst.busy == 0:
+                inst.since = now
+            inst.busy += 1
+            inst.n += 1
             r.start[i] = now
-            heappush(env._queue, (now + r.service[i], NORMAL, next(env._eid), Call(self._done_callbacks, i, inst)))
+            svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst.since, now)
+            heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, inst)))
         elif self.queue_limit is not None and len(inst.queue) >= self.queue_limit:
             self.engine.finish(i, THROTTLED, self.engine.env._now)
         else:
@@ -82,7 +85,8 @@ class SMEEndpoint(EndpointRuntime):
             self.requests.start[j] = now
             call.arg = j
             call.callbacks = self._done_callbacks
-            heappush(env._queue, (now + self.requests.service[j], NORMAL, next(env._eid), call))
+            svc = self.requests.service[j] if self.sustained is None else self._sustained_time(j, inst.since, now)
+            heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
         else:
             inst.busy -= 1
         self._served(i, now)

@@ -312,7 +312,8 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         warnings += notes
         resolved = ServiceSpec(base=fit.base_ms / 1e3, per_input_token=fit.per_input_token_ms / 1e3,
                                per_output_token=fit.per_output_token_ms / 1e3,
-                               cv=svc.cv if svc.cv is not None else fit.cv, dist=svc.dist)
+                               cv=svc.cv if svc.cv is not None else fit.cv, dist=svc.dist,
+                               sustained=svc.sustained)
         groups[gi] = replace(grp, service=resolved)
         for m in grp.models:
             models[m] = replace(models[m], service=resolved)

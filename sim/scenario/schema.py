@@ -66,6 +66,23 @@ class TokensSpec(Strict):
         return v
 
 
+class SustainedSpec(Strict):
+    """How a server's speed changes while it stays busy (clocks that boost under load, caches that
+    warm; or thermal throttling): a request that starts ``b`` seconds into its server's busy period
+    (an instance; an inference component's copy) takes ``factor + (1 - factor) * exp(-b /
+    time_constant)`` times its drawn service time. Below 1, sustained load serves faster."""
+
+    factor: float = Field(gt=0)
+    time_constant: Duration
+
+    @field_validator("time_constant")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("time_constant must be > 0")
+        return v
+
+
 class ServiceSpec(Strict):
     """Time to serve one request on one copy.
 
@@ -83,6 +100,8 @@ class ServiceSpec(Strict):
     profile: str | None = None
     family: str | None = None
     params: str | int | float | None = None
+    # the speed under sustained load (any form above)
+    sustained: SustainedSpec | None = None
 
     @model_validator(mode="after")
     def _form(self) -> "ServiceSpec":

@@ -1,0 +1,116 @@
+"""A service whose speed changes under sustained load: exact event logs in every mode, and its fit."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from calibration.fit import fit_sustained
+from conftest import run_dict, sme
+from sim.scenario import ScenarioError, parse_scenario
+from test_core import trace_scenario
+from test_ic import T8, Run, scenario, trace
+from test_mme import mme
+
+SUSTAINED = {"factor": 0.5, "time_constant": "200ms"}
+ARRIVALS = [0.0, 0.0, 0.0, 0.0, 10.0, 10.05]   # a backlog of four, then a busy period of two
+
+
+def fifo(arrivals, service, factor, tau, start_at=None):
+    """One FIFO server, by hand: (start, end) per request, the service of each scaled by
+    factor + (1 - factor) * exp(-b / tau), b the time since its busy period began."""
+    out, free, since = [], -math.inf, 0.0
+    for k, a in enumerate(arrivals):
+        begin = max(a if start_at is None else max(a, start_at[k]), free)
+        if begin > free:
+            since = begin
+        end = begin + service * (factor + (1 - factor) * math.exp(-(begin - since) / tau))
+        out.append((begin, end))
+        free = end
+    return out
+
+
+def check(r, expected):
+    assert r["start_s"].tolist() == pytest.approx([s for s, _ in expected])
+    assert r["end_s"].tolist() == pytest.approx([e for _, e in expected])
+    assert r["service_ms"].tolist() == pytest.approx([1e3 * (e - s) for s, e in expected])
+
+
+def test_sme_service_speeds_up_along_a_busy_period_and_resets_when_idle(tmp_path):
+    d = trace_scenario(tmp_path, ARRIVALS, mean=0.1, duration=60)
+    d["models"][0]["service"]["sustained"] = SUSTAINED
+    r = run_dict(d).requests
+    check(r, fifo(ARRIVALS, 0.1, 0.5, 0.2))
+    assert r["service_ms"].iloc[4] == pytest.approx(100.0)   # the first after a pause: at rest again
+
+
+def test_without_sustained_the_times_are_the_draws(tmp_path):
+    r = run_dict(trace_scenario(tmp_path, ARRIVALS, mean=0.1, duration=60)).requests
+    assert r["service_ms"].tolist() == pytest.approx([100.0] * len(ARRIVALS))
+
+
+def test_mme_busy_period_is_the_instances_across_models_and_loads(tmp_path):
+    # Two models on one instance with one worker (instance_concurrency): its busy period begins with
+    # the first load, runs on through the other model's load and requests, and ends when it idles.
+    times = [(t, f"m-00{k % 2}") for k, t in enumerate(ARRIVALS)]
+    d = mme(2, mean=0.1, init=0.05, size=0.001, duration=60, warmup=0, instance_concurrency=1,
+            traffic={"process": "trace", "path": _csv(tmp_path, times), "format": "csv"})
+    d["models"][0]["service"]["sustained"] = SUSTAINED
+    run = Run(d)
+    r = run.requests.sort_values("arrival_s", kind="stable")
+    first = min(x.start for x in run.log.loads)
+    svc = r["service_ms"].tolist()
+    assert svc[:4] == pytest.approx([100 * (0.5 + 0.5 * math.exp(-(s - first) / 0.2)) for s in r["start_s"][:4]])
+    assert r["start_s"].iloc[0] > first > -1e-9 and len(run.log.loads) == 2
+    # After the pause: at rest, then 100 ms into a new busy period.
+    assert svc[4:] == pytest.approx([100.0, 100 * (0.5 + 0.5 * math.exp(-0.1 / 0.2))])
+
+
+def test_ic_busy_period_is_the_copys(tmp_path):
+    model = {"name": "m", "size_gb": 1, "service": {"dist": "deterministic", "mean": 0.1, "sustained": SUSTAINED},
+             "traffic": trace(tmp_path, "m", ARRIVALS)}
+    run = Run(scenario([model], [{"model": "m"}], itype=T8, duration=60.0, max_concurrency=1))
+    r = run.requests.sort_values("arrival_s", kind="stable")
+    ready = min(r["start_s"])
+    check(r, fifo(ARRIVALS, 0.1, 0.5, 0.2, [ready] * len(ARRIVALS)))
+
+
+def test_sustained_errors_name_the_key(tmp_path):
+    for bad, word in (({"factor": 0, "time_constant": "1s"}, "factor"), ({"factor": 0.8, "time_constant": 0}, "time_constant"),
+                      ({"factor": 0.8}, "time_constant")):
+        d = sme(dist="deterministic", mean=0.1)
+        d["models"][0]["service"]["sustained"] = bad
+        with pytest.raises(ScenarioError) as e:
+            parse_scenario(d, source="t.yaml")
+        assert "sustained" in str(e.value) and word in str(e.value)
+
+
+@pytest.mark.parametrize("factor,tau", [(0.8, 0.5), (1.25, 1.0), (0.9, 0.002)])
+def test_fit_recovers_the_factor_and_time_constant(factor, tau):
+    rng = np.random.default_rng(7)
+    b = np.concatenate([np.zeros(150), rng.uniform(0, 0.05, 100), rng.uniform(0, 4.0, 400)])
+    y = 0.014 * (factor + (1 - factor) * np.exp(-b / tau)) * rng.lognormal(-0.005, 0.1, b.size)
+    f = fit_sustained(b, y)
+    assert f is not None
+    assert f["factor"] == pytest.approx(factor, rel=0.03)
+    assert f["base_s"] == pytest.approx(0.014, rel=0.03)
+    if tau > 0.01:
+        assert f["time_constant_s"] == pytest.approx(tau, rel=0.35)
+    else:
+        assert f["time_constant_s"] < 0.01
+
+
+def test_fit_finds_nothing_where_there_is_nothing():
+    rng = np.random.default_rng(8)
+    b = np.concatenate([np.zeros(150), rng.uniform(0, 4.0, 400)])
+    assert fit_sustained(b, 0.014 * rng.lognormal(0, 0.1, b.size)) is None
+    assert fit_sustained(np.zeros(200), 0.014 * rng.lognormal(0, 0.1, 200)) is None   # no long busy period
+
+
+def _csv(tmp_path, times) -> str:
+    import pandas as pd
+
+    p = tmp_path / "arrivals.csv"
+    pd.DataFrame({"arrival_s": [t for t, _ in times], "model": [m for _, m in times]}).to_csv(p, index=False)
+    return str(p)
