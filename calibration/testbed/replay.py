@@ -125,7 +125,8 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
         # then biases neither side.
         cals = []
         for half in range(2):
-            cal = calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half)
+            # The burst comes last: its seconds above capacity slow this machine for a while after.
+            cal = calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half, burst=half == 1)
             log(f"testbed: calibration replay {half + 1} of 2, {len(cal)} requests over "
                 f"{cal[-1][0] if cal else 0:.0f} s")
             cals.append(_replay(plan, cal, conns, seed + 1 + half, lambda m: None))
@@ -157,10 +158,13 @@ BURST_S = 3.0               # this long, after a pause of
 BURST_PAUSE_S = 1.0
 
 
-def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
+def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: bool = True) -> list:
     """A calibration workload: Poisson arrivals spread evenly over the models, at a
     rate that keeps an instance about half busy (requests and the loads of the
-    models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds.
+    models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds; then, with
+    ``burst``, after a pause of BURST_PAUSE_S, BURST_S of Poisson arrivals at BURST_LOAD times the
+    capacity, spread over the models that fit, whose times show how the speed
+    changes along a busy period of seconds (``fit.fit_sustained``).
 
     The simulator's service and load times come from this replay, run through the
     same router, pipes and workers as the measured one: a request's time there is
@@ -170,8 +174,8 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
     ms = plan["models"]
     svc = sum(p["service"]["mean"] for p in probed.values()) / len(probed)
     load = sum(p["load"]["mean"] for p in probed.values()) / len(probed)
-    fit = int(plan["memory_budget_gb"] // max(m["memory_gb"] for m in ms)) if plan["mode"] == "mme" else len(ms)
-    miss = max(0.0, 1.0 - fit / len(ms))
+    fits = int(plan["memory_budget_gb"] // max(m["memory_gb"] for m in ms)) if plan["mode"] == "mme" else len(ms)
+    miss = max(0.0, 1.0 - fits / len(ms))
     rate = CALIBRATION_BUSY * plan["instances"] / (svc + miss * load)
     rng = random.Random(seed)
     out, t = [], 0.0
@@ -180,8 +184,8 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
         if t > CALIBRATION_MAX_S:
             break
         out.append((t, rng.randrange(len(ms))))
-    # A burst above capacity: the instance stays busy for seconds, and the request times along it
-    # show how the machine's speed changes under sustained load (see ``occupancy``).
+    if not burst:
+        return out
     t += BURST_PAUSE_S
     end = t + BURST_S
     burst_rate = BURST_LOAD * plan["instances"] / svc
@@ -189,7 +193,7 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int) -> list:
         t += rng.expovariate(burst_rate)
         if t > end:
             break
-        out.append((t, rng.randrange(min(fit, len(ms)))))
+        out.append((t, rng.randrange(min(fits, len(ms)))))
     return out
 
 
