@@ -76,6 +76,20 @@ def test_ic_busy_period_is_the_copys(tmp_path):
     check(r, fifo(ARRIVALS, 0.1, 0.5, 0.2, [ready] * len(ARRIVALS)))
 
 
+def test_a_retried_request_is_scaled_from_its_draw(tmp_path):
+    # Two instances; instance 0 fails at 0.3 s while serving its second request (started 0.2 s into
+    # its busy period, scaled to 137 ms); retried on instance 1, idle by then, it takes its whole draw.
+    d = trace_scenario(tmp_path, [0.0, 0.0, 0.0], mean=0.2, duration=60, instances=2,
+                       routing="round_robin")
+    d["models"][0]["service"]["sustained"] = SUSTAINED
+    d["endpoints"][0]["failures"] = {"in_flight": "retry", "replace": False, "events": [{"at": 0.3, "instance": 0}]}
+    r = run_dict(d).requests.sort_values("arrival_s", kind="stable")
+    assert (r["status"] == "ok").all()
+    retried = r[r["start_s"] >= 0.3]
+    assert len(retried) == 1 and retried["instance"].iloc[0] == 1
+    assert retried["service_ms"].iloc[0] == pytest.approx(200.0)
+
+
 def test_sustained_errors_name_the_key(tmp_path):
     for bad, word in (({"factor": 0, "time_constant": "1s"}, "factor"), ({"factor": 0.8, "time_constant": 0}, "time_constant"),
                       ({"factor": 0.8}, "time_constant")):

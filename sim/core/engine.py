@@ -59,6 +59,12 @@ class Requests:
         self.status: list[int] = [IN_FLIGHT] * n
         self.load: list[float] = [0.0] * n
         self.cold: list[bool] = [False] * n
+        # the service draws, kept apart where a sustained-load service rescales ``service`` (keep_draws)
+        self.drawn: list[float] | None = None
+
+    def keep_draws(self) -> None:
+        if self.drawn is None:
+            self.drawn = list(self.service)
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -69,6 +75,8 @@ class Requests:
         self.arrival.append(arrival)
         self.model.append(model)
         self.service.append(service)
+        if self.drawn is not None:
+            self.drawn.append(service)
         self._tokens_closed.append((input_tokens, output_tokens))
         self.u1.append(u1)
         self.u2.append(u2)

@@ -94,6 +94,8 @@ class EndpointRuntime:
         # models whose service changes under sustained load: model -> (factor, time constant); None if none
         self.sustained = {m.index: (m.service.sustained.factor, m.service.sustained.time_constant)
                           for m in (models[k] for k in ep.models) if m.service.sustained is not None} or None
+        if self.sustained:
+            self.requests.keep_draws()
         self.zones_down: set[int] = set()
         self._retried: set[int] = set()
 
@@ -128,13 +130,14 @@ class EndpointRuntime:
 
     def _sustained_time(self, i: int, since: float, now: float) -> float:
         """Request ``i``'s service time when it starts at ``now`` on a server busy since ``since``
-        (``sustained``); written back to the request table."""
+        (``sustained``): its draw scaled, written to the request table (a retried request is
+        scaled anew from its draw)."""
         r = self.requests
         p = self.sustained.get(r.model[i])
         if p is None:
             return r.service[i]
         f, tau = p
-        s = r.service[i] = r.service[i] * (f + (1.0 - f) * math.exp((since - now) / tau))
+        s = r.service[i] = r.drawn[i] * (f + (1.0 - f) * math.exp((since - now) / tau))
         return s
 
     def _served(self, i: int, now: float) -> None:
