@@ -143,9 +143,9 @@ def fit_sustained(busy_s, times_s) -> dict | None:
     x0[1] = min(max(x0[1], 0.55), 1.9)
     r0 = resid(x0)
     scale = max(1.4826 * float(np.median(np.abs(r0 - np.median(r0)))), 0.01)
-    # A time constant beyond the longest busy period seen cannot be told from a slope: bounded there.
-    top = np.log(max(float(b.max()), 2e-3))
-    x0[2] = min(x0[2], top - 1e-6)
+    # A time constant beyond the longest busy period seen (>= SUSTAINED_MIN_SPAN_S, above the start)
+    # cannot be told from a slope: bounded there.
+    top = np.log(float(b.max()))
     res = optimize.least_squares(resid, x0, loss="soft_l1", f_scale=scale, method="trf",
                                  bounds=([-np.inf, 0.5, np.log(1e-3)], [np.inf, 2.0, top]))
     base, f, tau = float(np.exp(res.x[0])), float(res.x[1]), float(np.exp(res.x[2]))
