@@ -2,6 +2,10 @@
 repeated (cv), and under concurrency (k threads, one shared model).
 
 Timing: CUDA events on GPU (harness timer "cuda"), perf_counter on CPU.
+Sustained load: after a rest, requests at the reference shape back to back
+for a span of seconds, each with how long the run had been going when it
+began (the busy time): how the speed changes under sustained load (clocks
+that boost or throttle, caches that warm), fitted by fit.fit_sustained.
 Concurrency: k threads start together (a barrier), each runs `per_thread`
 requests at the reference shape against the same module; per-request latency
 is wall time (on cuda each thread has its own stream and synchronises it).
@@ -29,6 +33,7 @@ QUICK = {
     "decoder": {"ins": [16, 64, 192], "outs": [1, 8, 24], "batches": [1, 2, 4, 8],
                 "ref": {"in": 64, "out": 8}},
     "cv_reps": 15, "concurrency": [1, 2], "per_thread": 6,
+    "sustained": {"runs": 2, "rest_s": 0.5, "span_s": 1.5},
 }
 FULL = {
     "encoder": {"seqs": [16, 32, 64, 128, 256, 512], "batches": [1, 2, 4, 8, 16, 32],
@@ -36,6 +41,7 @@ FULL = {
     "decoder": {"ins": [16, 64, 256, 512], "outs": [1, 16, 64], "batches": [1, 2, 4, 8, 16],
                 "ref": {"in": 128, "out": 16}},
     "cv_reps": 40, "concurrency": [1, 2, 4], "per_thread": 20,
+    "sustained": {"runs": 2, "rest_s": 3.0, "span_s": 15.0},
 }
 
 
@@ -93,6 +99,10 @@ def measure_model(family: str, label: str, device: str, dtype, plan: dict,
             d["cv_raw"] = harness.cv(m.samples, drop_outliers=False)
             out["repeat"] = d
             log(f"inference: {family} {label} repeat x{d['n']} ... cv {d['cv'] or 0:.3f}")
+        if plan.get("sustained"):
+            out["sustained"] = sustained(model, family, device, ra, rb, **plan["sustained"])
+            log(f"inference: {family} {label} sustained load ... "
+                + ", ".join(f"{r['n']} requests in {r['span_s']:.1f} s" for r in out["sustained"]["runs"]))
         out["concurrency"] = {}
         for k in (concurrency_levels or plan["concurrency"]):
             r = concurrent(model, family, device, k, plan["per_thread"], ra, rb)
@@ -181,6 +191,41 @@ def _concurrent_once(model, family: str, device: str, k: int, per_thread: int, a
             "throughput_rps": len(flat) / span if span > 0 else None}
 
 
+SUSTAINED_KEEP = 1500  # samples kept per run (evenly thinned): fast requests on a GPU make thousands
+
+
+def sustained(model, family: str, device: str, a: int, b: int, *, runs: int, rest_s: float,
+              span_s: float) -> dict:
+    """``runs`` times: rest ``rest_s``, then requests back to back for ``span_s`` seconds. Each
+    sample is (busy_s: how long the run had been going when the request began, time_s). A run
+    during which other processes used the CPU is flagged ``contended``."""
+    on_cuda = device.startswith("cuda")
+    out = []
+    with torch.inference_mode():
+        fn = _request_fn(model, family, device, 1, a, b, seed=2)
+        for _ in range(runs):
+            if on_cuda:
+                torch.cuda.synchronize()
+            time.sleep(rest_s)
+            busy, times = [], []
+            snap0 = harness.METER.snap()
+            t0 = time.perf_counter()
+            now = t0
+            while now - t0 < span_s:
+                fn()
+                if on_cuda:
+                    torch.cuda.synchronize()
+                end = time.perf_counter()
+                busy.append(now - t0)
+                times.append(end - now)
+                now = end
+            snap1 = harness.METER.snap()
+            step = max(1, -(-len(times) // SUSTAINED_KEEP))
+            out.append({"n": len(times), "span_s": now - t0, "contended": harness.METER.contended(snap0, snap1),
+                        "busy_s": busy[::step], "time_s": times[::step]})
+    return {"rest_s": rest_s, "runs": out}
+
+
 class _null:
     def __enter__(self):
         return self
@@ -220,9 +265,29 @@ def fit_model(family: str, label: str, s: dict) -> dict:
         "slowdown": slowdown,
         "batch": {str(d["batch"]): d["median"] * 1e3 for d in s["batch"]},
     })
+    sus = _fit_sustained(s)
+    out["sustained"] = None if sus is None else {
+        k: sus[k] for k in ("factor", "time_constant_s", "rest_ratio")}
     diag = {"r2_samples": f["r2_samples"], "n": f["n"], "groups": f["groups"],
             "rel_resid_mad": f["rel_resid_mad"],
             "cv_raw": s.get("repeat", {}).get("cv_raw"),
             "throughput_rps": {k: v["throughput_rps"] for k, v in conc.items()},
-            "reference": s.get("reference")}
+            "reference": s.get("reference"),
+            "sustained": None if sus is None else {k: sus[k] for k in ("base_s", "n", "rel_resid_mad")}}
     return out, diag
+
+
+def _fit_sustained(s: dict) -> dict | None:
+    """fit.fit_sustained over the sustained-load runs (the uncontended ones, if any), with
+    ``rest_ratio``: the time at rest over the repeated requests' median at the same shape, which the
+    service fit rests on (those run back to back too, so on a machine that speeds up under load
+    they are partly at the sustained speed)."""
+    runs = (s.get("sustained") or {}).get("runs") or []
+    runs = [r for r in runs if not r["contended"]] or runs
+    if not runs:
+        return None
+    f = fitmod.fit_sustained([v for r in runs for v in r["busy_s"]], [v for r in runs for v in r["time_s"]])
+    ref = (s.get("repeat") or {}).get("median")
+    if f is None:
+        return None
+    return {**f, "rest_ratio": f["base_s"] / ref if ref else 1.0}

@@ -61,7 +61,9 @@
 #        encoder: "per_token_ms",
 #        "cv": float, "r2": float,
 #        "slowdown": {"1": 1.0, "2": float, "4": float},
-#        "batch": {"1": ms, "4": ms, ...}}
+#        "batch": {"1": ms, "4": ms, ...},
+#        "sustained": {"factor": float, "time_constant_s": float,
+#                      "rest_ratio": float} | null}   (optional)
 #       decoder service time = base_ms + per_input_token_ms * input_tokens
 #                                      + per_output_token_ms * output_tokens
 #       encoder service time = base_ms + per_token_ms * tokens
@@ -71,6 +73,12 @@
 #                     reference shape (config.reference).
 #       cv          = std/mean of repeated warm requests at the reference
 #                     shape (IQR outliers excluded; raw cv in diagnostics).
+#       sustained   = how the time changes along a busy period, from requests
+#                     back to back after a rest: a request b s into it takes
+#                     factor + (1 - factor) * exp(-b / time_constant_s) times
+#                     its time at rest, which is rest_ratio times the fit's
+#                     (the fit's samples run back to back too); null when
+#                     the change is under 3% (calibration.fit.fit_sustained).
 #
 #   Units: seconds for load/runtime, ms for inference, GB = 1e9 bytes.
 # ---------------------------------------------------------------------------
@@ -200,6 +208,13 @@ def validate(p, source: str = "profile") -> dict:
                     if not str(kk).isdigit():
                         errs.append(f"{w}.{k}: key {kk!r} is not an integer string")
                     _check_num(errs, f"{w}.{k}.{kk}", vv, positive=True)
+            sus = f.get("sustained")
+            if sus is not None:
+                if not isinstance(sus, dict):
+                    errs.append(f"{w}.sustained: expected an object or null")
+                else:
+                    for k in ("factor", "time_constant_s", "rest_ratio"):
+                        _check_num(errs, f"{w}.sustained.{k}", sus.get(k), positive=True)
             sd = f.get("slowdown")
             if isinstance(sd, dict) and "1" not in sd:
                 errs.append(f"{w}.slowdown: level \"1\" missing")
@@ -348,9 +363,12 @@ def summary(p: dict) -> str:
             sd = ", ".join(f"{k}:{v:.2f}" for k, v in sorted(f["slowdown"].items(),
                                                              key=lambda kv: int(kv[0])))
             cvs = f"{f['cv']:.3f}"
+            sus = f.get("sustained")
+            sus = ("" if sus is None else f" sustained x{sus['factor']:.2f} "
+                   f"(tau {sus['time_constant_s']:.2f} s, at rest x{sus['rest_ratio']:.2f})")
             lines.append(f"  {fam}/{label} ({f['params'] / 1e6:.1f}M params): "
                          f"{f['base_ms']:.2f} ms {terms}  R2={f['r2']:.3f} cv={cvs} "
-                         f"slowdown {{{sd}}}")
+                         f"slowdown {{{sd}}}{sus}")
     errs = p.get("errors", [])
     if errs:
         lines.append(f"errors ({len(errs)}):")

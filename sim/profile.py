@@ -64,7 +64,9 @@ def parse_params(label: str | int | float) -> float:
 
 @dataclass(frozen=True)
 class ServiceModel:
-    """Token-based service time (ms terms) with the spread and concurrency slowdown measured."""
+    """Token-based service time (ms terms) with the spread and concurrency slowdown measured, and
+    the speed under sustained load where it was measured: (factor, time_constant_s) applied to the
+    times at rest, which are ``rest_ratio`` times the terms above."""
 
     base_ms: float
     per_input_token_ms: float
@@ -72,6 +74,8 @@ class ServiceModel:
     cv: float
     slowdown: dict[int, float]
     note: str
+    sustained: tuple[float, float] | None = None
+    rest_ratio: float = 1.0
 
 
 def device_gpu(profile: dict, catalog: Catalog) -> GPUSpec | None:
@@ -115,6 +119,9 @@ def service_model(profile: dict, family: str, params: str | int | float, *, cata
     base = fit["base_ms"] * ratio
     src = device_gpu(profile, catalog)
     note = f"profile {profile['metadata'].get('device_name') or profile['metadata'].get('device')}"
+    sus = fit.get("sustained")
+    sustained = None if not sus else (float(sus["factor"]), float(sus["time_constant_s"]))
+    rest_ratio = 1.0 if not sus else float(sus["rest_ratio"])
     if target_gpu is not None:
         dst = catalog.gpus.get(target_gpu)
         if src is None:
@@ -127,9 +134,13 @@ def service_model(profile: dict, family: str, params: str | int | float, *, cata
             per_in *= flops
             base *= flops
             warnings.append(f"{where}: profile measured on {src.name}, instance has {dst.name}: roofline transfer "
-                            f"(decode x{bw:.3g} by memory bandwidth, prefill and base x{flops:.3g} by FLOP/s)")
+                            f"(decode x{bw:.3g} by memory bandwidth, prefill and base x{flops:.3g} by FLOP/s)"
+                            + ("; its sustained-load speed is the measured GPU's and is not carried over"
+                               if sustained else ""))
+            sustained, rest_ratio = None, 1.0
     slowdown = {int(k): float(v) for k, v in (fit.get("slowdown") or {"1": 1.0}).items()}
-    return ServiceModel(base, per_in, per_out, float(fit.get("cv", 0.0)), slowdown, note), warnings
+    return ServiceModel(base, per_in, per_out, float(fit.get("cv", 0.0)), slowdown, note, sustained,
+                        rest_ratio), warnings
 
 
 def load_speeds(profile: dict) -> dict[str, float]:

@@ -154,6 +154,11 @@ def test_profile_validation_errors_are_clear(tmp_path):
         prof.validate(p)
     assert "fits.load.disk_to_host.bandwidth_gbs" in str(e.value)
     assert "fits.inference.decoder.50M.per_output_token_ms" in str(e.value)
+    p = _profile()
+    p["fits"]["inference"]["encoder"]["50M"]["sustained"] = {"factor": 0.8, "time_constant_s": -1.0,
+                                                             "rest_ratio": 1.0}
+    with pytest.raises(ValueError, match=r"fits.inference.encoder.50M.sustained.time_constant_s: expected > 0"):
+        prof.validate(p)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -198,6 +203,7 @@ def test_mini_run_produces_a_valid_profile(tmp_path):
     enc = q["fits"]["inference"]["encoder"]["0.3M"]
     assert set(enc["slowdown"]) == {"1", "2"} and enc["slowdown"]["1"] == 1.0
     assert enc["per_token_ms"] >= 0 and enc["batch"]
+    assert "sustained" in enc and [r["n"] for r in p["samples"]["inference"]["encoder"]["0.3M"]["sustained"]["runs"]]
     assert q["metadata"]["page_cache_eviction"] in ("effective", "ineffective", "unavailable")
     assert any(line.startswith("[2/") and "loads:" in line for line in logs)
     # model files are gone, the partial file too

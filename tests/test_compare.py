@@ -301,3 +301,22 @@ def test_trace_and_closed_traffic_and_relocated_paths(tmp_path):
         assert c.plans[name].slo_met
         sc = sim.load_scenario(tmp_path / "out" / "plans" / f"{name}.yaml")
         assert sc.groups[0].traffic.path.endswith("t.csv")
+
+
+def test_sizing_takes_a_throttled_sustained_speed():
+    from sim.scenario import parse_scenario
+
+    data = yaml.safe_load(SMALL.read_text())
+
+    def loads(factor):
+        d = json.loads(json.dumps(data))
+        if factor is not None:
+            d["models"][0]["service"]["sustained"] = {"factor": factor, "time_constant": "10s"}
+        return {lm.name: lm for lm in cmp_mod.fleet_load(parse_scenario(d, base_dir=SCENARIOS))}
+
+    base, slow, fast = loads(None), loads(1.3), loads(0.8)
+    assert base and set(slow) == set(base)
+    for name, lm in base.items():      # the scenario's one group: every model of it
+        assert slow[name].mean_s == pytest.approx(1.3 * lm.mean_s)
+        assert slow[name].p99_s == pytest.approx(1.3 * lm.p99_s)
+        assert fast[name].mean_s == lm.mean_s      # faster under load: sized at rest

@@ -11,7 +11,7 @@ import sim
 from sim.scenario import parse_scenario
 
 
-def write_profile(path, *, device="cuda", device_name="NVIDIA A100-SXM4-40GB", host_gb=2.5):
+def write_profile(path, *, device="cuda", device_name="NVIDIA A100-SXM4-40GB", host_gb=2.5, sustained=None):
     prof = {
         "schema": "capsim.profile/1",
         "metadata": {"host": "box", "device": device, "device_name": device_name},
@@ -23,7 +23,7 @@ def write_profile(path, *, device="cuda", device_name="NVIDIA A100-SXM4-40GB", h
             "runtime": {"init_s": 2.0, "host_memory_gb": host_gb, "gpu_memory_gb": 0.5},
             "inference": {"decoder": {"7B": {"params": 7e9, "base_ms": 20.0, "per_input_token_ms": 0.1,
                                              "per_output_token_ms": 10.0, "cv": 0.05, "r2": 0.99,
-                                             "slowdown": {"1": 1.0, "2": 1.3}}}},
+                                             "slowdown": {"1": 1.0, "2": 1.3}, "sustained": sustained}}},
         },
     }
     path.write_text(json.dumps(prof))
@@ -80,6 +80,23 @@ def test_unmeasured_size_scales_by_parameters_and_cpu_profiles_are_not_transferr
     assert any("not measured" in w for w in sc.warnings)
     assert any("unchanged" in w for w in sc.warnings)
     assert sc.endpoints[0].disk_gbs is None      # a CPU box's disk says nothing of the instance's
+
+
+def test_the_profiles_sustained_speed_reaches_the_service(tmp_path):
+    write_profile(tmp_path / "p.json", sustained={"factor": 1.1, "time_constant_s": 30.0, "rest_ratio": 0.95})
+    calibrated = {"family": "decoder", "params": "7B"}
+    svc = parse_scenario(scenario(tmp_path, "ml.p4d.24xlarge", calibrated), base_dir=tmp_path).models[0].service
+    # the fit's terms scaled to the times at rest, which the factor then scales along busy periods
+    assert (svc.sustained.factor, svc.sustained.time_constant) == (1.1, 30.0)
+    assert (svc.base, svc.per_output_token) == (pytest.approx(0.95 * 20e-3), pytest.approx(0.95 * 10e-3))
+    # a scenario's own sustained speed applies to the fit's terms as they are
+    own = dict(calibrated, sustained={"factor": 0.9, "time_constant": "2s"})
+    svc = parse_scenario(scenario(tmp_path, "ml.p4d.24xlarge", own), base_dir=tmp_path).models[0].service
+    assert (svc.sustained.factor, svc.base) == (0.9, pytest.approx(20e-3))
+    # another GPU: the measured GPU's clocks say nothing of it
+    sc = parse_scenario(scenario(tmp_path, "ml.g5.xlarge", calibrated), base_dir=tmp_path)
+    assert sc.models[0].service.sustained is None
+    assert any("not carried over" in w for w in sc.warnings)
 
 
 def test_profile_errors_are_clear(tmp_path):

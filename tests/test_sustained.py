@@ -122,6 +122,49 @@ def test_fit_finds_nothing_where_there_is_nothing():
     assert fit_sustained(np.zeros(200), 0.014 * rng.lognormal(0, 0.1, 200)) is None   # no long busy period
 
 
+def _runs(factor, tau, rng, contended=None):
+    runs = []
+    for _ in range(2):
+        b = np.cumsum(np.full(200, 0.012))
+        y = 0.014 * (factor + (1 - factor) * np.exp(-b / tau)) * rng.lognormal(0, 0.05, b.size)
+        runs.append({"n": b.size, "span_s": float(b[-1]), "contended": False, "busy_s": list(b), "time_s": list(y)})
+    if contended is not None:   # a run with a neighbour's burst: left out when clean ones exist
+        runs.append({"n": 200, "span_s": 2.4, "contended": True, "busy_s": list(np.cumsum(np.full(200, 0.012))),
+                     "time_s": list(np.full(200, contended))})
+    return runs
+
+
+def test_harness_fit_gives_the_profile_its_sustained_speed_and_rest_ratio():
+    from calibration import inference
+
+    rng = np.random.default_rng(9)
+    # the repeated requests ran back to back too: their median is part-way to the sustained speed
+    s = {"sustained": {"rest_s": 0.5, "runs": _runs(0.8, 0.3, rng, contended=0.05)},
+         "repeat": {"median": 0.014 * 0.85}}
+    f = inference._fit_sustained(s)
+    assert f["factor"] == pytest.approx(0.8, rel=0.03)
+    assert f["time_constant_s"] == pytest.approx(0.3, rel=0.35)
+    assert f["rest_ratio"] == pytest.approx(1 / 0.85, rel=0.03)
+    flat = {"sustained": {"rest_s": 0.5, "runs": _runs(1.0, 0.3, rng)}, "repeat": {"median": 0.014}}
+    assert inference._fit_sustained(flat) is None
+    assert inference._fit_sustained({"repeat": {"median": 0.014}}) is None   # an older profile's samples
+
+
+def test_harness_times_requests_back_to_back_after_a_rest():
+    torch = pytest.importorskip("torch")
+    from calibration import inference, models
+
+    shape = models.shape_for("encoder", models.parse_size("0.3M"))
+    model = models.build(shape, device="cpu", dtype=torch.float32)
+    r = inference.sustained(model, "encoder", "cpu", 16, 0, runs=2, rest_s=0.05, span_s=0.2)
+    assert r["rest_s"] == 0.05 and len(r["runs"]) == 2
+    for run in r["runs"]:
+        b, t = np.array(run["busy_s"]), np.array(run["time_s"])
+        assert b[0] == 0 and run["n"] == b.size == t.size and run["span_s"] >= 0.2
+        # back to back: each request begins where the one before ended
+        assert np.allclose(b[1:], b[:-1] + t[:-1], atol=1e-4)
+
+
 def _csv(tmp_path, times) -> str:
     import pandas as pd
 

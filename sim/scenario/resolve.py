@@ -14,7 +14,7 @@ from pathlib import Path
 from ..catalog import Catalog, InstanceType, load_catalog
 from .errors import ScenarioError, suggest
 from .schema import CacheSpec, EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
-from .schema import AutoscalingSpec, ScaleFromZeroSpec
+from .schema import AutoscalingSpec, ScaleFromZeroSpec, SustainedSpec
 
 
 # Host-to-GPU bandwidth (GB/s) for an instance type whose GPU is not in the
@@ -310,10 +310,16 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         except ProfileError as e:
             raise ScenarioError(str(e), source=source) from None
         warnings += notes
-        resolved = ServiceSpec(base=fit.base_ms / 1e3, per_input_token=fit.per_input_token_ms / 1e3,
-                               per_output_token=fit.per_output_token_ms / 1e3,
+        # The profile's sustained-load speed unless the scenario sets its own (then the fit's terms
+        # are the times it scales, as for any service).
+        sustained, scale = svc.sustained, 1e-3
+        if sustained is None and fit.sustained is not None:
+            sustained = SustainedSpec(factor=fit.sustained[0], time_constant=fit.sustained[1])
+            scale *= fit.rest_ratio
+        resolved = ServiceSpec(base=fit.base_ms * scale, per_input_token=fit.per_input_token_ms * scale,
+                               per_output_token=fit.per_output_token_ms * scale,
                                cv=svc.cv if svc.cv is not None else fit.cv, dist=svc.dist,
-                               sustained=svc.sustained)
+                               sustained=sustained)
         groups[gi] = replace(grp, service=resolved)
         for m in grp.models:
             models[m] = replace(models[m], service=resolved)
