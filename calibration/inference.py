@@ -287,7 +287,7 @@ def _fit_sustained(s: dict) -> dict | None:
     if not runs:
         return None
     f = fitmod.fit_sustained([v for r in runs for v in r["busy_s"]], [v for r in runs for v in r["time_s"]])
-    ref = (s.get("repeat") or {}).get("median")
     if f is None:
         return None
+    ref = (s.get("repeat") or {}).get("median")
     return {**f, "rest_ratio": f["base_s"] / ref if ref else 1.0}

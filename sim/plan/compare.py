@@ -151,7 +151,8 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
             mean_s, p99_s = _spec_service(sc, mod.group)
         # A server that slows under sustained load (throttling) is sized at that speed; one that
         # speeds up is sized at rest and its spare capacity is left to the simulation.
-        sus = sc.groups[mod.group].service.sustained if sc.groups[mod.group].service is not None else None
+        svc = sc.groups[mod.group].service
+        sus = svc.sustained if svc is not None else None
         if sus is not None and sus.factor > 1:
             mean_s, p99_s = mean_s * sus.factor, p99_s * sus.factor
         out.append(ModelLoad(m, mod.name, float(rate[m]), float(rate[m] * peak[mod.group]), float(mean_s),
