@@ -146,6 +146,43 @@ def test_occupancy_counts_the_worker_time_between_jobs():
     assert occ[1] == pytest.approx(0.0103)     # from the previous job's end: the reply counts
     assert occ[2] == pytest.approx(0.0102)     # from the load's end
     assert occ[3] is None                      # unfinished
-    # How long the worker had been busy: 0 for one that found it idle; the load began a new period.
-    assert busy[0] == 0.0 and busy[1] == pytest.approx(0.011) and busy[2] == pytest.approx(0.05)
+    # How long the worker had been serving requests: 0 for one that found it idle or followed a load.
+    assert busy[0] == 0.0 and busy[1] == pytest.approx(0.011) and busy[2] == 0.0
     assert busy[3] is None
+
+
+def _replay_rec(times_s, gaps_s):
+    """A calibration replay's records, one instance, one worker, one model: each request sent
+    ``gap`` after the previous one ended (0: queued behind it) and served in its time."""
+    req = {k: [] for k in ("model", "instance", "send_s", "start_s", "end_s")}
+    t = 0.0
+    for y, gap in zip(times_s, gaps_s):
+        t += gap
+        for k, v in (("model", 0), ("instance", 0), ("send_s", t), ("start_s", t), ("end_s", t + y)):
+            req[k].append(v)
+        t += y
+    return {"requests": req, "loads": []}
+
+
+def test_the_sustained_fit_reads_the_last_replay_alone():
+    pytest.importorskip("torch")
+    from calibration.testbed.replay import _calibrated
+
+    plan = {"mode": "sme", "instances": 1, "instance_concurrency": 1, "models": [{"name": "m", "memory_gb": 0.1}]}
+    probed = {"m": {"service_s": [0.02] * 5, "load_s": [0.1] * 5}}
+    rng = np.random.default_rng(0)
+
+    def times(n, ms):
+        return list(ms * 1e-3 * np.exp(rng.normal(0, 0.02, n)))
+
+    # The machine ran 20% slower during the first replay; within each the speed does not change.
+    first = _replay_rec(times(60, 24.0), [0.5] * 60)
+    last = _replay_rec(times(30, 20.0) + times(100, 20.0), [0.5] * 31 + [0.0] * 99)
+    p = _calibrated(plan, probed, [first, last])["m"]
+    assert p["sustained"] is None and len(p["service_s"]) == 190 == len(p["service_busy_s"])
+    assert max(p["service_busy_s"]) > 1.5
+    # Where the burst does speed up (20 -> 16 ms within about 0.2 s), the fit finds it.
+    sped = [y * (0.8 + 0.2 * np.exp(-k * 0.02 / 0.2)) for k, y in enumerate(times(100, 20.0))]
+    p = _calibrated(plan, probed, [first, _replay_rec(times(30, 20.0) + sped, [0.5] * 31 + [0.0] * 99)])["m"]
+    assert p["sustained"]["factor"] == pytest.approx(0.8, abs=0.03)
+    assert p["sustained"]["time_constant_s"] == pytest.approx(0.2, rel=0.4)

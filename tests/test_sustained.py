@@ -50,21 +50,22 @@ def test_without_sustained_the_times_are_the_draws(tmp_path):
     assert r["service_ms"].tolist() == pytest.approx([100.0] * len(ARRIVALS))
 
 
-def test_mme_busy_period_is_the_instances_across_models_and_loads(tmp_path):
-    # Two models on one instance with one worker (instance_concurrency): its busy period begins with
-    # the first load, runs on through the other model's load and requests, and ends when it idles.
-    times = [(t, f"m-00{k % 2}") for k, t in enumerate(ARRIVALS)]
+def test_mme_busy_period_is_the_instances_across_models_and_broken_by_loads(tmp_path):
+    # Two models on one instance with one worker (instance_concurrency): requests and loads take
+    # turns, and a busy period is a run of requests (of either model) with no load or idle time
+    # between; the testbed's requests right after a load run as slow as after a rest. Here: m-000's load, its two requests back to back; m-001 is asked for meanwhile, so its load runs
+    # next, and its two requests begin a new busy period; then a pause, and m-000 again.
+    times = [(0.0, "m-000"), (0.0, "m-000"), (0.16, "m-001"), (0.16, "m-001"), (10.0, "m-000"), (10.05, "m-000")]
     d = mme(2, mean=0.1, init=0.05, size=0.001, duration=60, warmup=0, instance_concurrency=1,
             traffic={"process": "trace", "path": _csv(tmp_path, times), "format": "csv"})
-    d["models"][0]["service"]["sustained"] = SUSTAINED
+    d["models"][0]["service"]["sustained"] = SUSTAINED   # both models (one entry, count 2)
     run = Run(d)
     r = run.requests.sort_values("arrival_s", kind="stable")
-    first = min(x.start for x in run.log.loads)
-    svc = r["service_ms"].tolist()
-    assert svc[:4] == pytest.approx([100 * (0.5 + 0.5 * math.exp(-(s - first) / 0.2)) for s in r["start_s"][:4]])
-    assert r["start_s"].iloc[0] > first > -1e-9 and len(run.log.loads) == 2
-    # After the pause: at rest, then 100 ms into a new busy period.
-    assert svc[4:] == pytest.approx([100.0, 100 * (0.5 + 0.5 * math.exp(-0.1 / 0.2))])
+    second = 100 * (0.5 + 0.5 * math.exp(-0.1 / 0.2))
+    assert [x.model for x in run.log.loads] == [0, 1]
+    assert [v for x in run.log.loads for v in (x.start, x.end)] == pytest.approx(
+        [0.0, 0.05, 0.15 + second / 1e3, 0.2 + second / 1e3], abs=1e-3)   # and a 1 MB read
+    assert r["service_ms"].tolist() == pytest.approx([100.0, second, 100.0, second, 100.0, second])
 
 
 def test_ic_busy_period_is_the_copys(tmp_path):

@@ -210,7 +210,9 @@ def occupancy(req: dict, loads: list, instances: int, busy: list | None = None) 
     send and the end of the worker's previous job (a request or a load) to its end, so that reading
     the pipe, choosing the job and replying count, as the worker cannot serve meanwhile. None for a
     request that did not finish. With ``busy`` (a list as long), also how long the worker had been
-    busy without a break when the request's occupancy began (0 for one that found it idle)."""
+    serving requests without a break when the request's occupancy began: 0 for one that found it
+    idle or followed a load (a load breaks the speed-up of back-to-back requests here, as idle
+    time does: the requests right after one run about as slow as after a rest)."""
     out = [None] * len(req["end_s"])
     for inst in range(instances):
         jobs = [(s, e, rid) for rid, (i, s, e) in enumerate(zip(req["instance"], req["start_s"], req["end_s"]))
@@ -218,14 +220,16 @@ def occupancy(req: dict, loads: list, instances: int, busy: list | None = None) 
         jobs += [(x["start_s"], x["end_s"], None) for x in loads if x["instance"] == inst]
         jobs.sort()
         free = since = float("-inf")
+        loaded = False
         for s, e, rid in jobs:
             begin = s if rid is None else max(req["send_s"][rid], free)
-            if begin > free:
-                since = begin     # the worker was idle: a busy period begins
+            if begin > free or loaded:
+                since = begin     # the worker was idle, or loading: a busy period begins
             if rid is not None:
                 out[rid] = e - begin
                 if busy is not None:
                     busy[rid] = begin - since
+            loaded = rid is None
             free = e
     return out
 
@@ -233,7 +237,11 @@ def occupancy(req: dict, loads: list, instances: int, busy: list | None = None) 
 def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
     """Each model's service times and load times from the calibration replays; the in-process
     probe's loads are added (its own samples kept under ``probe_*``). A service time is the
-    worker's occupancy (``occupancy``) where an instance has one worker, else end - start."""
+    worker's occupancy (``occupancy``) where an instance has one worker, else end - start.
+
+    The sustained-load fit takes the last replay alone, whose burst follows its own Poisson part
+    within seconds: the machine's speed drifts between replays minutes apart (+-10% here), and
+    over all of them the burst's fast or slow minute would read as a change with busy time."""
     out = {}
     svcs, busys = [], []
     for rec in recs:
@@ -256,7 +264,8 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
         p["service_s"] = svc or p["probe_service_s"]
         if svc and all(b is not None for b in busy):
             p["service_busy_s"] = busy
-            p["sustained"] = fit.fit_sustained(busy, svc)
+            last = len(svc) - len(mine)   # mine: the last replay's samples
+            p["sustained"] = fit.fit_sustained(busy[last:], svc[last:])
         p["load_s"] = loads + p["probe_load_s"]
         p["service"], p["load"] = harness.robust_summary(p["service_s"]), harness.robust_summary(p["load_s"])
         out[m["name"]] = p

@@ -407,6 +407,8 @@ class MMEEndpoint(EndpointRuntime):
         if self.inst_cap is not None:
             inst.serving -= 1   # the load's worker
             inst.free_at = now
+            if inst.serving == 0:
+                inst.since = now   # a load run alone breaks a busy period, as idle time does
         self._log_memory()
         if inst.draining:
             self._maybe_release(inst)
