@@ -53,8 +53,9 @@ def test_without_sustained_the_times_are_the_draws(tmp_path):
 def test_mme_busy_period_is_the_instances_across_models_and_broken_by_loads(tmp_path):
     # Two models on one instance with one worker (instance_concurrency): requests and loads take
     # turns, and a busy period is a run of requests (of either model) with no load or idle time
-    # between; the testbed's requests right after a load run as slow as after a rest. Here: m-000's load, its two requests back to back; m-001 is asked for meanwhile, so its load runs
-    # next, and its two requests begin a new busy period; then a pause, and m-000 again.
+    # between; the testbed's requests right after a load run as slow as after a rest. Here: m-000's
+    # load, its two requests back to back; m-001 is asked for meanwhile, so its load runs next, and
+    # its two requests begin a new busy period; then a pause, and m-000 again.
     times = [(0.0, "m-000"), (0.0, "m-000"), (0.16, "m-001"), (0.16, "m-001"), (10.0, "m-000"), (10.05, "m-000")]
     d = mme(2, mean=0.1, init=0.05, size=0.001, duration=60, warmup=0, instance_concurrency=1,
             traffic={"process": "trace", "path": _csv(tmp_path, times), "format": "csv"})

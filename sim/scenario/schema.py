@@ -70,8 +70,9 @@ class SustainedSpec(Strict):
     """How a server's speed changes while it stays busy (clocks that boost under load, caches that
     warm; or thermal throttling): a request that starts ``b`` seconds into its server's busy period
     (an instance; an inference component's copy; ended by idle time, and on a multi-model instance
-    with ``instance_concurrency`` by a load that ends with no request in service) takes ``factor + (1 - factor) * exp(-b /
-    time_constant)`` times its drawn service time. Below 1, sustained load serves faster."""
+    with ``instance_concurrency`` by a load that ends with no request in service) takes ``factor +
+    (1 - factor) * exp(-b / time_constant)`` times its drawn service time. Below 1, sustained load
+    serves faster."""
 
     factor: float = Field(gt=0)
     time_constant: Duration
