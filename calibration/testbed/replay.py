@@ -257,6 +257,7 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
         p["probe_service_s"], p["probe_load_s"] = p["service_s"], p["load_s"]
         svc, busy, loads = [], [], []
         for rec, occ, bus in zip(recs, svcs, busys):
+            last = len(svc)   # where the last replay's samples begin
             mine = [(o, b) for mm, o, b in zip(rec["requests"]["model"], occ, bus) if mm == k and o is not None]
             svc += [o for o, _ in mine]
             busy += [b for _, b in mine]
@@ -264,7 +265,6 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
         p["service_s"] = svc or p["probe_service_s"]
         if svc and all(b is not None for b in busy):
             p["service_busy_s"] = busy
-            last = len(svc) - len(mine)   # mine: the last replay's samples
             p["sustained"] = fit.fit_sustained(busy[last:], svc[last:])
         p["load_s"] = loads + p["probe_load_s"]
         p["service"], p["load"] = harness.robust_summary(p["service_s"]), harness.robust_summary(p["load_s"])
