@@ -61,6 +61,13 @@ def _models(n: int, params: str, memory_gb: float, seq_len: int = 64) -> list[di
              "memory_gb": memory_gb} for k in range(n)]
 
 
+# The request time the cases' rates were set for (this development machine on 2026-12-01, where
+# sme_warm's 36/s is 45% load). The testbed stretches the arrivals' times by its own request time
+# over it (capsim.testbed-plan/1's reference_request_s), so a case keeps its load, and what it
+# checks, on a machine faster or slower than that one: this one's request median has ranged over
+# 7.7-22 ms from one day to the next.
+REFERENCE_REQUEST_S = 0.0125
+
 # Sized for a 2-core machine. The testbed's instances share one host, which
 # real instances do not: two instances serving at once there slow each other
 # down (about +20% per request here, memory bandwidth and caches), a contention
@@ -86,7 +93,8 @@ CASES: dict[str, Case] = {c.name: c for c in (
 # -- the plan and the arrivals -------------------------------------------------------------------------------------
 def plan_of(case: Case) -> dict[str, Any]:
     """PLAN.json for the testbed (capsim.testbed-plan/1)."""
-    return {"schema": PLAN_SCHEMA, "name": case.name, **case.plan, "models": case.models}
+    return {"schema": PLAN_SCHEMA, "name": case.name, "reference_request_s": REFERENCE_REQUEST_S, **case.plan,
+            "models": case.models}
 
 
 def _arrival_scenario(case: Case, seconds: float, seed: int) -> dict[str, Any]:

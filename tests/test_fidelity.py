@@ -28,6 +28,26 @@ def test_plans_are_valid_testbed_plans():
     bad = fid.plan_of(fid.CASES["mme_thrash"]) | {"memory_budget_gb": 0.05}
     with pytest.raises(ValueError, match=r"models\[0\].memory_gb"):
         plan.validate(bad)
+    for ref in (0, -1.0, "12ms", True):
+        with pytest.raises(ValueError, match="reference_request_s: expected a number of seconds > 0 or null"):
+            plan.validate(fid.plan_of(fid.CASES["sme_warm"]) | {"reference_request_s": ref})
+    assert plan.validate(fid.plan_of(fid.CASES["sme_warm"]) | {"reference_request_s": None})[
+        "reference_request_s"] is None
+
+
+def test_arrivals_stretch_by_this_machines_request_time_over_the_plans_reference():
+    """A case keeps its load on a slower or faster machine: the arrivals' times are multiplied by
+    the request time there (each model's probed median, weighted by its arrivals) over the plan's
+    reference; without a reference they are replayed as written."""
+    pytest.importorskip("torch")
+    from calibration.testbed import replay
+
+    p = {"reference_request_s": 0.010, "models": [{"name": "a"}, {"name": "b"}]}
+    probed = {"a": {"service": {"median": 0.020}}, "b": {"service": {"median": 0.005}}}
+    arrivals = [(0.1, 0), (0.2, 0), (0.3, 0), (0.4, 1)]          # 3 of a, 1 of b
+    assert replay.time_scale(p, probed, arrivals) == pytest.approx((3 * 0.020 + 0.005) / 4 / 0.010)
+    assert replay.time_scale(p | {"reference_request_s": None}, probed, arrivals) == 1.0
+    assert replay.time_scale(p, probed, []) == 1.0
 
 
 def test_arrivals_are_the_cases_trace_and_reach_the_simulator_unchanged():

@@ -12,8 +12,11 @@ code, in its own process before it serves (``probe``): the simulator's side
 takes its times from there, never from the replay. Neither imports the simulator. Output format
 ``capsim.testbed/1``: ``{"schema", "metadata", "plan", "probe": {"models":
 {name: {"load_s": [...], "service_s": [...], ...}}}, "requests": {column:
-[...]}, "loads": [...], "unloads": [...], "unfinished", "send_lag_ms"}``;
-request and load times in seconds from the arrivals' origin.
+[...]}, "loads": [...], "unloads": [...], "unfinished", "send_lag_ms", "time_scale"}``;
+request and load times in seconds from the arrivals' origin. With the plan's
+``reference_request_s`` the arrivals' times are first multiplied by
+``time_scale`` (``replay.time_scale``: this machine's request time over that
+reference), and ``requests.arrival_s`` holds the times replayed.
 """
 from __future__ import annotations
 

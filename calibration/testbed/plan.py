@@ -14,10 +14,13 @@ Format ``capsim.testbed-plan/1``::
      "replicate_above": 8,             # mme: load a hot model on another instance above this
      "timeout_s": 60,
      "threads": 1,                     # torch intra-op threads per instance
+     "reference_request_s": 0.0125,    # optional: the request time the arrivals were written for;
+                                       # their times are stretched by this machine's over it (null:
+                                       # replayed as written)
      "models": [{"name": "m-00", "family": "encoder", "params": "8M", "seq_len": 64,
                  "memory_gb": 0.032}]}  # memory_gb: what a loaded copy counts against the budget
 
-Versions: 1 (2026-12) first.
+Versions: 1 (2026-12) first; ``reference_request_s`` added (optional, 2026-12).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ ROUTING = ("random", "round_robin", "least_outstanding_requests", "power_of_two"
 _INTS = ("instances", "max_concurrency", "instance_concurrency", "max_concurrent_loads", "replicate_above",
          "threads")
 _DEFAULTS = {"mode": "mme", "routing": "random", "max_concurrency": 1, "instance_concurrency": 1,
-             "max_concurrent_loads": 1, "replicate_above": 8, "timeout_s": 60.0, "threads": 1}
+             "max_concurrent_loads": 1, "replicate_above": 8, "timeout_s": 60.0, "threads": 1,
+             "reference_request_s": None}
 
 
 def validate(plan: dict, source: str = "plan") -> dict:
@@ -50,6 +54,9 @@ def validate(plan: dict, source: str = "plan") -> dict:
         raise ValueError(f"{source}: mode: expected 'mme' or 'sme', got {p['mode']!r}")
     if p["routing"] not in ROUTING:
         raise ValueError(f"{source}: routing: expected one of {', '.join(ROUTING)}, got {p['routing']!r}")
+    ref = p["reference_request_s"]
+    if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (int, float)) or ref <= 0):
+        raise ValueError(f"{source}: reference_request_s: expected a number of seconds > 0 or null, got {ref!r}")
     if not isinstance(p["memory_budget_gb"], (int, float)) or p["memory_budget_gb"] <= 0:
         raise ValueError(f"{source}: memory_budget_gb: expected a number > 0")
     if not isinstance(p["models"], list) or not p["models"]:

@@ -120,6 +120,11 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
                 raise RuntimeError("an instance did not start within 600 s")
             msg = c.recv()
             probed = probed or msg[3]
+        scale = time_scale(plan, probed, arrivals)
+        if scale != 1.0:
+            arrivals = [(t * scale, m) for t, m in arrivals]
+            log(f"testbed: arrival times x{scale:.2f}, for this machine's request time against the plan's "
+                f"reference of {plan['reference_request_s'] * 1e3:.1f} ms")
         # Half the calibration before the measured replay and half after: the machine's
         # speed drifts (a shared host: +-10% over minutes here), and a drift in between
         # then biases neither side.
@@ -138,7 +143,7 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
         for name, p in probed.items():
             log(f"probe: {name} cold start {p['load']['median'] * 1e3:.0f} ms, "
                 f"request {p['service']['median'] * 1e3:.1f} ms (medians)")
-        return {"probe": {"models": probed, "calibration": cals}, **measured}
+        return {"probe": {"models": probed, "calibration": cals}, "time_scale": scale, **measured}
     finally:
         for c in conns:
             try:
@@ -149,6 +154,19 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def time_scale(plan: dict, probed: dict, arrivals: list) -> float:
+    """By how much the arrivals' times stretch on this machine: its mean request time over them
+    (each model's probed median, weighted by its arrivals) over the plan's ``reference_request_s``,
+    the request time they were written for; 1 without one. So a case keeps its load (the
+    product of rate and request time) on a machine faster or slower than the one it was set on:
+    its queueing and its tail, not the rate, are what it is meant to check."""
+    ref = plan.get("reference_request_s")
+    if not ref or not arrivals:
+        return 1.0
+    median = [probed[m["name"]]["service"]["median"] for m in plan["models"]]
+    return sum(median[m] for _, m in arrivals) / len(arrivals) / ref
 
 
 CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay
