@@ -154,3 +154,77 @@ def fit_sustained(busy_s, times_s) -> dict | None:
     rel = np.expm1(resid(res.x))
     return {"factor": f, "time_constant_s": tau, "base_s": base, "n": int(y.size),
             "rel_resid_mad": float(np.median(np.abs(rel - np.median(rel))))}
+
+
+def warmth(begin_s, end_s, server, time_constant: float, rest_time_constant: float) -> np.ndarray:
+    """Per request, its server's state ``w`` at its start (1 at rest): while a server serves requests
+    ``w`` decays as exp(-t / time_constant); over a rest of ``g`` (no request in service: idle, or a
+    load) it comes back to 1 - (1 - w) * exp(-g / rest_time_constant), to 1 when that is 0. The
+    simulator's ``service.sustained`` (sim.hosting.base) walks the same recursion. Requests in any
+    order; one server serves its requests one at a time."""
+    b, e, s = np.asarray(begin_s, float), np.asarray(end_s, float), np.asarray(server)
+    out = np.empty(b.size)
+    for srv in np.unique(s):
+        idx = np.flatnonzero(s == srv)
+        idx = idx[np.argsort(b[idx], kind="stable")]
+        w, free = 1.0, -np.inf
+        decay = np.exp(-(e[idx] - b[idx]) / time_constant)
+        gaps = b[idx] - np.r_[-np.inf, e[idx][:-1]]
+        back = np.exp(-gaps / rest_time_constant) if rest_time_constant > 0 else np.zeros(idx.size)
+        for k, j in enumerate(idx):
+            if gaps[k] > 0:
+                w = 1.0 - (1.0 - w) * back[k]
+            out[j] = w
+            w *= decay[k]
+    return out
+
+
+def fit_warmth(begin_s, end_s, server, times_s, fitted=None) -> dict | None:
+    """time = base * (factor + (1 - factor) * w), ``w`` from :func:`warmth`: how a request's
+    service time depends on how long its server had been serving and how long it had rested, from
+    a replay's requests (``begin``/``end``: each one's time on its server, ``server``: which;
+    ``times``: its service time, end - begin). ``fitted`` (a mask) picks the requests whose times
+    are fitted (one model's); every request moves the server's state. Robust (soft_l1 on log
+    residuals, as above), from three starting rest time constants. Returns {"factor",
+    "time_constant_s", "rest_time_constant_s", "base_s", "n", "rel_resid_mad"}, or None when no
+    busy period reaches SUSTAINED_MIN_SPAN_S, fewer than 20 requests find their server at rest, or
+    the change is under SUSTAINED_MIN_EFFECT."""
+    b, e, y = np.asarray(begin_s, float), np.asarray(end_s, float), np.asarray(times_s, float)
+    s = np.asarray(server)
+    mask = np.ones(b.size, bool) if fitted is None else np.asarray(fitted, bool)
+    w_rest = warmth(b, e, server, 0.2, 0.0)          # 1 at each rest: which requests began one
+    busy_for = -0.2 * np.log(np.maximum(w_rest, 1e-300))
+    if busy_for.max(initial=0.0) < SUSTAINED_MIN_SPAN_S or (mask & (w_rest == 1.0)).sum() < 20:
+        return None
+    ok = mask & np.isfinite(y) & (y > 0)
+    logy = np.log(y[ok])
+
+    def resid(x):
+        w = warmth(b, e, server, np.exp(x[2]), np.exp(x[3]))[ok]
+        return x[0] + np.log(x[1] + (1.0 - x[1]) * w) - logy
+
+    start = float(np.median(logy[(w_rest[ok] == 1.0)]))
+    long = busy_for[ok] >= SUSTAINED_MIN_SPAN_S
+    f0 = float(np.exp(np.median(logy[long]) - start)) if long.any() else 1.0
+    # A time constant beyond the longest busy period seen cannot be told from a slope: bounded there.
+    # Nor a rest time constant beyond the longest rest seen.
+    longest_rest = max((float(np.max(np.diff(np.sort(b[s == v])), initial=0.0)) for v in np.unique(s)),
+                       default=0.0)
+    lo = [-np.inf, 0.5, np.log(1e-3), np.log(1e-4)]
+    hi = [np.inf, 2.0, np.log(busy_for.max()), np.log(max(longest_rest, 2e-4))]
+    x0 = np.array([start, min(max(f0, 0.55), 1.9), np.log(0.3), np.log(0.05)])
+    r0 = resid(x0)
+    scale = max(1.4826 * float(np.median(np.abs(r0 - np.median(r0)))), 0.01)
+    best = None
+    for rest0 in (0.005, 0.05, 0.5):
+        x0[3] = np.log(rest0)
+        res = optimize.least_squares(resid, x0, loss="soft_l1", f_scale=scale, method="trf", bounds=(lo, hi))
+        if best is None or res.cost < best.cost:
+            best = res
+    base, f = float(np.exp(best.x[0])), float(best.x[1])
+    if abs(1.0 - f) < SUSTAINED_MIN_EFFECT:
+        return None
+    rel = np.expm1(resid(best.x))
+    return {"factor": f, "time_constant_s": float(np.exp(best.x[2])),
+            "rest_time_constant_s": float(np.exp(best.x[3])), "base_s": base, "n": int(ok.sum()),
+            "rel_resid_mad": float(np.median(np.abs(rel - np.median(rel))))}

@@ -138,9 +138,12 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
         sus = p.get("sustained")
         if sus:
             # The calibration's times, each divided by its sustained-load factor: the draws at rest.
-            f, tau = sus["factor"], sus["time_constant_s"]
-            svc = svc / (f + (1.0 - f) * np.exp(-np.asarray(p["service_busy_s"], dtype=float) / tau))
-            service["sustained"] = {"factor": f, "time_constant": tau}
+            # (A run from before the rest time constant has only each sample's busy time.)
+            f, tau, rest = sus["factor"], sus["time_constant_s"], sus.get("rest_time_constant_s")
+            w = np.asarray(p["service_warmth"] if rest is not None else
+                           np.exp(-np.asarray(p["service_busy_s"], dtype=float) / tau), dtype=float)
+            svc = svc / (f + (1.0 - f) * w)
+            service["sustained"] = {"factor": f, "time_constant": tau, "rest_time_constant": rest}
         service.update(mean=float(svc.mean()), cv=float(svc.std(ddof=1) / svc.mean()) if len(svc) > 1 else 0.0)
         models.append({"name": m["name"], "size_gb": m["memory_gb"], "memory_gb": m["memory_gb"],
                        "host_memory_gb": 0, "accelerators": 0, "init_time": float(np.median(p["load_s"])),

@@ -83,9 +83,15 @@ def test_a_sustained_load_fit_reaches_the_simulator_with_the_draws_at_rest():
     measured = {"plan": fid.plan_of(case) | {"max_concurrency": 1, "instance_concurrency": 1, "timeout_s": 60.0},
                 "probe": {"models": {name: probe}}, "requests": {"arrival_s": [0.0]}}
     svc = fid.scenario_of(measured, Path("a.csv"))["models"][0]["service"]
-    assert svc["sustained"] == {"factor": 0.8, "time_constant": 0.5}
+    assert svc["sustained"] == {"factor": 0.8, "time_constant": 0.5, "rest_time_constant": None}
     at_rest = [0.010, 0.008 / (0.8 + 0.2 * np.exp(-2.0)), 0.012]
     assert svc["mean"] == pytest.approx(np.mean(at_rest))
+    # With a rest time constant, each sample's state under the fit (its warmth) divides it.
+    probe["sustained"]["rest_time_constant_s"] = 0.02
+    probe["service_warmth"] = [1.0, 0.5, 0.25]
+    svc = fid.scenario_of(measured, Path("a.csv"))["models"][0]["service"]
+    assert svc["sustained"] == {"factor": 0.8, "time_constant": 0.5, "rest_time_constant": 0.02}
+    assert svc["mean"] == pytest.approx(np.mean([0.010, 0.008 / 0.9, 0.012 / 0.85]))
 
 
 def test_errors_are_relative_and_the_hit_rate_in_points():

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration.fit import fit_sustained
+from calibration.fit import fit_sustained, fit_warmth, warmth
 from conftest import run_dict, sme
 from sim.scenario import ScenarioError, parse_scenario
 from test_core import trace_scenario
@@ -17,15 +17,17 @@ SUSTAINED = {"factor": 0.5, "time_constant": "200ms"}
 ARRIVALS = [0.0, 0.0, 0.0, 0.0, 10.0, 10.05]   # a backlog of four, then a busy period of two
 
 
-def fifo(arrivals, service, factor, tau, start_at=None):
+def fifo(arrivals, service, factor, tau, start_at=None, rest=0.0):
     """One FIFO server, by hand: (start, end) per request, the service of each scaled by
-    factor + (1 - factor) * exp(-b / tau), b the time since its busy period began."""
-    out, free, since = [], -math.inf, 0.0
+    factor + (1 - factor) * w, where w is 1 at rest, decays as exp(-t / tau) while serving and,
+    over a rest of g, comes back to 1 - (1 - w) * exp(-g / rest) (to 1 when rest is 0)."""
+    out, free, w = [], -math.inf, 1.0
     for k, a in enumerate(arrivals):
         begin = max(a if start_at is None else max(a, start_at[k]), free)
         if begin > free:
-            since = begin
-        end = begin + service * (factor + (1 - factor) * math.exp(-(begin - since) / tau))
+            w = 1.0 - (1.0 - w) * math.exp(-(begin - free) / rest) if rest else 1.0
+        end = begin + service * (factor + (1 - factor) * w)
+        w *= math.exp(-(end - begin) / tau)
         out.append((begin, end))
         free = end
     return out
@@ -43,6 +45,23 @@ def test_sme_service_speeds_up_along_a_busy_period_and_resets_when_idle(tmp_path
     r = run_dict(d).requests
     check(r, fifo(ARRIVALS, 0.1, 0.5, 0.2))
     assert r["service_ms"].iloc[4] == pytest.approx(100.0)   # the first after a pause: at rest again
+
+
+def test_a_short_rest_keeps_part_of_the_speed_up(tmp_path):
+    # rest_time_constant 100 ms: after the backlog of four (0.1 s each, sped up), a rest of 50 ms
+    # gives back 1 - exp(-0.5) of the speed-up; ten seconds give it all back.
+    arrivals = [0.0, 0.0, 0.0, 0.0]
+    backlog = fifo(arrivals, 0.1, 0.5, 0.2)
+    arrivals += [backlog[-1][1] + 0.05, 30.0]
+    d = trace_scenario(tmp_path, arrivals, mean=0.1, duration=60)
+    d["models"][0]["service"]["sustained"] = SUSTAINED | {"rest_time_constant": "100ms"}
+    r = run_dict(d).requests.sort_values("arrival_s", kind="stable")
+    expected = fifo(arrivals, 0.1, 0.5, 0.2, rest=0.1)
+    check(r, expected)
+    w_end = math.exp(-sum(e - s for s, e in backlog) / 0.2)
+    assert r["service_ms"].iloc[4] == pytest.approx(100 * (0.5 + 0.5 * (1 - (1 - w_end) * math.exp(-0.5))))
+    assert 100 * (0.5 + 0.5 * w_end) < r["service_ms"].iloc[4] < 100.0
+    assert r["service_ms"].iloc[5] == pytest.approx(100.0, rel=1e-6)
 
 
 def test_without_sustained_the_times_are_the_draws(tmp_path):
@@ -94,7 +113,8 @@ def test_a_retried_request_is_scaled_from_its_draw(tmp_path):
 
 def test_sustained_errors_name_the_key(tmp_path):
     for bad, word in (({"factor": 0, "time_constant": "1s"}, "factor"), ({"factor": 0.8, "time_constant": 0}, "time_constant"),
-                      ({"factor": 0.8}, "time_constant")):
+                      ({"factor": 0.8}, "time_constant"),
+                      ({"factor": 0.8, "time_constant": "1s", "rest_time_constant": -1}, "rest_time_constant")):
         d = sme(dist="deterministic", mean=0.1)
         d["models"][0]["service"]["sustained"] = bad
         with pytest.raises(ScenarioError) as e:
@@ -122,6 +142,65 @@ def test_fit_finds_nothing_where_there_is_nothing():
     b = np.concatenate([np.zeros(150), rng.uniform(0, 4.0, 400)])
     assert fit_sustained(b, 0.014 * rng.lognormal(0, 0.1, b.size)) is None
     assert fit_sustained(np.zeros(200), 0.014 * rng.lognormal(0, 0.1, 200)) is None   # no long busy period
+
+
+def _served(factor, tau, rest, rng, base=0.008):
+    """One server's requests by the warmth recursion (fifo's), as the testbed's calibration sends
+    them: Poisson at ~half load, 30 requests after rests of 5 ms to 1 s, then a burst above
+    capacity; (begin, end) per request."""
+    sends = np.cumsum(rng.exponential(0.016, 600))
+    sends = np.r_[sends, sends[-1] + np.cumsum(base + np.exp(rng.uniform(np.log(0.005), 0.0, 30)))]
+    sends = np.r_[sends, sends[-1] + 1.0 + np.cumsum(rng.exponential(0.006, 400))]
+    begin, end, free, w = [], [], 0.0, 1.0
+    for t in sends:
+        b = max(t, free)
+        if b > free:
+            w = 1.0 - (1.0 - w) * np.exp(-(b - free) / rest)
+        y = base * (factor + (1 - factor) * w) * rng.lognormal(0, 0.05)
+        begin.append(b)
+        end.append(b + y)
+        w *= np.exp(-y / tau)
+        free = b + y
+    return np.array(begin), np.array(end)
+
+
+@pytest.mark.parametrize("factor,tau,rest", [(0.8, 0.5, 0.02), (0.85, 1.0, 0.05), (1.2, 0.5, 0.1)])
+def test_warmth_fit_recovers_the_busy_and_rest_time_constants(factor, tau, rest):
+    b, e = _served(factor, tau, rest, np.random.default_rng(3))
+    f = fit_warmth(b, e, np.zeros(b.size), e - b)
+    assert f["factor"] == pytest.approx(factor, rel=0.02)
+    assert f["base_s"] == pytest.approx(0.008, rel=0.02)
+    # The time constants trade off a little against each other in samples this noisy (5%); the
+    # times they predict are what count: along a busy period begun at rest, and after a rest
+    # that follows a long one.
+    def speed(fit_or_true, busy=None, rested=None):
+        fac, t, r = fit_or_true
+        w = np.exp(-busy / t) if busy is not None else 1.0 - np.exp(-rested / r)
+        return fac + (1 - fac) * w
+
+    fitted = (f["factor"], f["time_constant_s"], f["rest_time_constant_s"])
+    for b_s in (0.1, 0.5, 1.0, 2.0):
+        assert speed(fitted, busy=b_s) == pytest.approx(speed((factor, tau, rest), busy=b_s), rel=0.02)
+    for g in (0.005, 0.02, 0.1, 0.5):
+        assert speed(fitted, rested=g) == pytest.approx(speed((factor, tau, rest), rested=g), rel=0.03)
+    # the recursion itself: 1 at rest, and within (0, 1]
+    w = warmth(b, e, np.zeros(b.size), tau, rest)
+    assert w[0] == 1.0 and np.all((w > 0) & (w <= 1))
+    flat = fit_warmth(b, b + 0.008 * np.random.default_rng(4).lognormal(0, 0.05, b.size), np.zeros(b.size),
+                      np.full(b.size, 0.008))
+    assert flat is None
+
+
+def test_warmth_fit_keeps_servers_apart_and_fits_the_masked_requests():
+    rng = np.random.default_rng(5)
+    b0, e0 = _served(0.8, 0.5, 0.02, rng)
+    b1, e1 = _served(0.8, 0.5, 0.02, rng)          # a second server, over the same time
+    b, e = np.r_[b0, b1], np.r_[e0, e1]
+    server = np.r_[np.zeros(b0.size), np.ones(b1.size)]
+    f = fit_warmth(b, e, server, e - b, fitted=server == 1)
+    alone = fit_warmth(b1, e1, np.zeros(b1.size), e1 - b1)
+    assert f["n"] == b1.size and f == pytest.approx(alone, rel=1e-4)
+    assert f["factor"] == pytest.approx(0.8, rel=0.02)
 
 
 def _runs(factor, tau, rng, contended=None):

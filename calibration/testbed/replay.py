@@ -12,11 +12,14 @@ else to any instance by the policy, which loads it.
 from __future__ import annotations
 
 import csv
+import math
 import multiprocessing as mp
 import random
 import threading
 import time
 from multiprocessing.connection import wait
+
+import numpy as np
 
 from .. import fit, harness
 from . import server
@@ -171,6 +174,8 @@ def time_scale(plan: dict, probed: dict, arrivals: list) -> float:
 
 CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay
 CALIBRATION_MAX_S = 20.0    # and its longest span
+RESTS = 30                  # then, with the burst, requests one at a time after rests
+RESTS_S = (0.005, 1.0)      # log-uniform over this span,
 BURST_LOAD = 1.25           # then a burst at this multiple of capacity,
 BURST_S = 3.0               # this long, after a pause of
 BURST_PAUSE_S = 1.0
@@ -180,9 +185,11 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
     """A calibration workload: Poisson arrivals spread evenly over the models, at a
     rate that keeps an instance about half busy (requests and the loads of the
     models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds; then, with
-    ``burst``, after a pause of BURST_PAUSE_S, BURST_S of Poisson arrivals at BURST_LOAD times the
-    capacity, spread over the models that fit, whose times show how the speed
-    changes along a busy period of seconds (``fit.fit_sustained``).
+    ``burst``, RESTS requests of the models that fit, each sent a request's time plus a rest
+    (log-uniform over RESTS_S) after the one before, whose times show how the speed comes back
+    over a rest; and after a pause of BURST_PAUSE_S, BURST_S of Poisson arrivals at BURST_LOAD times
+    the capacity, spread over the models that fit, whose times show how the speed changes along a
+    busy period of seconds (``fit.fit_warmth`` fits both).
 
     The simulator's service and load times come from this replay, run through the
     same router, pipes and workers as the measured one: a request's time there is
@@ -204,6 +211,10 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
         out.append((t, rng.randrange(len(ms))))
     if not burst:
         return out
+    lo, hi = math.log(RESTS_S[0]), math.log(RESTS_S[1])
+    for _ in range(RESTS):
+        t += svc + math.exp(rng.uniform(lo, hi))
+        out.append((t, rng.randrange(min(fits, len(ms)))))
     t += BURST_PAUSE_S
     end = t + BURST_S
     burst_rate = BURST_LOAD * plan["instances"] / svc
@@ -257,34 +268,45 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
     probe's loads are added (its own samples kept under ``probe_*``). A service time is the
     worker's occupancy (``occupancy``) where an instance has one worker, else end - start.
 
-    The sustained-load fit takes the last replay alone, whose burst follows its own Poisson part
-    within seconds: the machine's speed drifts between replays minutes apart (+-10% here), and
-    over all of them the burst's fast or slow minute would read as a change with busy time."""
-    out = {}
-    svcs, busys = [], []
+    There, ``fit.fit_warmth`` fits how the speed changes along a worker's busy periods and comes
+    back over its rests (``sustained``), and ``service_warmth`` holds each sample's state under
+    that fit (``service_busy_s``: its time into its busy period). The fit takes the last replay
+    alone, whose burst follows its own Poisson part within seconds: the machine's speed drifts
+    between replays minutes apart (+-10% here), and over all of them the burst's fast or slow
+    minute would read as a change with busy time."""
+    one_worker = plan["instance_concurrency"] == 1
+    seqs = []   # per replay, its finished requests' columns
     for rec in recs:
         r = rec["requests"]
         busy = [None] * len(r["end_s"])
-        if plan["instance_concurrency"] == 1:
-            svcs.append(occupancy(r, rec["loads"], plan["instances"], busy))
+        if one_worker:
+            occ = occupancy(r, rec["loads"], plan["instances"], busy)
         else:
-            svcs.append([None if e is None else e - s for s, e in zip(r["start_s"], r["end_s"])])
-        busys.append(busy)
+            occ = [None if e is None else e - s for s, e in zip(r["start_s"], r["end_s"])]
+        done = [j for j, o in enumerate(occ) if o is not None]
+        seq = {"occ": [occ[j] for j in done], "busy": [busy[j] for j in done]}
+        seq.update({k: np.array([r[c][j] for j in done], dtype=float) for k, c in
+                    (("end", "end_s"), ("instance", "instance"), ("model", "model"))})
+        seqs.append(seq)
+    out = {}
     for k, m in enumerate(plan["models"]):
         p = dict(probed[m["name"]])
         p["probe_service_s"], p["probe_load_s"] = p["service_s"], p["load_s"]
-        svc, busy, loads = [], [], []
-        for rec, occ, bus in zip(recs, svcs, busys):
-            last = len(svc)   # where the last replay's samples begin
-            mine = [(o, b) for mm, o, b in zip(rec["requests"]["model"], occ, bus) if mm == k and o is not None]
-            svc += [o for o, _ in mine]
-            busy += [b for _, b in mine]
-            loads += [x["end_s"] - x["start_s"] for x in rec["loads"] if x["model"] == k]
-        p["service_s"] = svc or p["probe_service_s"]
-        if svc and all(b is not None for b in busy):
-            p["service_busy_s"] = busy
-            p["sustained"] = fit.fit_sustained(busy[last:], svc[last:])
-        p["load_s"] = loads + p["probe_load_s"]
+        mine = [seq["model"] == k for seq in seqs]
+        p["service_s"] = [o for seq, my in zip(seqs, mine) for o, y in zip(seq["occ"], my) if y]
+        if not p["service_s"]:
+            p["service_s"] = p["probe_service_s"]
+        elif one_worker:
+            p["service_busy_s"] = [b for seq, my in zip(seqs, mine) for b, y in zip(seq["busy"], my) if y]
+            last = seqs[-1]
+            begin = last["end"] - np.asarray(last["occ"])
+            p["sustained"] = sus = fit.fit_warmth(begin, last["end"], last["instance"], last["occ"], mine[-1])
+            if sus:
+                p["service_warmth"] = [float(w) for seq, my in zip(seqs, mine) for w in fit.warmth(
+                    seq["end"] - np.asarray(seq["occ"]), seq["end"], seq["instance"], sus["time_constant_s"],
+                    sus["rest_time_constant_s"])[my]]
+        p["load_s"] = [x["end_s"] - x["start_s"] for rec in recs for x in rec["loads"] if x["model"] == k]
+        p["load_s"] += p["probe_load_s"]
         p["service"], p["load"] = harness.robust_summary(p["service_s"]), harness.robust_summary(p["load_s"])
         out[m["name"]] = p
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import routing
 from ..core.engine import OK, TIMEOUT, Engine
@@ -15,10 +16,11 @@ from .loading import LoadRecord
 class Instance:
     """One instance of an endpoint. ``n`` counts its requests in flight (serving or
     queued); ``seen`` is ``n`` as the router last saw it (only with ``routing_refresh``);
-    ``draining`` is set when it leaves service and waits for them to end; ``since``: when its
-    current busy period began (for a sustained-load service)."""
+    ``draining`` is set when it leaves service and waits for them to end; ``warm``, ``warm_t``,
+    ``warm_n``: its speed state for a sustained-load service (see ``EndpointRuntime._sustained_time``)."""
 
-    __slots__ = ("index", "slots", "busy", "queue", "n", "seen", "up_since", "draining", "failed", "zone", "since")
+    __slots__ = ("index", "slots", "busy", "queue", "n", "seen", "up_since", "draining", "failed", "zone",
+                 "warm", "warm_t", "warm_n")
 
     def __init__(self, index: int, slots: int, up_since: float):
         self.index = index
@@ -31,7 +33,7 @@ class Instance:
         self.draining = False
         self.failed = False
         self.zone = 0
-        self.since = up_since
+        self.warm, self.warm_t, self.warm_n = 1.0, up_since, 0
 
 
 @dataclass
@@ -91,9 +93,11 @@ class EndpointRuntime:
         self.log = EndpointLog(capacity)
         self.timeout = ep.timeout
         self.provision_rng = None  # set by the simulation: the provisioning stream
-        # models whose service changes under sustained load: model -> (factor, time constant); None if none
-        self.sustained = {m.index: (m.service.sustained.factor, m.service.sustained.time_constant)
-                          for m in (models[k] for k in ep.models) if m.service.sustained is not None} or None
+        # models whose service changes under sustained load: model -> (factor, time constant, rest time
+        # constant or 0); None if none
+        self.sustained = {m.index: (s.factor, s.time_constant, s.rest_time_constant or 0.0)
+                          for m in (models[k] for k in ep.models)
+                          if (s := m.service.sustained) is not None} or None
         if self.sustained:
             self.requests.keep_draws()
         self.zones_down: set[int] = set()
@@ -128,17 +132,41 @@ class EndpointRuntime:
             self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
         return -1, dropped
 
-    def _sustained_time(self, i: int, since: float, now: float) -> float:
-        """Request ``i``'s service time when it starts at ``now`` on a server busy since ``since``
-        (``sustained``): its draw scaled, written to the request table (a retried request is
-        scaled anew from its draw)."""
+    # A server's speed under sustained load (``sustained``: an instance, or an inference component's
+    # copy). ``warm`` is the part of its speed-up not yet gained, 1 at rest: while it serves requests
+    # it decays as exp(-t / time_constant); while it serves none (idle, or loading a model) it comes
+    # back as 1 - (1 - warm) * exp(-t / rest_time_constant), at once when that is 0. A request takes
+    # its draw times factor + (1 - factor) * warm at its start. ``warm_t``: when ``warm`` was last
+    # brought up to date; ``warm_n``: the requests in service. The constants are those of the model
+    # served at each change.
+    def _sustained_time(self, i: int, s: Instance | Any, now: float) -> float:
+        """Request ``i`` starts at ``now`` on server ``s``: its service time (its draw scaled, written
+        to the request table; a retried request is scaled anew from its draw)."""
         r = self.requests
         p = self.sustained.get(r.model[i])
+        dt = now - s.warm_t
+        if p is not None and dt > 0.0:
+            if s.warm_n:
+                s.warm *= math.exp(-dt / p[1])
+            elif p[2] > 0.0:
+                s.warm = 1.0 - (1.0 - s.warm) * math.exp(-dt / p[2])
+            else:
+                s.warm = 1.0
+            s.warm_t = now
+        s.warm_n += 1
         if p is None:
             return r.service[i]
-        f, tau = p
-        s = r.service[i] = r.drawn[i] * (f + (1.0 - f) * math.exp((since - now) / tau))
-        return s
+        f = p[0]
+        t = r.service[i] = r.drawn[i] * (f + (1.0 - f) * s.warm)
+        return t
+
+    def _sustained_end(self, i: int, s: Instance | Any, now: float) -> None:
+        """Request ``i`` left server ``s`` at ``now`` (served or dropped with its server)."""
+        p = self.sustained.get(self.requests.model[i])
+        if p is not None and s.warm_n:
+            s.warm *= math.exp((s.warm_t - now) / p[1])
+            s.warm_t = now
+        s.warm_n -= 1
 
     def _served(self, i: int, now: float) -> None:
         """Request ``i``'s service ended at ``now``: ok, or a timeout if its client gave up first."""

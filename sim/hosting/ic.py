@@ -169,7 +169,7 @@ class Copy:
     with ``routing_refresh``)."""
 
     __slots__ = ("comp", "inst", "gpus", "state", "slots", "busy", "n", "seen", "queue", "record", "replaces",
-                 "since")
+                 "warm", "warm_t", "warm_n")
 
     def __init__(self, comp: "Comp", inst: ICInstance, gpus: tuple[int, ...], record: CopyRecord):
         self.comp = comp
@@ -183,7 +183,7 @@ class Copy:
         self.queue: deque[int] = deque()
         self.record = record
         self.replaces: Copy | None = None
-        self.since = 0.0   # when its current busy period began (a sustained-load service)
+        self.warm, self.warm_t, self.warm_n = 1.0, 0.0, 0   # its speed state (EndpointRuntime._sustained_time)
 
 
 class Comp:
@@ -375,13 +375,11 @@ class ICEndpoint(EndpointRuntime):
         c = ready[0] if len(ready) == 1 else self.route(ready, r.u1[i], r.u2[i], comp)
         r.instance[i] = c.inst.index
         if c.busy < c.slots:
-            if c.busy == 0:
-                c.since = now
             c.busy += 1
             c.n += 1
             comp.inflight += 1
             r.start[i] = now
-            svc = r.service[i] if self.sustained is None else self._sustained_time(i, c.since, now)
+            svc = r.service[i] if self.sustained is None else self._sustained_time(i, c, now)
             heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, c)))
         elif self.queue_limit is not None and len(c.queue) >= self.queue_limit:
             self.engine.finish(i, THROTTLED, now)
@@ -399,6 +397,8 @@ class ICEndpoint(EndpointRuntime):
         comp = c.comp
         comp.area += comp.inflight * (now - comp.t_area)
         comp.t_area = now
+        if self.sustained is not None:
+            self._sustained_end(i, c, now)
         j, dropped = self._pop_live(c.queue, now)
         c.n -= 1 + dropped
         comp.inflight -= 1 + dropped
@@ -406,7 +406,7 @@ class ICEndpoint(EndpointRuntime):
             r.start[j] = now
             call.arg = j
             call.callbacks = self._done_callbacks
-            svc = r.service[j] if self.sustained is None else self._sustained_time(j, c.since, now)
+            svc = r.service[j] if self.sustained is None else self._sustained_time(j, c, now)
             heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
         else:
             c.busy -= 1

@@ -53,7 +53,7 @@ class Slot:
 
 class MMEInstance(Instance):
     __slots__ = ("models", "gpu_used", "host_used", "disk", "disk_used", "loading", "loaded", "pending",
-                 "loader", "gds_floor", "serving", "free_at")
+                 "loader", "gds_floor", "serving")
 
     def __init__(self, index: int, now: float, loader: Loader):
         super().__init__(index, 0, now)
@@ -68,7 +68,6 @@ class MMEInstance(Instance):
         self.loader = loader
         self.gds_floor = 0.0
         self.serving = 0                      # busy workers (instance_concurrency): requests and loads
-        self.free_at = now                    # when a job (request or load) last ended
 
 
 def _victim_lru(slots):
@@ -227,14 +226,12 @@ class MMEEndpoint(EndpointRuntime):
 
     def _start(self, i: int, slot: Slot, now: float) -> None:
         inst = slot.inst
-        if inst.serving == 0 and now > inst.free_at:
-            inst.since = now   # it was idle: a busy period begins
         slot.busy += 1
         inst.serving += 1
         r = self.requests
         r.start[i] = now
         env = self.engine.env
-        svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst.since, now)
+        svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst, now)
         heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, slot)))
 
     def _done(self, call: Call) -> None:
@@ -246,6 +243,8 @@ class MMEEndpoint(EndpointRuntime):
         env = self.engine.env
         now = env._now
         q = slot.queue
+        if self.sustained is not None:
+            self._sustained_end(i, inst, now)
         if self.inst_cap is None:
             j, dropped = self._pop_live(q, now)
             inst.n -= 1 + dropped
@@ -254,7 +253,7 @@ class MMEEndpoint(EndpointRuntime):
                 call.arg = j
                 call.callbacks = self._done_callbacks
                 svc = (self.requests.service[j] if self.sustained is None
-                       else self._sustained_time(j, inst.since, now))
+                       else self._sustained_time(j, inst, now))
                 heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
             else:
                 slot.busy -= 1
@@ -263,7 +262,6 @@ class MMEEndpoint(EndpointRuntime):
             inst.n -= 1
             slot.busy -= 1
             inst.serving -= 1
-        inst.free_at = now
         self._served(i, now)
         if slot.busy == 0 and not q:
             if not self.cache.enabled:
@@ -291,8 +289,6 @@ class MMEEndpoint(EndpointRuntime):
             if load is not None and (slot is None or load.record.queued <= r.arrival[slot.queue[0]]):
                 if self._make_room(inst, load.model):
                     inst.pending.popleft()
-                    if inst.serving == 0 and now > inst.free_at:
-                        inst.since = now
                     inst.serving += 1
                     self._begin_load(inst, load)
                     started = True
@@ -406,9 +402,6 @@ class MMEEndpoint(EndpointRuntime):
         slot.waiting = []
         if self.inst_cap is not None:
             inst.serving -= 1   # the load's worker
-            inst.free_at = now
-            if inst.serving == 0:
-                inst.since = now   # a load run alone breaks a busy period, as idle time does
         self._log_memory()
         if inst.draining:
             self._maybe_release(inst)

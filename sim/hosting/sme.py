@@ -59,12 +59,10 @@ class SMEEndpoint(EndpointRuntime):
         if inst.busy < inst.slots:
             env = self.engine.env
             now = env._now
-            if inst.busy == 0:
-                inst.since = now
             inst.busy += 1
             inst.n += 1
             r.start[i] = now
-            svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst.since, now)
+            svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst, now)
             heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, inst)))
         elif self.queue_limit is not None and len(inst.queue) >= self.queue_limit:
             self.engine.finish(i, THROTTLED, self.engine.env._now)
@@ -79,13 +77,15 @@ class SMEEndpoint(EndpointRuntime):
             return  # the instance died with its requests
         env = self.engine.env
         now = env._now
+        if self.sustained is not None:
+            self._sustained_end(i, inst, now)
         j, dropped = self._pop_live(inst.queue, now)
         inst.n -= 1 + dropped
         if j >= 0:
             self.requests.start[j] = now
             call.arg = j
             call.callbacks = self._done_callbacks
-            svc = self.requests.service[j] if self.sustained is None else self._sustained_time(j, inst.since, now)
+            svc = self.requests.service[j] if self.sustained is None else self._sustained_time(j, inst, now)
             heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
         else:
             inst.busy -= 1

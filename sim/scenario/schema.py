@@ -68,20 +68,30 @@ class TokensSpec(Strict):
 
 class SustainedSpec(Strict):
     """How a server's speed changes while it stays busy (clocks that boost under load, caches that
-    warm; or thermal throttling): a request that starts ``b`` seconds into its server's busy period
-    (an instance; an inference component's copy; ended by idle time, and on a multi-model instance
-    with ``instance_concurrency`` by a load that ends with no request in service) takes ``factor +
-    (1 - factor) * exp(-b / time_constant)`` times its drawn service time. Below 1, sustained load
-    serves faster."""
+    warm; or thermal throttling), and comes back while it rests. A server (an instance; an inference
+    component's copy) keeps a state ``w``, 1 at rest; a request starting at ``w`` takes ``factor +
+    (1 - factor) * w`` times its drawn service time (below 1, sustained load serves faster). While the
+    server serves requests, ``w`` decays as ``exp(-t / time_constant)``: a request ``b`` seconds into a
+    busy period that began at rest takes ``factor + (1 - factor) * exp(-b / time_constant)``. While it
+    serves none (idle, or loading a model), ``w`` comes back as ``1 - (1 - w) * exp(-t /
+    rest_time_constant)``; unset (or 0), any rest brings it back to 1 at once."""
 
     factor: float = Field(gt=0)
     time_constant: Duration
+    rest_time_constant: Duration | None = None
 
     @field_validator("time_constant")
     @classmethod
     def _positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("time_constant must be > 0")
+        return v
+
+    @field_validator("rest_time_constant")
+    @classmethod
+    def _non_negative(cls, v: float | None) -> float | None:
+        if v is not None and v < 0:
+            raise ValueError("rest_time_constant must be >= 0")
         return v
 
 
