@@ -179,52 +179,58 @@ def warmth(begin_s, end_s, server, time_constant: float, rest_time_constant: flo
     return out
 
 
-def fit_warmth(begin_s, end_s, server, times_s, fitted=None) -> dict | None:
+def fit_warmth(begin_s, end_s, server, times_s, fitted=None, group=None) -> dict | None:
     """time = base * (factor + (1 - factor) * w), ``w`` from :func:`warmth`: how a request's
     service time depends on how long its server had been serving and how long it had rested, from
-    a replay's requests (``begin``/``end``: each one's time on its server, ``server``: which;
+    replayed requests (``begin``/``end``: each one's time on its server, ``server``: which;
     ``times``: its service time, end - begin). ``fitted`` (a mask) picks the requests whose times
-    are fitted (one model's); every request moves the server's state. Robust (soft_l1 on log
-    residuals, as above), from three starting rest time constants. Returns {"factor",
-    "time_constant_s", "rest_time_constant_s", "base_s", "n", "rel_resid_mad"}, or None when no
-    busy period reaches SUSTAINED_MIN_SPAN_S, fewer than 20 requests find their server at rest, or
-    the change is under SUSTAINED_MIN_EFFECT."""
+    are fitted (one model's); every request moves its server's state. ``group`` (per request, e.g.
+    which replay) gives each group a base of its own: a machine whose speed drifts between replays
+    minutes apart shares the shape (factor and time constants) across them, not the level. Robust
+    (soft_l1 on log residuals, as above), from three starting rest time constants. Returns
+    {"factor", "time_constant_s", "rest_time_constant_s", "base_s" (the last group's), "n",
+    "rel_resid_mad"}, or None when no busy period reaches SUSTAINED_MIN_SPAN_S, fewer than 20
+    requests find their server at rest, or the change is under SUSTAINED_MIN_EFFECT."""
     b, e, y = np.asarray(begin_s, float), np.asarray(end_s, float), np.asarray(times_s, float)
     s = np.asarray(server)
     mask = np.ones(b.size, bool) if fitted is None else np.asarray(fitted, bool)
-    w_rest = warmth(b, e, server, 0.2, 0.0)          # 1 at each rest: which requests began one
+    _, g = np.unique(np.zeros(b.size) if group is None else np.asarray(group), return_inverse=True)
+    w_rest = warmth(b, e, s, 0.2, 0.0)          # 1 at each rest: which requests began one
     busy_for = -0.2 * np.log(np.maximum(w_rest, 1e-300))
     if busy_for.max(initial=0.0) < SUSTAINED_MIN_SPAN_S or (mask & (w_rest == 1.0)).sum() < 20:
         return None
     ok = mask & np.isfinite(y) & (y > 0)
-    logy = np.log(y[ok])
+    logy, g = np.log(y[ok]), g[ok]
+    n_g = int(g.max()) + 1
 
     def resid(x):
-        w = warmth(b, e, server, np.exp(x[2]), np.exp(x[3]))[ok]
-        return x[0] + np.log(x[1] + (1.0 - x[1]) * w) - logy
+        w = warmth(b, e, s, np.exp(x[1]), np.exp(x[2]))[ok]
+        return x[3:][g] + np.log(x[0] + (1.0 - x[0]) * w) - logy
 
-    start = float(np.median(logy[(w_rest[ok] == 1.0)]))
+    rest = w_rest[ok] == 1.0
+    start = [float(np.median(logy[(g == k) & rest] if ((g == k) & rest).any() else logy[g == k]))
+             for k in range(n_g)]
     long = busy_for[ok] >= SUSTAINED_MIN_SPAN_S
-    f0 = float(np.exp(np.median(logy[long]) - start)) if long.any() else 1.0
+    f0 = float(np.exp(np.median(logy[long] - np.asarray(start)[g[long]]))) if long.any() else 1.0
     # A time constant beyond the longest busy period seen cannot be told from a slope: bounded there.
-    # Nor a rest time constant beyond the longest rest seen.
+    # Nor a rest time constant beyond the longest spacing of requests seen.
     longest_rest = max((float(np.max(np.diff(np.sort(b[s == v])), initial=0.0)) for v in np.unique(s)),
                        default=0.0)
-    lo = [-np.inf, 0.5, np.log(1e-3), np.log(1e-4)]
-    hi = [np.inf, 2.0, np.log(busy_for.max()), np.log(max(longest_rest, 2e-4))]
-    x0 = np.array([start, min(max(f0, 0.55), 1.9), np.log(0.3), np.log(0.05)])
+    lo = [0.5, np.log(1e-3), np.log(1e-4)] + [-np.inf] * n_g
+    hi = [2.0, np.log(busy_for.max()), np.log(max(longest_rest, 2e-4))] + [np.inf] * n_g
+    x0 = np.array([min(max(f0, 0.55), 1.9), np.log(0.3), np.log(0.05)] + start)
     r0 = resid(x0)
     scale = max(1.4826 * float(np.median(np.abs(r0 - np.median(r0)))), 0.01)
     best = None
     for rest0 in (0.005, 0.05, 0.5):
-        x0[3] = np.log(rest0)
+        x0[2] = np.log(rest0)
         res = optimize.least_squares(resid, x0, loss="soft_l1", f_scale=scale, method="trf", bounds=(lo, hi))
         if best is None or res.cost < best.cost:
             best = res
-    base, f = float(np.exp(best.x[0])), float(best.x[1])
+    f = float(best.x[0])
     if abs(1.0 - f) < SUSTAINED_MIN_EFFECT:
         return None
     rel = np.expm1(resid(best.x))
-    return {"factor": f, "time_constant_s": float(np.exp(best.x[2])),
-            "rest_time_constant_s": float(np.exp(best.x[3])), "base_s": base, "n": int(ok.sum()),
-            "rel_resid_mad": float(np.median(np.abs(rel - np.median(rel))))}
+    return {"factor": f, "time_constant_s": float(np.exp(best.x[1])),
+            "rest_time_constant_s": float(np.exp(best.x[2])), "base_s": float(np.exp(best.x[-1])),
+            "n": int(ok.sum()), "rel_resid_mad": float(np.median(np.abs(rel - np.median(rel))))}

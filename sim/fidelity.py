@@ -134,7 +134,7 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
     for m in plan["models"]:
         p = probe[m["name"]]
         svc = np.asarray(p["service_s"], dtype=float)
-        service: dict[str, Any] = {"dist": "lognormal"}
+        service: dict[str, Any] = {"dist": "empirical"}
         sus = p.get("sustained")
         if sus:
             # The calibration's times, each divided by its sustained-load factor: the draws at rest.
@@ -144,7 +144,13 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
                            np.exp(-np.asarray(p["service_busy_s"], dtype=float) / tau), dtype=float)
             svc = svc / (f + (1.0 - f) * w)
             service["sustained"] = {"factor": f, "time_constant": tau, "rest_time_constant": rest}
-        service.update(mean=float(svc.mean()), cv=float(svc.std(ddof=1) / svc.mean()) if len(svc) > 1 else 0.0)
+        # The measured times themselves, with each calibration replay's level (its median) counting
+        # alike: one replay runs before the measured one and one after, so the machine's drift
+        # between them cancels whatever their sizes; the shape (a tail heavier than a lognormal's
+        # here) is their times about their medians.
+        _, rep = np.unique(p.get("service_replay") or np.zeros(svc.size), return_inverse=True)
+        med = np.array([np.median(svc[rep == k]) for k in range(rep.max() + 1)])
+        service["samples"] = (svc / med[rep] * med.mean()).tolist()
         models.append({"name": m["name"], "size_gb": m["memory_gb"], "memory_gb": m["memory_gb"],
                        "host_memory_gb": 0, "accelerators": 0, "init_time": float(np.median(p["load_s"])),
                        "service": service,

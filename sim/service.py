@@ -11,10 +11,15 @@ import numpy as np
 from .scenario.schema import Distribution, ServiceSpec
 
 
-def sample(rng: np.random.Generator, dist: str, mean: float | np.ndarray, cv: float, n: int) -> np.ndarray:
-    """``n`` positive draws with the given mean and coefficient of variation."""
+def sample(rng: np.random.Generator, dist: str, mean: float | np.ndarray, cv: float, n: int,
+           samples: tuple[float, ...] | None = None) -> np.ndarray:
+    """``n`` positive draws with the given mean and coefficient of variation (``empirical``: the
+    ``samples`` drawn with replacement, scaled to the mean)."""
     if n == 0:
         return np.empty(0)
+    if dist == "empirical":
+        s = np.asarray(samples, dtype=float)
+        return rng.choice(s, n) * (mean / s.mean())
     if dist == "deterministic" or cv == 0:
         return np.broadcast_to(np.asarray(mean, dtype=float), (n,)).copy()
     if dist == "exponential":
@@ -40,7 +45,7 @@ def service_times(rng: np.random.Generator, spec: ServiceSpec, input_tokens: np.
     """Service times in seconds for ``n`` requests of one model group."""
     cv = spec.effective_cv
     if not spec.token_based:
-        return sample(rng, spec.effective_dist, spec.mean, cv, n)
+        return sample(rng, spec.effective_dist, spec.mean, cv, n, spec.samples)
     base = np.full(n, spec.base or 0.0)
     if spec.per_input_token and input_tokens is not None:
         base = base + spec.per_input_token * input_tokens
@@ -48,4 +53,4 @@ def service_times(rng: np.random.Generator, spec: ServiceSpec, input_tokens: np.
         base = base + spec.per_output_token * output_tokens
     if cv == 0:
         return base
-    return base * sample(rng, spec.effective_dist, 1.0, cv, n)
+    return base * sample(rng, spec.effective_dist, 1.0, cv, n, spec.samples)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 import sim
+from conftest import sme
+from sim.scenario import ScenarioError, parse_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = "tests/data/bad"  # relative to REPO: the CLI and the API both run there
@@ -233,3 +235,14 @@ def test_set_takes_effect(cli):
     assert by_name.groups[0].traffic.rate == pytest.approx(20.0)
     # the file itself is untouched by an override
     assert sim.load_scenario(REPO / BASE).endpoints[0].instances.start == 2
+
+
+def test_empirical_service_errors_name_the_key():
+    for bad, word in (({"dist": "empirical"}, "samples"), ({"dist": "empirical", "samples": []}, "samples"),
+                      ({"dist": "empirical", "samples": ["10ms"], "mean": 0.01}, "mean and cv"),
+                      ({"dist": "lognormal", "samples": [0.01], "mean": 0.01}, "samples need dist: empirical")):
+        d = sme()
+        d["models"][0]["service"] = bad
+        with pytest.raises(ScenarioError) as e:
+            parse_scenario(d, source="t.yaml")
+        assert "t.yaml" in str(e.value) and "service" in str(e.value) and word in str(e.value)

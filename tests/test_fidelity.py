@@ -70,7 +70,7 @@ def test_arrivals_are_the_cases_trace_and_reach_the_simulator_unchanged():
     assert req["model"].tolist() == a["model"].tolist()
     sc = fid.scenario_of(measured, Path("a.csv"))
     assert sc["models"][0]["init_time"] == pytest.approx(0.06)       # the probe's median cold start
-    assert sc["models"][0]["service"]["mean"] == pytest.approx(0.011)
+    assert sc["models"][0]["service"]["samples"] == pytest.approx([0.010, 0.012])   # the times themselves
     assert sc["endpoints"][0]["instance_concurrency"] == 1
     assert "sustained" not in sc["models"][0]["service"]
 
@@ -84,14 +84,29 @@ def test_a_sustained_load_fit_reaches_the_simulator_with_the_draws_at_rest():
                 "probe": {"models": {name: probe}}, "requests": {"arrival_s": [0.0]}}
     svc = fid.scenario_of(measured, Path("a.csv"))["models"][0]["service"]
     assert svc["sustained"] == {"factor": 0.8, "time_constant": 0.5, "rest_time_constant": None}
-    at_rest = [0.010, 0.008 / (0.8 + 0.2 * np.exp(-2.0)), 0.012]
-    assert svc["mean"] == pytest.approx(np.mean(at_rest))
+    assert svc["samples"] == pytest.approx([0.010, 0.008 / (0.8 + 0.2 * np.exp(-2.0)), 0.012])
     # With a rest time constant, each sample's state under the fit (its warmth) divides it.
     probe["sustained"]["rest_time_constant_s"] = 0.02
     probe["service_warmth"] = [1.0, 0.5, 0.25]
     svc = fid.scenario_of(measured, Path("a.csv"))["models"][0]["service"]
     assert svc["sustained"] == {"factor": 0.8, "time_constant": 0.5, "rest_time_constant": 0.02}
-    assert svc["mean"] == pytest.approx(np.mean([0.010, 0.008 / 0.9, 0.012 / 0.85]))
+    assert svc["samples"] == pytest.approx([0.010, 0.008 / 0.9, 0.012 / 0.85])
+
+
+def test_each_calibration_replays_level_counts_alike():
+    """One replay before the measured one, one after: the draws keep each replay's times about its
+    median, at the mean of the two medians, whatever the replays' sizes (the drift cancels)."""
+    case = fid.CASES["sme_warm"]
+    name = case.models[0]["name"]
+    before, after = [0.010, 0.011, 0.012], [0.013, 0.0143, 0.0156] * 3     # the machine 30% slower after
+    probe = {"service_s": before + after, "service_replay": [0] * 3 + [1] * 9, "load_s": [0.05]}
+    measured = {"plan": fid.plan_of(case) | {"max_concurrency": 1, "instance_concurrency": 1, "timeout_s": 60.0},
+                "probe": {"models": {name: probe}}, "requests": {"arrival_s": [0.0]}}
+    samples = np.array(fid.scenario_of(measured, Path("a.csv"))["models"][0]["service"]["samples"])
+    level = (0.011 + 0.0143) / 2
+    assert np.median(samples) == pytest.approx(level)
+    assert samples[:3] == pytest.approx(np.array(before) / 0.011 * level)
+    assert samples[3:] == pytest.approx(np.array(after) / 0.0143 * level)
 
 
 def test_errors_are_relative_and_the_hit_rate_in_points():

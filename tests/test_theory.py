@@ -101,3 +101,14 @@ def test_round_robin_is_deterministic_split():
     res = run_dict(sme(rate=50, mean=0.01, instances=5, routing="round_robin", duration=100))
     counts = res.requests["instance"].value_counts()
     assert counts.max() - counts.min() <= 1
+
+
+def test_empirical_service_mg1_pollaczek_khinchine():
+    # dist: empirical draws the samples themselves: service 10 ms or 30 ms, equally likely
+    # (E[S] = 20 ms, E[S^2] = 500 ms^2); at rho 0.5 one FIFO server waits lambda E[S^2] / (2 (1 - rho))
+    # = 12.5 ms on average (Pollaczek-Khinchine). 3% is about four standard errors at this length.
+    d = sme(rate=25.0, duration=4000, warmup=200)
+    d["models"][0]["service"] = {"dist": "empirical", "samples": ["10ms", "30ms"]}
+    ok = _ok(run_dict(d), 200)
+    assert set(np.round(ok["service_ms"], 6)) == {10.0, 30.0}
+    assert ok["wait_ms"].mean() == pytest.approx(12.5, rel=0.03)

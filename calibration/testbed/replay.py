@@ -268,7 +268,7 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
     probe's loads are added (its own samples kept under ``probe_*``). A service time is the
     worker's occupancy (``occupancy``) where an instance has one worker, else end - start.
 
-    There, ``fit.fit_warmth`` fits how the speed changes along a worker's busy periods and comes
+    ``service_replay``: which replay each sample came from. There, ``fit.fit_warmth`` fits how the speed changes along a worker's busy periods and comes
     back over its rests (``sustained``), and ``service_warmth`` holds each sample's state under
     that fit (``service_busy_s``: its time into its busy period). The fit takes the last replay
     alone, whose burst follows its own Poisson part within seconds: the machine's speed drifts
@@ -294,6 +294,7 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
         p["probe_service_s"], p["probe_load_s"] = p["service_s"], p["load_s"]
         mine = [seq["model"] == k for seq in seqs]
         p["service_s"] = [o for seq, my in zip(seqs, mine) for o, y in zip(seq["occ"], my) if y]
+        p["service_replay"] = [i for i, my in enumerate(mine) for y in my if y]
         if not p["service_s"]:
             p["service_s"] = p["probe_service_s"]
         elif one_worker:

@@ -5,6 +5,7 @@ The schema checks the shape and the units of each field. Cross-references
 """
 from __future__ import annotations
 
+import statistics
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -100,9 +101,13 @@ class ServiceSpec(Strict):
 
     Parametric: ``{dist, mean, cv}``. Token-based: ``{base, per_input_token,
     per_output_token, cv}`` with the model's ``tokens`` or the trace's.
+    Empirical: ``{dist: empirical, samples: [...]}`` draws the measured times
+    themselves (their mean and cv are the service's); with the token-based form
+    the samples' shape, scaled to mean 1, is its noise factor.
     """
 
-    dist: Literal[SERVICE_DISTS] | None = None  # type: ignore[valid-type]
+    dist: Literal[SERVICE_DISTS + ("empirical",)] | None = None  # type: ignore[valid-type]
+    samples: tuple[Duration, ...] | None = None
     mean: Duration | None = None
     cv: float | None = Field(default=None, ge=0)
     base: Duration | None = None
@@ -125,6 +130,19 @@ class ServiceSpec(Strict):
             if self.mean is not None or token:
                 raise ValueError("a calibrated service takes its times from the profile: drop mean/base/per_*_token")
             return self
+        if (self.dist == "empirical") != (self.samples is not None):
+            raise ValueError("dist: empirical takes samples (a list of measured times), and samples need "
+                             "dist: empirical")
+        if self.samples is not None:
+            if not self.samples or min(self.samples) <= 0:
+                raise ValueError("samples: expected a non-empty list of times > 0")
+            if self.cv is not None or self.mean is not None:
+                raise ValueError("an empirical service takes its mean and cv from its samples: drop mean and cv")
+            mean = statistics.fmean(self.samples)
+            # frozen model: the derived moments are set once, here
+            object.__setattr__(self, "cv", statistics.pstdev(self.samples) / mean)
+            if not token:
+                object.__setattr__(self, "mean", mean)
         if self.mean is None and not token:
             raise ValueError("expected either {dist, mean, cv}, {base, per_input_token, per_output_token} "
                              "or {profile, family, params}")
