@@ -205,7 +205,7 @@ def _replay_rec(times_s, gaps_s):
     return {"requests": req, "loads": []}
 
 
-def test_the_sustained_fit_reads_the_last_replay_alone():
+def test_the_sustained_fit_gives_each_replay_its_own_level():
     pytest.importorskip("torch")
     from calibration.testbed.replay import _calibrated
 
@@ -221,7 +221,7 @@ def test_the_sustained_fit_reads_the_last_replay_alone():
     last = _replay_rec(times(30, 20.0) + times(100, 20.0), [0.5] * 31 + [0.0] * 99)
     p = _calibrated(plan, probed, [first, last])["m"]
     assert p["sustained"] is None and len(p["service_s"]) == 190 == len(p["service_busy_s"])
-    assert max(p["service_busy_s"]) > 1.5
+    assert max(p["service_busy_s"]) > 1.5 and p["service_replay"] == [0] * 60 + [1] * 130
     # Where the burst does speed up (20 -> 16 ms within about 0.2 s), the fit finds it.
     sped = [y * (0.8 + 0.2 * np.exp(-k * 0.02 / 0.2)) for k, y in enumerate(times(100, 20.0))]
     p = _calibrated(plan, probed, [first, _replay_rec(times(30, 20.0) + sped, [0.5] * 31 + [0.0] * 99)])["m"]

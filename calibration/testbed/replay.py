@@ -270,10 +270,9 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
 
     ``service_replay``: which replay each sample came from. There, ``fit.fit_warmth`` fits how the speed changes along a worker's busy periods and comes
     back over its rests (``sustained``), and ``service_warmth`` holds each sample's state under
-    that fit (``service_busy_s``: its time into its busy period). The fit takes the last replay
-    alone, whose burst follows its own Poisson part within seconds: the machine's speed drifts
-    between replays minutes apart (+-10% here), and over all of them the burst's fast or slow
-    minute would read as a change with busy time."""
+    that fit (``service_busy_s``: its time into its busy period). The fit gives each replay a
+    level of its own: the machine's speed drifts between replays minutes apart (+-10% here), and
+    with one level the burst's fast or slow minute would read as a change with busy time."""
     one_worker = plan["instance_concurrency"] == 1
     seqs = []   # per replay, its finished requests' columns
     for rec in recs:
@@ -299,9 +298,13 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
             p["service_s"] = p["probe_service_s"]
         elif one_worker:
             p["service_busy_s"] = [b for seq, my in zip(seqs, mine) for b, y in zip(seq["busy"], my) if y]
-            last = seqs[-1]
-            begin = last["end"] - np.asarray(last["occ"])
-            p["sustained"] = sus = fit.fit_warmth(begin, last["end"], last["instance"], last["occ"], mine[-1])
+            n = plan["instances"]
+            p["sustained"] = sus = fit.fit_warmth(
+                np.concatenate([seq["end"] - np.asarray(seq["occ"]) for seq in seqs]),
+                np.concatenate([seq["end"] for seq in seqs]),
+                np.concatenate([seq["instance"] + i * n for i, seq in enumerate(seqs)]),
+                np.concatenate([seq["occ"] for seq in seqs]), np.concatenate(mine),
+                np.concatenate([np.full(len(seq["occ"]), i) for i, seq in enumerate(seqs)]))
             if sus:
                 p["service_warmth"] = [float(w) for seq, my in zip(seqs, mine) for w in fit.warmth(
                     seq["end"] - np.asarray(seq["occ"]), seq["end"], seq["instance"], sus["time_constant_s"],
