@@ -139,9 +139,10 @@ class EndpointRuntime:
     # its draw times factor + (1 - factor) * warm at its start. ``warm_t``: when ``warm`` was last
     # brought up to date; ``warm_n``: the requests in service. The constants are those of the model
     # served at each change.
-    def _sustained_time(self, i: int, s: Instance | Any, now: float) -> float:
-        """Request ``i`` starts at ``now`` on server ``s``: its service time (its draw scaled, written
-        to the request table; a retried request is scaled anew from its draw)."""
+    def _sustained_time(self, i: int, s: Any, now: float) -> float:
+        """Request ``i`` starts at ``now`` on server ``s`` (an Instance or an IC Copy): its service
+        time (its draw scaled, written to the request table; a retried request is scaled anew from
+        its draw)."""
         r = self.requests
         p = self.sustained.get(r.model[i])
         dt = now - s.warm_t
@@ -160,10 +161,10 @@ class EndpointRuntime:
         t = r.service[i] = r.drawn[i] * (f + (1.0 - f) * s.warm)
         return t
 
-    def _sustained_end(self, i: int, s: Instance | Any, now: float) -> None:
-        """Request ``i`` left server ``s`` at ``now`` (served or dropped with its server)."""
+    def _sustained_end(self, i: int, s: Any, now: float) -> None:
+        """Request ``i``'s service on server ``s`` ended at ``now``."""
         p = self.sustained.get(self.requests.model[i])
-        if p is not None and s.warm_n:
+        if p is not None:
             s.warm *= math.exp((s.warm_t - now) / p[1])
             s.warm_t = now
         s.warm_n -= 1
