@@ -268,10 +268,11 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
     probe's loads are added (its own samples kept under ``probe_*``). A service time is the
     worker's occupancy (``occupancy``) where an instance has one worker, else end - start.
 
-    ``service_replay``: which replay each sample came from. There, ``fit.fit_warmth`` fits how the speed changes along a worker's busy periods and comes
-    back over its rests (``sustained``), and ``service_warmth`` holds each sample's state under
-    that fit (``service_busy_s``: its time into its busy period). The fit gives each replay a
-    level of its own: the machine's speed drifts between replays minutes apart (+-10% here), and
+    ``service_replay``: which replay each sample came from. With one worker, ``fit.fit_warmth``
+    fits how the speed changes along a worker's busy periods and comes back over its rests
+    (``sustained``), and ``service_warmth`` holds each sample's state under that fit
+    (``service_busy_s``: its time into its busy period). The fit gives each replay a level of its
+    own: the machine's speed drifts between replays minutes apart (+-10% here), and
     with one level the burst's fast or slow minute would read as a change with busy time."""
     one_worker = plan["instance_concurrency"] == 1
     seqs = []   # per replay, its finished requests' columns
@@ -283,16 +284,17 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
         else:
             occ = [None if e is None else e - s for s, e in zip(r["start_s"], r["end_s"])]
         done = [j for j, o in enumerate(occ) if o is not None]
-        seq = {"occ": [occ[j] for j in done], "busy": [busy[j] for j in done]}
-        seq.update({k: np.array([r[c][j] for j in done], dtype=float) for k, c in
-                    (("end", "end_s"), ("instance", "instance"), ("model", "model"))})
+        seq = {k: np.array([r[c][j] for j in done], dtype=float) for k, c in
+               (("end", "end_s"), ("instance", "instance"), ("model", "model"))}
+        seq.update(occ=np.array([occ[j] for j in done]), busy=[busy[j] for j in done])
+        seq["begin"] = seq["end"] - seq["occ"]
         seqs.append(seq)
     out = {}
     for k, m in enumerate(plan["models"]):
         p = dict(probed[m["name"]])
         p["probe_service_s"], p["probe_load_s"] = p["service_s"], p["load_s"]
         mine = [seq["model"] == k for seq in seqs]
-        p["service_s"] = [o for seq, my in zip(seqs, mine) for o, y in zip(seq["occ"], my) if y]
+        p["service_s"] = [float(o) for seq, my in zip(seqs, mine) for o in seq["occ"][my]]
         p["service_replay"] = [i for i, my in enumerate(mine) for y in my if y]
         if not p["service_s"]:
             p["service_s"] = p["probe_service_s"]
@@ -300,14 +302,13 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
             p["service_busy_s"] = [b for seq, my in zip(seqs, mine) for b, y in zip(seq["busy"], my) if y]
             n = plan["instances"]
             p["sustained"] = sus = fit.fit_warmth(
-                np.concatenate([seq["end"] - np.asarray(seq["occ"]) for seq in seqs]),
-                np.concatenate([seq["end"] for seq in seqs]),
+                np.concatenate([seq["begin"] for seq in seqs]), np.concatenate([seq["end"] for seq in seqs]),
                 np.concatenate([seq["instance"] + i * n for i, seq in enumerate(seqs)]),
                 np.concatenate([seq["occ"] for seq in seqs]), np.concatenate(mine),
                 np.concatenate([np.full(len(seq["occ"]), i) for i, seq in enumerate(seqs)]))
             if sus:
                 p["service_warmth"] = [float(w) for seq, my in zip(seqs, mine) for w in fit.warmth(
-                    seq["end"] - np.asarray(seq["occ"]), seq["end"], seq["instance"], sus["time_constant_s"],
+                    seq["begin"], seq["end"], seq["instance"], sus["time_constant_s"],
                     sus["rest_time_constant_s"])[my]]
         p["load_s"] = [x["end_s"] - x["start_s"] for rec in recs for x in rec["loads"] if x["model"] == k]
         p["load_s"] += p["probe_load_s"]
