@@ -167,7 +167,7 @@ def warmth(begin_s, end_s, server, time_constant: float, rest_time_constant: flo
     for srv in np.unique(s):
         idx = np.flatnonzero(s == srv)
         idx = idx[np.argsort(b[idx], kind="stable")]
-        w, free = 1.0, -np.inf
+        w = 1.0
         decay = np.exp(-(e[idx] - b[idx]) / time_constant)
         gaps = b[idx] - np.r_[-np.inf, e[idx][:-1]]
         back = np.exp(-gaps / rest_time_constant) if rest_time_constant > 0 else np.zeros(idx.size)

@@ -240,7 +240,9 @@ def test_set_takes_effect(cli):
 def test_empirical_service_errors_name_the_key():
     for bad, word in (({"dist": "empirical"}, "samples"), ({"dist": "empirical", "samples": []}, "samples"),
                       ({"dist": "empirical", "samples": ["10ms"], "mean": 0.01}, "mean and cv"),
-                      ({"dist": "lognormal", "samples": [0.01], "mean": 0.01}, "samples need dist: empirical")):
+                      ({"dist": "lognormal", "samples": [0.01], "mean": 0.01}, "samples need dist: empirical"),
+                      ({"family": "encoder", "params": "8M", "dist": "empirical", "samples": [0.01]}, "samples"),
+                      ({"family": "encoder", "params": "8M", "dist": "empirical"}, "dist cannot be empirical")):
         d = sme()
         d["models"][0]["service"] = bad
         with pytest.raises(ScenarioError) as e:

@@ -127,8 +127,11 @@ class ServiceSpec(Strict):
             if self.family is None or self.params is None:
                 raise ValueError("a calibrated service needs family (encoder or decoder) and params (e.g. 7B); "
                                  "profile defaults to the scenario's profile")
-            if self.mean is not None or token:
-                raise ValueError("a calibrated service takes its times from the profile: drop mean/base/per_*_token")
+            if self.mean is not None or token or self.samples is not None:
+                raise ValueError("a calibrated service takes its times from the profile: drop "
+                                 "mean/base/per_*_token/samples")
+            if self.dist == "empirical":
+                raise ValueError("a calibrated service takes its spread from the profile: dist cannot be empirical")
             return self
         if (self.dist == "empirical") != (self.samples is not None):
             raise ValueError("dist: empirical takes samples (a list of measured times), and samples need "
