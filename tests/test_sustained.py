@@ -252,4 +252,3 @@ def _csv(tmp_path, times) -> str:
     p = tmp_path / "arrivals.csv"
     pd.DataFrame({"arrival_s": [t for t, _ in times], "model": [m for _, m in times]}).to_csv(p, index=False)
     return str(p)
-
