@@ -223,7 +223,7 @@ def fit_warmth(begin_s, end_s, server, times_s, fitted=None, group=None) -> dict
     scale = max(1.4826 * float(np.median(np.abs(r0 - np.median(r0)))), 0.01)
     best = None
     for rest0 in (0.005, 0.05, 0.5):
-        x0[2] = np.log(rest0)
+        x0[2] = min(np.log(rest0), hi[2])
         res = optimize.least_squares(resid, x0, loss="soft_l1", f_scale=scale, method="trf", bounds=(lo, hi))
         if best is None or res.cost < best.cost:
             best = res

@@ -4,8 +4,10 @@ repeated (cv), and under concurrency (k threads, one shared model).
 Timing: CUDA events on GPU (harness timer "cuda"), perf_counter on CPU.
 Sustained load: after a rest, requests at the reference shape back to back
 for a span of seconds, each with how long the run had been going when it
-began (the busy time): how the speed changes under sustained load (clocks
-that boost or throttle, caches that warm), fitted by fit.fit_sustained.
+began (the busy time), then requests one at a time after rests of a few ms
+to seconds: how the speed changes under sustained load (clocks that boost or
+throttle, caches that warm) and comes back over a rest, fitted by
+fit.fit_warmth.
 Concurrency: k threads start together (a barrier), each runs `per_thread`
 requests at the reference shape against the same module; per-request latency
 is wall time (on cuda each thread has its own stream and synchronises it).
@@ -19,6 +21,8 @@ Request shapes:
 from __future__ import annotations
 
 import gc
+import math
+import random
 import threading
 import time
 
@@ -33,7 +37,7 @@ QUICK = {
     "decoder": {"ins": [16, 64, 192], "outs": [1, 8, 24], "batches": [1, 2, 4, 8],
                 "ref": {"in": 64, "out": 8}},
     "cv_reps": 15, "concurrency": [1, 2], "per_thread": 6,
-    "sustained": {"runs": 2, "rest_s": 0.5, "span_s": 1.5},
+    "sustained": {"runs": 2, "rest_s": 0.5, "span_s": 1.5, "rests": 12, "rests_s": [0.005, 0.5]},
 }
 FULL = {
     "encoder": {"seqs": [16, 32, 64, 128, 256, 512], "batches": [1, 2, 4, 8, 16, 32],
@@ -41,7 +45,7 @@ FULL = {
     "decoder": {"ins": [16, 64, 256, 512], "outs": [1, 16, 64], "batches": [1, 2, 4, 8, 16],
                 "ref": {"in": 128, "out": 16}},
     "cv_reps": 40, "concurrency": [1, 2, 4], "per_thread": 20,
-    "sustained": {"runs": 2, "rest_s": 3.0, "span_s": 15.0},
+    "sustained": {"runs": 2, "rest_s": 3.0, "span_s": 15.0, "rests": 20, "rests_s": [0.005, 2.0]},
 }
 
 
@@ -195,11 +199,15 @@ SUSTAINED_KEEP = 1500  # samples kept per run (evenly thinned): fast requests on
 
 
 def sustained(model, family: str, device: str, a: int, b: int, *, runs: int, rest_s: float,
-              span_s: float) -> dict:
-    """``runs`` times: rest ``rest_s``, then requests back to back for ``span_s`` seconds. Each
-    sample is (busy_s: how long the run had been going when the request began, time_s). A run
-    during which other processes used the CPU is flagged ``contended``."""
+              span_s: float, rests: int = 0, rests_s=(0.005, 1.0)) -> dict:
+    """``runs`` times: rest ``rest_s``, then requests back to back for ``span_s`` seconds, then
+    ``rests`` requests each after a rest drawn log-uniform over ``rests_s`` (seeded). Each
+    back-to-back sample is (busy_s: how long the run had been going when the request began,
+    time_s); each rest sample is (after_s: the rest before it, measured, after_time_s). A run during
+    which other processes used the CPU is flagged ``contended``."""
     on_cuda = device.startswith("cuda")
+    lo, hi = math.log(rests_s[0]), math.log(rests_s[1])
+    rng = random.Random(3)
     out = []
     with torch.inference_mode():
         fn = _request_fn(model, family, device, 1, a, b, seed=2)
@@ -219,11 +227,45 @@ def sustained(model, family: str, device: str, a: int, b: int, *, runs: int, res
                 busy.append(now - t0)
                 times.append(end - now)
                 now = end
+            span = now - t0
+            after, after_times = [], []
+            for _ in range(rests):
+                time.sleep(math.exp(rng.uniform(lo, hi)))
+                begin = time.perf_counter()
+                fn()
+                if on_cuda:
+                    torch.cuda.synchronize()
+                end = time.perf_counter()
+                after.append(begin - now)
+                after_times.append(end - begin)
+                now = end
             snap1 = harness.METER.snap()
             step = max(1, -(-len(times) // SUSTAINED_KEEP))
-            out.append({"n": len(times), "span_s": now - t0, "contended": harness.METER.contended(snap0, snap1),
-                        "busy_s": busy[::step], "time_s": times[::step]})
+            out.append({"n": len(times), "span_s": span, "contended": harness.METER.contended(snap0, snap1),
+                        "busy_s": busy[::step], "time_s": times[::step],
+                        "after_s": after, "after_time_s": after_times})
     return {"rest_s": rest_s, "runs": out}
+
+
+def sequences(runs: list) -> tuple:
+    """The sustained-load runs as fit.fit_warmth's request sequences (begin, end, server, time),
+    one server per run: the back-to-back samples (thinned) each run until the next one kept
+    begins, as the requests between them ran back to back; the rest samples follow the run's
+    span."""
+    begin, end, server, times = [], [], [], []
+    for k, r in enumerate(runs):
+        bs = list(r["busy_s"])
+        begin += bs
+        end += bs[1:] + [r["span_s"]]
+        times += list(r["time_s"])
+        now = r["span_s"]
+        for g, t in zip(r.get("after_s") or [], r.get("after_time_s") or []):
+            begin.append(now + g)
+            end.append(now + g + t)
+            times.append(t)
+            now += g + t
+        server += [k] * (len(begin) - len(server))
+    return np.array(begin), np.array(end), np.array(server), np.array(times)
 
 
 class _null:
@@ -267,7 +309,7 @@ def fit_model(family: str, label: str, s: dict) -> dict:
     })
     sus = _fit_sustained(s)
     out["sustained"] = None if sus is None else {
-        k: sus[k] for k in ("factor", "time_constant_s", "rest_ratio")}
+        k: sus[k] for k in ("factor", "time_constant_s", "rest_time_constant_s", "rest_ratio") if k in sus}
     diag = {"r2_samples": f["r2_samples"], "n": f["n"], "groups": f["groups"],
             "rel_resid_mad": f["rel_resid_mad"],
             "cv_raw": s.get("repeat", {}).get("cv_raw"),
@@ -278,15 +320,19 @@ def fit_model(family: str, label: str, s: dict) -> dict:
 
 
 def _fit_sustained(s: dict) -> dict | None:
-    """fit.fit_sustained over the sustained-load runs (the uncontended ones, if any), with
-    ``rest_ratio``: the time at rest over the repeated requests' median at the same shape, which the
-    service fit rests on (those run back to back too, so on a machine that speeds up under load
-    they are partly at the sustained speed)."""
+    """The sustained-load fit over the sustained-load runs (the uncontended ones, if any):
+    fit.fit_warmth where the runs have rest samples (factor, time constant and rest time constant),
+    else fit.fit_sustained (a profile from before them). ``rest_ratio``: the time at rest over the
+    repeated requests' median at the same shape, which the service fit rests on (those run back to
+    back too, so on a machine that speeds up under load they are partly at the sustained speed)."""
     runs = (s.get("sustained") or {}).get("runs") or []
     runs = [r for r in runs if not r["contended"]] or runs
     if not runs:
         return None
-    f = fitmod.fit_sustained([v for r in runs for v in r["busy_s"]], [v for r in runs for v in r["time_s"]])
+    if all(r.get("after_s") for r in runs):
+        f = fitmod.fit_warmth(*sequences(runs))
+    else:
+        f = fitmod.fit_sustained([v for r in runs for v in r["busy_s"]], [v for r in runs for v in r["time_s"]])
     if f is None:
         return None
     ref = (s.get("repeat") or {}).get("median")

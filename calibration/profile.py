@@ -63,6 +63,7 @@
 #        "slowdown": {"1": 1.0, "2": float, "4": float},
 #        "batch": {"1": ms, "4": ms, ...},
 #        "sustained": {"factor": float, "time_constant_s": float,
+#                      "rest_time_constant_s": float (optional),
 #                      "rest_ratio": float} | null}   (optional)
 #       decoder service time = base_ms + per_input_token_ms * input_tokens
 #                                      + per_output_token_ms * output_tokens
@@ -73,12 +74,20 @@
 #                     reference shape (config.reference).
 #       cv          = std/mean of repeated warm requests at the reference
 #                     shape (IQR outliers excluded; raw cv in diagnostics).
-#       sustained   = how the time changes along a busy period, from requests
-#                     back to back after a rest: a request b s into it takes
-#                     factor + (1 - factor) * exp(-b / time_constant_s) times
-#                     its time at rest, which is rest_ratio times the fit's
-#                     (the fit's samples run back to back too); null when
-#                     the change is under 3% (calibration.fit.fit_sustained).
+#       sustained   = how the time changes along a busy period and comes
+#                     back over a rest, from requests back to back after a
+#                     rest, then one at a time after rests: a server's state
+#                     w (1 at rest) decays as exp(-t / time_constant_s) while
+#                     it serves and comes back as 1 - (1 - w) * exp(-t /
+#                     rest_time_constant_s) while it rests (absent: any rest
+#                     brings it back at once); a request takes factor + (1 -
+#                     factor) * w times its time at rest, which is rest_ratio
+#                     times the fit's (the fit's samples run back to back
+#                     too); null when the change is under 3%
+#                     (calibration.fit.fit_warmth; fit_sustained for runs
+#                     without rest samples).
+#                     Added later to capsim.profile/1: rest_time_constant_s,
+#                     and the runs' rest samples (after_s, after_time_s).
 #
 #   Units: seconds for load/runtime, ms for inference, GB = 1e9 bytes.
 # ---------------------------------------------------------------------------
@@ -215,6 +224,9 @@ def validate(p, source: str = "profile") -> dict:
                 else:
                     for k in ("factor", "time_constant_s", "rest_ratio"):
                         _check_num(errs, f"{w}.sustained.{k}", sus.get(k), positive=True)
+                    if "rest_time_constant_s" in sus:
+                        _check_num(errs, f"{w}.sustained.rest_time_constant_s", sus["rest_time_constant_s"],
+                                   positive=True)
             sd = f.get("slowdown")
             if isinstance(sd, dict) and "1" not in sd:
                 errs.append(f"{w}.slowdown: level \"1\" missing")

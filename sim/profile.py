@@ -65,8 +65,9 @@ def parse_params(label: str | int | float) -> float:
 @dataclass(frozen=True)
 class ServiceModel:
     """Token-based service time (ms terms) with the spread and concurrency slowdown measured, and
-    the speed under sustained load where it was measured: (factor, time_constant_s) applied to the
-    times at rest, which are ``rest_ratio`` times the terms above."""
+    the speed under sustained load where it was measured: (factor, time_constant_s,
+    rest_time_constant_s or None) applied to the times at rest, which are ``rest_ratio`` times the
+    terms above."""
 
     base_ms: float
     per_input_token_ms: float
@@ -74,7 +75,7 @@ class ServiceModel:
     cv: float
     slowdown: dict[int, float]
     note: str
-    sustained: tuple[float, float] | None = None
+    sustained: tuple[float, float, float | None] | None = None
     rest_ratio: float = 1.0
 
 
@@ -120,7 +121,8 @@ def service_model(profile: dict, family: str, params: str | int | float, *, cata
     src = device_gpu(profile, catalog)
     note = f"profile {profile['metadata'].get('device_name') or profile['metadata'].get('device')}"
     sus = fit.get("sustained")
-    sustained = None if not sus else (float(sus["factor"]), float(sus["time_constant_s"]))
+    rest = None if not sus or sus.get("rest_time_constant_s") is None else float(sus["rest_time_constant_s"])
+    sustained = None if not sus else (float(sus["factor"]), float(sus["time_constant_s"]), rest)
     rest_ratio = 1.0 if not sus else float(sus["rest_ratio"])
     if target_gpu is not None:
         dst = catalog.gpus.get(target_gpu)

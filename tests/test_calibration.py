@@ -159,6 +159,10 @@ def test_profile_validation_errors_are_clear(tmp_path):
                                                              "rest_ratio": 1.0}
     with pytest.raises(ValueError, match=r"fits.inference.encoder.50M.sustained.time_constant_s: expected > 0"):
         prof.validate(p)
+    p["fits"]["inference"]["encoder"]["50M"]["sustained"] = {"factor": 0.8, "time_constant_s": 1.0,
+                                                             "rest_ratio": 1.0, "rest_time_constant_s": None}
+    with pytest.raises(ValueError, match=r"sustained.rest_time_constant_s: expected a number, got null"):
+        prof.validate(p)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -87,8 +87,14 @@ def test_the_profiles_sustained_speed_reaches_the_service(tmp_path):
     calibrated = {"family": "decoder", "params": "7B"}
     svc = parse_scenario(scenario(tmp_path, "ml.p4d.24xlarge", calibrated), base_dir=tmp_path).models[0].service
     # the fit's terms scaled to the times at rest, which the factor then scales along busy periods
-    assert (svc.sustained.factor, svc.sustained.time_constant) == (1.1, 30.0)
+    assert (svc.sustained.factor, svc.sustained.time_constant, svc.sustained.rest_time_constant) == (1.1, 30.0, None)
     assert (svc.base, svc.per_output_token) == (pytest.approx(0.95 * 20e-3), pytest.approx(0.95 * 10e-3))
+    # with the rest samples' fit, its rest time constant too
+    write_profile(tmp_path / "rest.json", sustained={"factor": 1.1, "time_constant_s": 30.0, "rest_ratio": 0.95,
+                                                    "rest_time_constant_s": 0.04})
+    svc = parse_scenario(scenario(tmp_path, "ml.p4d.24xlarge", calibrated, profile="rest.json"),
+                         base_dir=tmp_path).models[0].service
+    assert svc.sustained.rest_time_constant == 0.04
     # a scenario's own sustained speed applies to the fit's terms as they are
     own = dict(calibrated, sustained={"factor": 0.9, "time_constant": "2s"})
     svc = parse_scenario(scenario(tmp_path, "ml.p4d.24xlarge", own), base_dir=tmp_path).models[0].service

@@ -231,19 +231,73 @@ def test_harness_fit_gives_the_profile_its_sustained_speed_and_rest_ratio():
     assert inference._fit_sustained({"repeat": {"median": 0.014}}) is None   # an older profile's samples
 
 
+def _harness_runs(factor, tau, rest, rng, base=0.004, thin=3):
+    """Two sustained-load runs as calibration.inference.sustained records them (back to back for
+    2 s, the samples kept every ``thin``-th, then 12 requests after rests of 5 ms to 0.5 s), timed
+    by the warmth recursion."""
+    runs = []
+    for _ in range(2):
+        busy, times, now, w = [], [], 0.0, 1.0
+        while now < 2.0:
+            y = base * (factor + (1 - factor) * w) * rng.lognormal(0, 0.03)
+            busy.append(now)
+            times.append(y)
+            w *= math.exp(-y / tau)
+            now += y
+        after, after_times = [], []
+        for g in np.exp(rng.uniform(np.log(0.005), np.log(0.5), 12)):
+            w = 1.0 - (1.0 - w) * math.exp(-g / rest)
+            y = base * (factor + (1 - factor) * w) * rng.lognormal(0, 0.03)
+            after.append(float(g))
+            after_times.append(y)
+            w *= math.exp(-y / tau)
+        runs.append({"n": len(times), "span_s": now, "contended": False, "busy_s": busy[::thin],
+                     "time_s": times[::thin], "after_s": after, "after_time_s": after_times})
+    return runs
+
+
+def test_harness_fit_with_rests_gives_the_profile_its_rest_time_constant():
+    from calibration import inference
+
+    factor, tau, rest = 0.75, 0.2, 0.05
+    s = {"sustained": {"rest_s": 0.5, "runs": _harness_runs(factor, tau, rest, np.random.default_rng(11))},
+         "repeat": {"median": 0.004 * 0.8}}
+    f = inference._fit_sustained(s)
+    assert f["factor"] == pytest.approx(factor, rel=0.03)
+    assert f["rest_ratio"] == pytest.approx(1 / 0.8, rel=0.03)
+    # the speed it predicts along a busy period begun at rest, and after a rest that ends one
+    for b_s in (0.05, 0.2, 0.5, 1.0):
+        assert (f["factor"] + (1 - f["factor"]) * math.exp(-b_s / f["time_constant_s"])
+                == pytest.approx(factor + (1 - factor) * math.exp(-b_s / tau), rel=0.03))
+    for g in (0.01, 0.05, 0.2):
+        assert (f["factor"] + (1 - f["factor"]) * (1 - math.exp(-g / f["rest_time_constant_s"]))
+                == pytest.approx(factor + (1 - factor) * (1 - math.exp(-g / rest)), rel=0.05))
+    # a profile's runs from before the rest samples: the busy-time fit, without a rest constant
+    old = [{k: v for k, v in r.items() if not k.startswith("after")} for r in s["sustained"]["runs"]]
+    f_old = inference._fit_sustained({"sustained": {"runs": old}, "repeat": s["repeat"]})
+    assert "rest_time_constant_s" not in f_old and f_old["factor"] == pytest.approx(factor, rel=0.05)
+
+
 def test_harness_times_requests_back_to_back_after_a_rest():
     torch = pytest.importorskip("torch")
     from calibration import inference, models
 
     shape = models.shape_for("encoder", models.parse_size("0.3M"))
     model = models.build(shape, device="cpu", dtype=torch.float32)
-    r = inference.sustained(model, "encoder", "cpu", 16, 0, runs=2, rest_s=0.05, span_s=0.2)
+    r = inference.sustained(model, "encoder", "cpu", 16, 0, runs=2, rest_s=0.05, span_s=0.2, rests=4,
+                            rests_s=(0.005, 0.02))
     assert r["rest_s"] == 0.05 and len(r["runs"]) == 2
     for run in r["runs"]:
         b, t = np.array(run["busy_s"]), np.array(run["time_s"])
         assert b[0] == 0 and run["n"] == b.size == t.size and run["span_s"] >= 0.2
         # back to back: each request begins where the one before ended
         assert np.allclose(b[1:], b[:-1] + t[:-1], atol=1e-4)
+        # then one at a time after rests of at least the drawn 5-20 ms
+        assert len(run["after_s"]) == len(run["after_time_s"]) == 4
+        assert min(run["after_s"]) >= 0.005 and max(run["after_s"]) < 0.1 and min(run["after_time_s"]) > 0
+    begin, end, server, times = inference.sequences(r["runs"])
+    assert begin.size == end.size == server.size == times.size == sum(x["n"] + 4 for x in r["runs"])
+    assert np.all(end > begin) and np.all(np.diff(begin[server == 0]) > 0)
 
 
 def _csv(tmp_path, times) -> str:

@@ -314,7 +314,8 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         # are the times it scales, as for any service).
         sustained, scale = svc.sustained, 1e-3
         if sustained is None and fit.sustained is not None:
-            sustained = SustainedSpec(factor=fit.sustained[0], time_constant=fit.sustained[1])
+            f, tau, rest = fit.sustained
+            sustained = SustainedSpec(factor=f, time_constant=tau, rest_time_constant=rest)
             scale *= fit.rest_ratio
         resolved = ServiceSpec(base=fit.base_ms * scale, per_input_token=fit.per_input_token_ms * scale,
                                per_output_token=fit.per_output_token_ms * scale,
