@@ -90,7 +90,7 @@ def _testbed(args) -> int:
         log(f"testbed: {len(res['requests']['model']):,} requests, {len(res['loads'])} loads, "
             f"{len(res['unloads'])} unloads, {res['unfinished']} unfinished; wrote {args.out}")
         return 1 if res["unfinished"] else 0
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

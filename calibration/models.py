@@ -200,6 +200,19 @@ class DecoderModel(nn.Module):
         return torch.stack(out, 1)
 
 
+def check_device(device: str) -> None:
+    """Raise ValueError unless ``device`` ("cpu", "cuda" or "cuda:N") is usable here."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but torch.cuda.is_available() is False")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def build(shape: dict, device="cpu", dtype=torch.float32) -> nn.Module:
     """Construct a module with default (random) initialisation."""
     cls = EncoderModel if shape["family"] == "encoder" else DecoderModel

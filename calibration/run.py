@@ -66,9 +66,8 @@ class Config:
     note: str | None = None         # free text stored as metadata.note
 
     def resolve(self) -> "Config":
+        models.check_device(self.device)
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
         for f in self.families:
             if f not in models.FAMILIES:
                 raise ValueError(f"unknown family {f!r}: expected one of {models.FAMILIES}")

@@ -227,3 +227,31 @@ def test_the_sustained_fit_gives_each_replay_its_own_level():
     p = _calibrated(plan, probed, [first, _replay_rec(times(30, 20.0) + sped, [0.5] * 31 + [0.0] * 99)])["m"]
     assert p["sustained"]["factor"] == pytest.approx(0.8, abs=0.03)
     assert p["sustained"]["time_constant_s"] == pytest.approx(0.2, rel=0.4)
+
+
+def test_the_testbed_refuses_a_device_it_cannot_use_and_an_instance_that_dies(tmp_path):
+    pytest.importorskip("torch")
+    import multiprocessing as mp
+    import time
+
+    from calibration.testbed import replay
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(fid.plan_of(fid.CASES["sme_warm"])))
+    (tmp_path / "a.csv").write_text("arrival_s,model\n0.1,m-00\n")
+    bad = "cuda:99" if __import__("torch").cuda.is_available() else "cuda"
+    for device, word in ((bad, "cuda"), ("gpu", "expected cpu, cuda or cuda:N")):
+        r = subprocess.run([sys.executable, "-m", "calibration", "testbed", str(tmp_path / "a.csv"), "--plan",
+                            str(plan), "--device", device, "--out", str(tmp_path / "m.json")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "m.json").exists()
+    # an instance whose process dies before it is ready: an error at once, not a 600 s wait
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=sys.exit, args=(3,))
+    p.start()
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"instance 0's process exited \(code 3\)"):
+        replay._ready(0, parent, p)
+    assert time.monotonic() - t < 30

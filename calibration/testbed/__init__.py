@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 
-from .. import env
+from .. import env, models
 from ..profile import write_json_atomic
 from . import plan as _plan
 from . import replay, server
@@ -46,6 +46,7 @@ def run_testbed(arrivals_path: str, plan_path: str, out: str, device: str = "cpu
                 log=print) -> dict:
     """Probe the plan's models, then serve the arrivals with the plan; write ``out``
     (capsim.testbed/1, with the probe under ``probe``) and return it."""
+    models.check_device(device)
     plan = _plan.load(plan_path)
     arrivals = replay.read_arrivals(arrivals_path, [m["name"] for m in plan["models"]])
     wd, temp = _workdir(workdir, out)

@@ -118,10 +118,8 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
         procs.append(p)
     try:
         probed = None
-        for c in conns:
-            if not c.poll(600):
-                raise RuntimeError("an instance did not start within 600 s")
-            msg = c.recv()
+        for i, (c, p) in enumerate(zip(conns, procs)):
+            msg = _ready(i, c, p)
             probed = probed or msg[3]
         scale = time_scale(plan, probed, arrivals)
         if scale != 1.0:
@@ -157,6 +155,19 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def _ready(i: int, conn, proc, within_s: float = 600.0):
+    """Instance ``i``'s ready message; RuntimeError as soon as its process has died (its traceback
+    is on stderr), or after ``within_s``."""
+    end = time.monotonic() + within_s
+    while not conn.poll(0.5):
+        if not proc.is_alive() and not conn.poll(0):
+            raise RuntimeError(f"instance {i}'s process exited (code {proc.exitcode}) before it was ready; "
+                               "its error is above")
+        if time.monotonic() > end:
+            raise RuntimeError(f"instance {i} did not start within {within_s:.0f} s")
+    return conn.recv()
 
 
 def time_scale(plan: dict, probed: dict, arrivals: list) -> float:
