@@ -31,8 +31,12 @@ def test_plans_are_valid_testbed_plans():
     for ref in (0, -1.0, "12ms", True):
         with pytest.raises(ValueError, match="reference_request_s: expected a number of seconds > 0 or null"):
             plan.validate(fid.plan_of(fid.CASES["sme_warm"]) | {"reference_request_s": ref})
-    assert plan.validate(fid.plan_of(fid.CASES["sme_warm"]) | {"reference_request_s": None})[
-        "reference_request_s"] is None
+    assert plan.validate(fid.plan_of(fid.CASES["sme_warm"]) | {"reference_request_s": None,
+                                                              "reference_load_s": None})["reference_request_s"] is None
+    with pytest.raises(ValueError, match="reference_load_s: needs reference_request_s"):
+        plan.validate(fid.plan_of(fid.CASES["sme_warm"]) | {"reference_request_s": None})
+    with pytest.raises(ValueError, match="reference_load_s: expected a number of seconds > 0 or null"):
+        plan.validate(fid.plan_of(fid.CASES["sme_warm"]) | {"reference_load_s": "60ms"})
 
 
 def test_arrivals_stretch_by_this_machines_request_time_over_the_plans_reference():
@@ -48,6 +52,15 @@ def test_arrivals_stretch_by_this_machines_request_time_over_the_plans_reference
     assert replay.time_scale(p, probed, arrivals) == pytest.approx((3 * 0.020 + 0.005) / 4 / 0.010)
     assert replay.time_scale(p | {"reference_request_s": None}, probed, arrivals) == 1.0
     assert replay.time_scale(p, probed, []) == 1.0
+    # an mme plan with a reference cold start: the expected misses' loads count beside the requests
+    mme = p | {"mode": "mme", "memory_budget_gb": 1.0, "reference_load_s": 0.050,
+               "models": [{"name": n, "memory_gb": 0.6} for n in "ab"]}             # one fits: half miss
+    probed = {k: v | {"load": {"median": 0.2}} for k, v in probed.items()}
+    assert replay.miss_share(mme) == 0.5 and replay.miss_share(mme | {"mode": "sme"}) == 0.0
+    assert replay.time_scale(mme, probed, arrivals) == pytest.approx(
+        ((3 * 0.020 + 0.005) / 4 + 0.5 * 0.2) / (0.010 + 0.5 * 0.050))
+    assert replay.time_scale(mme | {"reference_load_s": None}, probed, arrivals) == pytest.approx(
+        (3 * 0.020 + 0.005) / 4 / 0.010)
 
 
 def test_arrivals_are_the_cases_trace_and_reach_the_simulator_unchanged():

@@ -17,10 +17,14 @@ Format ``capsim.testbed-plan/1``::
      "reference_request_s": 0.0125,    # optional: the request time the arrivals were written for;
                                        # their times are stretched by this machine's over it (null:
                                        # replayed as written)
+     "reference_load_s": 0.061,        # optional, with reference_request_s: the cold start they were
+                                       # written for; an mme plan's stretch then counts the expected
+                                       # misses' loads beside the requests (replay.time_scale)
      "models": [{"name": "m-00", "family": "encoder", "params": "8M", "seq_len": 64,
                  "memory_gb": 0.032}]}  # memory_gb: what a loaded copy counts against the budget
 
-Versions: 1 (2026-12) first; ``reference_request_s`` added (optional, 2026-12).
+Versions: 1 (2026-12) first; ``reference_request_s`` and ``reference_load_s`` added (optional,
+2026-12).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ _INTS = ("instances", "max_concurrency", "instance_concurrency", "max_concurrent
          "threads")
 _DEFAULTS = {"mode": "mme", "routing": "random", "max_concurrency": 1, "instance_concurrency": 1,
              "max_concurrent_loads": 1, "replicate_above": 8, "timeout_s": 60.0, "threads": 1,
-             "reference_request_s": None}
+             "reference_request_s": None, "reference_load_s": None}
 
 
 def validate(plan: dict, source: str = "plan") -> dict:
@@ -54,9 +58,12 @@ def validate(plan: dict, source: str = "plan") -> dict:
         raise ValueError(f"{source}: mode: expected 'mme' or 'sme', got {p['mode']!r}")
     if p["routing"] not in ROUTING:
         raise ValueError(f"{source}: routing: expected one of {', '.join(ROUTING)}, got {p['routing']!r}")
-    ref = p["reference_request_s"]
-    if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (int, float)) or ref <= 0):
-        raise ValueError(f"{source}: reference_request_s: expected a number of seconds > 0 or null, got {ref!r}")
+    for key in ("reference_request_s", "reference_load_s"):
+        ref = p[key]
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (int, float)) or ref <= 0):
+            raise ValueError(f"{source}: {key}: expected a number of seconds > 0 or null, got {ref!r}")
+    if p["reference_load_s"] is not None and p["reference_request_s"] is None:
+        raise ValueError(f"{source}: reference_load_s: needs reference_request_s")
     if not isinstance(p["memory_budget_gb"], (int, float)) or p["memory_budget_gb"] <= 0:
         raise ValueError(f"{source}: memory_budget_gb: expected a number > 0")
     if not isinstance(p["models"], list) or not p["models"]:

@@ -171,16 +171,35 @@ def _ready(i: int, conn, proc, within_s: float = 600.0):
 
 
 def time_scale(plan: dict, probed: dict, arrivals: list) -> float:
-    """By how much the arrivals' times stretch on this machine: its mean request time over them
-    (each model's probed median, weighted by its arrivals) over the plan's ``reference_request_s``,
-    the request time they were written for; 1 without one. So a case keeps its load (the
-    product of rate and request time) on a machine faster or slower than the one it was set on:
-    its queueing and its tail, not the rate, are what it is meant to check."""
+    """By how much the arrivals' times stretch on this machine: its mean busy time per request over
+    the one they were written for, 1 without ``reference_request_s``. The busy time is the request
+    time (each model's probed median, weighted by its arrivals), plus, with ``reference_load_s``,
+    the cold start's (probed median load) times the share of requests expected to miss
+    (``miss_share``). So a case keeps its load (the product of rate and busy time) on a machine
+    faster or slower than the one it was set on, even where loads and requests speed up unalike (a
+    GPU): its queueing and its tail, not the rate, are what it is meant to check."""
     ref = plan.get("reference_request_s")
     if not ref or not arrivals:
         return 1.0
     median = [probed[m["name"]]["service"]["median"] for m in plan["models"]]
+    ref_load = plan.get("reference_load_s")
+    miss = miss_share(plan) if ref_load else 0.0
+    if miss:
+        load = [probed[m["name"]]["load"]["median"] for m in plan["models"]]
+        return sum(median[m] + miss * load[m] for _, m in arrivals) / len(arrivals) / (ref + miss * ref_load)
     return sum(median[m] for _, m in arrivals) / len(arrivals) / ref
+
+
+def fitting(plan: dict) -> int:
+    """How many of a plan's models an instance holds at once (all of an sme plan's)."""
+    ms = plan["models"]
+    return int(plan["memory_budget_gb"] // max(m["memory_gb"] for m in ms)) if plan["mode"] == "mme" else len(ms)
+
+
+def miss_share(plan: dict) -> float:
+    """The share of requests a plan's instances are expected to serve cold: those of the models
+    that do not fit the memory budget at once (models alike in traffic)."""
+    return max(0.0, 1.0 - fitting(plan) / len(plan["models"]))
 
 
 CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay
@@ -210,9 +229,8 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
     ms = plan["models"]
     svc = sum(p["service"]["mean"] for p in probed.values()) / len(probed)
     load = sum(p["load"]["mean"] for p in probed.values()) / len(probed)
-    fits = int(plan["memory_budget_gb"] // max(m["memory_gb"] for m in ms)) if plan["mode"] == "mme" else len(ms)
-    miss = max(0.0, 1.0 - fits / len(ms))
-    rate = CALIBRATION_BUSY * plan["instances"] / (svc + miss * load)
+    fits = fitting(plan)
+    rate = CALIBRATION_BUSY * plan["instances"] / (svc + miss_share(plan) * load)
     rng = random.Random(seed)
     out, t = [], 0.0
     while len(out) < n:
