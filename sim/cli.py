@@ -468,8 +468,11 @@ def report(directory, out):
               help="Testbed runs per case at least (the errors are those of their mean; two or more give "
                    "the real system's own spread). A case outside the tolerance is run again, up to 3 runs "
                    "(or N, if more).")
+@click.option("--profile", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A calibration profile (capsim calibrate's) for the simulator's service and load times, "
+                   "instead of the testbed's calibration replays.")
 @click.option("--json", "as_json", is_flag=True, help="Print fidelity.json alone on stdout.")
-def fidelity(measured, device, quick, cases, out, runs, as_json):
+def fidelity(measured, device, quick, cases, out, runs, profile, as_json):
     """The simulator's error against a real serving testbed on this machine, case by case.
 
     With MEASURED.json files (testbed runs made elsewhere, e.g. on a GPU box:
@@ -479,9 +482,10 @@ def fidelity(measured, device, quick, cases, out, runs, as_json):
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     try:
         if measured:
-            res = fid.from_measured(list(measured))
+            res = fid.from_measured(list(measured), profile=profile)
         else:
-            res = fid.run_suite(_csv_list(cases), quick=quick, device=device, out=out, runs=runs, log=say)
+            res = fid.run_suite(_csv_list(cases), quick=quick, device=device, out=out, runs=runs, profile=profile,
+                                log=say)
     except fid.FidelityError as e:
         _fail(str(e))
     except KeyboardInterrupt:

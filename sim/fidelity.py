@@ -131,14 +131,68 @@ def _instance_type(plan: dict[str, Any]) -> dict[str, Any]:
             "storage_gb": 1000, "disk_read_gbs": 1e6, "network_gbps": 8e6}
 
 
-def scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
-    """The simulator's scenario of a testbed run: its plan, its probe's times, its arrivals."""
+def _path_s(prof: dict, path: str, gb: float, where: str) -> float:
+    fit = (prof["fits"].get("load") or {}).get(path)
+    if not fit:
+        raise FidelityError(f"{where}: the profile has no fits.load.{path}, which the testbed's loads take")
+    return float(fit["a_s"]) + gb / float(fit["bandwidth_gbs"])
+
+
+def profile_model(prof: dict, path: Path, m: dict[str, Any], p: dict[str, Any], device: str) -> dict[str, Any]:
+    """A testbed model's service and cold start as a calibration profile predicts them: the
+    calibrated service of its family and size at its request's tokens, and a load as the testbed
+    makes one (safetensors file, in the page cache, to a host state dict; the module built from it;
+    on a GPU, copied there; then one warm-up request)."""
+    where = str(path)
+    tokens = {"input": int(m.get("seq_len", 64)),
+              "output": 0 if m["family"] == "encoder" else int(m.get("output_tokens", 8))}
+    fit = ((prof["fits"].get("inference") or {}).get(m["family"]) or {})
+    if not fit:
+        raise FidelityError(f"{where}: the profile has no inference fits for family {m['family']!r}")
+    from .catalog import load_catalog
+    from .profile import ProfileError, service_model
+
+    try:
+        svc, _ = service_model(prof, m["family"], m["params"], catalog=load_catalog(), target_gpu=None, where=where)
+    except ProfileError as e:
+        raise FidelityError(str(e)) from None
+    warm_up_s = 1e-3 * svc.rest_ratio * (svc.base_ms + svc.per_input_token_ms * tokens["input"]
+                                         + svc.per_output_token_ms * tokens["output"])
+    load = (_path_s(prof, "safetensors_to_host", p["file_gb"], where)
+            + _path_s(prof, "build_module", p["param_gb"], where) + warm_up_s)
+    if device.startswith("cuda"):
+        load += _path_s(prof, "host_to_gpu_pageable", p["param_gb"], where)
+    return {"service": {"profile": str(Path(path).resolve()), "family": m["family"], "params": m["params"]},
+            "tokens": tokens, "init_time": load}
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    """A calibration profile, or FidelityError naming the file."""
+    from .profile import ProfileError, load_profile
+
+    try:
+        return load_profile(path)
+    except (OSError, ProfileError, ValueError) as e:
+        raise FidelityError(f"{path}: cannot use it as a calibration profile: {e}") from None
+
+
+def scenario_of(measured: dict[str, Any], arrivals_csv: Path, profile: Path | None = None) -> dict[str, Any]:
+    """The simulator's scenario of a testbed run: its plan, its arrivals, and the service and load
+    times of its calibration replays, or of a calibration ``profile`` (``capsim calibrate``'s)."""
     plan = measured["plan"]
     probe = measured["probe"]["models"]
     span = max(measured["requests"]["arrival_s"], default=0.0)
+    prof = None if profile is None else read_profile(profile)
     models = []
     for m in plan["models"]:
         p = probe[m["name"]]
+        if prof is not None:
+            pm = profile_model(prof, profile, m, p, measured["metadata"].get("device") or "cpu")
+            models.append({"name": m["name"], "size_gb": m["memory_gb"], "memory_gb": m["memory_gb"],
+                           "host_memory_gb": 0, "accelerators": 0, "init_time": pm["init_time"],
+                           "service": pm["service"], "tokens": pm["tokens"],
+                           "traffic": {"process": "trace", "path": str(arrivals_csv), "format": "csv"}})
+            continue
         svc = np.asarray(p["service_s"], dtype=float)
         service: dict[str, Any] = {"dist": "empirical"}
         sus = p.get("sustained")
@@ -178,8 +232,9 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
             "instance_types": [_instance_type(plan)], "models": models, "endpoints": [ep]}
 
 
-def simulate_measured(measured: dict[str, Any], seed: int = 0, replications: int = 1):
-    """The simulator's Result for a testbed run: same plan, same arrivals, the probe's times."""
+def simulate_measured(measured: dict[str, Any], seed: int = 0, replications: int = 1, profile: Path | None = None):
+    """The simulator's Result for a testbed run: same plan, same arrivals, the calibration's times
+    (the testbed's own, or a ``profile``'s)."""
     from .api import run
 
     names = [m["name"] for m in measured["plan"]["models"]]
@@ -188,7 +243,7 @@ def simulate_measured(measured: dict[str, Any], seed: int = 0, replications: int
         path = Path(tmp) / "arrivals.csv"
         pd.DataFrame({"arrival_s": req["arrival_s"],
                       "model": [names[m] for m in req["model"]]}).to_csv(path, index=False)
-        sc = parse_scenario(scenario_of(measured, path), source=f"fidelity:{measured['plan']['name']}",
+        sc = parse_scenario(scenario_of(measured, path, profile), source=f"fidelity:{measured['plan']['name']}",
                             base_dir=Path(tmp))
         return run(sc, seed=seed, replications=replications)
 
@@ -236,11 +291,13 @@ def errors(sim: dict[str, float], real: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def compare_case(measured: dict[str, Any], seed: int = 0, replications: int = SIM_REPLICATIONS) -> dict[str, Any]:
+def compare_case(measured: dict[str, Any], seed: int = 0, replications: int = SIM_REPLICATIONS,
+                 profile: Path | None = None) -> dict[str, Any]:
     """One case's entry of fidelity.json: both sides' figures and the errors. The simulated figures
     are the mean over ``replications`` runs on the same arrivals (service times drawn anew): the
-    simulator's prediction, less the noise of one draw."""
-    res = simulate_measured(measured, seed, replications)
+    simulator's prediction, less the noise of one draw. With ``profile``, the simulator's service
+    and load times are a calibration profile's."""
+    res = simulate_measured(measured, seed, replications, profile)
     if replications == 1:
         sims = [simulated_figures(res.requests, int(res.summary["overall"]["cold_starts"]))]
     else:
@@ -302,18 +359,22 @@ def run_testbed(plan_path: Path, arrivals_path: Path, out: Path, device: str = "
 
 def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str = "cpu",
               out: Path = Path("results/fidelity"), seed: int = 0, attempts: int = 3, runs: int = 1,
-              log: Log = lambda m: None) -> dict[str, Any]:
+              profile: Path | None = None, log: Log = lambda m: None) -> dict[str, Any]:
     """Run each case on the testbed and in the simulator; write ``out/fidelity.json`` after each case
     (an interrupted suite keeps the cases it finished) and return it. A case outside the tolerances
     is run again, ``attempts`` times at most; each case is run at least ``runs`` times (two or more
-    give the real system's own spread)."""
+    give the real system's own spread). With ``profile``, the simulator takes its service and load
+    times from that calibration profile instead of the testbed's calibration replays."""
     names = list(CASES) if not cases else cases
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise FidelityError(f"unknown fidelity case(s) {', '.join(unknown)}: expected some of {', '.join(CASES)}")
     out.mkdir(parents=True, exist_ok=True)
+    if profile is not None:
+        read_profile(profile)     # a bad profile fails now, not after the first testbed run
     result: dict[str, Any] = {"schema": "capsim.fidelity/1", "quick": quick, "device": device,
-                              "tolerance": QUICK_TOLERANCE if quick else FULL_TOLERANCE, "cases": {}}
+                              "tolerance": QUICK_TOLERANCE if quick else FULL_TOLERANCE,
+                              "calibration": _calibration_of(profile), "cases": {}}
     for k, name in enumerate(names, 1):
         case = CASES[name]
         d = out / name
@@ -326,7 +387,8 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
         most = max(attempts, runs)
         for attempt in range(1, most + 1):
             path = d / ("measured.json" if attempt == 1 else f"measured-{attempt}.json")
-            done.append(compare_case(run_testbed(d / "plan.json", d / "arrivals.csv", path, device), seed))
+            done.append(compare_case(run_testbed(d / "plan.json", d / "arrivals.csv", path, device), seed,
+                                     profile=profile))
             row = pooled(done)
             row["within"] = within(row, result["tolerance"])
             if attempt >= runs and (all(row["within"].values()) or attempt == most):
@@ -344,9 +406,16 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
     return result
 
 
-def from_measured(paths: list[Path], seed: int = 0) -> dict[str, Any]:
+def _calibration_of(profile: Path | None) -> str:
+    if profile is None:
+        return "the testbed's calibration replays"
+    meta = read_profile(profile)["metadata"]
+    return f"profile {profile} ({meta.get('device_name') or meta.get('device')}, {meta.get('date')})"
+
+
+def from_measured(paths: list[Path], seed: int = 0, profile: Path | None = None) -> dict[str, Any]:
     """fidelity.json for testbed runs made elsewhere (``measured.json`` files); several runs of one
-    plan are pooled into one case."""
+    plan are pooled into one case. With ``profile``, as in :func:`run_suite`."""
     by_case: dict[str, list[dict[str, Any]]] = {}
     for p in paths:
         try:
@@ -355,5 +424,6 @@ def from_measured(paths: list[Path], seed: int = 0) -> dict[str, Any]:
             raise FidelityError(f"{p}: cannot read a testbed run: {e}") from None
         if measured.get("schema") != "capsim.testbed/1":
             raise FidelityError(f"{p}: schema: expected 'capsim.testbed/1' (python -m calibration testbed's output)")
-        by_case.setdefault(measured["plan"]["name"], []).append(compare_case(measured, seed))
-    return {"schema": "capsim.fidelity/1", "cases": {name: pooled(runs) for name, runs in by_case.items()}}
+        by_case.setdefault(measured["plan"]["name"], []).append(compare_case(measured, seed, profile=profile))
+    return {"schema": "capsim.fidelity/1", "calibration": _calibration_of(profile),
+            "cases": {name: pooled(runs) for name, runs in by_case.items()}}

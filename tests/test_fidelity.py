@@ -268,3 +268,40 @@ def test_the_testbed_refuses_a_device_it_cannot_use_and_an_instance_that_dies(tm
     with pytest.raises(RuntimeError, match=r"instance 0's process exited \(code 3\)"):
         replay._ready(0, parent, p)
     assert time.monotonic() - t < 30
+
+
+def test_a_calibration_profile_can_stand_in_for_the_testbeds_calibration(tmp_path):
+    """--profile: the simulator's service is the profile's calibrated one at the request's tokens,
+    and its cold start the profile's load paths as the testbed loads (safetensors to host, module
+    built, a warm-up request); a profile without one of those paths is refused by name."""
+    shipped = ROOT / "scenarios" / "profiles" / "cpu-quick.json"
+    prof = json.loads(shipped.read_text())
+    case = fid.CASES["mme_thrash"]
+    names = [m["name"] for m in case.models]
+    probe = {n: {"service_s": [0.010], "load_s": [0.05], "file_gb": 0.032, "param_gb": 0.032} for n in names}
+    measured = {"plan": fid.plan_of(case) | {"max_concurrency": 1, "instance_concurrency": 1,
+                                             "max_concurrent_loads": 1, "replicate_above": 8, "timeout_s": 60.0},
+                "metadata": {"device": "cpu"}, "probe": {"models": probe},
+                "requests": {"arrival_s": [0.0, 0.5], "model": [0, 1]}}
+    sc = fid.scenario_of(measured, Path("a.csv"), shipped)
+    m = sc["models"][0]
+    assert m["service"] == {"profile": str(shipped.resolve()), "family": "encoder", "params": "8M"}
+    assert m["tokens"] == {"input": 64, "output": 0}
+    fits = prof["fits"]
+    enc = fits["inference"]["encoder"]["5M"]               # 8M is scaled from the nearest size measured
+    ratio = 8e6 / enc["params"]
+    warm_up = 1e-3 * ratio * (enc["base_ms"] + 64 * enc["per_token_ms"])
+    load = sum(fits["load"][k]["a_s"] + 0.032 / fits["load"][k]["bandwidth_gbs"]
+               for k in ("safetensors_to_host", "build_module"))
+    assert m["init_time"] == pytest.approx(load + warm_up)
+    r = fid.simulate_measured(measured, profile=shipped).requests
+    assert (r["status"] == "ok").all() and r["cold"].all() and len(r) == 2     # two models, both cold
+    assert (r["latency_ms"] > 1e3 * m["init_time"]).all()
+    del prof["fits"]["load"]["build_module"]
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps(prof))
+    with pytest.raises(fid.FidelityError, match="no fits.load.build_module"):
+        fid.scenario_of(measured, Path("a.csv"), bad)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(fid.FidelityError, match="cannot use it as a calibration profile"):
+        fid.scenario_of(measured, Path("a.csv"), tmp_path / "x.json")
