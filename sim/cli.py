@@ -79,7 +79,7 @@ def print_summary(summary: dict) -> None:
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Results directory "
               "(default results/<name>/).")
-@click.option("--seed", type=int, help="Override the scenario's seed.")
+@click.option("--seed", type=click.IntRange(min=0), help="Override the scenario's seed.")
 @click.option("--replications", type=click.IntRange(min=1), help="Override the number of replications.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a scenario key, e.g. --set endpoints[0].instances=4 (repeatable).")
@@ -197,7 +197,7 @@ def calibrate(ctx):
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--seed", type=int)
+@click.option("--seed", type=click.IntRange(min=0), help="Override the scenario's seed.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
 def trace(scenario, out, seed, overrides):
     """Write the exact open-loop arrivals (time, model, tokens) SCENARIO's simulation uses."""
@@ -205,7 +205,11 @@ def trace(scenario, out, seed, overrides):
     from .workload.build import arrivals_frame
 
     df = arrivals_frame(load_scenario(scenario, overrides), seed)
-    df.to_csv(out, index=False)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+    except OSError as e:
+        _fail(f"{out}: cannot write the arrivals: {e.strerror or e}")
     closed = df.attrs["closed_groups"]
     extra = f" (closed-loop groups are not open-loop arrivals: {closed} left out)" if closed else ""
     click.echo(f"{len(df):,} arrivals written to {out}{extra}", err=True)
@@ -411,7 +415,7 @@ def print_comparison(summary: dict) -> None:
                    "endpoints, or name -> scenario file whose endpoints are taken).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
               "results/<name>/compare/): compare.json, plans/<plan>.yaml, runs/<plan>/.")
-@click.option("--seed", type=int, help="Override the scenario's seed.")
+@click.option("--seed", type=click.IntRange(min=0), help="Override the scenario's seed.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a scenario key first, e.g. --set slo.p99=1s (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json alone on stdout.")

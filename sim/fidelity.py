@@ -141,8 +141,9 @@ def _path_s(prof: dict, path: str, gb: float, where: str) -> float:
 def profile_model(prof: dict, path: Path, m: dict[str, Any], p: dict[str, Any], device: str) -> dict[str, Any]:
     """A testbed model's service and cold start as a calibration profile predicts them: the
     calibrated service of its family and size at its request's tokens, and a load as the testbed
-    makes one (safetensors file, in the page cache, to a host state dict; the module built from it;
-    on a GPU, copied there; then one warm-up request)."""
+    makes one: the module built and its state dict loaded (``build_module``: safetensors'
+    ``load_file`` maps the file, in the page cache, and the copy happens there), on a GPU copied
+    there (``host_to_gpu_pageable``), then one warm-up request."""
     where = str(path)
     tokens = {"input": int(m.get("seq_len", 64)),
               "output": 0 if m["family"] == "encoder" else int(m.get("output_tokens", 8))}
@@ -158,8 +159,7 @@ def profile_model(prof: dict, path: Path, m: dict[str, Any], p: dict[str, Any], 
         raise FidelityError(str(e)) from None
     warm_up_s = 1e-3 * svc.rest_ratio * (svc.base_ms + svc.per_input_token_ms * tokens["input"]
                                          + svc.per_output_token_ms * tokens["output"])
-    load = (_path_s(prof, "safetensors_to_host", p["file_gb"], where)
-            + _path_s(prof, "build_module", p["param_gb"], where) + warm_up_s)
+    load = _path_s(prof, "build_module", p["param_gb"], where) + warm_up_s
     if device.startswith("cuda"):
         load += _path_s(prof, "host_to_gpu_pageable", p["param_gb"], where)
     return {"service": {"profile": str(Path(path).resolve()), "family": m["family"], "params": m["params"]},

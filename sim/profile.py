@@ -106,7 +106,10 @@ def service_model(profile: dict, family: str, params: str | int | float, *, cata
     if family not in fams or not fams[family]:
         raise ProfileError(f"{where}: the profile has no inference fits for family {family!r}; "
                            f"it has {', '.join(sorted(fams)) or 'none'}")
-    want = parse_params(params)
+    try:
+        want = parse_params(params)
+    except ProfileError as e:
+        raise ProfileError(f"{where}.params: {e}") from None
     entries = sorted(((float(v.get("params") or parse_params(k)), v) for k, v in fams[family].items()),
                      key=lambda x: x[0])
     size, fit = min(entries, key=lambda e: abs(_log(e[0]) - _log(want)))

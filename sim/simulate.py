@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import autoscaling
-from .core.engine import Engine, Requests
+from .core.engine import OK, Engine, Requests
 from .core.rng import Streams
 from .hosting.base import EndpointLog, EndpointRuntime
 from .hosting.ic import ICEndpoint
@@ -34,8 +34,15 @@ class RawRun:
     wall_seconds: float
 
 
-def _start_closed_loop(engine: Engine, source: ClosedSource, rng: np.random.Generator) -> None:
-    """Each user sends a request, waits for its answer, thinks, and sends the next."""
+# A closed-loop user whose request is refused at once (throttled, no capacity) waits at least this
+# long before its next one, as a client backs off: with no think time it would otherwise send again
+# at the same instant, forever, and the simulated clock would never move.
+REFUSED_BACKOFF_S = 0.1
+
+
+def _start_closed_loop(engine: Engine, source: ClosedSource, rng: np.random.Generator, horizon: float) -> None:
+    """Each user sends a request, waits for its answer, thinks, and sends the next (none at or after
+    ``horizon``)."""
     r = engine.requests
 
     def send(at: float) -> None:
@@ -46,7 +53,11 @@ def _start_closed_loop(engine: Engine, source: ClosedSource, rng: np.random.Gene
         engine.inject(i)
 
     def answered(i: int) -> None:
-        send(max(r.end[i], engine.env._now) + source.think_time)
+        at = max(r.end[i], engine.env._now) + source.think_time
+        if r.status[i] != OK and r.end[i] <= r.arrival[i]:
+            at = max(at, r.end[i] + REFUSED_BACKOFF_S)
+        if at < horizon:
+            send(at)
 
     engine.closed_loop = True
     for _ in range(source.users):
@@ -129,7 +140,7 @@ def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 
     engine.arrive_of_model = arrive
     closed_rng = streams.get("routing", "closed")
     for source in wl.closed:
-        _start_closed_loop(engine, source, closed_rng)
+        _start_closed_loop(engine, source, closed_rng, scenario.horizon)
     for rt in runtimes:
         rt.provision_rng = streams.get("provisioning", rt.ep.name)
         if rt.ep.spec.prewarm:

@@ -78,8 +78,22 @@ SET_CASES = [
     # a value that parses but breaks the schema: the message names the file and the key it set
     (["models[0].traffic.rate=-1/s"], BASE, "models[0].traffic.rate", ["expected a non-negative rate, got '-1/s'"]),
     (["endpoints[0].instnces=3"], BASE, "endpoints[0].instnces", ["(did you mean instances?)"]),
+    (["endpoints[0].instances=two"], BASE, "endpoints[0].instances",
+     ["expected a number or a mapping with keys initial, min, max, got 'two'"]),
+    (["seed=1.5"], BASE, "seed", ["expected a whole number, got 1.5"]),
+    (["models[0].traffic={process: diurnal, rate: 20/s, period: 0s}"], BASE, "models[0].traffic",
+     ["period must be a duration > 0, got 0 s"]),
+    (["models[0].traffic={process: mmpp, rate: 20/s, mean_on: 0s, mean_off: 1s}"], BASE, "models[0].traffic",
+     ["mean_on must be a duration > 0"]),
+    (["endpoints[0].failures={events: [{at: 10s, instance: 2}]}"], BASE, "endpoints[0]",
+     ["failures.events[0].instance: 2 is not an index of the endpoint's instances in service (0 to 1 at most)"]),
+    (["endpoints[0].failures={events: [{at: 10s, zone: 1}]}"], BASE, "endpoints[0]",
+     ["failures.events[0].zone: 1 is not one of the endpoint's zones (0 to 0"]),
+    (["instance_types=[{name: x.gpu, gpus: 1, gpu_memory_gb: 24, vcpus: 4, memory_gb: 16, price_per_hour: 1},"
+      " {name: x.gpu, gpus: 1, gpu_memory_gb: 24, vcpus: 4, memory_gb: 16, price_per_hour: 2}]"], BASE,
+     "instance_types[1].name", ["duplicate instance type name 'x.gpu' (also instance_types[0])"]),
 ]
-SET_IDS = [s[0][0] for s in SET_CASES]
+SET_IDS = [s[0][0][:60] for s in SET_CASES]
 
 
 def _path(name: str | None) -> str:
@@ -248,3 +262,24 @@ def test_empirical_service_errors_name_the_key():
         with pytest.raises(ScenarioError) as e:
             parse_scenario(d, source="t.yaml")
         assert "t.yaml" in str(e.value) and "service" in str(e.value) and word in str(e.value)
+
+
+def test_calibrated_params_errors_name_the_key(tmp_path):
+    prof = REPO / "scenarios" / "profiles" / "cpu-quick.json"
+    d = sme(instance_type="ml.c5.2xlarge", accelerators=0)
+    d["models"][0]["service"] = {"profile": str(prof), "family": "encoder", "params": "lots"}
+    d["models"][0]["tokens"] = {"input": 64}
+    with pytest.raises(ScenarioError, match=r"models\[0\]\.service\.params: expected a parameter count"):
+        parse_scenario(d, source="t.yaml")
+
+
+def test_seed_and_output_errors_of_the_cli(tmp_path):
+    for verb in (("run", BASE, "--out", str(tmp_path / "r")), ("trace", BASE, "--out", str(tmp_path / "a.csv"))):
+        res = _cli(*verb, "--seed", "-3")
+        assert res["rc"] == 2 and "Traceback" not in res["stderr"] and "--seed" in res["stderr"]
+    # trace makes the folder it writes into; one it cannot make is a one-line error
+    res = _cli("trace", BASE, "--out", str(tmp_path / "new" / "dir" / "a.csv"))
+    assert res["rc"] == 0 and (tmp_path / "new" / "dir" / "a.csv").exists()
+    (tmp_path / "file").write_text("")
+    res = _cli("trace", BASE, "--out", str(tmp_path / "file" / "a.csv"))
+    assert res["rc"] == 2 and "Traceback" not in res["stderr"] and "cannot write the arrivals" in res["stderr"]

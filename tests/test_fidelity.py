@@ -272,8 +272,8 @@ def test_the_testbed_refuses_a_device_it_cannot_use_and_an_instance_that_dies(tm
 
 def test_a_calibration_profile_can_stand_in_for_the_testbeds_calibration(tmp_path):
     """--profile: the simulator's service is the profile's calibrated one at the request's tokens,
-    and its cold start the profile's load paths as the testbed loads (safetensors to host, module
-    built, a warm-up request); a profile without one of those paths is refused by name."""
+    and its cold start the profile's load paths as the testbed loads (module built from the mapped
+    file, a warm-up request); a profile without one of those paths is refused by name."""
     shipped = ROOT / "scenarios" / "profiles" / "cpu-quick.json"
     prof = json.loads(shipped.read_text())
     case = fid.CASES["mme_thrash"]
@@ -291,8 +291,7 @@ def test_a_calibration_profile_can_stand_in_for_the_testbeds_calibration(tmp_pat
     enc = fits["inference"]["encoder"]["5M"]               # 8M is scaled from the nearest size measured
     ratio = 8e6 / enc["params"]
     warm_up = 1e-3 * ratio * (enc["base_ms"] + 64 * enc["per_token_ms"])
-    load = sum(fits["load"][k]["a_s"] + 0.032 / fits["load"][k]["bandwidth_gbs"]
-               for k in ("safetensors_to_host", "build_module"))
+    load = fits["load"]["build_module"]["a_s"] + 0.032 / fits["load"]["build_module"]["bandwidth_gbs"]
     assert m["init_time"] == pytest.approx(load + warm_up)
     r = fid.simulate_measured(measured, profile=shipped).requests
     assert (r["status"] == "ok").all() and r["cold"].all() and len(r) == 2     # two models, both cold

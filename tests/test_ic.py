@@ -512,3 +512,12 @@ def test_salesforce_inference_components_against_single_model_endpoints():
 def _loaded(path: Path) -> dict:
     """The scenario file as a dict, traces resolved as the loader would."""
     return yaml.safe_load(path.read_text())
+
+
+def test_a_component_with_at_most_zero_copies_never_gets_one(tmp_path):
+    model = {"name": "m", "size_gb": 10, "memory_gb": 12, "service": {"dist": "deterministic", "mean": 0.5},
+             "traffic": trace(tmp_path, "m", np.arange(10.0, 600.0, 5.0))}
+    comp = {"model": "m", "copies": {"initial": 0, "min": 0, "max": 0}}
+    run = Run(scenario([model], [comp], duration=900.0, instances={"min": 0, "max": 1}, provisioning="1m"))
+    assert (run.requests["status"] == "no_capacity").all()
+    assert not run.log.decisions                     # no scale-from-zero alarm takes it above its max

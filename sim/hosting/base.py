@@ -78,7 +78,8 @@ class EndpointRuntime:
         self.instances: list[Instance] = []
         self.active: list[Instance] = []
         self.billed = 0
-        self.pending = 0          # asked for, not yet in service
+        self.pending = 0          # asked for, not yet up
+        self.preparing: list[Instance] = []   # up, getting ready to serve (an sme instance loading its model)
         self._cancelled = 0       # pending ones a scale-in gave up before they came
         self.invocations = 0      # requests routed, for the autoscaling metrics
         self._inv_mark = 0
@@ -192,10 +193,10 @@ class EndpointRuntime:
         self._log_fleet()
 
     def _pick_zone(self) -> int:
-        """The availability zone with the fewest instances in service, among those up."""
+        """The availability zone with the fewest instances in service or getting ready, among those up."""
         zones = [z for z in range(self.ep.spec.zones) if z not in self.zones_down] or [0]
         count = {z: 0 for z in zones}
-        for i in self.active:
+        for i in self.active + self.preparing:
             if i.zone in count:
                 count[i.zone] += 1
         return min(zones, key=lambda z: (count[z], z))
@@ -203,7 +204,7 @@ class EndpointRuntime:
     @property
     def capacity(self) -> int:
         """Desired capacity: instances in service plus those on their way."""
-        return len(self.active) + self.pending - self._cancelled
+        return len(self.active) + len(self.preparing) + self.pending - self._cancelled
 
     def scale_to(self, n: int) -> None:
         cur = self.capacity
@@ -242,6 +243,7 @@ class EndpointRuntime:
         inst = self._new_instance()
         inst.zone = self._pick_zone()
         self.instances.append(inst)
+        self.preparing.append(inst)
         self._prepare(inst)
 
     def _prepare(self, inst: Instance) -> None:
@@ -249,6 +251,9 @@ class EndpointRuntime:
         self._activate(inst)
 
     def _activate(self, inst: Instance) -> None:
+        if inst.failed:
+            return   # it failed while getting ready
+        self.preparing.remove(inst)
         self.active.append(inst)
         self._log_fleet()
         self._on_fleet_change()
@@ -290,6 +295,9 @@ class EndpointRuntime:
             was_active = inst in self.active
             if was_active:
                 self._leave_service(inst)
+        preparing = inst in self.preparing
+        if preparing:
+            self.preparing.remove(inst)
         inst.failed = True
         inst.draining = False
         self.billed -= 1
@@ -312,18 +320,22 @@ class EndpointRuntime:
                 self.arrive(i)
             else:
                 engine.finish(i, INSTANCE_FAILURE, now)
-        if was_active and (spec is None or spec.replace):
+        if (was_active or preparing) and (spec is None or spec.replace):
             self._provision()
             self._log_fleet()
 
     def fail_zone(self, zone: int, duration: float | None) -> None:
-        """An availability-zone outage: every instance there fails; none is placed there until it ends."""
+        """An availability-zone outage: every instance there fails, in service or getting ready; none
+        is placed there until it ends."""
         self.zones_down.add(zone)
         lost = [i for i in self.active if i.zone == zone]
+        starting = [i for i in self.preparing if i.zone == zone]
         for inst in lost:   # all out of routing first: no retry may land on a dying instance
             self._leave_service(inst)
         for inst in lost:
             self.fail(inst, was_active=True)
+        for inst in starting:
+            self.fail(inst, was_active=False)
         if duration:
             self.engine.at(duration, lambda call: self.zones_down.discard(zone))
 

@@ -347,8 +347,8 @@ class ICEndpoint(EndpointRuntime):
                     lambda n, comp=comp, policy=policy: self._scaled(comp, n, policy.policy, "autoscaling"),
                     bounds, lambda comp=comp: len(comp.ready)))
             w = c.scale_from_zero
-            if w is not None:
-                step = autoscaling.StepScaling([autoscaling.Step(1, above=0.0)], 0, max(hi, 1), w.cooldown,
+            if w is not None and hi > 0:   # copies.max 0: the component never gets a copy
+                step = autoscaling.StepScaling([autoscaling.Step(1, above=0.0)], 0, hi, w.cooldown,
                                                w.datapoints)
                 env.process(autoscaling.drive(
                     env, w.period, _FromZero(step), lambda p, comp=comp: self._no_capacity(comp),

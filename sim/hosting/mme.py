@@ -23,7 +23,7 @@ from heapq import heappush
 
 from simpy.core import NORMAL
 
-from ..core.engine import THROTTLED, TIMEOUT, Call, Engine
+from ..core.engine import NO_CAPACITY, THROTTLED, TIMEOUT, Call, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -192,6 +192,9 @@ class MMEEndpoint(EndpointRuntime):
                 slot = self._request_load(inst, m)
         else:
             act = self.active
+            if not act:   # every instance failed or left: no capacity until a replacement serves
+                self.engine.finish(i, NO_CAPACITY, now)
+                return
             inst = act[0] if len(act) == 1 else self.route(act, r.u1[i], r.u2[i], self)
             slot = self._request_load(inst, m)
         r.instance[i] = inst.index

@@ -7,7 +7,7 @@ from heapq import heappush
 
 from simpy.core import NORMAL
 
-from ..core.engine import THROTTLED, Call, Engine
+from ..core.engine import NO_CAPACITY, THROTTLED, Call, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -54,7 +54,13 @@ class SMEEndpoint(EndpointRuntime):
         r = self.requests
         act = self.active
         self.invocations += 1
-        inst = act[0] if len(act) == 1 else self.route(act, r.u1[i], r.u2[i], self)
+        if len(act) == 1:
+            inst = act[0]
+        elif act:
+            inst = self.route(act, r.u1[i], r.u2[i], self)
+        else:   # every instance failed or left: no capacity until a replacement serves
+            self.engine.finish(i, NO_CAPACITY, self.engine.env._now)
+            return
         r.instance[i] = inst.index
         if inst.busy < inst.slots:
             env = self.engine.env

@@ -190,6 +190,13 @@ def _message(err: dict) -> str:
     if msg.startswith("Assertion failed, "):
         msg = msg[len("Assertion failed, "):]
     got = err.get("input")
+    if kind == "model_type":   # a mapping was expected: say which keys, not the class behind them
+        keys = _allowed_keys(tuple(loc) + ("?",))
+        counts = err.get("ctx", {}).get("class_name") in ("InstancesSpec", "CopiesSpec")   # an int too
+        return (f"expected {'a number or ' if counts else ''}a mapping{' with keys ' + ', '.join(keys) if keys else ''}"
+                + ("" if isinstance(got, (dict, list)) else f", got {got!r}"))
+    if kind == "int_from_float":
+        return f"expected a whole number, got {got!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "int_parsing",
                 "float_parsing", "int_type", "float_type", "bool_type", "string_type", "too_short",
                 "string_too_short",

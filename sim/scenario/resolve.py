@@ -138,7 +138,12 @@ def _catalog_for(spec: ScenarioSpec, source: str) -> Catalog:
     if not spec.instance_types:
         return base
     extra = []
+    seen: dict[str, int] = {}
     for k, it in enumerate(spec.instance_types):
+        if it.name in seen:
+            raise ScenarioError(f"duplicate instance type name {it.name!r} (also instance_types[{seen[it.name]}])",
+                                source=source, path=f"instance_types[{k}].name")
+        seen[it.name] = k
         if it.gpu is not None and it.gpu not in base.gpus:
             raise ScenarioError(
                 f"unknown GPU {it.gpu!r}{suggest(it.gpu, base.gpus)}; expected one of {', '.join(sorted(base.gpus))}",

@@ -222,6 +222,12 @@ class TrafficSpec(Strict):
             raise ValueError("process 'closed' needs users (the number of closed-loop users)")
         if p == "trace" and not self.path:
             raise ValueError("process 'trace' needs path (a trace file, relative to the scenario)")
+        for key in ("period", "mean_on", "mean_off"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                raise ValueError(f"{key} must be a duration > 0, got {v:g} s")
+        if self.think_time < 0:
+            raise ValueError("think_time must be a duration >= 0")
         if self.hourly_weights is not None:
             if len(self.hourly_weights) != 24 or min(self.hourly_weights) < 0 or sum(self.hourly_weights) <= 0:
                 raise ValueError("hourly_weights must be 24 non-negative numbers, not all zero")
@@ -525,6 +531,18 @@ class EndpointSpec(Strict):
         if v <= 0:
             raise ValueError("timeout must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _failure_targets(self) -> "EndpointSpec":
+        """A scheduled failure names a zone of the endpoint's and an instance it can ever have."""
+        for k, ev in enumerate(self.failures.events if self.failures else []):
+            if ev.zone is not None and ev.zone >= self.zones:
+                raise ValueError(f"failures.events[{k}].zone: {ev.zone} is not one of the endpoint's zones "
+                                 f"(0 to {self.zones - 1}; set zones to have more)")
+            if ev.instance is not None and ev.instance >= self.instances.hi:
+                raise ValueError(f"failures.events[{k}].instance: {ev.instance} is not an index of the endpoint's "
+                                 f"instances in service (0 to {self.instances.hi - 1} at most)")
+        return self
 
     @field_validator("routing_refresh")
     @classmethod

@@ -53,7 +53,7 @@ class TraceError(ValueError):
 # shared helpers
 # --------------------------------------------------------------------------- #
 def _shown(value: object) -> str:
-    text = repr(value)
+    text = repr(value.item() if hasattr(value, "item") else value)   # numpy scalars as plain numbers
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -120,7 +120,7 @@ def _finish(path: Path, fmt: str, arrival: np.ndarray, lines: np.ndarray, name: 
     neg = arrival < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
-        raise TraceError(f"{path}: line {lines[i]}: '{name}': expected a time >= 0, got {arrival[i]!r}")
+        raise TraceError(f"{path}: line {lines[i]}: '{name}': expected a time >= 0, got {_shown(arrival[i])}")
     data = {"arrival_s": arrival.astype(np.float64), "input_tokens": input_tokens,
             "output_tokens": output_tokens}
     if model is not None:
