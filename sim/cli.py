@@ -475,8 +475,11 @@ def report(directory, out):
 @click.option("--profile", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="A calibration profile (capsim calibrate's) for the simulator's service and load times, "
                    "instead of the testbed's calibration replays.")
+@click.option("--prepare", is_flag=True,
+              help="Only write each case's plan.json and arrivals.csv under --out, for a testbed run elsewhere "
+                   "(python -m calibration testbed, on a GPU box), compared later with capsim fidelity MEASURED...")
 @click.option("--json", "as_json", is_flag=True, help="Print fidelity.json alone on stdout.")
-def fidelity(measured, device, quick, cases, out, runs, profile, as_json):
+def fidelity(measured, device, quick, cases, out, runs, profile, prepare, as_json):
     """The simulator's error against a real serving testbed on this machine, case by case.
 
     With MEASURED.json files (testbed runs made elsewhere, e.g. on a GPU box:
@@ -487,6 +490,15 @@ def fidelity(measured, device, quick, cases, out, runs, profile, as_json):
     try:
         if measured:
             res = fid.from_measured(list(measured), profile=profile)
+        elif prepare:
+            res = fid.run_suite(_csv_list(cases), quick=quick, out=out, prepare=True)
+            for name, d in res["cases"].items():
+                click.echo(f"python -m calibration testbed {d}/arrivals.csv --plan {d}/plan.json --device {device} "
+                           f"--out {d}/measured.json", err=as_json)
+            click.echo(f"then: capsim fidelity {out}/*/measured.json", err=True)
+            if as_json:
+                click.echo(json.dumps(res, indent=2))
+            return
         else:
             res = fid.run_suite(_csv_list(cases), quick=quick, device=device, out=out, runs=runs, profile=profile,
                                 log=say)

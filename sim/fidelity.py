@@ -359,12 +359,14 @@ def run_testbed(plan_path: Path, arrivals_path: Path, out: Path, device: str = "
 
 def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str = "cpu",
               out: Path = Path("results/fidelity"), seed: int = 0, attempts: int = 3, runs: int = 1,
-              profile: Path | None = None, log: Log = lambda m: None) -> dict[str, Any]:
+              profile: Path | None = None, prepare: bool = False, log: Log = lambda m: None) -> dict[str, Any]:
     """Run each case on the testbed and in the simulator; write ``out/fidelity.json`` after each case
     (an interrupted suite keeps the cases it finished) and return it. A case outside the tolerances
     is run again, ``attempts`` times at most; each case is run at least ``runs`` times (two or more
     give the real system's own spread). With ``profile``, the simulator takes its service and load
-    times from that calibration profile instead of the testbed's calibration replays."""
+    times from that calibration profile instead of the testbed's calibration replays. With
+    ``prepare``, only write each case's plan.json and arrivals.csv (for a testbed run elsewhere,
+    compared later by :func:`from_measured`) and return {"cases": {name: its folder}}."""
     names = list(CASES) if not cases else cases
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -381,6 +383,9 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
         d.mkdir(exist_ok=True)
         _write_json(d / "plan.json", plan_of(case))
         arrivals_of(case, quick, seed).to_csv(d / "arrivals.csv", index=False)
+        if prepare:
+            result["cases"][name] = str(d)
+            continue
         log(f"[{k}/{len(names)}] {name}: {case.what}")
         t0 = time.perf_counter()
         done: list[dict[str, Any]] = []
@@ -403,6 +408,8 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
         row.update(what=case.what, attempts=attempt, wall_seconds=time.perf_counter() - t0)
         result["cases"][name] = row
         _write_json(out / "fidelity.json", result)
+    if prepare:
+        return {"cases": result["cases"]}
     return result
 
 

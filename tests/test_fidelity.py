@@ -304,3 +304,21 @@ def test_a_calibration_profile_can_stand_in_for_the_testbeds_calibration(tmp_pat
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(fid.FidelityError, match="cannot use it as a calibration profile"):
         fid.scenario_of(measured, Path("a.csv"), tmp_path / "x.json")
+
+
+def test_prepare_writes_the_plans_and_arrivals_for_a_testbed_elsewhere(tmp_path):
+    out = tmp_path / "gpu"
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "fidelity", "--prepare", "--quick", "--device", "cuda",
+                        "--cases", "sme_warm,mme_thrash", "--out", str(out), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["cases"]) == {"sme_warm", "mme_thrash"}
+    for name in res["cases"]:
+        d = out / name
+        assert json.loads((d / "plan.json").read_text()) == fid.plan_of(fid.CASES[name])
+        assert (d / "arrivals.csv").read_text() == fid.arrivals_of(fid.CASES[name], quick=True).to_csv(index=False)
+        assert not (d / "measured.json").exists()
+        assert (f"python -m calibration testbed {d}/arrivals.csv --plan {d}/plan.json --device cuda "
+                f"--out {d}/measured.json") in r.stderr
+    assert not (out / "fidelity.json").exists()
