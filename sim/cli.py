@@ -113,10 +113,12 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots):
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
 def validate(scenario, overrides):
-    """Check SCENARIO without running it."""
+    """Check SCENARIO (and the traces it replays) without running it."""
     from .scenario import load_scenario
+    from .workload.build import check_traces
 
     sc = load_scenario(scenario, overrides)
+    check_traces(sc)
     click.echo(f"{scenario}: ok ({len(sc.models)} models, {len(sc.endpoints)} endpoints, "
                f"{sc.horizon / 60:g} simulated minutes)")
 

@@ -283,3 +283,13 @@ def test_seed_and_output_errors_of_the_cli(tmp_path):
     (tmp_path / "file").write_text("")
     res = _cli("trace", BASE, "--out", str(tmp_path / "file" / "a.csv"))
     assert res["rc"] == 2 and "Traceback" not in res["stderr"] and "cannot write the arrivals" in res["stderr"]
+
+
+def test_validate_reads_the_traces_a_run_replays(tmp_path):
+    (tmp_path / "t.csv").write_text("time,model\n0.5,classifier\n")
+    d = sme(traffic={"process": "trace", "path": "t.csv", "format": "csv"})
+    import yaml
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    res = _cli("validate", str(tmp_path / "s.yaml"))
+    assert res["rc"] == 2 and "Traceback" not in res["stderr"], res
+    assert "models[0].traffic.path" in res["stderr"] and "arrival_s" in res["stderr"]

@@ -96,6 +96,15 @@ def _trace_table(scenario: Scenario, group: Group, cache: dict):
     return cache[key]
 
 
+def check_traces(scenario: Scenario) -> None:
+    """Read every trace a scenario replays: ScenarioError (with the traffic's key path) for a file
+    that a run would refuse."""
+    cache: dict = {}
+    for g in scenario.groups:
+        if g.traffic is not None and g.traffic.process == "trace":
+            _trace_table(scenario, g, cache)
+
+
 def _group_arrivals(scenario: Scenario, group: Group, streams: Streams, horizon: float,
                     cache: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """Arrival times of a group and, for a trace, its models (local indices) and tokens."""
