@@ -211,6 +211,14 @@ def sustained(model, family: str, device: str, a: int, b: int, *, runs: int, res
     out = []
     with torch.inference_mode():
         fn = _request_fn(model, family, device, 1, a, b, seed=2)
+
+        def served() -> float:
+            """One request, run to completion; when it ended."""
+            fn()
+            if on_cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
         for _ in range(runs):
             if on_cuda:
                 torch.cuda.synchronize()
@@ -220,10 +228,7 @@ def sustained(model, family: str, device: str, a: int, b: int, *, runs: int, res
             t0 = time.perf_counter()
             now = t0
             while now - t0 < span_s:
-                fn()
-                if on_cuda:
-                    torch.cuda.synchronize()
-                end = time.perf_counter()
+                end = served()
                 busy.append(now - t0)
                 times.append(end - now)
                 now = end
@@ -232,10 +237,7 @@ def sustained(model, family: str, device: str, a: int, b: int, *, runs: int, res
             for _ in range(rests):
                 time.sleep(math.exp(rng.uniform(lo, hi)))
                 begin = time.perf_counter()
-                fn()
-                if on_cuda:
-                    torch.cuda.synchronize()
-                end = time.perf_counter()
+                end = served()
                 after.append(begin - now)
                 after_times.append(end - begin)
                 now = end
