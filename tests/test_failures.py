@@ -98,6 +98,7 @@ def test_a_zone_outage_takes_the_instances_getting_ready_there_too():
     c = raw.columns
     served = {int(i) for i in c["instance"][(c["status"] == 1) & (c["start"] > 60)]}
     assert 3 not in served                    # it never served
+    assert 3 not in {rec.instance for rec in log.loads}     # nor counts as a load
     # its replacement, asked for at 60 s, is placed in a zone that is up
     fleet = np.array(log.fleet)
     assert fleet[-1, 1] == 3

@@ -34,8 +34,14 @@ class SMEEndpoint(EndpointRuntime):
         rec = LoadRecord(inst.index, m.index, self.engine.env._now, self.engine.env._now)
         self.log.loads.append(rec)
         on_gpu = self.ep.instance_type.gpus > 0 and m.accelerators > 0
-        Loader(self.engine, self.speeds).load(m.size_gb, False, m.init_time, rec, lambda: self._activate(inst),
-                                              on_gpu)
+
+        def loaded() -> None:
+            if inst.failed:   # it failed while loading: no load to count, nothing to activate
+                self.log.loads.remove(rec)
+                return
+            self._activate(inst)
+
+        Loader(self.engine, self.speeds).load(m.size_gb, False, m.init_time, rec, loaded, on_gpu)
 
     def _on_fleet_change(self) -> None:
         self._log_memory()
