@@ -119,6 +119,8 @@ def validate(scenario, overrides):
 
     sc = load_scenario(scenario, overrides)
     check_traces(sc)
+    for w in sc.warnings:
+        click.echo(f"warning: {w}", err=True)
     click.echo(f"{scenario}: ok ({len(sc.models)} models, {len(sc.endpoints)} endpoints, "
                f"{sc.horizon / 60:g} simulated minutes)")
 

@@ -293,3 +293,10 @@ def test_validate_reads_the_traces_a_run_replays(tmp_path):
     res = _cli("validate", str(tmp_path / "s.yaml"))
     assert res["rc"] == 2 and "Traceback" not in res["stderr"], res
     assert "models[0].traffic.path" in res["stderr"] and "arrival_s" in res["stderr"]
+
+
+def test_a_gpu_model_on_a_cpu_instance_is_served_from_host_memory_with_a_warning():
+    sc = parse_scenario(sme(instance_type="ml.c5.xlarge"), source="t.yaml")
+    assert any("ml.c5.xlarge has no GPU: m (accelerators >= 1) are served from host memory" in w
+               for w in sc.warnings)
+    assert not parse_scenario(sme(instance_type="ml.c5.xlarge", accelerators=0), source="t.yaml").warnings

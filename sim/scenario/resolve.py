@@ -261,6 +261,11 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         if es.instances.start < 1 or es.instances.lo < 1:
             raise ScenarioError(f"an {es.mode} endpoint needs at least 1 instance", source=source,
                                 path=f"{where}.instances")
+        on_cpu = [names[m] for m in matched if it.gpus == 0 and models[m].accelerators > 0]
+        if on_cpu:
+            warnings.append(f"{where}: {it.name} has no GPU: {', '.join(on_cpu[:3])}"
+                            f"{' and more' if len(on_cpu) > 3 else ''} (accelerators >= 1) are served from host "
+                            "memory, as CPU models; set accelerators: 0 to say so")
         h2d = DEFAULT_H2D_GBS
         if it.gpu is not None and it.gpu in catalog.gpus:
             h2d = catalog.gpu_spec(it.gpu).pcie_bandwidth_gbs
