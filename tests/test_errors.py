@@ -300,3 +300,33 @@ def test_a_gpu_model_on_a_cpu_instance_is_served_from_host_memory_with_a_warning
     assert any("ml.c5.xlarge has no GPU: m (accelerators >= 1) are served from host memory" in w
                for w in sc.warnings)
     assert not parse_scenario(sme(instance_type="ml.c5.xlarge", accelerators=0), source="t.yaml").warnings
+
+
+def test_duplicate_keys_zero_targets_and_no_op_steps_are_errors(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: a\nseed: 1\nname: b\n")
+    with pytest.raises(ScenarioError, match=r"line 3, column 1: YAML syntax error: key 'name' appears twice"):
+        sim.load_scenario(p)
+    for key, value, words in (("slo", {"p99": 0}, "a latency target must be a duration > 0"),
+                              ("autoscaling", {"metric": "invocations_per_instance", "target": 10, "period": "0s"},
+                               "period must be a duration > 0"),
+                              ("autoscaling", {"policy": "step", "metric": "invocations_per_instance",
+                                               "steps": [{"above": 10, "change": 0}]}, "change must not be 0"),
+                              ("provisioning", {"dist": "exponential", "mean": "2m", "cv": 0.3},
+                               "an exponential distribution has cv 1")):
+        d = sme(instances={"initial": 1, "min": 1, "max": 3})
+        (d if key == "slo" else d["endpoints"][0])[key] = value
+        with pytest.raises(ScenarioError, match=words):
+            parse_scenario(d, source="t.yaml")
+
+
+def test_a_token_distribution_refuses_the_spread_its_dist_cannot_have():
+    d = sme(instance_type="ml.g5.xlarge")
+    d["models"][0]["service"] = {"base": "20ms", "per_output_token": "1ms"}
+    d["models"][0]["tokens"] = {"input": 10, "output": {"dist": "exponential", "mean": 50, "cv": 3}}
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(d, source="t.yaml")
+    # one problem, the distribution's, not the union's other member (a count)
+    assert str(e.value).endswith("models[0].tokens.output: an exponential distribution has cv 1; use lognormal "
+                                 "or gamma for another cv")
+    assert parse_scenario(sme(), source="t.yaml").endpoints[0].spec.provisioning.cv == 0.3   # the default stands

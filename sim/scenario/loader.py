@@ -19,6 +19,21 @@ _KNOWN_KEYS = sorted({
 })
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (YAML lets the last
+    one win without a word, so a typo'd copy of a block would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
     """The parsed YAML of ``path``, or a ScenarioError naming the file and line."""
     p = Path(path)
@@ -31,7 +46,7 @@ def read_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ScenarioError(f"cannot read the file ({e})", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ScenarioError(f"YAML syntax error: {_yaml_problem(e, text)}", source=str(path),
                             path=_yaml_where(e, text)) from None
@@ -208,8 +223,16 @@ def _message(err: dict) -> str:
 def format_validation_error(e: ValidationError, data: Any, source: str) -> ScenarioError:
     lines = []
     seen = set()
-    for err in e.errors():
+    errors = e.errors()
+    # A union (a count or a distribution, say) reports one error per member: where a member
+    # accepted the value's shape and refused its content, that says more than another's type.
+    specific = {format_path(_data_path(data, x.get("loc", ())))
+                for x in errors if x.get("type") == "value_error"}
+    for err in errors:
         path = format_path(_data_path(data, err.get("loc", ()))) or "(top level)"
+        if path in specific and err.get("type") != "value_error" and err.get("type", "").endswith(
+                ("_type", "_parsing")):
+            continue
         line = f"{path}: {_message(err)}"
         if line not in seen:
             seen.add(line)

@@ -45,12 +45,25 @@ class InstanceTypeSpec(Strict):
         return self
 
 
+def _check_dist_cv(dist: str, cv: float | None) -> None:
+    """The spreads an exponential and a deterministic distribution cannot have."""
+    if dist == "exponential" and cv not in (None, 1.0):
+        raise ValueError("an exponential distribution has cv 1; use lognormal or gamma for another cv")
+    if dist == "deterministic" and cv not in (None, 0.0):
+        raise ValueError("a deterministic distribution has cv 0")
+
+
 class Distribution(Strict):
     """A positive random quantity given by its mean and coefficient of variation."""
 
     dist: Literal[SERVICE_DISTS] = "lognormal"  # type: ignore[valid-type]
     mean: float = Field(ge=0)
     cv: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _spread(self) -> "Distribution":
+        _check_dist_cv(self.dist, self.cv)
+        return self
 
 
 class TokensSpec(Strict):
@@ -153,11 +166,7 @@ class ServiceSpec(Strict):
             raise ValueError("give either mean (parametric) or base/per_*_token (token-based), not both")
         if self.mean is not None and self.mean <= 0:
             raise ValueError("mean must be > 0")
-        dist = self.effective_dist
-        if dist == "exponential" and self.cv not in (None, 1.0):
-            raise ValueError("an exponential distribution has cv 1; use lognormal or gamma for another cv")
-        if dist == "deterministic" and self.cv not in (None, 0.0):
-            raise ValueError("a deterministic distribution has cv 0")
+        _check_dist_cv(self.effective_dist, self.cv)
         return self
 
     @property
@@ -338,6 +347,8 @@ class StepSpec(Strict):
     def _one_threshold(self) -> "StepSpec":
         if (self.above is None) == (self.below is None):
             raise ValueError("a step needs exactly one of above or below")
+        if self.change == 0:
+            raise ValueError("a step's change must not be 0 (instances or copies to add, or remove if negative)")
         return self
 
 
@@ -395,6 +406,8 @@ class AutoscalingSpec(Strict):
 
     @model_validator(mode="after")
     def _policy_fields(self) -> "AutoscalingSpec":
+        if self.period is not None and self.period <= 0:
+            raise ValueError("period must be a duration > 0 (default: 60 s, 10 s for the high-resolution metrics)")
         if self.policy == "target_tracking" and self.target is None:
             raise ValueError("target tracking needs a target (for example target: 225)")
         if self.policy == "step" and not self.steps:
@@ -415,6 +428,13 @@ class ProvisioningSpec(Strict):
         if isinstance(v, (int, float, str)) and not isinstance(v, bool):
             return {"dist": "deterministic", "mean": v, "cv": 0.0}
         return v
+
+    @model_validator(mode="after")
+    def _spread(self) -> "ProvisioningSpec":
+        # the default cv (0.3) is lognormal's: only a cv given beside another dist is checked
+        if "cv" in self.model_fields_set:
+            _check_dist_cv(self.dist, self.cv)
+        return self
 
 
 class CopiesSpec(InstancesSpec):
@@ -568,6 +588,13 @@ class SLOSpec(Strict):
     p90: Duration | None = None
     p99: Duration | None = None
     mean: Duration | None = None
+
+    @field_validator("p50", "p90", "p99", "mean")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("a latency target must be a duration > 0")
+        return v
 
     @property
     def latency_target(self) -> float | None:
