@@ -147,9 +147,6 @@ def profile_model(prof: dict, path: Path, m: dict[str, Any], p: dict[str, Any], 
     where = str(path)
     tokens = {"input": int(m.get("seq_len", 64)),
               "output": 0 if m["family"] == "encoder" else int(m.get("output_tokens", 8))}
-    fit = ((prof["fits"].get("inference") or {}).get(m["family"]) or {})
-    if not fit:
-        raise FidelityError(f"{where}: the profile has no inference fits for family {m['family']!r}")
     from .catalog import load_catalog
     from .profile import ProfileError, service_model
 
@@ -183,11 +180,15 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path, profile: Path | No
     probe = measured["probe"]["models"]
     span = max(measured["requests"]["arrival_s"], default=0.0)
     prof = None if profile is None else read_profile(profile)
+    device = measured["metadata"].get("device") or "cpu"
+    if prof is not None and (prof["metadata"].get("device") or "cpu") != device.split(":")[0]:
+        raise FidelityError(f"{profile}: measured on {prof['metadata'].get('device')}, but the testbed ran on "
+                            f"{device}: calibrate where the testbed runs")
     models = []
     for m in plan["models"]:
         p = probe[m["name"]]
         if prof is not None:
-            pm = profile_model(prof, profile, m, p, measured["metadata"].get("device") or "cpu")
+            pm = profile_model(prof, profile, m, p, device)
             models.append({"name": m["name"], "size_gb": m["memory_gb"], "memory_gb": m["memory_gb"],
                            "host_memory_gb": 0, "accelerators": 0, "init_time": pm["init_time"],
                            "service": pm["service"], "tokens": pm["tokens"],

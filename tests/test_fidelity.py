@@ -301,6 +301,8 @@ def test_a_calibration_profile_can_stand_in_for_the_testbeds_calibration(tmp_pat
     bad.write_text(json.dumps(prof))
     with pytest.raises(fid.FidelityError, match="no fits.load.build_module"):
         fid.scenario_of(measured, Path("a.csv"), bad)
+    with pytest.raises(fid.FidelityError, match="but the testbed ran on cuda"):
+        fid.scenario_of(measured | {"metadata": {"device": "cuda"}}, Path("a.csv"), shipped)
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(fid.FidelityError, match="cannot use it as a calibration profile"):
         fid.scenario_of(measured, Path("a.csv"), tmp_path / "x.json")
