@@ -180,7 +180,7 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path, profile: Path | No
     probe = measured["probe"]["models"]
     span = max(measured["requests"]["arrival_s"], default=0.0)
     prof = None if profile is None else read_profile(profile)
-    device = measured["metadata"].get("device") or "cpu"
+    device = (measured.get("metadata") or {}).get("device") or "cpu"
     if prof is not None and (prof["metadata"].get("device") or "cpu") != device.split(":")[0]:
         raise FidelityError(f"{profile}: measured on {prof['metadata'].get('device')}, but the testbed ran on "
                             f"{device}: calibrate where the testbed runs")
