@@ -160,7 +160,7 @@ def warmth(begin_s, end_s, server, time_constant: float, rest_time_constant: flo
     """Per request, its server's state ``w`` at its start (1 at rest): while a server serves requests
     ``w`` decays as exp(-t / time_constant); over a rest of ``g`` (no request in service: idle, or a
     load) it comes back to 1 - (1 - w) * exp(-g / rest_time_constant), to 1 when that is 0. The
-    simulator's ``service.sustained`` (sim.hosting.base) walks the same recursion. Requests in any
+    simulator's ``service.sustained`` (sim.hosting.device) walks the same recursion. Requests in any
     order; one server serves its requests one at a time."""
     b, e, s = np.asarray(begin_s, float), np.asarray(end_s, float), np.asarray(server)
     out = np.empty(b.size)

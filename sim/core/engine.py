@@ -56,6 +56,7 @@ class Requests:
         self.start: list[float] = [np.nan] * n
         self.end: list[float] = [np.nan] * n
         self.instance: list[int] = [-1] * n
+        self.device: list[int] = [-1] * n      # the device that served it (sim.hosting.device)
         self.status: list[int] = [IN_FLIGHT] * n
         self.load: list[float] = [0.0] * n
         self.cold: list[bool] = [False] * n
@@ -83,6 +84,7 @@ class Requests:
         self.start.append(np.nan)
         self.end.append(np.nan)
         self.instance.append(-1)
+        self.device.append(-1)
         self.status.append(IN_FLIGHT)
         self.load.append(0.0)
         self.cold.append(False)
@@ -100,6 +102,7 @@ class Requests:
             "start": np.asarray(self.start, dtype=float),
             "end": np.asarray(self.end, dtype=float),
             "instance": np.asarray(self.instance, dtype=np.int32),
+            "device": np.asarray(self.device, dtype=np.int32),
             "status": np.asarray(self.status, dtype=np.int8),
             "load": np.asarray(self.load, dtype=float),
             "cold": np.asarray(self.cold, dtype=bool),
@@ -120,6 +123,7 @@ class Engine:
         # closed-loop hooks: request index -> function called when it finishes
         self.on_finish: dict[int, Callable[[int], None]] = {}
         self.closed_loop = False
+        self.device_gpus: list[int] = []   # GPUs of each device (sim.hosting.device), by index
         self._cursor = 0
         self._cursor_callbacks = [self._on_arrival]
         self._cursor_call = Call(self._cursor_callbacks)

@@ -2,7 +2,6 @@
 from which metrics are derived after the run."""
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,17 +9,18 @@ from typing import Any
 from .. import routing
 from ..core.engine import OK, TIMEOUT, Engine
 from ..scenario.resolve import Endpoint
+from .device import DeviceSet
 from .loading import LoadRecord
 
 
 class Instance:
     """One instance of an endpoint. ``n`` counts its requests in flight (serving or
     queued); ``seen`` is ``n`` as the router last saw it (only with ``routing_refresh``);
-    ``draining`` is set when it leaves service and waits for them to end; ``warm``, ``warm_t``,
-    ``warm_n``: its speed state for a sustained-load service (see ``EndpointRuntime._sustained_time``)."""
+    ``draining`` is set when it leaves service and waits for them to end; ``devices``: where its
+    requests run (:mod:`sim.hosting.device`)."""
 
     __slots__ = ("index", "slots", "busy", "queue", "n", "seen", "up_since", "draining", "failed", "zone",
-                 "warm", "warm_t", "warm_n")
+                 "devices")
 
     def __init__(self, index: int, slots: int, up_since: float):
         self.index = index
@@ -33,7 +33,7 @@ class Instance:
         self.draining = False
         self.failed = False
         self.zone = 0
-        self.warm, self.warm_t, self.warm_n = 1.0, up_since, 0
+        self.devices: list = []
 
 
 @dataclass
@@ -73,6 +73,7 @@ class EndpointRuntime:
 
     def __init__(self, engine: Engine, ep: Endpoint, capacity: tuple[float, float, float], models: tuple = ()):
         self.engine = engine
+        self._env = engine.env
         self.ep = ep
         self.requests = engine.requests
         self.instances: list[Instance] = []
@@ -94,13 +95,8 @@ class EndpointRuntime:
         self.log = EndpointLog(capacity)
         self.timeout = ep.timeout
         self.provision_rng = None  # set by the simulation: the provisioning stream
-        # models whose service changes under sustained load: model -> (factor, time constant, rest time
-        # constant or 0); None if none
-        self.sustained = {m.index: (s.factor, s.time_constant, s.rest_time_constant or 0.0)
-                          for m in (models[k] for k in ep.models)
-                          if (s := m.service.sustained) is not None} or None
-        if self.sustained:
-            self.requests.keep_draws()
+        # where requests run: the execution model its models call for (sim.hosting.device)
+        self.devices = DeviceSet(engine, models, ep.models)
         self.zones_down: set[int] = set()
         self._retried: set[int] = set()
 
@@ -133,48 +129,17 @@ class EndpointRuntime:
             self.engine.finish(j, TIMEOUT, arrival[j] + timeout)
         return -1, dropped
 
-    # A server's speed under sustained load (``sustained``: an instance, or an inference component's
-    # copy). ``warm`` is the part of its speed-up not yet gained, 1 at rest: while it serves requests
-    # it decays as exp(-t / time_constant); while it serves none (idle, or loading a model) it comes
-    # back as 1 - (1 - warm) * exp(-t / rest_time_constant), at once when that is 0. A request takes
-    # its draw times factor + (1 - factor) * warm at its start. ``warm_t``: when ``warm`` was last
-    # brought up to date; ``warm_n``: the requests in service. The constants are those of the model
-    # served at each change.
-    def _sustained_time(self, i: int, s: Any, now: float) -> float:
-        """Request ``i`` starts at ``now`` on server ``s`` (an Instance or an IC Copy): its service
-        time (its draw scaled, written to the request table; a retried request is scaled anew from
-        its draw)."""
-        r = self.requests
-        p = self.sustained.get(r.model[i])
-        dt = now - s.warm_t
-        if p is not None and dt > 0.0:
-            if s.warm_n:
-                s.warm *= math.exp(-dt / p[1])
-            elif p[2] > 0.0:
-                s.warm = 1.0 - (1.0 - s.warm) * math.exp(-dt / p[2])
-            else:
-                s.warm = 1.0
-            s.warm_t = now
-        s.warm_n += 1
-        if p is None:
-            return r.service[i]
-        f = p[0]
-        t = r.service[i] = r.drawn[i] * (f + (1.0 - f) * s.warm)
-        return t
-
-    def _sustained_end(self, i: int, s: Any, now: float) -> None:
-        """Request ``i``'s service on server ``s`` ended at ``now``."""
-        p = self.sustained.get(self.requests.model[i])
-        if p is not None:
-            s.warm *= math.exp((s.warm_t - now) / p[1])
-            s.warm_t = now
-        s.warm_n -= 1
-
     def _served(self, i: int, now: float) -> None:
         """Request ``i``'s service ended at ``now``: ok, or a timeout if its client gave up first."""
-        a = self.requests.arrival[i]
+        r = self.requests
+        a = r.arrival[i]
         if now - a <= self.timeout:
-            self.engine.finish(i, OK, now)
+            engine = self.engine
+            if engine.closed_loop:
+                engine.finish(i, OK, now)
+            else:   # Engine.finish inlined: once per request
+                r.status[i] = OK
+                r.end[i] = now
         else:
             self.engine.finish(i, TIMEOUT, a + self.timeout)
 
@@ -300,6 +265,8 @@ class EndpointRuntime:
             self.preparing.remove(inst)
         inst.failed = True
         inst.draining = False
+        for d in inst.devices:
+            d.stop()
         self.billed -= 1
         self.log.failures.append((now, inst.index, inst.zone))
         victims = self._requests_on(inst)

@@ -42,10 +42,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from heapq import heappush
 
 import numpy as np
-from simpy.core import NORMAL
 
 from .. import autoscaling
 from ..core.engine import NO_CAPACITY, THROTTLED, Call, Engine
@@ -164,14 +162,14 @@ class ICInstance(Instance):
 
 
 class Copy:
-    """A copy of a component on an instance: a FIFO queue in front of ``slots`` servers.
-    ``n`` counts its requests in flight (routing reads it; ``seen``: as last refreshed,
-    with ``routing_refresh``)."""
+    """A copy of a component on an instance: a FIFO queue in front of ``slots`` servers, on a
+    device of its own (its GPUs, or CPUs). ``n`` counts its requests in flight (routing reads it;
+    ``seen``: as last refreshed, with ``routing_refresh``)."""
 
     __slots__ = ("comp", "inst", "gpus", "state", "slots", "busy", "n", "seen", "queue", "record", "replaces",
-                 "warm", "warm_t", "warm_n")
+                 "device")
 
-    def __init__(self, comp: "Comp", inst: ICInstance, gpus: tuple[int, ...], record: CopyRecord):
+    def __init__(self, comp: "Comp", inst: ICInstance, gpus: tuple[int, ...], record: CopyRecord, device):
         self.comp = comp
         self.inst = inst
         self.gpus = gpus
@@ -183,7 +181,8 @@ class Copy:
         self.queue: deque[int] = deque()
         self.record = record
         self.replaces: Copy | None = None
-        self.warm, self.warm_t, self.warm_n = 1.0, 0.0, 0   # its speed state (EndpointRuntime._sustained_time)
+        self.device = device
+        device.owner = self
 
 
 class Comp:
@@ -291,7 +290,6 @@ class ICEndpoint(EndpointRuntime):
         self.last_out = -math.inf           # last instance asked for
         self.last_consolidation = -math.inf
         self._last_copies: dict[int, tuple[int, int, int]] = {}
-        self._done_callbacks = [self._done]
         self._deploy()
 
     def _routed(self):
@@ -379,8 +377,7 @@ class ICEndpoint(EndpointRuntime):
             c.n += 1
             comp.inflight += 1
             r.start[i] = now
-            svc = r.service[i] if self.sustained is None else self._sustained_time(i, c, now)
-            heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, c)))
+            c.device.start(i, now)
         elif self.queue_limit is not None and len(c.queue) >= self.queue_limit:
             self.engine.finish(i, THROTTLED, now)
         else:
@@ -388,26 +385,19 @@ class ICEndpoint(EndpointRuntime):
             c.n += 1
             comp.inflight += 1
 
-    def _done(self, call: Call) -> None:
-        i = call.arg
-        c = call.obj
+    def _done(self, i: int, dev) -> None:
+        c = dev.owner
         r = self.requests
-        env = self.engine.env
-        now = env._now
+        now = self.engine.env._now
         comp = c.comp
         comp.area += comp.inflight * (now - comp.t_area)
         comp.t_area = now
-        if self.sustained is not None:
-            self._sustained_end(i, c, now)
         j, dropped = self._pop_live(c.queue, now)
         c.n -= 1 + dropped
         comp.inflight -= 1 + dropped
         if j >= 0:
             r.start[j] = now
-            call.arg = j
-            call.callbacks = self._done_callbacks
-            svc = r.service[j] if self.sustained is None else self._sustained_time(j, c, now)
-            heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
+            dev.start(j, now)
         else:
             c.busy -= 1
         self._served(i, now)
@@ -430,7 +420,7 @@ class ICEndpoint(EndpointRuntime):
         inst.gpu_mem += comp.gpu_mem
         rec = CopyRecord(comp.index, comp.model, inst.index, gpus, now)
         self.log.copy_records.append(rec)
-        copy = Copy(comp, inst, gpus, rec)
+        copy = Copy(comp, inst, gpus, rec, self.devices.new(self._done, len(gpus)))
         inst.copies.append(copy)
         m = comp.model
         if m in inst.disk:

@@ -19,11 +19,8 @@ has a free concurrency slot or the next pending load.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from heapq import heappush
 
-from simpy.core import NORMAL
-
-from ..core.engine import NO_CAPACITY, THROTTLED, TIMEOUT, Call, Engine
+from ..core.engine import NO_CAPACITY, THROTTLED, TIMEOUT, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -117,13 +114,16 @@ class MMEEndpoint(EndpointRuntime):
         self._gds = [probe.cold_start_estimate(mod.size_gb, False, mod.init_time, self.on_gpu)
                      / max(mod.memory_gb if self.on_gpu else mod.memory_gb + mod.host_memory_gb, 1e-9)
                      for mod in models]
-        self._done_callbacks = [self._done]
+        self._gpus = it.gpus if self.on_gpu else 0
         self._start_fleet(ep.instances.start)
         self._log_memory()
 
     # -- fleet ------------------------------------------------------------------
     def _new_instance(self) -> MMEInstance:
-        return MMEInstance(len(self.instances), self.engine.env._now, Loader(self.engine, self.speeds))
+        inst = MMEInstance(len(self.instances), self.engine.env._now, Loader(self.engine, self.speeds))
+        # One device: the instance's GPU(s), or its CPUs, shared by every model loaded there.
+        inst.devices = [self.devices.new(self._done, self._gpus, inst)]
+        return inst
 
     def _leave_service(self, inst: MMEInstance) -> None:
         # No new request may find its models there: routing reads the holders.
@@ -231,33 +231,21 @@ class MMEEndpoint(EndpointRuntime):
         inst = slot.inst
         slot.busy += 1
         inst.serving += 1
-        r = self.requests
-        r.start[i] = now
-        env = self.engine.env
-        svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst, now)
-        heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, slot)))
+        self.requests.start[i] = now
+        inst.devices[0].start(i, now)
 
-    def _done(self, call: Call) -> None:
-        i = call.arg
-        slot = call.obj
-        inst = slot.inst
-        if inst.failed:
-            return  # the instance died with its requests
-        env = self.engine.env
-        now = env._now
+    def _done(self, i: int, dev) -> None:
+        r = self.requests
+        inst = dev.owner
+        slot = inst.models[r.model[i]]
+        now = self._env._now
         q = slot.queue
-        if self.sustained is not None:
-            self._sustained_end(i, inst, now)
         if self.inst_cap is None:
-            j, dropped = self._pop_live(q, now)
+            j, dropped = self._pop_live(q, now) if q else (-1, 0)
             inst.n -= 1 + dropped
             if j >= 0:
-                self.requests.start[j] = now
-                call.arg = j
-                call.callbacks = self._done_callbacks
-                svc = (self.requests.service[j] if self.sustained is None
-                       else self._sustained_time(j, inst, now))
-                heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
+                r.start[j] = now
+                dev.start(j, now)
             else:
                 slot.busy -= 1
                 inst.serving -= 1

@@ -1,13 +1,11 @@
 """Single-model endpoints: each instance holds ``copies_per_instance`` copies of
 one model; each copy serves up to ``max_concurrency`` requests at once, so an
-instance is a FIFO queue in front of ``copies x max_concurrency`` servers."""
+instance is a FIFO queue in front of ``copies x max_concurrency`` servers. Each
+copy runs on a device of its own (its GPUs): a request starts on the copy with
+the fewest in service."""
 from __future__ import annotations
 
-from heapq import heappush
-
-from simpy.core import NORMAL
-
-from ..core.engine import NO_CAPACITY, THROTTLED, Call, Engine
+from ..core.engine import NO_CAPACITY, THROTTLED, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -20,13 +18,17 @@ class SMEEndpoint(EndpointRuntime):
         self.model = models[ep.models[0]]
         self.slots = ep.copies_per_instance * ep.max_concurrency
         self.queue_limit = ep.queue_limit
-        self._done_callbacks = [self._done]
+        m = self.model
+        self._gpus = m.accelerators if it.gpus > 0 and m.accelerators > 0 else 0
+        self._one_copy = ep.copies_per_instance == 1
         self.speeds = LoadSpeeds(it.network_gbps / 8.0, ep.disk_gbs or it.disk_read_gbs, ep.h2d_gbs, ep.load_overhead_s)
         self._start_fleet(ep.instances.start)
         self._log_memory()
 
     def _new_instance(self) -> Instance:
-        return Instance(len(self.instances), self.slots, self.engine.env._now)
+        inst = Instance(len(self.instances), self.slots, self.engine.env._now)
+        inst.devices = [self.devices.new(self._done, self._gpus, inst) for _ in range(self.ep.copies_per_instance)]
+        return inst
 
     def _prepare(self, inst: Instance) -> None:
         """A new instance downloads and loads its model's copies before it serves."""
@@ -69,38 +71,45 @@ class SMEEndpoint(EndpointRuntime):
             return
         r.instance[i] = inst.index
         if inst.busy < inst.slots:
-            env = self.engine.env
-            now = env._now
             inst.busy += 1
             inst.n += 1
+            now = self._env._now
             r.start[i] = now
-            svc = r.service[i] if self.sustained is None else self._sustained_time(i, inst, now)
-            heappush(env._queue, (now + svc, NORMAL, next(env._eid), Call(self._done_callbacks, i, inst)))
+            devs = inst.devices
+            (devs[0] if self._one_copy else min(devs, key=_in_service)).start(i, now)
         elif self.queue_limit is not None and len(inst.queue) >= self.queue_limit:
             self.engine.finish(i, THROTTLED, self.engine.env._now)
         else:
             inst.queue.append(i)
             inst.n += 1
 
-    def _done(self, call: Call) -> None:
-        i = call.arg
-        inst = call.obj
-        if inst.failed:
-            return  # the instance died with its requests
-        env = self.engine.env
-        now = env._now
-        if self.sustained is not None:
-            self._sustained_end(i, inst, now)
-        j, dropped = self._pop_live(inst.queue, now)
-        inst.n -= 1 + dropped
-        if j >= 0:
-            self.requests.start[j] = now
-            call.arg = j
-            call.callbacks = self._done_callbacks
-            svc = self.requests.service[j] if self.sustained is None else self._sustained_time(j, inst, now)
-            heappush(env._queue, (now + svc, NORMAL, next(env._eid), call))
+    def _done(self, i: int, dev) -> None:
+        inst = dev.owner
+        q = inst.queue
+        if q:
+            now = self._env._now
+            r = self.requests
+            if now - r.arrival[q[0]] < self.timeout:   # the next one still waits: _pop_live's usual case
+                j = q.popleft()
+                inst.n -= 1
+                r.start[j] = now
+                dev.start(j, now)
+            else:
+                j, dropped = self._pop_live(q, now)
+                inst.n -= 1 + dropped
+                if j >= 0:
+                    r.start[j] = now
+                    dev.start(j, now)
+                else:
+                    inst.busy -= 1
+            self._served(i, now)
         else:
+            inst.n -= 1
             inst.busy -= 1
-        self._served(i, now)
+            self._served(i, self._env._now)
         if inst.draining:
             self._maybe_release(inst)
+
+
+def _in_service(dev) -> int:
+    return dev.busy

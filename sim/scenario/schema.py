@@ -5,6 +5,7 @@ The schema checks the shape and the units of each field. Cross-references
 """
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Literal
 
@@ -109,6 +110,57 @@ class SustainedSpec(Strict):
         return v
 
 
+class BatchingSpec(Strict):
+    """How requests in service at once on one device share it (processor sharing with a capacity
+    function). While ``k`` requests are in service on a device, whatever their model, each progresses at
+    ``1 / slowdown(k)`` of its speed alone: linear between the points given, proportional to ``k`` beyond
+    the last (no more throughput). ``slowdown(1)`` is 1 (the service's times are those alone), implied
+    when absent. A curve whose throughput ``k / slowdown(k)`` falls, or with a factor below 1, is taken
+    as given, with a warning."""
+
+    slowdown: dict[int, float]
+
+    @field_validator("slowdown", mode="before")
+    @classmethod
+    def _whole_levels(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for k in v:
+                ok = (isinstance(k, int) and not isinstance(k, bool)) or (isinstance(k, str) and k.strip().isdigit())
+                if not ok:
+                    raise ValueError(f"slowdown: level {k!r} is not a whole number of requests (expected "
+                                     "{k: factor} with k = 1, 2, ...)")
+        return v
+
+    @field_validator("slowdown")
+    @classmethod
+    def _curve(cls, v: dict[int, float]) -> dict[int, float]:
+        if not v:
+            raise ValueError("slowdown: expected at least one level {k: factor}, such as {1: 1.0, 4: 2.0}")
+        for k, f in v.items():
+            if k < 1:
+                raise ValueError(f"slowdown: level {k} must be >= 1 (requests in service on the device)")
+            if not math.isfinite(f) or f <= 0:
+                raise ValueError(f"slowdown[{k}]: expected a finite factor > 0, got {f!r}")
+        if 1 in v and abs(v[1] - 1.0) > 1e-9:
+            raise ValueError(f"slowdown[1] is 1 by definition (the service's times are those of a request "
+                             f"alone on the device), got {v[1]!r}")
+        return dict(sorted(v.items()))
+
+    def notes(self) -> list[str]:
+        """What is odd about the curve, though allowed: factors below 1, throughput that falls."""
+        out = []
+        pts = [(1, 1.0)] + [(k, f) for k, f in self.slowdown.items() if k > 1]
+        low = [k for k, f in pts if f < 1.0]
+        if low:
+            out.append(f"slowdown below 1 at k = {', '.join(map(str, low))}: requests run faster in company "
+                       "than alone")
+        falls = [b[0] for a, b in zip(pts, pts[1:]) if b[0] / b[1] < a[0] / a[1] - 1e-9]
+        if falls:
+            out.append(f"throughput k / slowdown(k) falls at k = {', '.join(map(str, falls))}: the device "
+                       "serves less at that concurrency than at a lower one")
+        return out
+
+
 class ServiceSpec(Strict):
     """Time to serve one request on one copy.
 
@@ -132,6 +184,8 @@ class ServiceSpec(Strict):
     params: str | int | float | None = None
     # the speed under sustained load (any form above)
     sustained: SustainedSpec | None = None
+    # how requests in service at once on one device share it (any form above)
+    batching: BatchingSpec | None = None
 
     @model_validator(mode="after")
     def _form(self) -> "ServiceSpec":

@@ -1,0 +1,332 @@
+"""Execution models: how the requests in service on one device progress.
+
+A device is where one copy of a model runs: its GPUs, an MME instance's GPU
+(shared by every model loaded there), or an instance's CPUs. The hosting
+modes decide which request starts when (queues, concurrency caps, loads) and
+hand it to its device with :meth:`Device.start`; the device decides when it
+ends and calls the mode back with ``done(i, device)``. This is the one place
+where a request's service starts and ends.
+
+Execution models, by name (:data:`EXECUTION`):
+
+- ``slots``: every request in service runs at full speed, as on independent
+  servers (CPU workers; the no-op default without ``service.batching``). A
+  request costs one calendar entry, its completion.
+- ``batching``: processor sharing with a capacity function. While ``k``
+  requests are in service on the device, each progresses at ``1 /
+  slowdown(k)`` of its speed alone (:class:`~sim.scenario.schema.BatchingSpec`).
+  All requests of one curve progress at one rate, so the device keeps a
+  virtual work clock per curve (the work a request alone would have done since
+  the start), a heap of finishing tags on it and a single pending calendar
+  entry: a start or a finish moves the clocks and reschedules that one entry,
+  never every request (as :class:`~sim.hosting.loading.SharedLink` does for loads).
+
+Both take the sustained-load speed (``service.sustained``): each device keeps a
+warmth state that scales a request's work at its start.
+"""
+from __future__ import annotations
+
+import math
+from heapq import heappop, heappush
+from typing import Any, Callable
+
+from simpy.core import NORMAL
+
+from ..core.engine import Call, Engine
+
+Done = Callable[[int, "Device"], None]
+
+
+def slowdown_table(points: dict[int, float]) -> Callable[[int], float]:
+    """``slowdown(k)`` of a curve: 1 at k = 1 unless given, linear between the points, proportional to
+    ``k`` beyond the last (no more throughput)."""
+    pts = dict(points)
+    pts.setdefault(1, 1.0)
+    ks = sorted(pts)
+    fs = [pts[k] for k in ks]
+    last_k, last_f = ks[-1], fs[-1]
+
+    def factor(k: int) -> float:
+        if k >= last_k:
+            return last_f * k / last_k
+        if k <= ks[0]:
+            return fs[0]
+        j = next(n for n, x in enumerate(ks) if x >= k)
+        k0, k1 = ks[j - 1], ks[j]
+        return fs[j - 1] + (fs[j] - fs[j - 1]) * (k - k0) / (k1 - k0)
+
+    return factor
+
+
+class DeviceSet:
+    """What an endpoint's devices share: the engine, the request table, the execution model its models
+    call for, their sustained-load parameters and the index of every device of the run (the request
+    table's ``device`` column; ``engine.device_gpus`` holds each device's GPUs)."""
+
+    def __init__(self, engine: Engine, models: tuple, served: tuple[int, ...]):
+        self.engine = engine
+        self.requests = engine.requests
+        # model -> (factor, time constant, rest time constant or 0), for the models whose speed changes
+        # under sustained load; None if none
+        self.sustained = {m: (s.factor, s.time_constant, s.rest_time_constant or 0.0)
+                          for m in served if (s := models[m].service.sustained) is not None} or None
+        if self.sustained:
+            self.requests.keep_draws()
+        curves = {m: models[m].service.batching for m in served}
+        self.kind = "batching" if any(c is not None for c in curves.values()) else "slots"
+        # model -> index of its curve (requests of one curve share a virtual clock); a model without a
+        # curve runs at full speed, yet counts in k
+        self.curves: list[Callable[[int], float]] = []
+        self.curve_of: dict[int, int] = {}
+        keys: dict[Any, int] = {}
+        for m, c in curves.items():
+            key = None if c is None else tuple(sorted(c.slowdown.items()))
+            if key not in keys:
+                keys[key] = len(self.curves)
+                self.curves.append((lambda k: 1.0) if c is None else slowdown_table(c.slowdown))
+            self.curve_of[m] = keys[key]
+
+    def new(self, done: Done, gpus: int, owner: Any = None) -> "Device":
+        """A device of ``gpus`` GPUs (0: CPUs) that calls ``done(i, device)`` as each request ends;
+        ``owner``: what the hosting mode runs there (an instance, a copy)."""
+        engine = self.engine
+        index = len(engine.device_gpus)
+        engine.device_gpus.append(gpus)
+        kind = EXECUTION[self.kind]
+        if kind is Slots and self.sustained is not None:
+            kind = WarmSlots
+        dev = kind(self, index, done)
+        dev.owner = owner
+        return dev
+
+
+class Device:
+    """One device: requests start with :meth:`start`; ``done(i, self)`` is called as each ends.
+    ``busy``: requests in service. After :meth:`stop` (its instance failed) nothing more ends."""
+
+    __slots__ = ("index", "owner", "busy", "dead", "done", "_set", "_r", "_env", "warm", "warm_t")
+
+    def __init__(self, devices: DeviceSet, index: int, done: Done):
+        self.index = index
+        self.owner: Any = None
+        self.busy = 0
+        self.dead = False
+        self.done = done
+        self._set = devices
+        self._r = devices.requests
+        self._env = devices.engine.env
+        self.warm, self.warm_t = 1.0, self._env._now
+
+    def start(self, i: int, now: float) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """The device is gone (its instance failed): the requests on it end unseen."""
+        self.dead = True
+
+    # The speed under sustained load. ``warm`` is the part of the device's speed-up not yet gained, 1 at
+    # rest: while it serves requests it decays as exp(-t / time_constant); while it serves none (idle, or
+    # its instance loading a model) it comes back as 1 - (1 - warm) * exp(-t / rest_time_constant), at
+    # once when that is 0. A request's work is its draw times factor + (1 - factor) * warm at its start.
+    # ``warm_t``: when ``warm`` was last brought up to date; ``busy``: the requests in service (counted
+    # before the call). The constants are those of the model served at each change.
+    def _warm_work(self, i: int, now: float) -> float:
+        """Request ``i``'s work, starting at ``now``: its draw scaled, written to the request table (a
+        retried request is scaled anew from its draw)."""
+        r = self._r
+        p = self._set.sustained.get(r.model[i])
+        dt = now - self.warm_t
+        if p is not None and dt > 0.0:
+            if self.busy:
+                self.warm *= math.exp(-dt / p[1])
+            elif p[2] > 0.0:
+                self.warm = 1.0 - (1.0 - self.warm) * math.exp(-dt / p[2])
+            else:
+                self.warm = 1.0
+            self.warm_t = now
+        if p is None:
+            return r.service[i]
+        f = p[0]
+        t = r.service[i] = r.drawn[i] * (f + (1.0 - f) * self.warm)
+        return t
+
+    def _warm_end(self, i: int, now: float) -> None:
+        p = self._set.sustained.get(self._r.model[i])
+        if p is not None:
+            self.warm *= math.exp((self.warm_t - now) / p[1])
+            self.warm_t = now
+
+
+class Slots(Device):
+    """Independent slots at full speed: a request ends its work after it starts."""
+
+    __slots__ = ("_cbs", "_dcol", "_svc", "_spare")
+
+    def __init__(self, devices: DeviceSet, index: int, done: Done):
+        super().__init__(devices, index, done)
+        self._cbs = [self._fire]
+        self._dcol = self._r.device
+        self._svc = self._r.service
+        self._spare: Call | None = None   # the entry that just fired, for the next start to reuse
+
+    # The methods below run once per request: keep them lean.
+    def _entry(self, i: int) -> Call:
+        call = self._spare
+        if call is None:
+            return Call(self._cbs, i)
+        self._spare = None
+        call.callbacks = self._cbs
+        call.arg = i
+        return call
+
+    def start(self, i: int, now: float) -> None:
+        self._dcol[i] = self.index
+        self.busy += 1
+        env = self._env
+        call = self._spare
+        if call is None:
+            call = Call(self._cbs, i)
+        else:   # reuse the entry that just fired (a start from within done): cheaper than a new one
+            self._spare = None
+            call.callbacks = self._cbs
+            call.arg = i
+        # Inlined Environment.schedule: this is the hot path.
+        heappush(env._queue, (now + self._svc[i], NORMAL, next(env._eid), call))
+
+    def _fire(self, call: Call) -> None:
+        if self.dead:
+            return
+        self.busy -= 1
+        self._spare = call
+        self.done(call.arg, self)
+
+
+class WarmSlots(Slots):
+    """Slots whose speed changes under sustained load (``service.sustained``)."""
+
+    __slots__ = ()
+
+    def start(self, i: int, now: float) -> None:
+        self._dcol[i] = self.index
+        svc = self._warm_work(i, now)
+        self.busy += 1
+        env = self._env
+        heappush(env._queue, (now + svc, NORMAL, next(env._eid), self._entry(i)))
+
+    def _fire(self, call: Call) -> None:
+        if self.dead:
+            return
+        self.busy -= 1
+        i = call.arg
+        self._warm_end(i, self._env._now)
+        self._spare = call
+        self.done(i, self)
+
+
+class Batching(Device):
+    """Processor sharing with a capacity function: ``k`` requests in service each progress at ``1 /
+    slowdown(k)`` of their speed alone (``k`` over every model on the device)."""
+
+    __slots__ = ("_v", "_heaps", "_t", "_pending", "_firing", "_tables", "_fire_cbs")
+
+    def __init__(self, devices: DeviceSet, index: int, done: Done):
+        super().__init__(devices, index, done)
+        n = len(devices.curves)
+        self._v = [0.0] * n                     # per curve: work done by a request in service since 0
+        self._heaps: list[list[tuple[float, int]]] = [[] for _ in range(n)]   # (finishing tag, request)
+        self._t = self._env._now                # when the clocks were last moved
+        self._pending: Call | None = None       # the one calendar entry: the next finish
+        self._firing = False
+        # per curve, slowdown(k) for k = 0, 1, ... (extended as k grows)
+        self._tables: list[list[float]] = [[1.0] for _ in range(n)]
+        self._fire_cbs = [self._fire]
+
+    def _factor(self, c: int, k: int) -> float:
+        tab = self._tables[c]
+        while len(tab) <= k:
+            tab.append(self._set.curves[c](len(tab)))
+        return tab[k]
+
+    def _advance(self, now: float) -> None:
+        dt = now - self._t
+        if dt > 0.0:
+            k = self.busy
+            if k:
+                v = self._v
+                for c in range(len(v)):
+                    if self._heaps[c]:
+                        v[c] += dt / self._factor(c, k)
+            self._t = now
+
+    def _schedule(self) -> None:
+        if self._pending is not None:
+            self._pending.callbacks = []        # void it: SimPy calls no callback then
+            self._pending = None
+        k = self.busy
+        if not k:
+            return
+        best = math.inf
+        for c, h in enumerate(self._heaps):
+            if h:
+                dt = (h[0][0] - self._v[c]) * self._factor(c, k)
+                if dt < best:
+                    best = dt
+        env = self._env
+        call = self._pending = Call(self._fire_cbs)
+        heappush(env._queue, (env._now + max(best, 0.0), NORMAL, next(env._eid), call))
+
+    def start(self, i: int, now: float) -> None:
+        r = self._r
+        r.device[i] = self.index
+        self._advance(now)
+        work = r.service[i] if self._set.sustained is None else self._warm_work(i, now)
+        c = self._set.curve_of[r.model[i]]
+        if not self._heaps[c]:
+            self._v[c] = 0.0                    # an idle clock restarts at 0: tags stay small
+        heappush(self._heaps[c], (self._v[c] + work, i))
+        self.busy += 1
+        if not self._firing:
+            self._schedule()
+
+    def _fire(self, call: Call) -> None:
+        self._pending = None
+        if self.dead:
+            return
+        now = self._env._now
+        k = self.busy
+        self._advance(now)
+        # The finish this entry was scheduled for is due, whatever float residue is left; so is any
+        # other due within a nanosecond.
+        first, best = -1, math.inf
+        for c, h in enumerate(self._heaps):
+            if h:
+                rem = (h[0][0] - self._v[c]) * self._factor(c, k)
+                if rem < best:
+                    first, best = c, rem
+        due = [heappop(self._heaps[first])[1]]
+        for c, h in enumerate(self._heaps):
+            v = self._v[c]
+            f = self._factor(c, k)
+            while h and (h[0][0] - v) * f <= 1e-9:
+                due.append(heappop(h)[1])
+        self.busy -= len(due)
+        self._firing = True
+        try:
+            for i in due:
+                if self._set.sustained is not None:
+                    self._warm_end(i, now)
+                self.done(i, self)
+        finally:
+            self._firing = False
+        if not self.dead:
+            self._schedule()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._pending is not None:
+            self._pending.callbacks = []
+            self._pending = None
+
+
+# Execution models by name.
+EXECUTION: dict[str, type[Device]] = {"slots": Slots, "batching": Batching}
