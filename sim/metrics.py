@@ -68,6 +68,59 @@ def _count_integral(sorted_times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.diff(F)
 
 
+def _weighted_count_integral(times: np.ndarray, weights: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Integral over each bin of sum of ``weights[j]`` over the ``times[j]`` <= t."""
+    order = np.argsort(times, kind="stable")
+    t, w = times[order], weights[order]
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cwt = np.concatenate([[0.0], np.cumsum(w * t)])
+    k = np.searchsorted(t, edges, side="right")
+    return np.diff(cw[k] * edges - cwt[k])
+
+
+def device_series(run: RawRun, e: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
+    while it has a request in service; it counts its GPUs), the request-seconds in service and the
+    device-seconds busy. From the request table: each request served is in service on its device over
+    [start, end) (end: the horizon while in flight)."""
+    c = run.columns
+    sel = (run.endpoint_of_model[c["model"]] == e) & np.isfinite(c["start"]) & (c["device"] >= 0)
+    start = c["start"][sel]
+    end = np.where(np.isfinite(c["end"][sel]), c["end"][sel], run.scenario.horizon)
+    end = np.maximum(end, start)
+    dev = c["device"][sel].astype(np.int64)
+    in_service = _count_integral(np.sort(start), edges) - _count_integral(np.sort(end), edges)
+    if not len(dev):
+        zero = np.zeros(len(edges) - 1)
+        return zero, in_service, zero
+    # Busy periods per device: a sweep over its starts (+1) and ends (-1), in time order (starts first on a
+    # tie, so back-to-back requests make one period); a device's count returns to 0 at its last end.
+    t = np.concatenate([start, end])
+    d = np.concatenate([dev, dev])
+    step = np.concatenate([np.ones(len(start)), -np.ones(len(end))])
+    order = np.lexsort((-step, t, d))
+    t, d, step = t[order], d[order], step[order]
+    count = np.cumsum(step)
+    before = count - step
+    up = (before == 0) & (step > 0)
+    down = (count == 0) & (step < 0)
+    gpus = run.device_gpus[d].astype(float) if len(run.device_gpus) else np.zeros(len(d))
+    busy_gpu = _weighted_count_integral(t[up], gpus[up], edges) - _weighted_count_integral(t[down], gpus[down], edges)
+    busy = _count_integral(np.sort(t[up]), edges) - _count_integral(np.sort(t[down]), edges)
+    return busy_gpu, in_service, busy
+
+
+def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray) -> dict[str, np.ndarray]:
+    """Per bin: ``gpu_utilization`` (CloudWatch's GPUUtilization: the busy share of each GPU, summed over
+    an instance's GPUs, 0-100 x GPUs, averaged over the instances in service) and ``batch_size_mean``
+    (requests in service per busy device); NaN where undefined."""
+    busy_gpu, in_service, busy = device_series(run, e, edges)
+    gpus = run.scenario.endpoints[e].instance_type.gpus
+    util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
+    return {"gpu_utilization": util if gpus > 0 else np.full(len(util), np.nan),
+            "batch_size_mean": np.where(busy > 0, in_service / np.where(busy > 0, busy, 1.0), np.nan)}
+
+
 def requests_frame(run: RawRun) -> pd.DataFrame:
     """One row per request, as requests.parquet (DESIGN.md) plus service time and tokens."""
     c = run.columns
@@ -183,6 +236,10 @@ def _f(x) -> float | None:
     return None if x is None else float(x)
 
 
+def _nan_none(x) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
 def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, sel: np.ndarray, win: np.ndarray) -> dict[str, Any]:
     """The endpoint's CloudWatch-named figures over the measured horizon."""
     sc = run.scenario
@@ -281,10 +338,13 @@ def summarize(run: RawRun) -> dict[str, Any]:
         loads_e = int(sum(model_loads[m] for m in ep.models))
         blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], slo, loads_e)
         blk.update(ep_extra[e])
+        dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]))
+        blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
         if hasattr(run.logs[e], "summary_block"):
             blk.update(run.logs[e].summary_block(t0, t1))
         cw = _cloudwatch(run, e, t0, t1, sel, win)
         cw["ModelCacheHit"] = blk["cache_hit_rate"]
+        cw["GPUUtilization"] = blk["gpu_utilization"]
         blk["cloudwatch"] = cw
         blk["thrashing_index"] = cw["thrashing_index"]
         out["endpoints"][ep.name] = blk
@@ -372,6 +432,9 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
             "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
         }
+        dev = device_figures(run, e, edges, serving_s)
+        cols["gpu_utilization"] = cols["GPUUtilization"] = dev["gpu_utilization"]
+        cols["batch_size_mean"] = dev["batch_size_mean"]
         extra = getattr(log, "timeline_columns", None)   # inference components: copies and packing
         if extra is not None:
             cols.update(extra(edges))

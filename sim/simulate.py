@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,7 @@ class RawRun:
     endpoint_of_model: np.ndarray
     logs: list[EndpointLog]
     wall_seconds: float
+    device_gpus: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))   # GPUs per device
 
 
 # A closed-loop user whose request is refused at once (throttled, no capacity) waits at least this
@@ -154,4 +155,5 @@ def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 
     engine.run(scenario.horizon)
     wall = time.perf_counter() - t0
     return RawRun(scenario, seed, replication, engine.requests.to_arrays(),
-                  np.asarray(scenario.model_endpoint(), dtype=np.int32), [rt.log for rt in runtimes], wall)
+                  np.asarray(scenario.model_endpoint(), dtype=np.int32), [rt.log for rt in runtimes], wall,
+                  np.asarray(engine.device_gpus, dtype=np.int32))

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..catalog import Catalog, InstanceType, load_catalog
 from .errors import ScenarioError, suggest
 from .schema import CacheSpec, EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
-from .schema import AutoscalingSpec, ScaleFromZeroSpec, SustainedSpec
+from .schema import AutoscalingSpec, BatchingSpec, ScaleFromZeroSpec, SustainedSpec
 
 
 # Host-to-GPU bandwidth (GB/s) for an instance type whose GPU is not in the
@@ -327,13 +327,21 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             f, tau, rest = fit.sustained
             sustained = SustainedSpec(factor=f, time_constant=tau, rest_time_constant=rest)
             scale *= fit.rest_ratio
+        # The profile's measured slowdown with concurrency unless the scenario sets its own curve.
+        batching = svc.batching if svc.batching is not None else BatchingSpec(slowdown=fit.slowdown)
         resolved = ServiceSpec(base=fit.base_ms * scale, per_input_token=fit.per_input_token_ms * scale,
                                per_output_token=fit.per_output_token_ms * scale,
                                cv=svc.cv if svc.cv is not None else fit.cv, dist=svc.dist,
-                               sustained=sustained)
+                               sustained=sustained, batching=batching)
         groups[gi] = replace(grp, service=resolved)
         for m in grp.models:
             models[m] = replace(models[m], service=resolved)
+
+    for g in groups:
+        b = g.service.batching if g.service is not None else None
+        if b is not None:
+            warnings += [f"models[{g.index}].service.batching: {note}" for note in b.notes()]
+    warnings += _full_speed_warnings(endpoints, models)
 
     for g in groups:
         if g.traffic is None:
@@ -343,7 +351,36 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                 raise ScenarioError(f"model {names[m]!r} has traffic but no endpoint serves it",
                                     source=source, path=f"models[{g.index}]")
     return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source, base_dir,
-                    tuple(warnings))
+                    tuple(dict.fromkeys(warnings)))
+
+
+def _full_speed_warnings(endpoints: list[Endpoint], models: list[Model]) -> list[str]:
+    """A GPU model that can have more than one request in service on one device with no slowdown
+    curve: the simulator would serve each at full speed (optimistic)."""
+    out = []
+    for ep in endpoints:
+        where = f"endpoints[{ep.spec_index}]"
+        if ep.instance_type.gpus == 0:
+            continue
+        if ep.mode == "ic":
+            for c in ep.components:
+                if c.accelerators and c.max_concurrency > 1 and models[c.model].service.batching is None:
+                    out.append(_full_speed(c.path, f"max_concurrency {c.max_concurrency} of {models[c.model].name!r}"))
+            continue
+        plain = [models[m] for m in ep.models if models[m].service.batching is None and
+                 (ep.mode == "mme" or models[m].accelerators > 0)]
+        if not plain:
+            continue
+        if ep.max_concurrency > 1:
+            out.append(_full_speed(where, f"max_concurrency {ep.max_concurrency}"))
+        elif ep.mode == "mme" and len(ep.models) > 1 and ep.spec.instance_concurrency != 1:
+            out.append(_full_speed(where, "the models an instance holds share its GPU"))
+    return out
+
+
+def _full_speed(where: str, why: str) -> str:
+    return (f"{where}: concurrent requests on one GPU each run at full speed ({why}); set service.batching "
+            "or use a calibrated service")
 
 
 _METRIC_MODES = {"invocations_per_instance": ("sme", "mme"), "concurrent_requests_per_model": ("sme", "mme"),
