@@ -18,19 +18,33 @@ from .simulate import simulate
 from .workload.build import build_workload
 
 
-def sme_scenario(requests: float = 1.0e6, instances: int = 10, load: float = 0.7) -> dict:
-    """A standard SME: ``instances`` single-copy instances, random routing, M/M/1 each at ``load``."""
+def sme_scenario(requests: float = 1.0e6, instances: int = 10, load: float = 0.7,
+                 batching: dict | None = None, max_concurrency: int = 1) -> dict:
+    """A standard SME: ``instances`` single-copy instances, random routing, M/M/1 each at ``load``; with
+    ``batching`` (a slowdown curve), ``max_concurrency`` requests share each GPU and ``load`` is of the
+    most the curve serves."""
     mean_s = 0.05
-    rate = load * instances / mean_s
+    speedup = 1.0
+    service: dict[str, Any] = {"dist": "exponential", "mean": mean_s}
+    if batching is not None:
+        from .hosting.device import slowdown_table
+
+        service["batching"] = {"slowdown": batching}
+        speedup = max_concurrency / slowdown_table(batching)(max_concurrency)
+    rate = load * instances * speedup / mean_s
     return {
         "name": "bench-sme",
         "seed": 1,
         "duration": requests / rate,
-        "models": [{"name": "m", "size_gb": 1, "service": {"dist": "exponential", "mean": mean_s},
+        "models": [{"name": "m", "size_gb": 1, "service": service,
                     "traffic": {"process": "poisson", "rate": rate}}],
         "endpoints": [{"name": "sme", "mode": "sme", "instance_type": "ml.g5.xlarge", "instances": instances,
-                       "routing": "random", "models": ["m"]}],
+                       "routing": "random", "max_concurrency": max_concurrency, "models": ["m"]}],
     }
+
+
+# The batching case's curve: about what a small model shows on one GPU (throughput x2 at 4 in service).
+BENCH_CURVE = {1: 1.0, 2: 1.3, 4: 2.0}
 
 
 def _simpy_processes(arrival: np.ndarray, service: np.ndarray, u: np.ndarray, instances: int,
@@ -80,6 +94,16 @@ def bench_sme(requests: float = 1.0e6, baseline_requests: float = 2.0e5) -> dict
             "speedup_vs_simpy_processes": rps / brps}
 
 
+def bench_batching(requests: float = 1.0e6) -> dict[str, Any]:
+    """The SME case with 4 requests sharing each GPU (``service.batching``: processor sharing)."""
+    sc = parse_scenario(sme_scenario(requests, batching=BENCH_CURVE, max_concurrency=4), source="bench-batching")
+    t0 = time.perf_counter()
+    raw = simulate(sc)
+    wall = time.perf_counter() - t0
+    n = len(raw.columns["arrival"])
+    return {"requests": n, "wall_seconds": wall, "requests_per_s": n / wall}
+
+
 def mme_scenario(requests: float = 1.0e6, instances: int = 4) -> dict:
     """A standard MME: 200 models with Zipf(1.0) popularity on ml.g5.xlarge instances
     that each cache about 20 of them, so a few percent of requests are cold."""
@@ -121,9 +145,10 @@ def bench_sweep(points: int = 16, scale: float = 1.0, workers: int | None = None
             "sweep_speedup": r["speedup"]}
 
 
-def run_bench(cases: tuple[str, ...] = ("sme", "mme"), scale: float = 1.0) -> dict[str, Any]:
+def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching"), scale: float = 1.0) -> dict[str, Any]:
     """All benchmark cases (``"sweep"``: :func:`bench_sweep`); the SME case's figures are also at
-    the top level, and the sweep's as ``sweep_serial_s``, ``sweep_parallel_s``, ``sweep_speedup``."""
+    the top level, the batching case's as ``batching: {requests_per_s}``, and the sweep's as
+    ``sweep_serial_s``, ``sweep_parallel_s``, ``sweep_speedup``."""
     out: dict[str, Any] = {"cases": {}}
     if "sme" in cases:
         sme = bench_sme(1.0e6 * scale, 2.0e5 * scale)
@@ -133,6 +158,9 @@ def run_bench(cases: tuple[str, ...] = ("sme", "mme"), scale: float = 1.0) -> di
     if "mme" in cases:
         out["cases"]["mme"] = bench_mme(1.0e6 * scale)
         out["mme_requests_per_s"] = out["cases"]["mme"]["requests_per_s"]
+    if "batching" in cases:
+        b = out["cases"]["batching"] = bench_batching(1.0e6 * scale)
+        out["batching"] = {"requests_per_s": b["requests_per_s"]}
     if "sweep" in cases:
         sw = bench_sweep(scale=scale)
         out["cases"]["sweep"] = sw

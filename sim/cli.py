@@ -168,7 +168,8 @@ def bench(as_json, scale, parallel):
 
     if not as_json:
         click.echo("benchmarking (about a minute)...", err=True)
-    res = run_bench(("sme", "mme", "sweep") if parallel else ("sme", "mme"), scale=scale)
+    cases = ("sme", "mme", "batching")
+    res = run_bench(cases + ("sweep",) if parallel else cases, scale=scale)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -179,8 +180,9 @@ def bench(as_json, scale, parallel):
                        f"{c['sweep_parallel_s']:.2f} s: {c['sweep_speedup']:.2f}x on {c['cores']} cores"
                        f"{'' if c['identical'] else ' (TABLES DIFFER)'}")
             continue
+        ratio = f" ({c['requests_per_s'] / res['requests_per_s']:.0%} of sme)" if name == "batching" else ""
         click.echo(f"{name}: {c['requests']:,} requests in {c['wall_seconds']:.2f} s = "
-                   f"{c['requests_per_s']:,.0f} simulated requests/s")
+                   f"{c['requests_per_s']:,.0f} simulated requests/s{ratio}")
         if "baseline_requests_per_s" in c:
             click.echo(f"{name} baseline (SimPy process per request): {c['baseline_requests_per_s']:,.0f} "
                        f"requests/s; speed-up {c['speedup_vs_simpy_processes']:.2f}x")

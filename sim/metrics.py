@@ -82,11 +82,12 @@ def device_series(run: RawRun, e: int, edges: np.ndarray) -> tuple[np.ndarray, n
     """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
     while it has a request in service; it counts its GPUs), the request-seconds in service and the
     device-seconds busy. From the request table: each request served is in service on its device over
-    [start, end) (end: the horizon while in flight)."""
+    [start, the end of its service) (the horizon while in flight)."""
     c = run.columns
     sel = (run.endpoint_of_model[c["model"]] == e) & np.isfinite(c["start"]) & (c["device"] >= 0)
     start = c["start"][sel]
-    end = np.where(np.isfinite(c["end"][sel]), c["end"][sel], run.scenario.horizon)
+    served = c["served_end"][sel]
+    end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
     end = np.maximum(end, start)
     dev = c["device"][sel].astype(np.int64)
     in_service = _count_integral(np.sort(start), edges) - _count_integral(np.sort(end), edges)

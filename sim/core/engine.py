@@ -57,6 +57,8 @@ class Requests:
         self.end: list[float] = [np.nan] * n
         self.instance: list[int] = [-1] * n
         self.device: list[int] = [-1] * n      # the device that served it (sim.hosting.device)
+        # requests whose service ended after their client gave up (a timeout): when it ended
+        self.served_late: dict[int, float] = {}
         self.status: list[int] = [IN_FLIGHT] * n
         self.load: list[float] = [0.0] * n
         self.cold: list[bool] = [False] * n
@@ -106,7 +108,16 @@ class Requests:
             "status": np.asarray(self.status, dtype=np.int8),
             "load": np.asarray(self.load, dtype=float),
             "cold": np.asarray(self.cold, dtype=bool),
+            "served_end": self._served_end(),
         }
+
+    def _served_end(self) -> np.ndarray:
+        """When each request's service ended: its end, or later for one served past its timeout."""
+        out = np.asarray(self.end, dtype=float).copy()
+        if self.served_late:
+            k = np.fromiter(self.served_late.keys(), dtype=np.int64)
+            out[k] = np.fromiter(self.served_late.values(), dtype=float)
+        return out
 
 
 class Engine:

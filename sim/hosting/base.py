@@ -141,6 +141,7 @@ class EndpointRuntime:
                 r.status[i] = OK
                 r.end[i] = now
         else:
+            r.served_late[i] = now   # served to the end for a client gone since arrival + timeout
             self.engine.finish(i, TIMEOUT, a + self.timeout)
 
     # -- the fleet --------------------------------------------------------------------

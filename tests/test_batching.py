@@ -1,0 +1,261 @@
+"""Requests that share a device (``service.batching``): exact event logs, queueing theory and
+invariants.
+
+Theory: with exponential work, the number of requests on a device whose requests each progress at
+1 / slowdown(k) is a birth-death chain (in state n the device completes work at rate
+min(n, K) / slowdown(min(n, K)) / E[S]); with slowdown(k) = k (processor sharing) the mean sojourn is
+E[S] / (1 - rho) whatever the distribution of the work, per class too. Tolerances are several standard
+errors at the run lengths used (checked over other seeds when written).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TEST_TYPE, run_dict, sme
+from sim.core.engine import IN_FLIGHT, OK, STATUS_NAMES, TIMEOUT
+from sim.hosting.device import slowdown_table
+from sim.scenario import ScenarioError, parse_scenario
+from sim.simulate import simulate
+
+GPU1 = {"name": "test.gpu1", "gpus": 1, "gpu_memory_gb": 80, "vcpus": 8, "memory_gb": 256, "price_per_hour": 1.0}
+
+
+def _trace(tmp_path, arrivals):
+    p = tmp_path / "arrivals.csv"
+    p.write_text("arrival_s\n" + "".join(f"{a}\n" for a in arrivals))
+    return str(p)
+
+
+def _one(tmp_path, arrivals, *, mean=1.0, curve=None, max_concurrency=2):
+    svc = {"dist": "deterministic", "mean": mean}
+    if curve is not None:
+        svc["batching"] = {"slowdown": curve}
+    d = sme(mean=mean, dist="deterministic", max_concurrency=max_concurrency, duration=30.0,
+            instance_type="test.gpu1", traffic={"process": "trace", "path": _trace(tmp_path, arrivals)},
+            instance_types=[GPU1])
+    d["models"][0]["service"] = svc
+    return run_dict(d).requests
+
+
+# -- exact event logs ------------------------------------------------------------------------------------------------
+def test_exact_log_two_requests_share_then_one_queues(tmp_path):
+    # 1 s of work each, slowdown(2) = 1.5, at most 2 in service.
+    # A alone 0-0.5 (0.5 done); A and B at 1/1.5: A's 0.5 left takes 0.75, A ends 1.25 (B has 0.5 done).
+    # C arrives at 0.6 and queues; at 1.25 C starts beside B: B's 0.5 takes 0.75 -> 2.0 (C: 0.5 done);
+    # C alone from 2.0: 0.5 more -> 2.5.
+    r = _one(tmp_path, [0.0, 0.5, 0.6], curve={1: 1.0, 2: 1.5})
+    assert r["start_s"].tolist() == pytest.approx([0.0, 0.5, 1.25], abs=1e-9)
+    assert r["end_s"].tolist() == pytest.approx([1.25, 2.0, 2.5], abs=1e-9)
+    assert r["service_ms"].tolist() == pytest.approx([1000.0] * 3)   # the work, as alone
+
+
+def test_exact_log_beyond_the_last_point_no_more_throughput(tmp_path):
+    # Curve {2: 1.6}: slowdown(4) = 3.2 (proportional beyond the last point), slowdown(3) = 2.4.
+    # Four requests at 0 of 1 s each, all in service: each ends at 3.2.
+    r = _one(tmp_path, [0.0] * 4, curve={2: 1.6}, max_concurrency=4)
+    assert r["end_s"].tolist() == pytest.approx([3.2] * 4, abs=1e-9)
+    f = slowdown_table({2: 1.6})
+    assert (f(1), f(2), f(3), f(4)) == pytest.approx((1.0, 1.6, 2.4, 3.2))
+    g = slowdown_table({1: 1.0, 2: 1.3, 4: 2.0})
+    assert g(3) == pytest.approx(1.65)
+
+
+def test_without_batching_slots_run_at_full_speed(tmp_path):
+    r = _one(tmp_path, [0.0, 0.5, 0.6])
+    assert r["end_s"].tolist() == pytest.approx([1.0, 1.5, 2.0], abs=1e-9)
+
+
+def test_device_metrics(tmp_path):
+    # Busy 0-2.5 on one GPU of one instance over a 30 s horizon: GPUUtilization 2.5/30 of 100.
+    res_d = sme(mean=1.0, dist="deterministic", max_concurrency=2, duration=30.0, instance_type="test.gpu1",
+                traffic={"process": "trace", "path": _trace(tmp_path, [0.0, 0.5, 0.6])}, instance_types=[GPU1])
+    res_d["models"][0]["service"]["batching"] = {"slowdown": {2: 1.5}}
+    res = run_dict(res_d)
+    e = res.summary["endpoints"]["e"]
+    assert e["gpu_utilization"] == pytest.approx(100 * 2.5 / 30)
+    # in service: A 1.25 + B 1.5 + C 1.25 = 4.0 request-seconds over 2.5 busy seconds
+    assert e["batch_size_mean"] == pytest.approx(4.0 / 2.5)
+    assert res.timeline["gpu_utilization"].iloc[0] == pytest.approx(100 * 2.5 / 30)
+
+
+# -- theory -------------------------------------------------------------------------------------------------------
+def _chain_mean_sojourn(lam: float, mean: float, curve: dict, K: int, n_max: int = 4000) -> float:
+    f = slowdown_table(curve)
+    p = [1.0]
+    for n in range(1, n_max):
+        k = min(n, K)
+        p.append(p[-1] * lam / (k / f(k) / mean))
+    p = np.asarray(p) / sum(p)
+    return float((np.arange(n_max) * p).sum() / lam)
+
+
+@pytest.mark.parametrize("curve,K", [({1: 1.0, 2: 1.3, 4: 2.0, 8: 3.6}, 8), ({2: 1.8}, 4), ({1: 1.0, 4: 1.5}, 4)])
+@pytest.mark.parametrize("load", [0.5, 0.9])
+def test_birth_death_chain(curve, K, load):
+    mean = 0.05
+    f = slowdown_table(curve)
+    lam = load * K / f(K) / mean            # load: of the device's most throughput
+    duration = 150_000 / lam if load < 0.8 else 600_000 / lam
+    d = sme(rate=lam, mean=mean, max_concurrency=K, duration=duration, warmup=200 * mean, seed=11,
+            instance_type="test.gpu1", instance_types=[GPU1])
+    d["models"][0]["service"]["batching"] = {"slowdown": curve}
+    r = run_dict(d).requests
+    lat = r[(r["status"] == "ok") & (r["arrival_s"] >= 200 * mean)]["latency_ms"].to_numpy() / 1e3
+    assert lat.mean() == pytest.approx(_chain_mean_sojourn(lam, mean, curve, K), rel=0.03)
+
+
+@pytest.mark.parametrize("dist,cv", [("deterministic", None), ("lognormal", 2.0)])
+def test_processor_sharing_is_insensitive(dist, cv):
+    mean, rho = 0.05, 0.7
+    d = sme(rate=rho / mean, mean=mean, dist=dist, cv=cv, max_concurrency=10_000, duration=20_000, warmup=50,
+            seed=5, instance_type="test.gpu1", instance_types=[GPU1])
+    d["models"][0]["service"]["batching"] = {"slowdown": {1: 1.0}}   # slowdown(k) = k
+    r = run_dict(d).requests
+    lat = r[(r["status"] == "ok") & (r["arrival_s"] >= 50)]["latency_ms"].to_numpy() / 1e3
+    assert lat.mean() == pytest.approx(mean / (1 - rho), rel=0.03)
+
+
+def test_multi_class_processor_sharing_on_one_mme_gpu():
+    # Three models on one MME GPU, means 20/50/120 ms, equal rates: total rho 0.75, slowdown(k) = k.
+    means = [0.02, 0.05, 0.12]
+    rho = 0.75
+    lam = rho / sum(means)                  # per model
+    d = {"name": "mc", "seed": 9, "duration": 30_000, "warmup": 60, "instance_types": [GPU1],
+         "models": [{"name": f"m{k}", "size_gb": 0.1, "memory_gb": 1,
+                     "service": {"dist": "exponential", "mean": m, "batching": {"slowdown": {1: 1.0}}},
+                     "traffic": {"process": "poisson", "rate": lam}} for k, m in enumerate(means)],
+         "endpoints": [{"name": "e", "mode": "mme", "instance_type": "test.gpu1", "instances": 1,
+                        "max_concurrency": 10_000, "models": ["m*"]}]}
+    r = run_dict(d).requests
+    ok = r[(r["status"] == "ok") & (r["arrival_s"] >= 60)]
+    for k, m in enumerate(means):
+        lat = ok[ok["model"] == f"m{k}"]["latency_ms"].to_numpy() / 1e3
+        assert lat.mean() == pytest.approx(m / (1 - rho), rel=0.05), f"m{k}"
+
+
+# -- no-op default ---------------------------------------------------------------------------------------------
+def test_batching_changes_the_run_only_where_set():
+    base = sme(rate=30, mean=0.05, max_concurrency=4, duration=600, instance_type="test.gpu1", instance_types=[GPU1])
+    a = run_dict(base).requests
+    b = run_dict(base).requests
+    assert a["end_s"].equals(b["end_s"])
+    shared = copy.deepcopy(base)
+    shared["models"][0]["service"]["batching"] = {"slowdown": {1: 1.0, 4: 3.0}}
+    c = run_dict(shared).requests
+    assert c["arrival_s"].equals(a["arrival_s"]) and c["service_ms"].equals(a["service_ms"])   # same draws
+    assert c["latency_ms"].mean() > a["latency_ms"].mean()
+
+
+# -- invariants (Hypothesis) ---------------------------------------------------------------------------------------
+def _check_device_work(cols: dict, f, horizon: float, cap: int) -> None:
+    """Walk each device's requests in time order: the work each completed request receives, its time in
+    service integrated at 1 / slowdown(k), is its service time; k never exceeds the device's cap."""
+    start, end, dev, svc = cols["start"], cols["served_end"], cols["device"], cols["service"]
+    done = np.isin(cols["status"], (OK, TIMEOUT)) & np.isfinite(start) & np.isfinite(end)
+    for d in np.unique(dev[dev >= 0]):
+        mine = np.flatnonzero((dev == d) & np.isfinite(start))
+        t = np.concatenate([start[mine], np.where(np.isfinite(end[mine]), end[mine], horizon)])
+        step = np.concatenate([np.ones(len(mine)), -np.ones(len(mine))])
+        order = np.lexsort((step, t))      # ends first on a tie
+        ts, k = t[order], np.cumsum(step[order])
+        assert k.max() <= cap
+        # k is constant on [ts[s], ts[s + 1]); a request there does (length) / slowdown(k) of work
+        rate = np.array([1.0 / f(int(round(x))) if x > 0 else 0.0 for x in k[:-1]])
+        cum = np.concatenate([[0.0], np.cumsum(np.diff(ts) * rate)])
+
+        def work_at(x):
+            j = np.clip(np.searchsorted(ts, x, side="right") - 1, 0, len(ts) - 2)
+            return cum[j] + (x - ts[j]) * rate[j]
+
+        for j in mine[done[mine]]:
+            assert work_at(end[j]) - work_at(start[j]) == pytest.approx(svc[j], rel=1e-6, abs=1e-9)
+
+
+params = st.fixed_dictionaries({
+    "mode": st.sampled_from(["sme", "mme", "ic"]),
+    "load": st.floats(0.2, 1.5),
+    "max_concurrency": st.integers(1, 6),
+    "points": st.lists(st.tuples(st.integers(2, 8), st.floats(1.0, 6.0)), min_size=1, max_size=3),
+    "dist": st.sampled_from(["exponential", "deterministic", "lognormal"]),
+    "models": st.integers(1, 3),
+    "seed": st.integers(0, 2**31),
+})
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(params)
+def test_each_request_receives_its_work_and_devices_hold_their_cap(p):
+    curve = {1: 1.0, **{k: f for k, f in p["points"]}}
+    mean = 0.1
+    cv = 1.0 if p["dist"] == "lognormal" else None
+    svc = {"dist": p["dist"], "mean": mean, "batching": {"slowdown": curve}}
+    if cv is not None:
+        svc["cv"] = cv
+    n = p["models"]
+    rate = p["load"] * 10.0
+    models = [{"name": f"m{k}", "size_gb": 0.1, "memory_gb": 1, "service": svc,
+               "traffic": {"process": "poisson", "rate": rate / n}} for k in range(n)]
+    ep = {"name": "e", "mode": p["mode"], "instance_type": "test.gpu8", "instances": 2,
+          "max_concurrency": p["max_concurrency"], "timeout": 5.0}
+    if p["mode"] == "ic":
+        ep["instances"] = 1
+        ep["components"] = [{"model": f"m{k}", "accelerators": 1, "copies": 1} for k in range(n)]
+    else:
+        ep["models"] = ["m*"] if p["mode"] == "mme" else ["m0"]
+        if p["mode"] == "sme":
+            models = models[:1]
+    d = {"name": "prop", "seed": p["seed"], "duration": 60.0, "warmup": 0, "instance_types": [TEST_TYPE],
+         "models": models, "endpoints": [ep]}
+    sc = parse_scenario(d, source="test")
+    run = simulate(sc)
+    c = run.columns
+    # the most its hosts may start on one device: an MME instance's GPU takes every model's
+    cap = p["max_concurrency"] * (len(models) if p["mode"] == "mme" else 1)
+    _check_device_work(c, slowdown_table(curve), sc.horizon, cap)
+    assert set(np.unique(c["status"]).tolist()) <= set(range(len(STATUS_NAMES)))
+    # every request that ended has an end at or after its arrival; those in flight have none
+    ended = c["status"] != IN_FLIGHT
+    assert np.all(c["end"][ended] >= c["arrival"][ended] - 1e-9)
+    assert np.all(np.isnan(c["end"][~ended]))
+
+
+# -- errors and warnings ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("curve,msg", [
+    ({}, "at least one level"),
+    ({0: 1.0}, "must be >= 1"),
+    ({"2.5": 1.5}, "whole number"),
+    ({2.5: 1.5}, "whole number"),
+    ({2: 0.0}, "factor > 0"),
+    ({2: -1.0}, "factor > 0"),
+    ({2: float("inf")}, "factor > 0"),
+    ({1: 2.0}, "1 by definition"),
+])
+def test_bad_curves_name_the_key(curve, msg):
+    d = sme(instance_type="test.gpu1", instance_types=[GPU1])
+    d["models"][0]["service"]["batching"] = {"slowdown": curve}
+    with pytest.raises(ScenarioError, match=msg) as e:
+        parse_scenario(d, source="s.yaml")
+    assert "models[0].service.batching.slowdown" in str(e.value)
+
+
+def test_odd_curves_and_full_speed_gpus_warn():
+    d = sme(instance_type="test.gpu1", instance_types=[GPU1], max_concurrency=4)
+    sc = parse_scenario(copy.deepcopy(d), source="s.yaml")
+    assert any("each run at full speed" in w and "endpoints[0]" in w for w in sc.warnings)
+    d["models"][0]["service"]["batching"] = {"slowdown": {2: 1.5, 4: 4.0}}
+    sc = parse_scenario(copy.deepcopy(d), source="s.yaml")
+    assert not any("full speed" in w for w in sc.warnings)
+    assert any("throughput k / slowdown(k) falls at k = 4" in w for w in sc.warnings)
+    d["models"][0]["service"]["batching"] = {"slowdown": {2: 0.9}}
+    sc = parse_scenario(d, source="s.yaml")
+    assert any("faster in company" in w for w in sc.warnings)
+    # one request at a time, or CPU workers: no warning
+    one = sme(instance_type="test.gpu1", instance_types=[GPU1], max_concurrency=1)
+    assert not any("full speed" in w for w in parse_scenario(one, source="s.yaml").warnings)
+    cpu = sme(max_concurrency=4, accelerators=0)
+    assert not any("full speed" in w for w in parse_scenario(cpu, source="s.yaml").warnings)
