@@ -106,6 +106,8 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots):
         click.echo(json.dumps(result.summary, indent=2))
     else:
         print_summary(result.summary)
+        for w in result.summary.get("warnings", []):
+            click.echo(f"warning: {w}", err=True)
         click.echo(f"results written to {path}/", err=True)
 
 

@@ -259,3 +259,20 @@ def test_odd_curves_and_full_speed_gpus_warn():
     assert not any("full speed" in w for w in parse_scenario(one, source="s.yaml").warnings)
     cpu = sme(max_concurrency=4, accelerators=0)
     assert not any("full speed" in w for w in parse_scenario(cpu, source="s.yaml").warnings)
+
+
+def test_run_and_validate_print_the_full_speed_warning(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from sim.cli import main
+
+    d = sme(instance_type="test.gpu1", instance_types=[GPU1], max_concurrency=4, duration=60.0)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(d))
+    for args in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "o"), "--no-plots"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        assert "each run at full speed" in res.output
+    import json
+    assert any("full speed" in w for w in json.loads((tmp_path / "o" / "summary.json").read_text())["warnings"])
