@@ -1,4 +1,4 @@
-# The two commands: `make run` and `make test`. Each creates .venv and installs.
+# The two commands: `make run` and `make test` (and `make fidelity-quick`). Each creates .venv and installs.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # fetches a multi-GB CUDA build to satisfy the dev extra.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run test fidelity-quick install install-dev bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+# The simulator against the real serving testbed on this machine (capsim fidelity --quick, about
+# 5 minutes on a quiet 2-core machine): its own step, after make test, in .ci/run. A case that
+# misses its tolerance on a machine too noisy to measure is reported as such (xfail), not failed.
+fidelity-quick: $(VENV)/.installed-dev
+	$(PY) -m pytest -m fidelity -rxs
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/capsim bench

@@ -109,6 +109,45 @@ class CpuMeter:
 METER = CpuMeter()
 
 
+def _utime_s(pid: int, tck: float) -> float:
+    """User CPU seconds of a live process (all its threads), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) / tck      # utime: field 14 of /proc/PID/stat
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Neighbours:
+    """How many cores other processes used over a span: the machine's user CPU time
+    (/proc/stat: user, nice and steal, as CpuMeter counts it) less this process's, its
+    reaped children's (getrusage) and ``pids``' (live processes of ours, /proc/PID/stat).
+    ``start()``, then ``cores()`` at the end: the mean number of cores they used, None where
+    /proc/stat cannot be read. The measurement of a timing's noise that a timing alone cannot
+    give: a neighbour that takes a core for minutes shows here whatever the samples say."""
+
+    def __init__(self, pids=()):
+        self.pids = list(pids)
+        self.start()
+
+    def _snap(self):
+        busy, _, wall = METER.snap()
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = me.ru_utime + kids.ru_utime + sum(_utime_s(p, METER.tck) for p in self.pids)
+        return busy, own, wall
+
+    def start(self) -> "Neighbours":
+        self.a = self._snap()
+        return self
+
+    def cores(self) -> float | None:
+        b = self._snap()
+        if self.a[0] is None or b[0] is None or b[2] <= self.a[2]:
+            return None
+        return max(0.0, (b[0] - self.a[0]) - (b[1] - self.a[1])) / (b[2] - self.a[2])
+
+
 class _Contention:
     """Run-wide bookkeeping of contended samples and of the time spent
     waiting for the machine to calm down."""

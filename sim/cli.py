@@ -535,6 +535,14 @@ def fidelity(measured, device, quick, cases, out, runs, profile, prepare, as_jso
                       fig, _fmt(m, 3 if fig == "hit_rate" else 1), _fmt(s_, 3 if fig == "hit_rate" else 1), err,
                       f"{spread[fig]:.1%}" if spread else "")
     Console().print(t)
+    for name, row in res["cases"].items():
+        noisy = [r["noise"]["why"] for r in row["runs"] if (r.get("noise") or {}).get("noisy")]
+        if row.get("verdict") == "too noisy":
+            click.echo(f"{name}: outside the tolerance, on a machine too noisy to measure ({'; '.join(noisy)})")
+        elif row.get("verdict") == "outside":
+            click.echo(f"{name}: outside the tolerance ({', '.join(k for k, ok in row['within'].items() if not ok)})")
+        elif noisy:
+            click.echo(f"{name}: measured on a noisy machine ({'; '.join(noisy)})")
     if not measured:
         click.echo(f"fidelity.json and each case's plan, arrivals and testbed records in {out}/", err=True)
 

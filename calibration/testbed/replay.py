@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import multiprocessing as mp
+import os
 import random
 import threading
 import time
@@ -129,8 +130,10 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
         # Half the calibration before the measured replay and half after: the machine's
         # speed drifts (a shared host: +-10% over minutes here), and a drift in between
         # then biases neither side.
-        cals = []
+        cals, poisson = [], []
         for half in range(2):
+            poisson.append(len(calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half,
+                                                    burst=False, groups=False)))
             # The burst comes last: its seconds above capacity slow this machine for a while after.
             cal = calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half, burst=half == 1)
             log(f"testbed: calibration replay {half + 1} of 2, {len(cal)} requests over "
@@ -138,13 +141,22 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
             cals.append(_replay(plan, cal, conns, seed + 1 + half, lambda m: None))
             _reset(conns)
             if half == 0:
+                neighbours = harness.Neighbours([p.pid for p in procs])
                 measured = _replay(plan, arrivals, conns, seed, log)
+                noise = {"neighbour_cores": neighbours.cores(), "cpus": os.cpu_count(),
+                         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
                 _reset(conns)
-        probed = _calibrated(plan, probed, cals)
+        noise["level_drift"] = level_drift(cals, poisson)
+        curve = slowdown_curve(plan, cals)
+        probed = _calibrated(plan, probed, cals, curve)
+        if curve:
+            log("testbed: slowdown with concurrency " + ", ".join(
+                f"{k}: {v:.2f}" for k, v in curve["slowdown"].items()))
         for name, p in probed.items():
             log(f"probe: {name} cold start {p['load']['median'] * 1e3:.0f} ms, "
                 f"request {p['service']['median'] * 1e3:.1f} ms (medians)")
-        return {"probe": {"models": probed, "calibration": cals}, "time_scale": scale, **measured}
+        return {"probe": {"models": probed, "calibration": cals, "concurrency": curve}, "time_scale": scale,
+                "noise": noise, **measured}
     finally:
         for c in conns:
             try:
@@ -196,6 +208,11 @@ def fitting(plan: dict) -> int:
     return int(plan["memory_budget_gb"] // max(m["memory_gb"] for m in ms)) if plan["mode"] == "mme" else len(ms)
 
 
+def concurrency(plan: dict) -> int:
+    """The most requests an instance of a plan has in service at once."""
+    return min(plan["instance_concurrency"], plan["max_concurrency"] * len(plan["models"]))
+
+
 def miss_share(plan: dict) -> float:
     """The share of requests a plan's instances are expected to serve cold: those of the models
     that do not fit the memory budget at once (models alike in traffic)."""
@@ -209,9 +226,13 @@ RESTS_S = (0.005, 1.0)      # log-uniform over this span,
 BURST_LOAD = 1.25           # then a burst at this multiple of capacity,
 BURST_S = 3.0               # this long, after a pause of
 BURST_PAUSE_S = 1.0
+GROUP_ROUNDS = 10           # with concurrency: rounds of groups of 1..k requests sent at once,
+GROUP_REST_S = 0.02         # each after a rest this long
+SLOWDOWN_MIN_SAMPLES = 5    # a level with fewer requests is left out of the curve
 
 
-def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: bool = True) -> list:
+def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: bool = True,
+                         groups: bool = True) -> list:
     """A calibration workload: Poisson arrivals spread evenly over the models, at a
     rate that keeps an instance about half busy (requests and the loads of the
     models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds; then, with
@@ -219,7 +240,9 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
     (log-uniform over RESTS_S) after the one before, whose times show how the speed comes back
     over a rest; and after a pause of BURST_PAUSE_S, BURST_S of Poisson arrivals at BURST_LOAD times
     the capacity, spread over the models that fit, whose times show how the speed changes along a
-    busy period of seconds (``fit.fit_warmth`` fits both).
+    busy period of seconds (``fit.fit_warmth`` fits both). Where an instance serves several requests
+    at once (``concurrency``), with ``groups``, the Poisson part is followed by GROUP_ROUNDS rounds
+    of groups of 1..k requests sent at once (``slowdown_curve``).
 
     The simulator's service and load times come from this replay, run through the
     same router, pipes and workers as the measured one: a request's time there is
@@ -238,6 +261,22 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
         if t > CALIBRATION_MAX_S:
             break
         out.append((t, rng.randrange(len(ms))))
+    most = concurrency(plan) if groups else 1
+    if most > 1:
+        # Groups of k requests sent at once, k = 1..most in a shuffled order round after round (so that
+        # the machine's drift touches every level alike), each after the one before has had the time
+        # to end (served one at a time, at worst) and a rest: their times give the slowdown with
+        # concurrency (``slowdown_curve``).
+        t += BURST_PAUSE_S
+        levels = list(range(1, most + 1))
+        prev = 0
+        for _ in range(GROUP_ROUNDS):
+            rng.shuffle(levels)
+            for k in levels:
+                t += prev * svc + GROUP_REST_S
+                out += [(t, rng.randrange(min(fits, len(ms)))) for _ in range(k)]
+                prev = k
+        t += prev * svc
     if not burst:
         return out
     lo, hi = math.log(RESTS_S[0]), math.log(RESTS_S[1])
@@ -292,10 +331,137 @@ def occupancy(req: dict, loads: list, instances: int, busy: list | None = None) 
     return out
 
 
-def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
+def level_drift(recs: list, n: list) -> float | None:
+    """How far the machine's speed moved between the calibration replay before the measured one and
+    the one after: the median time in service (end - start) of the first ``n[i]`` requests of
+    replay ``i`` (their Poisson part, alike in both) in the second over the first, less 1; None
+    without finished requests in both."""
+    med = []
+    for rec, k in zip(recs, n):
+        r = rec["requests"]
+        y = [e - s for s, e in zip(r["start_s"][:k], r["end_s"][:k]) if e is not None]
+        if not y:
+            return None
+        med.append(float(np.median(y)))
+    return med[-1] / med[0] - 1.0 if len(med) > 1 else None
+
+
+def _intervals(rec: dict, inst: int) -> tuple:
+    """A replay's jobs on instance ``inst``: (start, end, request id or -1 for a load) arrays, the
+    finished requests' in service and the loads (a load holds a worker and the cores as a request
+    does)."""
+    r = rec["requests"]
+    rows = [(s, e, rid) for rid, (i, s, e) in enumerate(zip(r["instance"], r["start_s"], r["end_s"]))
+            if i == inst and e is not None]
+    rows += [(x["start_s"], x["end_s"], -1) for x in rec["loads"] if x["instance"] == inst]
+    a = np.array(rows, dtype=float).reshape(-1, 3)
+    return a[:, 0], a[:, 1], a[:, 2].astype(int)
+
+
+def mean_in_service(start, end) -> np.ndarray:
+    """Per job of one instance, the mean number of jobs in service (itself included) over its own
+    time in service."""
+    s, e = np.asarray(start, float), np.asarray(end, float)
+    overlap = np.clip(np.minimum(e[:, None], e[None, :]) - np.maximum(s[:, None], s[None, :]), 0.0, None)
+    span = e - s
+    return np.where(span > 0, overlap.sum(axis=1) / np.where(span > 0, span, 1.0), 1.0)
+
+
+def slowdown_fn(points: dict):
+    """``slowdown(k)`` of a curve {k: factor} as the simulator reads one (sim/hosting/device.py's
+    ``slowdown_table``): linear between the points, proportional to k beyond the last."""
+    pts = {int(k): float(v) for k, v in points.items()}
+    pts.setdefault(1, 1.0)
+    ks = np.array(sorted(pts), dtype=float)
+    fs = np.array([pts[int(k)] for k in ks])
+
+    def f(k):
+        k = np.asarray(k, dtype=float)
+        return np.where(k >= ks[-1], fs[-1] * k / ks[-1], np.interp(k, ks, fs))
+    return f
+
+
+def alone_times(start, end, slowdown) -> np.ndarray:
+    """Per job of one instance, its time in service had it had the cores to itself: with ``k(t)``
+    jobs in service, a job progresses at ``1 / slowdown(k(t))`` of its speed alone (the simulator's
+    processor sharing), so its work alone is the integral of dt / slowdown(k(t)) over its time in
+    service."""
+    s, e = np.asarray(start, float), np.asarray(end, float)
+    if s.size == 0:
+        return s
+    t = np.unique(np.concatenate([s, e]))
+    step = np.zeros(t.size)
+    np.add.at(step, np.searchsorted(t, s), 1.0)
+    np.add.at(step, np.searchsorted(t, e), -1.0)
+    k = np.cumsum(step)[:-1]                       # jobs in service on [t_j, t_j+1)
+    rate = np.where(k > 0, 1.0 / slowdown(np.maximum(k, 1.0)), 0.0)
+    work = np.concatenate([[0.0], np.cumsum(np.diff(t) * rate)])
+    return work[np.searchsorted(t, e)] - work[np.searchsorted(t, s)]
+
+
+def slowdown_curve(plan: dict, recs: list, min_samples: int = SLOWDOWN_MIN_SAMPLES) -> dict | None:
+    """The slowdown with concurrency, from calibration replays: each finished request is labelled
+    with the mean number of jobs in service on its instance over its time in service (rounded),
+    its time in service is divided by the median time of its model's requests that ran alone (label
+    1) in the same replay (so that the machine's drift between replays cancels), and
+    ``slowdown[k]`` is the median of those ratios at label k over their median at label 1, for k =
+    1..``concurrency(plan)``; a level with fewer than ``min_samples`` requests is left out. Each
+    replay's own curve is kept (``replays``), and ``spread`` is, per level, (max - min) / mean over
+    them: the measurement's repeatability. None for a plan without concurrency, or too few
+    requests alone."""
+    most = concurrency(plan)
+    if most <= 1:
+        return None
+    per_replay = []
+    for rec in recs:
+        labels, ratios = [], []
+        for inst in range(plan["instances"]):
+            s, e, rid = _intervals(rec, inst)
+            if not rid.size:
+                continue
+            k = np.rint(mean_in_service(s, e)).astype(int)
+            mine = rid >= 0
+            span, k, model = (e - s)[mine], k[mine], np.array(rec["requests"]["model"], dtype=int)[rid[mine]]
+            for m in np.unique(model):
+                alone = (model == m) & (k == 1)
+                if alone.sum() < 2:
+                    continue
+                base = np.median(span[alone])
+                labels.append(k[model == m])
+                ratios.append(span[model == m] / base)
+        per_replay.append((np.concatenate(labels) if labels else np.zeros(0, int),
+                           np.concatenate(ratios) if ratios else np.zeros(0)))
+
+    def curve(labels, ratios):
+        if (labels == 1).sum() < min_samples:
+            return None
+        one = np.median(ratios[labels == 1])
+        c = {"1": 1.0}
+        n = {"1": int((labels == 1).sum())}
+        for k in range(2, most + 1):
+            if (labels == k).sum() >= min_samples:
+                c[str(k)] = float(np.median(ratios[labels == k]) / one)
+                n[str(k)] = int((labels == k).sum())
+        return {"slowdown": c, "n": n}
+
+    pooled = curve(np.concatenate([p[0] for p in per_replay]), np.concatenate([p[1] for p in per_replay]))
+    if pooled is None:
+        return None
+    each = [curve(*p) for p in per_replay]
+    spread = {}
+    for k in pooled["slowdown"]:
+        v = [c["slowdown"][k] for c in each if c and k in c["slowdown"]]
+        if len(v) > 1:
+            spread[k] = float((max(v) - min(v)) / np.mean(v))
+    return {"levels": most, **pooled, "replays": each, "spread": spread}
+
+
+def _calibrated(plan: dict, probed: dict, recs: list, curve: dict | None = None) -> dict:
     """Each model's service times and load times from the calibration replays; the in-process
     probe's loads are added (its own samples kept under ``probe_*``). A service time is the
-    worker's occupancy (``occupancy``) where an instance has one worker, else end - start.
+    worker's occupancy (``occupancy``) where an instance has one worker, else end - start, and with
+    a slowdown ``curve`` (``slowdown_curve``) the time alone that end - start amounts to under it
+    (``alone_times``): the simulator slows its draws down by the requests in service itself.
 
     ``service_replay``: which replay each sample came from. With one worker, ``fit.fit_warmth``
     fits how the speed changes along a worker's busy periods and comes back over its rests
@@ -304,6 +470,7 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
     own: the machine's speed drifts between replays minutes apart (+-10% here), and
     with one level the burst's fast or slow minute would read as a change with busy time."""
     one_worker = plan["instance_concurrency"] == 1
+    slowdown = slowdown_fn(curve["slowdown"]) if curve else None
     seqs = []   # per replay, its finished requests' columns
     for rec in recs:
         r = rec["requests"]
@@ -312,6 +479,13 @@ def _calibrated(plan: dict, probed: dict, recs: list) -> dict:
             occ = occupancy(r, rec["loads"], plan["instances"], busy)
         else:
             occ = [None if e is None else e - s for s, e in zip(r["start_s"], r["end_s"])]
+            if slowdown is not None:
+                # each request's time alone, under the measured slowdown with concurrency
+                for inst in range(plan["instances"]):
+                    s, e, rid = _intervals(rec, inst)
+                    for j, a in zip(rid, alone_times(s, e, slowdown)):
+                        if j >= 0:
+                            occ[j] = float(a)
         done = [j for j, o in enumerate(occ) if o is not None]
         seq = {k: np.array([r[c][j] for j in done], dtype=float) for k, c in
                (("end", "end_s"), ("instance", "instance"), ("model", "model"))}

@@ -133,6 +133,11 @@ class Server:
         self.cap = plan["instance_concurrency"]
         self.max_conc = plan["max_concurrency"]
         self.budget = plan["memory_budget_gb"]
+        # With several workers, one idle worker spins on the pipe and the others wait here: idle
+        # threads spinning together take the interpreter lock from the ones computing (a request
+        # alone took 2-3 times its time with three spinning beside it here).
+        self.idle = threading.Condition(self.lock)
+        self.spinner = None
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -202,23 +207,45 @@ class Server:
 
     def worker(self) -> None:
         """One of the instance's workers: it serves requests and loads models, oldest job
-        first, reading the pipe before each. Idle, it spins on the pipe, as GPU
+        first, reading the pipe before each. Idle, it spins on the pipe (one worker at
+        a time: the other idle ones wait for it to take a job), as GPU
         servers spin on their stream: a worker that slept would leave its core
         idle, and the next request would pay the wake-up (cold caches, a
         descheduled virtual CPU), about +10% here, a cost that depends on the gaps
         between requests, which the probe cannot know."""
+        me = threading.get_ident()
         while True:
             self.read()
             with self.lock:
+                computing = False
                 job = self._next_job()
                 if job is not None:
                     self.serving += 1
                     if job[0] == "req":
                         job[1].busy += 1
+                    if self.cap > 1:
+                        if self.spinner == me:
+                            self.spinner = None
+                        self.idle.notify()     # a waiting worker takes the next job or the pipe
                 elif self.stopping:
+                    self.idle.notify_all()
                     return
+                elif self.cap > 1 and self.spinner is None:
+                    self.spinner = me
+                elif self.cap > 1 and self.spinner != me:
+                    self.idle.wait(0.1)
+                    continue
+                computing = self.serving > 0
             if job is None:
-                time.sleep(0)
+                if computing:
+                    # the cores are busy with this instance's other workers: wait on the pipe
+                    # without the interpreter lock rather than spin for it
+                    try:
+                        self.conn.poll(0.001)
+                    except (OSError, EOFError):
+                        pass
+                else:
+                    time.sleep(0)
                 continue
             if job[0] == "req":
                 self._serve(*job[1:])
