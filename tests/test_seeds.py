@@ -120,8 +120,13 @@ def test_salesforce_sme_ic_and_hybrid_plans():
         assert b["slo_met"] and b["failed"] == 0, name
         assert b["requests"] == s["sme"]["requests"]
     assert c.summary["best"] == "ic"
-    # IC: between 4x and the reported 8x (8x needs one instance all day; the noon peak adds a second).
+    # IC: between 4x and the reported 8x (8x needs one instance all day). With full-speed slots the IC
+    # plan held one instance at night and a second at the noon peak: 4.61x. With the slowdown curve
+    # (seed 001's T4 figure, transferred; salesforce_ic.yaml) the medium models scale on 98 invocations
+    # per copy-minute instead of 150, which keeps a second codegen-inline copy, so a second instance,
+    # through the night: 4.02x (tolerance 0.1). P99 3,563 -> 6,299 ms (IC), 3,518 -> 3,597 ms (SME).
     assert 4.0 <= cost["sme"] / cost["ic"] <= 8.0
+    assert abs(cost["sme"] / cost["ic"] - 4.02) <= 0.1
     # The hybrid keeps an 8-GPU SME per steady (large, lightly used) model: between the two.
     assert cost["ic"] < cost["hybrid"] < cost["sme"]
     assert sum(s["hybrid"]["instances"].values()) >= 7
