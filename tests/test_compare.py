@@ -84,10 +84,14 @@ def test_large_models_ic_wins(large):
     ic = s["plans"]["ic"]["endpoints"]["ic"]
     gpus_sme = sum(s["plans"]["sme"]["instances"].values()) * 8
     assert ratio == pytest.approx(gpus_sme / (ic["instances_mean"] * 8), rel=1e-6)
+    # 4.0: the IC plan rents 2 instances (1, 8.0x, with full-speed slots, before the scenario's slowdown
+    # curve: seed 001's T4 figure, transferred; the sizing now needs more copies).
     assert ratio >= 4
     assert ic["copies_mean"] >= 8
-    # Same service: both plans meet the SLO on the same requests, with similar P99s.
-    assert s["plans"]["ic"]["p99_ms"] <= 1.1 * s["plans"]["sme"]["p99_ms"]
+    # Both plans meet the SLO on the same requests. The IC P99 is 1.55x the SMEs' (9,460 vs 6,099 ms;
+    # within 1% with full-speed slots): a copy serves several requests at once where an SME spreads them
+    # over its instance's 8 GPUs, and under the slowdown curve requests in company run slower.
+    assert s["plans"]["ic"]["p99_ms"] / s["plans"]["sme"]["p99_ms"] == pytest.approx(1.55, rel=0.15)
     assert s["plans"]["sme"]["gpu_busy_fraction"] < 0.1 < s["plans"]["ic"]["gpu_busy_fraction"]
 
 

@@ -486,23 +486,32 @@ def test_salesforce_inference_components_against_single_model_endpoints():
     ratio = b["cost_usd"] / a["cost_usd"]
     ic_ep = ic.summary["endpoints"]["codegen-ic"]
     # As SMEs each of the 8 models holds a whole ml.p4d.24xlarge; as ICs each copy holds one of its 8
-    # GPUs. At night 8 copies fill one instance (8x); at the peak the medium models need more copies and
-    # managed instance scaling adds a second instance for those hours: the ratio is 8 / mean instances.
+    # GPUs: the ratio is 8 / mean instances. With full-speed slots (before the scenarios' slowdown
+    # curves) 8 copies filled one instance at night (8x then) and the noon peak added a second: 4.61x.
+    # With the curve (seed 001's T4 figure, transferred) the medium models' autoscaling target is 98/min
+    # per copy instead of 150 (salesforce_ic.yaml derives it); the night's 1.6 requests/s of
+    # codegen-inline (96/min) stay above the scale-in alarm's 90% of 98, so it keeps 2 copies: 9 GPUs,
+    # a second instance nearly all day, 4.02x.
     assert len(sme.summary["endpoints"]) == 8
     assert ratio == pytest.approx(8 / ic_ep["instance_hours"] * 24, rel=1e-9)
     assert 4.0 <= ratio <= 8.0
+    assert ratio == pytest.approx(4.02, abs=0.1)
     assert ic_ep["instances_max"] == 2
     tl = ic.timeline.set_index("t_s")
-    assert (tl.loc[3600:3 * 3600 - 1, "instances"] == 1).all()      # night
+    # night (1 with full-speed slots); minute means, two of which read 2 - 1e-5 here
+    assert (tl.loc[3600:3 * 3600 - 1, "instances"].round(3) == 2).all()
     assert (tl.loc[11 * 3600:13 * 3600 - 1, "instances"] == 2).all()  # noon
-    # Packing: at night no GPU is stranded; the endpoint never holds a GPU no copy could use.
-    assert (tl.loc[3600:3 * 3600 - 1, "gpus_stranded"] == 0).all()
+    # Packing: the endpoint never holds a GPU no copy could use (at night 7 of 16 GPUs are free for
+    # copies to come: stranded, 0 with full-speed slots).
     assert (tl["gpus_fragmented"] == 0).all()
-    # Service as good as the dedicated endpoints': nothing failed, a similar P99.
+    # Nothing failed. The P99 is no longer as good as the dedicated endpoints': an IC copy serves ~2.5
+    # requests at once where an SME spreads them over 8 GPUs, and under the slowdown curve requests in
+    # company run slower (with full-speed slots the two P99s were within 2%: 3,563 vs 3,518 ms). IC P99
+    # 1.75x the SMEs' (6,299 vs 3,597 ms), codegen-inline 1.9x, texteval 2.4x; tolerance 15%.
     assert a["requests"] == b["requests"] and a["failed"] == b["failed"] == 0
-    assert a["p99_ms"] <= 1.10 * b["p99_ms"]
-    for m in ("codegen-inline", "texteval"):
-        assert ic.summary["models"][m]["p99_ms"] <= 1.15 * sme.summary["models"][m]["p99_ms"]
+    assert a["p99_ms"] / b["p99_ms"] == pytest.approx(1.75, rel=0.15)
+    for m, x in (("codegen-inline", 1.92), ("texteval", 2.40)):
+        assert ic.summary["models"][m]["p99_ms"] / sme.summary["models"][m]["p99_ms"] == pytest.approx(x, rel=0.15)
     print(f"\nSalesforce, one day: SME ${b['cost_usd']:,.0f} vs IC ${a['cost_usd']:,.0f}: {ratio:.2f}x cheaper "
           f"(reported: up to 8x); P99 {b['p99_ms']:.0f} ms (SME) vs {a['p99_ms']:.0f} ms (IC); IC instances "
           f"mean {ic_ep['instances_mean']:.2f}, max {ic_ep['instances_max']}; GPUs stranded "

@@ -120,8 +120,13 @@ def test_salesforce_sme_ic_and_hybrid_plans():
         assert b["slo_met"] and b["failed"] == 0, name
         assert b["requests"] == s["sme"]["requests"]
     assert c.summary["best"] == "ic"
-    # IC: between 4x and the reported 8x (8x needs one instance all day; the noon peak adds a second).
+    # IC: between 4x and the reported 8x (8x needs one instance all day). With full-speed slots the IC
+    # plan held one instance at night and a second at the noon peak: 4.61x. With the slowdown curve
+    # (seed 001's T4 figure, transferred; salesforce_ic.yaml) the medium models scale on 98 invocations
+    # per copy-minute instead of 150, which keeps a second codegen-inline copy, so a second instance,
+    # through the night: 4.02x (tolerance 0.1). P99 3,563 -> 6,299 ms (IC), 3,518 -> 3,597 ms (SME).
     assert 4.0 <= cost["sme"] / cost["ic"] <= 8.0
+    assert abs(cost["sme"] / cost["ic"] - 4.02) <= 0.1
     # The hybrid keeps an 8-GPU SME per steady (large, lightly used) model: between the two.
     assert cost["ic"] < cost["hybrid"] < cost["sme"]
     assert sum(s["hybrid"]["instances"].values()) >= 7
@@ -158,11 +163,11 @@ def test_routing_lor_against_random_codegen2():
     for r in rows[1:]:
         n, p, t = r[0], r[8], r[9]
         assert REPORTED_P99_LOWER[0] <= p <= REPORTED_P99_LOWER[1], (n, p)   # within the reported range
-        # More throughput per instance, but about twice the reported 15-16% (tolerance: 10-45%): capsim's
-        # copy serves each of its max_concurrency requests at full speed, so an instance that random
-        # routing leaves with 1-2 requests wastes its batch slots; a real batching server runs a small
-        # batch faster per request, which narrows the gap (see routing_codegen2.yaml).
-        assert 0.10 <= t <= 0.45, (n, t)
+        # More throughput per instance than the reported 15-16%: 24-29% with the slowdown curve of
+        # routing_codegen2.yaml (seed 001's T4 figure, transferred), 33-38% with full-speed slots. Under
+        # the curve an instance that random routing leaves with 1-2 requests runs them faster, which
+        # narrows the gap; what is left is random's idle instances. Tolerance: 18-35%.
+        assert 0.18 <= t <= 0.35, (n, t)
 
 
 def _short(routing: str, rho: float, mean: float = 0.003, n: int = 4, requests: int = 100_000) -> dict:
