@@ -110,8 +110,11 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots):
     from . import api
     from .scenario import load_scenario
 
+    from .output import default_dir, preflight
+
     sc = load_scenario(scenario, overrides)
     reps = replications or sc.spec.replications
+    preflight(out if out is not None else default_dir(sc.name), "run")
 
     def progress(done, total):
         if total > 1 and not as_json:
@@ -355,6 +358,9 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
 
     if out is None:
         out = _default_out(scenario, "optimize")
+    from .output import preflight
+
+    preflight(out, "optimize")
     res = run_optimize(scenario, instance_types=_csv_list(instance_types), max_instances=max_instances,
                        min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
                        replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
@@ -449,6 +455,9 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report):
 
     if out is None:
         out = _default_out(scenario, "compare")
+    from .output import preflight
+
+    preflight(out, "compare")
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say)
     if with_report:

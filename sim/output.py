@@ -229,6 +229,20 @@ def check_target(target: Path, kind: str) -> None:
                               "or new folder with --out")
 
 
+def preflight(target: str | Path, kind: str = "run") -> None:
+    """Before any work: refuse an output folder that cannot be written (see :func:`check_target`; an
+    ancestor that is a file; the nearest existing ancestor not writable)."""
+    target = Path(target)
+    check_target(target, kind)
+    p = target.parent if not target.exists() else target
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise output_error(target, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p)))
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise output_error(target, OSError(errno.EACCES, os.strerror(errno.EACCES), str(p)))
+
+
 def publish(target: str | Path, write: Callable[[Path], None], kind: str = "run") -> Path:
     """Write a result set with ``write(folder)`` into a temporary folder beside ``target`` and put it in
     place as a unit (see the module's doc). Entries of an existing ``target`` that ``kind``'s set does
