@@ -30,18 +30,26 @@ class Result:
 
     def save(self, out: str | Path | None = None, *, plots: bool = True) -> Path:
         """Write summary.json, requests.parquet, timeline.csv and plots/ to ``out``
-        (default ``results/<scenario name>/``); returns the directory."""
-        out = Path(out) if out is not None else Path("results") / self.scenario.name
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "summary.json", json.dumps(self.summary, indent=2, allow_nan=False,
-                                                      default=json_default) + "\n")
-        atomic_write_frame(self.requests, out / "requests.parquet")
-        atomic_write_frame(self.timeline, out / "timeline.csv")
-        if plots:
-            from .report.plots import save_run_plots
+        (default ``results/<scenario name>/``, the name made safe as a folder name); returns the
+        directory. The set is written beside ``out`` and put in place as a unit
+        (:func:`sim.output.publish`): a reader finds the old set or the new one, and no file of the old
+        set survives (no old plots/ after a save without plots). :class:`sim.output.OutputError` when it
+        cannot be written (a full disk, a read-only folder, ``out`` a file)."""
+        from .output import default_dir, publish
 
-            save_run_plots(self, out / "plots")
-        return out
+        out = Path(out) if out is not None else default_dir(self.scenario.name)
+
+        def write(d: Path) -> None:
+            atomic_write(d / "summary.json", json.dumps(self.summary, indent=2, allow_nan=False,
+                                                        default=json_default) + "\n")
+            atomic_write_frame(self.requests, d / "requests.parquet")
+            atomic_write_frame(self.timeline, d / "timeline.csv")
+            if plots:
+                from .report.plots import save_run_plots
+
+                save_run_plots(self, d / "plots")
+
+        return publish(out, write, "run")
 
 
 def json_default(x: Any) -> Any:
@@ -59,9 +67,12 @@ def json_default(x: Any) -> Any:
 def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a
     part: a temporary file in the same folder, flushed to disk, then ``os.replace``."""
+    from .output import file_mode
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())   # mkstemp makes 0600: the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
@@ -75,14 +86,19 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 
 def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
     """A DataFrame as parquet (``.parquet``) or CSV (anything else), written as :func:`atomic_write`."""
+    from .output import file_mode
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
+        os.fchmod(fd, file_mode())
+        os.close(fd)
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
             df.to_csv(tmp, index=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -10,6 +10,16 @@ import click
 from .scenario import ScenarioError
 
 
+def _default_out(scenario: Path, *sub: str) -> Path:
+    """``results/<name>/<sub>``, the scenario's name made safe as a folder name (never a path)."""
+    from .output import default_dir
+    from .scenario import read_yaml
+
+    data = read_yaml(scenario)
+    name = data.get("name") if isinstance(data, dict) else None
+    return default_dir(name if name else scenario.stem, *sub)
+
+
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
@@ -19,11 +29,12 @@ class _Group(click.Group):
     """Turns the errors users cause into one paragraph and exit code 2."""
 
     def invoke(self, ctx):
+        from .output import OutputError
         from .workload.traces import TraceError
 
         try:
             return super().invoke(ctx)
-        except (ScenarioError, TraceError) as e:
+        except (ScenarioError, TraceError, OutputError) as e:
             _fail(str(e))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -34,6 +45,15 @@ class _Group(click.Group):
 @click.version_option(package_name="capsim")
 def main() -> None:
     """capsim: capacity planning for GPU model hosting (SME, MME, inference components)."""
+    import signal
+
+    def terminated(signum, frame):   # SIGTERM as Ctrl-C: saves under way clean up, then exit 143
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, terminated)
+    except ValueError:   # not the main thread (an embedding); leave the default
+        pass
 
 
 def _fmt(v, digits=1):
@@ -90,8 +110,11 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots):
     from . import api
     from .scenario import load_scenario
 
+    from .output import default_dir, preflight
+
     sc = load_scenario(scenario, overrides)
     reps = replications or sc.spec.replications
+    preflight(out if out is not None else default_dir(sc.name), "run")
 
     def progress(done, total):
         if total > 1 and not as_json:
@@ -249,8 +272,7 @@ def sweep(scenario, grids, replications, out, scheduler, workers, overrides, ret
     from .scenario import read_yaml
 
     if out is None:
-        name = read_yaml(scenario).get("name") or scenario.stem
-        out = Path("results") / str(name) / "sweep"
+        out = _default_out(scenario, "sweep")
     try:
         table = run_sweep(scenario, list(grids), replications=replications, out=out, workers=workers,
                           scheduler=scheduler, progress=True, retry_failed=retry_failed, overrides=overrides,
@@ -339,8 +361,10 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
     from .scenario import read_yaml
 
     if out is None:
-        name = read_yaml(scenario).get("name") or scenario.stem
-        out = Path("results") / str(name) / "optimize"
+        out = _default_out(scenario, "optimize")
+    from .output import preflight
+
+    preflight(out, "optimize")
     res = run_optimize(scenario, instance_types=_csv_list(instance_types), max_instances=max_instances,
                        min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
                        replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
@@ -434,8 +458,10 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report):
     from .scenario import read_yaml
 
     if out is None:
-        name = read_yaml(scenario).get("name") or scenario.stem
-        out = Path("results") / str(name) / "compare"
+        out = _default_out(scenario, "compare")
+    from .output import preflight
+
+    preflight(out, "compare")
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say)
     if with_report:

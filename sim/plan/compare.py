@@ -50,6 +50,7 @@ import pandas as pd
 
 from ..api import Result, atomic_write, json_default, run
 from ..catalog import InstanceType
+from ..output import safe_name
 from ..core.rng import Streams
 from ..scenario import Scenario, ScenarioError, apply_overrides, load_scenario, parse_scenario, read_yaml
 from ..scenario.errors import suggest
@@ -698,8 +699,8 @@ class Comparison:
         out["description"] = plan.description
         out["notes"] = list(plan.notes)
         out["sizing"] = list(plan.sizing)
-        out["scenario_file"] = f"plans/{plan.name}.yaml"
-        out["run_dir"] = f"runs/{plan.name}"
+        out["scenario_file"] = f"plans/{plan_file_name(plan.name)}"
+        out["run_dir"] = f"runs/{safe_name(plan.name, 'plan')}"
         out["endpoints"] = s["endpoints"]
         out["warnings"] = s.get("warnings", [])
         return out
@@ -739,28 +740,53 @@ class Comparison:
 
     def save(self, out: str | Path | None = None, *, plots: bool = False) -> Path:
         """Write compare.json, plans/<plan>.yaml (scenarios to edit and re-run) and
-        runs/<plan>/ (each plan's summary.json, requests.parquet, timeline.csv)."""
+        runs/<plan>/ (each plan's summary.json, requests.parquet, timeline.csv), as a unit
+        (:func:`sim.output.publish`): no plan of an earlier comparison survives beside these."""
         import json
 
         import yaml
 
-        out = Path(out) if out is not None else Path("results") / self.scenario.name / "compare"
-        (out / "plans").mkdir(parents=True, exist_ok=True)
+        from ..output import default_dir, publish, safe_name
+
+        out = Path(out) if out is not None else default_dir(self.scenario.name, "compare")
         runner = _Runner(self.scenario, self.data, self.seed, lambda _: None)
-        for n, p in self.plans.items():
-            if p.result is None:
-                continue
-            d = _relocate(runner.scenario_data(p), self.scenario, out / "plans")
-            head = (f"# capsim compare: plan {n!r} ({p.mode}) for {self.scenario.name}, "
-                    f"SLO {self.slo.describe() or 'none'}.\n"
-                    + "".join(f"# {note}\n" for note in ([p.description] if p.description else []) + p.notes)
-                    + f"# Cost {cost_per_hour(p.result.summary):,.2f} USD/h; SLO met: {p.slo_met}. "
-                      f"Edit and re-run: capsim run {out / 'plans' / (n + '.yaml')}\n")
-            atomic_write(out / "plans" / f"{n}.yaml", head + yaml.safe_dump(d, sort_keys=False, width=110))
-            p.result.save(out / "runs" / n, plots=plots)
-        atomic_write(out / "compare.json", json.dumps(self.summary, indent=2, allow_nan=False,
-                                                       default=json_default) + "\n")
-        return out
+
+        def write(d: Path) -> None:
+            (d / "plans").mkdir()
+            for n, p in self.plans.items():
+                if p.result is None:
+                    continue
+                fname = plan_file_name(n)
+                data = _relocate(runner.scenario_data(p), self.scenario, out / "plans")
+                notes = ([p.description] if p.description else []) + list(p.notes)
+                head = [f"capsim compare: plan {n!r} ({p.mode}) for {self.scenario.name!r}, "
+                        f"SLO {self.slo.describe() or 'none'}.", *notes,
+                        f"Cost {cost_per_hour(p.result.summary):,.2f} USD/h; SLO met: {p.slo_met}. "
+                        f"Edit and re-run: capsim run {out / 'plans' / fname}"]
+                atomic_write(d / "plans" / fname, yaml_comment(head)
+                             + yaml.safe_dump(data, sort_keys=False, width=110, allow_unicode=True))
+                p.result.save(d / "runs" / safe_name(n, "plan"), plots=plots)
+            atomic_write(d / "compare.json", json.dumps(self.summary, indent=2, allow_nan=False,
+                                                        default=json_default) + "\n")
+
+        return publish(out, write, "compare")
+
+
+def plan_file_name(name: str) -> str:
+    """A plan's file under plans/: its name made safe as a file name (never a path)."""
+    from ..output import safe_name
+
+    return safe_name(name, "plan") + ".yaml"
+
+
+def yaml_comment(lines: Iterable[str]) -> str:
+    """Lines as YAML comments: every line break inside a line (a name holding a newline) starts a new
+    comment line, so that no text can turn into keys of the file."""
+    out = []
+    for line in lines:
+        for part in str(line).splitlines() or [""]:
+            out.append("# " + "".join(ch if ch.isprintable() else " " for ch in part) + "\n")
+    return "".join(out)
 
 
 TABLE_KEYS = ("cost_per_hour_usd", "cost_per_million_usd", "p50_ms", "p99_ms", "slo_attainment", "slo_met",

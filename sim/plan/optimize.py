@@ -197,14 +197,16 @@ class OptimizeResult:
 
     def save(self, out: str | Path) -> Path:
         """Write optimize.json, best.yaml, plans.csv, frontier.csv and frontier.png to ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "optimize.json", json.dumps(self.to_dict(), indent=2, default=json_default) + "\n")
-        atomic_write(out / "best.yaml", self.best_yaml)
-        atomic_write_frame(self.plans, out / "plans.csv")
-        atomic_write_frame(self.frontier, out / "frontier.csv")
-        plot_frontier(self, out / "frontier.png")
-        return out
+        from ..output import publish
+
+        def write(d: Path) -> None:
+            atomic_write(d / "optimize.json", json.dumps(self.to_dict(), indent=2, default=json_default) + "\n")
+            atomic_write(d / "best.yaml", self.best_yaml)
+            atomic_write_frame(self.plans, d / "plans.csv")
+            atomic_write_frame(self.frontier, d / "frontier.csv")
+            plot_frontier(self, d / "frontier.png")
+
+        return publish(Path(out), write, "optimize")
 
 
 def plot_frontier(res: OptimizeResult, path: Path) -> None:
