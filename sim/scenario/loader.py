@@ -247,7 +247,7 @@ def _message(err: dict) -> str:
         expected = err.get("ctx", {}).get("expected", "")
         got = err.get("input")
         options = re.findall(r"'([^']*)'", expected)
-        return f"unknown value {got!r}{suggest(got, options)}; expected {expected}"
+        return f"unknown value {shown(got)}{suggest(got, options) if len(repr(got)) <= 60 else ''}; expected {expected}"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if msg.startswith("Assertion failed, "):

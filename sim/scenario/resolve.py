@@ -179,7 +179,10 @@ def _catalog_for(spec: ScenarioSpec, source: str) -> Catalog:
                 f"unknown GPU {it.gpu!r}{suggest(it.gpu, base.gpus)}; expected one of {', '.join(sorted(base.gpus))}",
                 source=source, path=f"instance_types[{k}].gpu",
             )
-        extra.append(InstanceType(**it.model_dump(), source=f"scenario {source}", date=""))
+        try:
+            extra.append(InstanceType(**it.model_dump(), source=f"scenario {source}", date=""))
+        except (ValueError, TypeError) as e:
+            raise ScenarioError(str(e), source=source, path=f"instance_types[{k}]") from None
     return base.with_instance_types(extra)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .units import CV, MAX_TOKENS, Bandwidth, Count, Duration, Number, Period, Rate, Size, shown
+from .units import CV, Text, MAX_TOKENS, Bandwidth, Count, Duration, Number, Period, Rate, Size, shown
 
 # One source of truth for the names the YAML accepts; each registry in the
 # core is checked against these lists by the tests.
@@ -27,13 +27,13 @@ class Strict(BaseModel):
 
 
 class InstanceTypeSpec(Strict):
-    name: str
+    name: Text = Field(min_length=1)
     gpus: Count = Field(ge=0, le=1024)
     gpu_memory_gb: Size = 0.0
     vcpus: Count = Field(ge=1)
     memory_gb: Size
     price_per_hour: Number = Field(ge=0)
-    gpu: str | None = None
+    gpu: Text | None = None
     storage: Literal["nvme", "ebs"] = "ebs"
     storage_gb: Size = 30.0
     disk_read_gbs: Number = Field(default=0.25, gt=0, le=1e6)
@@ -179,9 +179,9 @@ class ServiceSpec(Strict):
     per_input_token: Duration | None = None
     per_output_token: Duration | None = None
     # calibrated: the fitted token-based model of a profile (family and size)
-    profile: str | None = None
-    family: str | None = None
-    params: str | Number | None = None
+    profile: Text | None = None
+    family: Text | None = None
+    params: Text | Number | None = None
     # the speed under sustained load (any form above)
     sustained: SustainedSpec | None = None
     # how requests in service at once on one device share it (any form above)
@@ -264,7 +264,7 @@ class TrafficSpec(Strict):
     users: Count | None = Field(default=None, ge=1, le=1_000_000)
     think_time: Duration = 0.0
     # trace replay
-    path: str | None = None
+    path: Text | None = None
     format: Literal[TRACE_FORMATS] = "csv"  # type: ignore[valid-type]
     rate_scale: Number = Field(default=1.0, ge=1e-6, le=1e6)
     time_scale: Number = Field(default=1.0, ge=1e-6, le=1e6)
@@ -313,7 +313,7 @@ class TrafficSpec(Strict):
 
 
 class ModelSpec(Strict):
-    name: str = Field(min_length=1)
+    name: Text = Field(min_length=1)
     count: Count = Field(default=1, ge=1, le=100_000)
     size_gb: Size
     memory_gb: Size | None = None
@@ -410,7 +410,7 @@ class StepSpec(Strict):
 class ScheduleSpec(Strict):
     """Scheduled scaling: from ``at`` (time of day, e.g. 08:00 or 8h) min and max become these."""
 
-    at: str | Number
+    at: Text | Number
     min: Count | None = Field(default=None, ge=0, le=100_000)
     max: Count | None = Field(default=None, ge=0, le=100_000)
 
@@ -550,7 +550,7 @@ class FailuresSpec(Strict):
 class ComponentSpec(Strict):
     """An inference component: a model and what each of its copies reserves on an instance."""
 
-    model: str                                              # a model name or a glob (one component per model)
+    model: Text                                              # a model name or a glob (one component per model)
     accelerators: Count | None = Field(default=None, ge=0)  # whole GPUs per copy (default: the model's)
     memory_gb: Size | None = None                           # host memory per copy (default: the model's memory_gb)
     cpus: Number = Field(default=1.0, ge=0.25)              # vCPUs per copy
@@ -568,11 +568,11 @@ class ComponentSpec(Strict):
 
 
 class EndpointSpec(Strict):
-    name: str = Field(min_length=1)
+    name: Text = Field(min_length=1)
     mode: Literal[MODES] = "sme"  # type: ignore[valid-type]
-    instance_type: str
+    instance_type: Text
     instances: InstancesSpec = InstancesSpec(initial=1, min=1, max=1)
-    routing: str = "random"
+    routing: Text = "random"
     # The router's view of the requests in flight on each instance (ic: each copy) is a snapshot
     # refreshed at this period, as a fleet of router hosts reading a shared load table; between
     # refreshes least_outstanding_requests and power_of_two send every request where the counts
@@ -582,7 +582,7 @@ class EndpointSpec(Strict):
     max_concurrency: Count = Field(default=1, ge=1)
     queue_limit: Count | None = Field(default=None, ge=0)
     timeout: Duration = 60.0
-    models: list[str] = []
+    models: list[Text] = []
     cache: CacheSpec | None = None
     prewarm: Period | None = None     # invoke every model of the endpoint at this interval
     # mme: workers per instance, which run its requests and its loads alike, the longest-waiting
@@ -659,13 +659,13 @@ class SLOSpec(Strict):
 
 
 class ScenarioSpec(Strict):
-    name: str = Field(min_length=1)
+    name: Text = Field(min_length=1)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     duration: Duration
     warmup: Duration = 0.0
     replications: Count = Field(default=1, ge=1, le=10_000)
     instance_types: list[InstanceTypeSpec] = []
-    profile: str | None = None           # calibration profile: load bandwidths, runtime memory, services
+    profile: Text | None = None           # calibration profile: load bandwidths, runtime memory, services
     models: list[ModelSpec] = Field(min_length=1)
     endpoints: list[EndpointSpec] = Field(min_length=1)
     slo: SLOSpec | None = None

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, StringConstraints
 
 _NUM = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
 
@@ -187,6 +187,8 @@ Size = Annotated[float, BeforeValidator(parse_size)]
 Rate = Annotated[float, BeforeValidator(parse_rate)]
 Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth)]
 Number = Annotated[float, BeforeValidator(parse_number)]
+MAX_TEXT = 256             # characters of a name, a glob, a path
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
 CV = Annotated[float, BeforeValidator(parse_cv)]
 Count = Annotated[int, BeforeValidator(parse_count)]
 Period = Annotated[float, BeforeValidator(parse_period)]
