@@ -36,6 +36,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (ScenarioError, TraceError, OutputError) as e:
             _fail(str(e))
+        except ValueError as e:   # click's path check stats a name with a NUL in it
+            if "null byte" not in str(e):
+                raise
+            _fail("an argument holds a NUL character; expected a path (no file name holds one)")
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -495,17 +495,51 @@ def _calibration_of(profile: Path | None) -> str:
     return f"profile {profile} ({meta.get('device_name') or meta.get('device')}, {meta.get('date')})"
 
 
+def read_measured(p: Path) -> dict[str, Any]:
+    """A testbed run (measured.json), checked for the keys and types the comparison reads;
+    FidelityError naming the file and the key otherwise."""
+    try:
+        measured = json.loads(Path(p).read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise FidelityError(f"{p}: cannot read a testbed run: {e}") from None
+    if not isinstance(measured, dict) or measured.get("schema") != "capsim.testbed/1":
+        raise FidelityError(f"{p}: schema: expected 'capsim.testbed/1' (python -m calibration testbed's output)")
+    shape = (("plan", dict), ("probe", dict), ("requests", dict), ("loads", list))
+    for key, kind in shape:
+        if not isinstance(measured.get(key), kind):
+            raise FidelityError(f"{p}: {key}: expected a {'mapping' if kind is dict else 'list'}, got "
+                                f"{type(measured.get(key)).__name__}")
+    plan = measured["plan"]
+    if not isinstance(plan.get("name"), str) or not isinstance(plan.get("models"), list) or not all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) for m in plan["models"]):
+        raise FidelityError(f"{p}: plan: expected a name and a list of models, each with a name")
+    t = plan.get("timeout_s")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t) or t <= 0:
+        raise FidelityError(f"{p}: plan.timeout_s: expected a finite number of seconds > 0, got {t!r}")
+    req = measured["requests"]
+    cols = ("arrival_s", "send_s", "end_s", "model", "cold")
+    if not all(isinstance(req.get(c), list) for c in cols) or len({len(req[c]) for c in cols}) != 1:
+        raise FidelityError(f"{p}: requests: expected lists {', '.join(cols)} of one length")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) and x >= 0
+               for x in req["arrival_s"]):
+        raise FidelityError(f"{p}: requests.arrival_s: expected finite times >= 0")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(plan["models"]) for x in req["model"]):
+        raise FidelityError(f"{p}: requests.model: expected indexes of plan.models")
+    return measured
+
+
 def from_measured(paths: list[Path], seed: int = 0, profile: Path | None = None) -> dict[str, Any]:
     """fidelity.json for testbed runs made elsewhere (``measured.json`` files); several runs of one
     plan are pooled into one case. With ``profile``, as in :func:`run_suite`."""
     by_case: dict[str, list[dict[str, Any]]] = {}
     for p in paths:
+        measured = read_measured(Path(p))
         try:
-            measured = json.loads(Path(p).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FidelityError(f"{p}: cannot read a testbed run: {e}") from None
-        if measured.get("schema") != "capsim.testbed/1":
-            raise FidelityError(f"{p}: schema: expected 'capsim.testbed/1' (python -m calibration testbed's output)")
-        by_case.setdefault(measured["plan"]["name"], []).append(compare_case(measured, seed, profile=profile))
+            row = compare_case(measured, seed, profile=profile)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise FidelityError(f"{p}: not a testbed run the simulator can read ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}); expected python -m calibration testbed's "
+                                "measured.json") from None
+        by_case.setdefault(measured["plan"]["name"], []).append(row)
     return {"schema": "capsim.fidelity/1", "calibration": _calibration_of(profile),
             "cases": {name: pooled(runs) for name, runs in by_case.items()}}

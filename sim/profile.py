@@ -33,14 +33,89 @@ def _read(path: str) -> dict:
                            "`python -m calibration run` (a path is relative to the scenario file)")
     try:
         data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ProfileError(f"cannot read the profile {path}: {e}") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ProfileError(f"{path} is not a calibration profile: expected \"schema\": \"{SCHEMA}\"")
     for key in ("metadata", "fits"):
         if not isinstance(data.get(key), dict):
             raise ProfileError(f"{path}: missing {key!r}")
+    check_fits(path, data["fits"])
     return data
+
+
+def _shown(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(path: str, where: str, v: object, *, positive: bool, top: float = 1e12) -> None:
+    """A finite number >= 0 (> 0 with ``positive``) of sane magnitude, or ProfileError naming the key."""
+    import math
+
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and (v > 0 if positive else v >= 0) and v <= top)
+    if not ok:
+        raise ProfileError(f"{path}: {where}: expected a finite number {'>' if positive else '>='} 0"
+                           f"{f' and at most {top:g}' if top != 1e12 else ''}, got {_shown(v)}")
+
+
+def _mapping(path: str, where: str, v: object, optional: bool = True) -> dict:
+    if v is None and optional:
+        return {}
+    if not isinstance(v, dict):
+        raise ProfileError(f"{path}: {where}: expected a mapping, got {_shown(v)}")
+    return v
+
+
+def check_fits(path: str, fits: dict) -> None:
+    """The fields of ``fits`` the simulator reads: types, finite and positive bandwidths and times,
+    slowdown levels whole >= 1 with factors finite > 0. ProfileError names the file and the key."""
+    load = _mapping(path, "fits.load", fits.get("load"))
+    for name, entry in load.items():
+        w = f"fits.load.{name}"
+        entry = _mapping(path, w, entry, optional=False)
+        if "bandwidth_gbs" in entry or name in ("disk_to_host", "host_to_gpu_pinned", "host_to_gpu_pageable"):
+            _number(path, f"{w}.bandwidth_gbs", entry.get("bandwidth_gbs"), positive=True, top=1e6)
+        if entry.get("a_s") is not None:
+            _number(path, f"{w}.a_s", entry["a_s"], positive=False, top=1e6)
+    runtime = _mapping(path, "fits.runtime", fits.get("runtime"))
+    for key in ("host_memory_gb", "init_s"):
+        if runtime.get(key) is not None:
+            _number(path, f"fits.runtime.{key}", runtime[key], positive=False, top=1e6)
+    inference = _mapping(path, "fits.inference", fits.get("inference"))
+    for family, sizes in inference.items():
+        for size, fit in _mapping(path, f"fits.inference.{family}", sizes).items():
+            w = f"fits.inference.{family}.{size}"
+            fit = _mapping(path, w, fit, optional=False)
+            if fit.get("params") is not None:
+                _number(path, f"{w}.params", fit["params"], positive=True, top=1e15)
+            else:
+                try:
+                    parse_params(size)
+                except ProfileError:
+                    raise ProfileError(f"{path}: {w}: expected a size such as 7B as the key, or params") from None
+            _number(path, f"{w}.base_ms", fit.get("base_ms"), positive=False, top=1e9)
+            for key in ("per_token_ms", "per_input_token_ms", "per_output_token_ms"):
+                if fit.get(key) is not None:
+                    _number(path, f"{w}.{key}", fit[key], positive=False, top=1e9)
+            if fit.get("cv") is not None:
+                _number(path, f"{w}.cv", fit["cv"], positive=False, top=100)
+            for level, factor in _mapping(path, f"{w}.slowdown", fit.get("slowdown")).items():
+                k = str(level).strip()
+                if not k.isdigit() or int(k) < 1 or int(k) > 10**6:
+                    raise ProfileError(f"{path}: {w}.slowdown: level {_shown(level)} is not a whole number of "
+                                       "requests; expected levels 1, 2, ...")
+                _number(path, f"{w}.slowdown.{k}", factor, positive=True, top=1e6)
+            sus = fit.get("sustained")
+            if sus is not None:
+                sus = _mapping(path, f"{w}.sustained", sus)
+                _number(path, f"{w}.sustained.factor", sus.get("factor"), positive=True, top=1e6)
+                _number(path, f"{w}.sustained.time_constant_s", sus.get("time_constant_s"), positive=True, top=1e9)
+                if sus.get("rest_time_constant_s") is not None:
+                    _number(path, f"{w}.sustained.rest_time_constant_s", sus["rest_time_constant_s"],
+                            positive=False, top=1e9)
+                _number(path, f"{w}.sustained.rest_ratio", sus.get("rest_ratio"), positive=True, top=1e6)
 
 
 def load_profile(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import schema
 from .errors import ScenarioError, format_path, suggest
+from .units import shown
 from .resolve import Scenario, resolve
 
 _KNOWN_KEYS = sorted({
@@ -26,27 +27,74 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue   # ``<<: *anchor``: the merged keys may be overridden here (flatten_mapping)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"a {'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'} as a key; expected a "
+                    "name", key_node.start_mark)
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark, f"key {key!r} appears twice", key_node.start_mark)
-            seen.add(key)
+            try:
+                seen.add(key)
+            except TypeError:
+                pass
         return super().construct_mapping(node, deep=deep)
+
+
+MAX_FILE_BYTES = 16 * 2**20   # a scenario is a page or two of YAML; this bounds the read of /dev/zero
+MAX_DEPTH = 64                # nesting of mappings and lists; a scenario needs under 10
+
+
+def _check_depth(text: str) -> None:
+    """A yaml.YAMLError at the first collection nested deeper than MAX_DEPTH (PyYAML's composer
+    recurses per level, so a file nested hundreds deep would exhaust Python's stack)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested more than {MAX_DEPTH} levels deep; a scenario needs a "
+                                           "few", problem_mark=event.start_mark)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def read_yaml(path: str | Path) -> Any:
     """The parsed YAML of ``path``, or a ScenarioError naming the file and line."""
     p = Path(path)
-    if not p.exists():
-        raise ScenarioError("file not found; expected the path of a scenario YAML file", source=str(path))
-    if p.is_dir():
-        raise ScenarioError("is a directory; expected a scenario YAML file", source=str(path))
+    if "\0" in str(path):
+        raise ScenarioError("the path holds a NUL character; expected the path of a scenario YAML file",
+                            source=repr(str(path)))
     try:
-        text = p.read_text(encoding="utf-8")
+        exists, is_dir, regular = p.exists(), p.is_dir(), p.is_file()
+    except OSError as e:   # a symlink loop, a name too long, ...
+        raise ScenarioError(f"cannot read the file ({e.strerror or e})", source=str(path)) from None
+    if not exists:
+        raise ScenarioError("file not found; expected the path of a scenario YAML file", source=str(path))
+    if is_dir:
+        raise ScenarioError("is a directory; expected a scenario YAML file", source=str(path))
+    if not regular:
+        raise ScenarioError("is not a regular file (a device, a FIFO or a socket); expected a scenario YAML file",
+                            source=str(path))
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ScenarioError(f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB; expected a scenario YAML "
+                                "file", source=str(path))
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ScenarioError(f"cannot read the file ({e})", source=str(path)) from None
     try:
+        _check_depth(text)
         data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise ScenarioError(f"YAML nested too deeply; expected at most {MAX_DEPTH} levels",
+                            source=str(path)) from None
     except yaml.YAMLError as e:
         raise ScenarioError(f"YAML syntax error: {_yaml_problem(e, text)}", source=str(path),
                             path=_yaml_where(e, text)) from None
@@ -199,12 +247,14 @@ def _message(err: dict) -> str:
         expected = err.get("ctx", {}).get("expected", "")
         got = err.get("input")
         options = re.findall(r"'([^']*)'", expected)
-        return f"unknown value {got!r}{suggest(got, options)}; expected {expected}"
+        return f"unknown value {shown(got)}{suggest(got, options) if len(repr(got)) <= 60 else ''}; expected {expected}"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if msg.startswith("Assertion failed, "):
         msg = msg[len("Assertion failed, "):]
     got = err.get("input")
+    if isinstance(got, (int, float, str)) and len(repr(got)) > 60:
+        got = _Shown(shown(got))
     if kind == "model_type":   # a mapping was expected: say which keys, not the class behind them
         keys = _allowed_keys(tuple(loc) + ("?",))
         counts = err.get("ctx", {}).get("class_name") in ("InstancesSpec", "CopiesSpec")   # an int too
@@ -218,6 +268,13 @@ def _message(err: dict) -> str:
                 "int_from_float", "list_type", "dict_type", "model_type"):
         msg = f"{msg[0].lower()}{msg[1:]}, got {got!r}" if not isinstance(got, (dict, list)) else msg
     return msg
+
+
+class _Shown(str):
+    """A value cut to a readable length, shown without quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def format_validation_error(e: ValidationError, data: Any, source: str) -> ScenarioError:
@@ -273,12 +330,23 @@ def _check_trace_files(scenario: Scenario) -> None:
         tr = g.traffic
         if tr is None or tr.process != "trace" or not tr.path:
             continue
-        full = (scenario.base_dir / tr.path).resolve()
-        if not full.exists():
+        where = f"models[{g.index}].traffic.path"
+        if "\0" in tr.path:
+            raise ScenarioError(f"the path {tr.path!r} holds a NUL character; expected the path of a {tr.format} "
+                                "trace file", source=scenario.source, path=where)
+        try:
+            full = (scenario.base_dir / tr.path).resolve()
+            exists, is_dir, regular = full.exists(), full.is_dir(), full.is_file()
+        except (OSError, RuntimeError) as e:   # a symlink loop (RuntimeError before Python 3.13)
+            raise ScenarioError(f"cannot read the trace file {tr.path!r} ({getattr(e, 'strerror', None) or e}); "
+                                f"expected a {tr.format} trace file", source=scenario.source, path=where) from None
+        if not exists:
             problem = "trace file not found"
-        elif full.is_dir():
+        elif is_dir:
             problem = "is a directory"
+        elif not regular:
+            problem = "is not a regular file"
         else:
             continue
         raise ScenarioError(f"{problem}: {full}; expected a {tr.format} trace file (a path is relative to "
-                            f"the scenario file)", source=scenario.source, path=f"models[{g.index}].traffic.path")
+                            f"the scenario file)", source=scenario.source, path=where)

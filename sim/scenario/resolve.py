@@ -124,13 +124,43 @@ def _expand_name(pattern: str, i: int, count: int, where: str, source: str) -> s
         return pattern
     if "{" not in pattern:
         return f"{pattern}-{i}"
+    problem = _pattern_problem(pattern)
+    if problem is None:
+        try:
+            name = pattern.format(i=i)
+            if len(name) <= 256:
+                return name
+            problem = f"it expands to {len(name)} characters; a name has at most 256"
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError, OverflowError, MemoryError) as e:
+            problem = str(e)
+    raise ScenarioError(
+        f"cannot expand the name pattern {pattern!r} ({problem}); use {{i}} or a format such as {{i:03d}}",
+        source=source, path=where,
+    )
+
+
+_FORMAT_SPEC = __import__("re").compile(r"^(?:.?[<>=^])?[+\- ]?#?0?(\d{0,3})[,_]?(?:\.\d{1,3})?[bcdoxXeEfFgGn%]?$")
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why a name pattern cannot be expanded safely, or None: only ``{i}`` fields, no attributes,
+    indexes or conversions, and a format spec of a sane width (``{i:>1000000000}`` would build a GB)."""
+    import string
+
     try:
-        return pattern.format(i=i)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ScenarioError(
-            f"cannot expand the name pattern {pattern!r} ({e}); use {{i}} or a format such as {{i:03d}}",
-            source=source, path=where,
-        ) from None
+        fields = list(string.Formatter().parse(pattern))
+    except ValueError as e:
+        return str(e)
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name != "i":
+            return f"the field {{{name}}} is not {{i}}"
+        if conversion:
+            return f"the conversion !{conversion} is not allowed"
+        if spec and not _FORMAT_SPEC.match(spec):
+            return f"the format {spec!r} is not a number format of width at most 999"
+    return None
 
 
 def _catalog_for(spec: ScenarioSpec, source: str) -> Catalog:
@@ -149,7 +179,10 @@ def _catalog_for(spec: ScenarioSpec, source: str) -> Catalog:
                 f"unknown GPU {it.gpu!r}{suggest(it.gpu, base.gpus)}; expected one of {', '.join(sorted(base.gpus))}",
                 source=source, path=f"instance_types[{k}].gpu",
             )
-        extra.append(InstanceType(**it.model_dump(), source=f"scenario {source}", date=""))
+        try:
+            extra.append(InstanceType(**it.model_dump(), source=f"scenario {source}", date=""))
+        except (ValueError, TypeError) as e:
+            raise ScenarioError(str(e), source=source, path=f"instance_types[{k}]") from None
     return base.with_instance_types(extra)
 
 
@@ -343,6 +376,7 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             warnings += [f"models[{g.index}].service.batching: {note}" for note in b.notes()]
     warnings += _full_speed_warnings(endpoints, models)
 
+    _check_volume(spec, source)
     for g in groups:
         if g.traffic is None:
             continue
@@ -352,6 +386,24 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                     source=source, path=f"models[{g.index}]")
     return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source, base_dir,
                     tuple(dict.fromkeys(warnings)))
+
+
+MAX_REQUESTS = 10**8   # requests one model group may send in a run: beyond, a run would not fit in memory
+
+
+def _check_volume(spec: ScenarioSpec, source: str) -> None:
+    """An open-loop rate that, over the horizon, sends more requests than a run can hold."""
+    horizon = spec.warmup + spec.duration
+    for g, ms in enumerate(spec.models):
+        tr = ms.traffic
+        if tr is None or tr.rate is None or tr.process not in ("poisson", "gamma", "diurnal", "mmpp"):
+            continue
+        peak = max(tr.rate, tr.rate_off) if tr.process == "mmpp" else tr.rate
+        expected = peak * horizon
+        if expected > MAX_REQUESTS:
+            raise ScenarioError(f"{tr.rate:g}/s over {horizon:g} s is about {expected:.3g} requests, more than a run "
+                                f"holds ({MAX_REQUESTS:g}); shorten duration or lower the rate", source=source,
+                                path=f"models[{g}].traffic.rate")
 
 
 def _full_speed_warnings(endpoints: list[Endpoint], models: list[Model]) -> list[str]:

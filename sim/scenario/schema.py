@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .units import Bandwidth, Duration, Rate, Size
+from .units import CV, Text, MAX_TOKENS, Bandwidth, Count, Duration, Number, Period, Rate, Size, shown
 
 # One source of truth for the names the YAML accepts; each registry in the
 # core is checked against these lists by the tests.
@@ -23,21 +23,21 @@ TRACE_FORMATS = ("csv", "azure_llm", "mooncake")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InstanceTypeSpec(Strict):
-    name: str
-    gpus: int = Field(ge=0)
+    name: Text = Field(min_length=1)
+    gpus: Count = Field(ge=0, le=1024)
     gpu_memory_gb: Size = 0.0
-    vcpus: int = Field(ge=1)
+    vcpus: Count = Field(ge=1)
     memory_gb: Size
-    price_per_hour: float = Field(ge=0)
-    gpu: str | None = None
+    price_per_hour: Number = Field(ge=0)
+    gpu: Text | None = None
     storage: Literal["nvme", "ebs"] = "ebs"
     storage_gb: Size = 30.0
-    disk_read_gbs: float = Field(default=0.25, gt=0)
-    network_gbps: float = Field(default=10.0, gt=0)
+    disk_read_gbs: Number = Field(default=0.25, gt=0, le=1e6)
+    network_gbps: Number = Field(default=10.0, gt=0, le=1e6)
 
     @model_validator(mode="after")
     def _gpu_memory(self) -> "InstanceTypeSpec":
@@ -58,8 +58,8 @@ class Distribution(Strict):
     """A positive random quantity given by its mean and coefficient of variation."""
 
     dist: Literal[SERVICE_DISTS] = "lognormal"  # type: ignore[valid-type]
-    mean: float = Field(ge=0)
-    cv: float | None = Field(default=None, ge=0)
+    mean: Number = Field(ge=0, le=MAX_TOKENS)
+    cv: CV | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _spread(self) -> "Distribution":
@@ -70,14 +70,14 @@ class Distribution(Strict):
 class TokensSpec(Strict):
     """Token counts of a model's requests: a constant or a distribution each."""
 
-    input: int | Distribution = 0
-    output: int | Distribution = 0
+    input: Count | Distribution = 0
+    output: Count | Distribution = 0
 
     @field_validator("input", "output")
     @classmethod
     def _non_negative(cls, v: Any) -> Any:
-        if isinstance(v, int) and v < 0:
-            raise ValueError("token counts must be >= 0")
+        if isinstance(v, int) and not 0 <= v <= MAX_TOKENS:
+            raise ValueError(f"expected a whole number of tokens between 0 and {MAX_TOKENS}, got {shown(v)}")
         return v
 
 
@@ -91,7 +91,7 @@ class SustainedSpec(Strict):
     serves none (idle, or loading a model), ``w`` comes back as ``1 - (1 - w) * exp(-t /
     rest_time_constant)``; unset (or 0), any rest brings it back to 1 at once."""
 
-    factor: float = Field(gt=0)
+    factor: Number = Field(gt=0, le=1e6)
     time_constant: Duration
     rest_time_constant: Duration | None = None
 
@@ -118,7 +118,7 @@ class BatchingSpec(Strict):
     when absent. A curve whose throughput ``k / slowdown(k)`` falls, or with a factor below 1, is taken
     as given, with a warning."""
 
-    slowdown: dict[int, float]
+    slowdown: dict[Count, Number]
 
     @field_validator("slowdown", mode="before")
     @classmethod
@@ -174,14 +174,14 @@ class ServiceSpec(Strict):
     dist: Literal[SERVICE_DISTS + ("empirical",)] | None = None  # type: ignore[valid-type]
     samples: tuple[Duration, ...] | None = None
     mean: Duration | None = None
-    cv: float | None = Field(default=None, ge=0)
+    cv: CV | None = Field(default=None, ge=0)
     base: Duration | None = None
     per_input_token: Duration | None = None
     per_output_token: Duration | None = None
     # calibrated: the fitted token-based model of a profile (family and size)
-    profile: str | None = None
-    family: str | None = None
-    params: str | int | float | None = None
+    profile: Text | None = None
+    family: Text | None = None
+    params: Text | Number | None = None
     # the speed under sustained load (any form above)
     sustained: SustainedSpec | None = None
     # how requests in service at once on one device share it (any form above)
@@ -250,24 +250,24 @@ class ServiceSpec(Strict):
 class TrafficSpec(Strict):
     process: Literal[PROCESSES] = "poisson"  # type: ignore[valid-type]
     rate: Rate | None = None
-    cv: float | None = Field(default=None, gt=0)
+    cv: CV | None = Field(default=None, gt=0)
     # diurnal
-    peak_to_trough: float = Field(default=1.0, ge=1.0)
-    period: Duration = 86400.0
+    peak_to_trough: Number = Field(default=1.0, ge=1.0)
+    period: Period = 86400.0
     phase: Duration = 0.0
-    hourly_weights: list[float] | None = None
+    hourly_weights: list[Number] | None = None
     # mmpp (on/off bursts)
     rate_off: Rate = 0.0
-    mean_on: Duration | None = None
-    mean_off: Duration | None = None
+    mean_on: Period | None = None
+    mean_off: Period | None = None
     # closed loop
-    users: int | None = Field(default=None, ge=1)
+    users: Count | None = Field(default=None, ge=1, le=1_000_000)
     think_time: Duration = 0.0
     # trace replay
-    path: str | None = None
+    path: Text | None = None
     format: Literal[TRACE_FORMATS] = "csv"  # type: ignore[valid-type]
-    rate_scale: float = Field(default=1.0, gt=0)
-    time_scale: float = Field(default=1.0, gt=0)
+    rate_scale: Number = Field(default=1.0, ge=1e-6, le=1e6)
+    time_scale: Number = Field(default=1.0, ge=1e-6, le=1e6)
     loop: bool = False
     # how a group's traffic splits over its models
     popularity: dict[str, Any] | Literal["uniform"] = "uniform"
@@ -298,26 +298,27 @@ class TrafficSpec(Strict):
             keys = set(self.popularity)
             if keys == {"zipf"}:
                 s = self.popularity["zipf"]
-                if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
-                    raise ValueError("popularity.zipf must be a number >= 0")
+                if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 100:
+                    raise ValueError(f"popularity.zipf must be a number between 0 and 100, got {shown(s)}")
             elif keys == {"weights"}:
                 w = self.popularity["weights"]
                 if not isinstance(w, list) or not w or any(
-                    isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in w
+                    isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1e12 for x in w
                 ) or sum(w) <= 0:
-                    raise ValueError("popularity.weights must be a list of non-negative numbers")
+                    raise ValueError("popularity.weights must be a list of finite non-negative numbers (at most "
+                                     "1e12), not all zero")
             else:
                 raise ValueError("popularity must be 'uniform', {zipf: s} or {weights: [...]}")
         return self
 
 
 class ModelSpec(Strict):
-    name: str = Field(min_length=1)
-    count: int = Field(default=1, ge=1)
+    name: Text = Field(min_length=1)
+    count: Count = Field(default=1, ge=1, le=100_000)
     size_gb: Size
     memory_gb: Size | None = None
     host_memory_gb: Size | None = None   # default 0, or the runtime's host memory of the scenario's profile
-    accelerators: int = Field(default=1, ge=0)
+    accelerators: Count = Field(default=1, ge=0, le=1024)
     init_time: Duration = 0.0          # runtime init per load (backend start, CUDA context, warm-up)
     service: ServiceSpec
     traffic: TrafficSpec | None = None
@@ -336,9 +337,9 @@ class ModelSpec(Strict):
 
 
 class InstancesSpec(Strict):
-    initial: int | None = Field(default=None, ge=0)
-    min: int | None = Field(default=None, ge=0)
-    max: int | None = Field(default=None, ge=0)
+    initial: Count | None = Field(default=None, ge=0, le=100_000)
+    min: Count | None = Field(default=None, ge=0, le=100_000)
+    max: Count | None = Field(default=None, ge=0, le=100_000)
 
     @model_validator(mode="before")
     @classmethod
@@ -379,23 +380,23 @@ class CacheSpec(Strict):
     """How a multi-model endpoint's instances cache models (memory tiers, loads, eviction)."""
 
     policy: Literal["lru", "lfu", "gds"] = "lru"
-    memory_fraction: float = Field(default=0.9, gt=0, le=1)   # of GPU memory that may hold models
+    memory_fraction: Number = Field(default=0.9, gt=0, le=1)   # of GPU memory that may hold models
     enabled: bool = True                 # false: unload after every invocation (ModelCacheSetting Disabled)
     host_reserve: Size = 2.0             # host memory kept by the OS and the model server
     disk: Size | None = None             # instance volume for artifacts (default: the instance type's)
     s3_throughput: Bandwidth | None = None   # download speed (default: the instance's network bandwidth)
-    max_concurrent_loads: int = Field(default=2, ge=1)
-    replicate_above: int = Field(default=8, ge=1)   # load a hot model on another instance above this
+    max_concurrent_loads: Count = Field(default=2, ge=1)
+    replicate_above: Count = Field(default=8, ge=1)   # load a hot model on another instance above this
     thrash_window: Duration = 600.0      # a load of a model unloaded within this window is thrashing
-    thrash_warning: float = Field(default=0.2, ge=0, le=1)   # thrashing index that raises a warning
+    thrash_warning: Number = Field(default=0.2, ge=0, le=1)   # thrashing index that raises a warning
 
 
 class StepSpec(Strict):
     """A step-scaling alarm: when the metric is above ``above`` (or below ``below``), add ``change``."""
 
-    change: int
-    above: float | None = None
-    below: float | None = None
+    change: Count
+    above: Number | None = None
+    below: Number | None = None
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "StepSpec":
@@ -409,9 +410,9 @@ class StepSpec(Strict):
 class ScheduleSpec(Strict):
     """Scheduled scaling: from ``at`` (time of day, e.g. 08:00 or 8h) min and max become these."""
 
-    at: str | float
-    min: int | None = Field(default=None, ge=0)
-    max: int | None = Field(default=None, ge=0)
+    at: Text | Number
+    min: Count | None = Field(default=None, ge=0, le=100_000)
+    max: Count | None = Field(default=None, ge=0, le=100_000)
 
     @property
     def at_seconds(self) -> float:
@@ -447,15 +448,15 @@ class AutoscalingSpec(Strict):
 
     policy: Literal["target_tracking", "step"] = "target_tracking"
     metric: Literal[AUTOSCALING_METRICS]  # type: ignore[valid-type]
-    target: float | None = Field(default=None, gt=0)
-    period: Duration | None = None          # default: 60 s, or 10 s for the high-resolution metrics
+    target: Number | None = Field(default=None, gt=0)
+    period: Period | None = None          # default: 60 s, or 10 s for the high-resolution metrics
     scale_out_cooldown: Duration = 300.0
     scale_in_cooldown: Duration = 300.0
-    scale_out_datapoints: int = Field(default=3, ge=1)
-    scale_in_datapoints: int = Field(default=15, ge=1)
-    scale_in_ratio: float = Field(default=0.9, gt=0, le=1)
+    scale_out_datapoints: Count = Field(default=3, ge=1)
+    scale_in_datapoints: Count = Field(default=15, ge=1)
+    scale_in_ratio: Number = Field(default=0.9, gt=0, le=1)
     steps: list[StepSpec] = []
-    datapoints: int = Field(default=1, ge=1)   # step scaling: consecutive datapoints for an alarm
+    datapoints: Count = Field(default=1, ge=1)   # step scaling: consecutive datapoints for an alarm
     schedule: list[ScheduleSpec] = []
 
     @model_validator(mode="after")
@@ -474,7 +475,7 @@ class ProvisioningSpec(Strict):
 
     dist: Literal[SERVICE_DISTS] = "lognormal"  # type: ignore[valid-type]
     mean: Duration = 300.0
-    cv: float = Field(default=0.3, ge=0)
+    cv: CV = Field(default=0.3, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -500,8 +501,8 @@ class ScaleFromZeroSpec(Strict):
     NoCapacityInvocationFailures (Sum over ``period``) >= 1 for ``datapoints``
     periods adds one copy; no second one within ``cooldown``."""
 
-    period: Duration = 60.0
-    datapoints: int = Field(default=1, ge=1)
+    period: Period = 60.0
+    datapoints: Count = Field(default=1, ge=1)
     cooldown: Duration = 300.0
 
     @field_validator("period")
@@ -519,8 +520,8 @@ class FailureEvent(Strict):
     instance is placed there meanwhile)."""
 
     at: Duration
-    instance: int | None = Field(default=None, ge=0)
-    zone: int | None = Field(default=None, ge=0)
+    instance: Count | None = Field(default=None, ge=0)
+    zone: Count | None = Field(default=None, ge=0)
     duration: Duration | None = None
 
     @model_validator(mode="after")
@@ -533,7 +534,7 @@ class FailureEvent(Strict):
 class FailuresSpec(Strict):
     """Instance failures: random (mean time between failures per instance) and scheduled."""
 
-    mtbf: Duration | None = None
+    mtbf: Period | None = None
     events: list[FailureEvent] = []
     in_flight: Literal["fail", "retry"] = "fail"   # requests on a failed instance: fail, or retry once elsewhere
     replace: bool = True                            # the endpoint replaces a failed instance (after provisioning)
@@ -549,12 +550,12 @@ class FailuresSpec(Strict):
 class ComponentSpec(Strict):
     """An inference component: a model and what each of its copies reserves on an instance."""
 
-    model: str                                              # a model name or a glob (one component per model)
-    accelerators: int | None = Field(default=None, ge=0)    # whole GPUs per copy (default: the model's)
+    model: Text                                              # a model name or a glob (one component per model)
+    accelerators: Count | None = Field(default=None, ge=0)  # whole GPUs per copy (default: the model's)
     memory_gb: Size | None = None                           # host memory per copy (default: the model's memory_gb)
-    cpus: float = Field(default=1.0, ge=0.25)               # vCPUs per copy
+    cpus: Number = Field(default=1.0, ge=0.25)              # vCPUs per copy
     copies: CopiesSpec = CopiesSpec(initial=1, min=1, max=1)
-    max_concurrency: int | None = Field(default=None, ge=1)  # per copy (default: the endpoint's)
+    max_concurrency: Count | None = Field(default=None, ge=1)  # per copy (default: the endpoint's)
     autoscaling: AutoscalingSpec | None = None
     scale_from_zero: ScaleFromZeroSpec | None = None        # default with copies.min 0: period 1m, +1 copy
 
@@ -567,30 +568,30 @@ class ComponentSpec(Strict):
 
 
 class EndpointSpec(Strict):
-    name: str = Field(min_length=1)
+    name: Text = Field(min_length=1)
     mode: Literal[MODES] = "sme"  # type: ignore[valid-type]
-    instance_type: str
+    instance_type: Text
     instances: InstancesSpec = InstancesSpec(initial=1, min=1, max=1)
-    routing: str = "random"
+    routing: Text = "random"
     # The router's view of the requests in flight on each instance (ic: each copy) is a snapshot
     # refreshed at this period, as a fleet of router hosts reading a shared load table; between
     # refreshes least_outstanding_requests and power_of_two send every request where the counts
     # looked lowest (they herd). Default (None): exact, instantaneous counts. random and
     # round_robin read no counts: no effect on them.
-    routing_refresh: Duration | None = None
-    max_concurrency: int = Field(default=1, ge=1)
-    queue_limit: int | None = Field(default=None, ge=0)
+    routing_refresh: Period | None = None
+    max_concurrency: Count = Field(default=1, ge=1)
+    queue_limit: Count | None = Field(default=None, ge=0)
     timeout: Duration = 60.0
-    models: list[str] = []
+    models: list[Text] = []
     cache: CacheSpec | None = None
-    prewarm: Duration | None = None     # invoke every model of the endpoint at this interval
+    prewarm: Period | None = None     # invoke every model of the endpoint at this interval
     # mme: workers per instance, which run its requests and its loads alike, the longest-waiting
     # job first (a CPU-bound model server's worker processes); default: no such limit
-    instance_concurrency: int | None = Field(default=None, ge=1)
+    instance_concurrency: Count | None = Field(default=None, ge=1)
     autoscaling: AutoscalingSpec | None = None
     # Default: public reports put trigger-to-serving at 2-9 minutes (P50); 5 min mean, cv 0.3.
     provisioning: ProvisioningSpec = ProvisioningSpec()
-    zones: int = Field(default=1, ge=1)      # availability zones the instances are spread over
+    zones: Count = Field(default=1, ge=1, le=64)     # availability zones the instances are spread over
     failures: FailuresSpec | None = None
     placement: Literal["binpack", "spread"] = "binpack"
     components: list[ComponentSpec] = []
@@ -658,13 +659,13 @@ class SLOSpec(Strict):
 
 
 class ScenarioSpec(Strict):
-    name: str = Field(min_length=1)
-    seed: int = Field(default=0, ge=0)
+    name: Text = Field(min_length=1)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     duration: Duration
     warmup: Duration = 0.0
-    replications: int = Field(default=1, ge=1)
+    replications: Count = Field(default=1, ge=1, le=10_000)
     instance_types: list[InstanceTypeSpec] = []
-    profile: str | None = None           # calibration profile: load bandwidths, runtime memory, services
+    profile: Text | None = None           # calibration profile: load bandwidths, runtime memory, services
     models: list[ModelSpec] = Field(min_length=1)
     endpoints: list[EndpointSpec] = Field(min_length=1)
     slo: SLOSpec | None = None

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, StringConstraints
 
 _NUM = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
 
@@ -29,21 +29,97 @@ _SIZE_RE = _DURATION_RE
 _RATE_RE = re.compile(rf"^\s*{_NUM}\s*(?:/\s*([a-zA-Z]+))?\s*$")
 
 
+# The largest magnitudes a scenario may write: far beyond any real fleet, far below where floats
+# lose their meaning (or a run its end). One place for every number of the schema.
+MAX_NUMBER = 1e12          # a plain number: prices, targets, thresholds, factors
+MAX_DURATION = 1e9         # seconds: about 31 years
+MAX_SIZE = 1e6             # GB: a petabyte
+MAX_RATE = 1e7             # per second
+MAX_BANDWIDTH = 1e6        # GB/s
+MAX_COUNT = 10**9          # any whole number (instances, copies, users, levels, ...)
+MAX_TOKENS = 10**8         # tokens of one request
+MAX_CV = 100.0             # a coefficient of variation
+MIN_CV = 1e-6              # a cv between 0 and this is refused (0 itself means no spread)
+MIN_PERIOD = 1e-3          # seconds: the shortest period that drives events (refresh, evaluation, ...)
+
+
+def shown(value: object) -> str:
+    """``repr`` of a value, cut to a readable length (a 400-digit number, a long string)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _number(value: object, what: str, example: str) -> float | None:
     if isinstance(value, bool):
-        raise ValueError(f"expected a {what} such as {example}, got {value!r}")
+        raise ValueError(f"expected a {what} such as {example}, got {shown(value)}")
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"expected a finite {what}, got {shown(value)}") from None
     if not isinstance(value, str):
-        raise ValueError(f"expected a {what} such as {example}, got {value!r}")
+        raise ValueError(f"expected a {what} such as {example}, got {shown(value)}")
     return None
 
 
-def _finite_non_negative(x: float, what: str, raw: object) -> float:
+def _finite_non_negative(x: float, what: str, raw: object, top: float | None = None, unit: str = "") -> float:
     if not math.isfinite(x):
-        raise ValueError(f"expected a finite {what}, got {raw!r}")
+        raise ValueError(f"expected a finite {what}, got {shown(raw)}")
     if x < 0:
-        raise ValueError(f"expected a non-negative {what}, got {raw!r}")
+        raise ValueError(f"expected a non-negative {what}, got {shown(raw)}")
+    if top is not None and x > top:
+        raise ValueError(f"expected a {what} of at most {top:g}{unit}, got {shown(raw)}")
+    return x
+
+
+def parse_number(value: object) -> float:
+    """A finite plain number of sane magnitude (at most MAX_NUMBER either way)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number, got {shown(value)}")
+    try:
+        x = float(value)
+    except OverflowError:
+        raise ValueError(f"expected a finite number, got {shown(value)}") from None
+    except ValueError:
+        raise ValueError(f"expected a number, got {shown(value)}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"expected a finite number, got {shown(value)}")
+    if abs(x) > MAX_NUMBER:
+        raise ValueError(f"expected a number between -{MAX_NUMBER:g} and {MAX_NUMBER:g}, got {shown(value)}")
+    return x
+
+
+def parse_cv(value: object) -> float:
+    """A coefficient of variation: 0 (no spread) or between MIN_CV and MAX_CV."""
+    x = parse_number(value)
+    if x != 0 and not MIN_CV <= abs(x) <= MAX_CV:
+        raise ValueError(f"expected a cv of 0 or between {MIN_CV:g} and {MAX_CV:g}, got {shown(value)}")
+    return x
+
+
+def parse_count(value: object) -> int:
+    """A whole number of sane magnitude (at most MAX_COUNT either way); a float must be whole."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, got {shown(value)}")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {shown(value)}") from None
+    if not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {shown(value)}")
+    if abs(value) > MAX_COUNT:
+        raise ValueError(f"expected a whole number between -{MAX_COUNT} and {MAX_COUNT}, got {shown(value)}")
+    return value
+
+
+def parse_period(value: object) -> float:
+    """A duration that drives events: at least MIN_PERIOD, so that a run cannot spin for ever."""
+    x = parse_duration(value)
+    if x < MIN_PERIOD:
+        raise ValueError(f"expected a duration of at least 1ms (a period that drives events), got {shown(value)}")
     return x
 
 
@@ -55,9 +131,9 @@ def parse_duration(value: object) -> float:
         m = _DURATION_RE.match(value)  # type: ignore[arg-type]
         unit = m.group(2).lower() if m else None
         if not m or (unit and unit not in _DURATION_UNITS):
-            raise ValueError(f"expected a duration such as {example}, got {value!r}")
+            raise ValueError(f"expected a duration such as {example}, got {shown(value)}")
         x = float(m.group(1)) * _DURATION_UNITS[unit or "s"]
-    return _finite_non_negative(x, "duration", value)
+    return _finite_non_negative(x, "duration", value, MAX_DURATION, " s")
 
 
 def parse_size(value: object) -> float:
@@ -68,9 +144,9 @@ def parse_size(value: object) -> float:
         m = _SIZE_RE.match(value)  # type: ignore[arg-type]
         unit = m.group(2).lower() if m else None
         if not m or (unit and unit not in _SIZE_UNITS):
-            raise ValueError(f"expected a size such as {example}, got {value!r}")
+            raise ValueError(f"expected a size such as {example}, got {shown(value)}")
         x = float(m.group(1)) * _SIZE_UNITS[unit or "gb"]
-    return _finite_non_negative(x, "size", value)
+    return _finite_non_negative(x, "size", value, MAX_SIZE, " GB")
 
 
 def parse_rate(value: object) -> float:
@@ -81,9 +157,9 @@ def parse_rate(value: object) -> float:
         m = _RATE_RE.match(value)  # type: ignore[arg-type]
         unit = m.group(2).lower() if m and m.group(2) else "s"
         if not m or unit not in _RATE_UNITS:
-            raise ValueError(f"expected a rate such as {example}, got {value!r}")
+            raise ValueError(f"expected a rate such as {example}, got {shown(value)}")
         x = float(m.group(1)) * _RATE_UNITS[unit]
-    return _finite_non_negative(x, "rate", value)
+    return _finite_non_negative(x, "rate", value, MAX_RATE, "/s")
 
 
 _BANDWIDTH_RE = re.compile(rf"^\s*{_NUM}\s*([a-zA-Z]+)(?:\s*/\s*s)?\s*$")
@@ -98,11 +174,11 @@ def parse_bandwidth(value: object) -> float:
         m = _BANDWIDTH_RE.match(value)  # type: ignore[arg-type]
         unit = m.group(2).lower() if m else None
         if not m or (unit not in _SIZE_UNITS and unit not in _BITS):
-            raise ValueError(f"expected a bandwidth such as {example}, got {value!r}")
+            raise ValueError(f"expected a bandwidth such as {example}, got {shown(value)}")
         x = float(m.group(1)) * (_SIZE_UNITS.get(unit) or _BITS[unit])
-    x = _finite_non_negative(x, "bandwidth", value)
+    x = _finite_non_negative(x, "bandwidth", value, MAX_BANDWIDTH, " GB/s")
     if x == 0:
-        raise ValueError(f"expected a bandwidth > 0, got {value!r}")
+        raise ValueError(f"expected a bandwidth > 0, got {shown(value)}")
     return x
 
 
@@ -110,3 +186,9 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[float, BeforeValidator(parse_size)]
 Rate = Annotated[float, BeforeValidator(parse_rate)]
 Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth)]
+Number = Annotated[float, BeforeValidator(parse_number)]
+MAX_TEXT = 256             # characters of a name, a glob, a path
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
+CV = Annotated[float, BeforeValidator(parse_cv)]
+Count = Annotated[int, BeforeValidator(parse_count)]
+Period = Annotated[float, BeforeValidator(parse_period)]

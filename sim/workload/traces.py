@@ -57,12 +57,25 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# the most tokens one request may have (as the scenario schema's); checked before any cast to int64
+MAX_TOKENS = 10**8
+
+
 def _open_check(path: Path) -> None:
-    if not path.exists():
+    if "\0" in str(path):
+        raise TraceError(f"{str(path)!r}: the path holds a NUL character; expected a trace file")
+    try:
+        exists, is_dir, regular = path.exists(), path.is_dir(), path.is_file()
+        size = path.stat().st_size if regular else 0
+    except (OSError, RuntimeError) as exc:   # a symlink loop, a name too long
+        raise TraceError(f"{path}: cannot read the trace file: {getattr(exc, 'strerror', None) or exc}") from None
+    if not exists:
         raise TraceError(f"{path}: trace file not found")
-    if path.is_dir():
+    if is_dir:
         raise TraceError(f"{path}: expected a trace file, found a directory")
-    if path.stat().st_size == 0:
+    if not regular:
+        raise TraceError(f"{path}: expected a trace file, found something else (a device, a FIFO or a socket)")
+    if size == 0:
         raise TraceError(f"{path}: trace file is empty; expected at least one request")
 
 
@@ -106,12 +119,12 @@ def _numbers(path: Path, col: pd.Series, name: str, lines: np.ndarray, expected:
 
 def _token_counts(path: Path, values: np.ndarray, name: str, lines: np.ndarray,
                   raw: pd.Series | list | None = None) -> np.ndarray:
-    bad = (values < 0) | (values != np.floor(values))
+    bad = ~np.isfinite(values) | (values < 0) | (values > MAX_TOKENS) | (values != np.floor(values))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         got = raw.iloc[i] if isinstance(raw, pd.Series) else (raw[i] if raw is not None else values[i])
-        raise TraceError(f"{path}: line {lines[i]}: '{name}': expected a whole number of tokens >= 0, "
-                         f"got {_shown(got)}")
+        raise TraceError(f"{path}: line {lines[i]}: '{name}': expected a whole number of tokens between 0 and "
+                         f"{MAX_TOKENS}, got {_shown(got)}")
     return values.astype(np.int64)
 
 
@@ -171,9 +184,11 @@ def _read_azure(path: Path) -> pd.DataFrame:
         ts = pd.to_datetime(raw, format="%Y-%m-%d %H:%M:%S.%f", errors="coerce")
         if ts.isna().any():  # e.g. a time exactly on the second, written without a fraction
             ts = ts.fillna(pd.to_datetime(raw.where(ts.isna()), format="ISO8601", errors="coerce"))
-    except (ValueError, TypeError) as exc:
+        if not pd.api.types.is_datetime64_any_dtype(ts):
+            raise ValueError("times in several time zones, or some with a zone and some without")
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise TraceError(f"{path}: column 'TIMESTAMP': expected times like "
-                         f"'2023-11-16 18:17:03.9799600' without a time zone: {exc}") from None
+                         f"'2023-11-16 18:17:03.9799600', all without a time zone (or all in one): {exc}") from None
     bad = ts.isna().to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -203,7 +218,7 @@ def _read_mooncake(path: Path) -> pd.DataFrame:
     has_model = None
     try:
         fh = open(path, encoding="utf-8-sig")
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise TraceError(f"{path}: cannot open trace file: {exc}") from None
     with fh:
         for lineno, text in enumerate(fh, start=1):
@@ -214,6 +229,9 @@ def _read_mooncake(path: Path) -> pd.DataFrame:
             except json.JSONDecodeError as exc:
                 raise TraceError(f"{path}: line {lineno}: expected one JSON object per line "
                                  f"(mooncake JSONL), got invalid JSON: {exc.msg}") from None
+            except RecursionError:
+                raise TraceError(f"{path}: line {lineno}: expected one flat JSON object per line (mooncake "
+                                 "JSONL), got one nested too deeply to read") from None
             if not isinstance(rec, dict):
                 raise TraceError(f"{path}: line {lineno}: expected a JSON object with "
                                  f"{', '.join(_MOONCAKE_FIELDS)}, got {type(rec).__name__}")
