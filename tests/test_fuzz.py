@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -132,7 +133,7 @@ def _shorten(data: dict) -> dict:
 mutations = st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(EDGES + [DROP])), min_size=1, max_size=2)
 
 
-@settings(max_examples=600, deadline=None, derandomize=True, database=None,
+@settings(max_examples=1500, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(seed=st.integers(0, len(SEEDS) - 1), picks=mutations)
 def test_mutated_scenarios_fail_cleanly_or_run_with_invariants(seed, picks):
@@ -159,10 +160,11 @@ def test_mutated_scenarios_fail_cleanly_or_run_with_invariants(seed, picks):
         assert str(e).startswith(source + ": ") and "\n" not in str(e), str(e)
         return
     s = res.summary["overall"]
-    assert s["completed"] + s["failed"] + s["in_flight"] == s["requests"], s
+    adds_up = lambda m: m["completed"] + m["failed"] + m["in_flight"] == pytest.approx(m["requests"], abs=0.03)
+    assert adds_up(s), s   # with replications, means rounded to 2 decimals
     r = res.requests
     for ep, e in res.summary["endpoints"].items():
-        assert e["completed"] + e["failed"] + e["in_flight"] == e["requests"], (ep, e)
+        assert adds_up(e), (ep, e)
     assert len(r) >= s["requests"]   # the frame holds the warmup's requests too
     done = r["status"] != "in_flight"
     lat = r.loc[done & (r["status"] == "ok"), "latency_ms"].to_numpy(dtype=float)
