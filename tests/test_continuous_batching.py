@@ -223,3 +223,53 @@ def test_the_engine_log_keeps_the_caps():
     assert running.max() <= 6 and running.min() >= 0 and waiting.min() >= 0
     assert used.max() <= 150 and used.min() >= 0 and (cap == 150).all()
     assert running.max() == 6   # the cap is reached at this load
+
+
+# -- exact theory --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("load", [0.5, 0.8])
+@pytest.mark.parametrize("tokens", ["fixed", "random"])
+def test_one_sequence_at_a_time_is_an_m_g_1_queue(load, tokens):
+    """max_num_seqs = 1 and prompts within one step's budget: each request is served alone in one
+    prefill step and (output - 1) decode steps, a service time set by its tokens; Poisson arrivals make an
+    M/G/1 queue, whose mean sojourn is E[S] + lambda E[S^2] / (2 (1 - rho)) (Pollaczek-Khinchine), with
+    X"""
+    st_ = StepTime.linear(0.002, 1e-5, 3e-4, 2e-6)
+    if tokens == "fixed":
+        spec_in, spec_out = 200, 40
+        es_guess = st_.time(0, 0, 200) + st_.decode_time(1, 200, 39)
+    else:
+        spec_in = {"dist": "lognormal", "mean": 200, "cv": 0.5}
+        spec_out = {"dist": "lognormal", "mean": 40, "cv": 0.8}
+        es_guess = st_.time(0, 0, 200) + st_.decode_time(1, 200, 39)
+    rate = load / es_guess
+    got, theory = [], []
+    for seed in range(4):
+        sc = _scenario(_cfg(seqs=1, budget=4096, step=st_), rate=rate, tin=spec_in, tout=spec_out,
+                       duration=20_000 / rate, seed=seed)
+        r = sim.run(sc, seed=seed).requests
+        tin = np.maximum(r["input_tokens"].to_numpy(), 1)
+        tout = np.maximum(r["output_tokens"].to_numpy(), 1)
+        s = np.array([st_.time(0, 0, int(a)) + st_.decode_time(1, int(a), int(b) - 1) for a, b in zip(tin, tout)])
+        lam = len(r) / sc.horizon
+        es, es2 = s.mean(), (s ** 2).mean()
+        assert 0.8 * load < lam * es < 1.2 * load
+        theory.append(es + lam * es2 / (2 * (1 - lam * es)))
+        ok = r[r["status"] == "ok"]
+        got.append(ok["latency_ms"].mean() / 1e3)
+    assert np.mean(got) == pytest.approx(np.mean(theory), rel=0.03)
+
+
+def test_a_longer_output_costs_no_more_events(monkeypatch):
+    """Decode runs jump in closed form: the calendar entries of a run do not grow with the output."""
+    from sim.hosting.continuous import ContinuousBatching
+
+    calls = []
+    real = ContinuousBatching._schedule
+    monkeypatch.setattr(ContinuousBatching, "_schedule", lambda self, at: (calls.append(at), real(self, at)))
+    counts = []
+    for out in (20, 2000):
+        calls.clear()
+        r = sim.run(_scenario(_cfg(seqs=8), rate=0.05, tin=100, tout=out, duration=4000.0, seed=1), seed=1).requests
+        assert (r["status"] == "ok").mean() > 0.9
+        counts.append(len(calls) / len(r))
+    assert counts[1] <= counts[0] * 1.5, counts   # about 2 a request (a prefill step, a decode run) either way
