@@ -232,7 +232,7 @@ def test_one_sequence_at_a_time_is_an_m_g_1_queue(load, tokens):
     """max_num_seqs = 1 and prompts within one step's budget: each request is served alone in one
     prefill step and (output - 1) decode steps, a service time set by its tokens; Poisson arrivals make an
     M/G/1 queue, whose mean sojourn is E[S] + lambda E[S^2] / (2 (1 - rho)) (Pollaczek-Khinchine), with
-    X"""
+    the moments of the requests' own service times. Within 3% over 4 seeded runs of ~20,000 requests."""
     st_ = StepTime.linear(0.002, 1e-5, 3e-4, 2e-6)
     if tokens == "fixed":
         spec_in, spec_out = 200, 40
