@@ -232,7 +232,7 @@ def test_each_request_receives_its_work_and_devices_hold_their_cap(p):
     ({2.5: 1.5}, "whole number"),
     ({2: 0.0}, "factor > 0"),
     ({2: -1.0}, "factor > 0"),
-    ({2: float("inf")}, "factor > 0"),
+    ({2: float("inf")}, "finite number"),
     ({1: 2.0}, "1 by definition"),
 ])
 def test_bad_curves_name_the_key(curve, msg):

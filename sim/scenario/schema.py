@@ -36,8 +36,8 @@ class InstanceTypeSpec(Strict):
     gpu: Text | None = None
     storage: Literal["nvme", "ebs"] = "ebs"
     storage_gb: Size = 30.0
-    disk_read_gbs: Number = Field(default=0.25, gt=0, le=1e6)
-    network_gbps: Number = Field(default=10.0, gt=0, le=1e6)
+    disk_read_gbs: Number = Field(default=0.25, gt=0, le=1e9)
+    network_gbps: Number = Field(default=10.0, gt=0, le=1e9)
 
     @model_validator(mode="after")
     def _gpu_memory(self) -> "InstanceTypeSpec":
