@@ -36,7 +36,30 @@ class Model:
     service: ServiceSpec
     tokens: TokensSpec | None
     architecture: Architecture | None = None   # a language model's (models[].architecture)
-    llm: "ContinuousBatching | None" = None    # service.continuous_batching, resolved on its device
+    llm: ContinuousBatching | None = None      # service.continuous_batching, resolved on its device
+
+
+@dataclass(frozen=True)
+class ContinuousBatching:
+    """What a continuous-batching engine needs of one language model (``Model.llm``), resolved against
+    the device a copy runs on: its ``tp`` GPUs (tensor parallel; 0: the instance's CPUs).
+
+    ``kv_blocks`` blocks of ``block_size`` tokens make the copy's KV cache (``kv_tokens`` tokens,
+    ``kv_cache_gb`` GB); ``step`` is the time of one iteration (:class:`~sim.hosting.steps.StepTime`)."""
+
+    architecture: Architecture
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    kv_blocks: int
+    kv_cache_gb: float
+    tp: int
+    step: StepTime
+    step_kind: str            # roofline | profile | given
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_blocks * self.block_size
 
 
 @dataclass(frozen=True)
@@ -394,29 +417,6 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                     source=source, path=f"models[{g.index}]")
     return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source, base_dir,
                     tuple(dict.fromkeys(warnings)))
-
-
-@dataclass(frozen=True)
-class ContinuousBatching:
-    """What a continuous-batching engine needs of one language model (``Model.llm``), resolved against
-    the device a copy runs on: its ``tp`` GPUs (tensor parallel; 0: the instance's CPUs).
-
-    ``kv_blocks`` blocks of ``block_size`` tokens make the copy's KV cache (``kv_tokens`` tokens,
-    ``kv_cache_gb`` GB); ``step`` is the time of one iteration (:class:`~sim.hosting.steps.StepTime`)."""
-
-    architecture: Architecture
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    kv_blocks: int
-    kv_cache_gb: float
-    tp: int
-    step: StepTime
-    step_kind: str            # roofline | profile | given
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.kv_blocks * self.block_size
 
 
 def _resolve_llm(model: Model, ep: Endpoint, catalog: Catalog, base_dir: Path, source: str,
