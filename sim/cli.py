@@ -156,11 +156,16 @@ def validate(scenario, overrides):
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
-def catalog(as_json):
-    """Instance types (with prices and sources) and GPU specs."""
+@click.option("--models", "models", is_flag=True,
+              help="List the language-model architectures instead (figures from their published configs).")
+def catalog(as_json, models):
+    """Instance types (with prices and sources) and GPU specs; with --models, model architectures."""
     from .catalog import load_catalog
 
     cat = load_catalog()
+    if models:
+        _catalog_models(cat, as_json)
+        return
     df = cat.table()
     if as_json:
         click.echo(df.to_json(orient="records", indent=2))
@@ -183,6 +188,28 @@ def catalog(as_json):
         g.add_row(name, *[str(getattr(spec, c)) for c in ("memory_gb", "memory_bandwidth_gbs", "bf16_tflops",
                                                            "fp16_tflops", "pcie_gen")])
     Console().print(g)
+
+
+def _catalog_models(cat, as_json: bool) -> None:
+    """``capsim catalog --models``: one row per architecture with its derived figures."""
+    df = cat.models_table()
+    if as_json:
+        click.echo(df.to_json(orient="records", indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="model architectures (all fields and sources: --json)")
+    cols = ("name", "params", "active", "layers", "hidden", "heads", "kv_heads", "experts", "weight_gb",
+            "kv_kb/token")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "name" else "right")
+    for a in cat.architectures.values():
+        t.add_row(a.name, f"{a.params / 1e9:.2f}B", f"{a.active_params / 1e9:.2f}B", str(a.layers), str(a.hidden),
+                  str(a.heads), str(a.kv_heads), f"{a.experts_per_token}/{a.experts}" if a.experts else "-",
+                  f"{a.weight_gb:.2f}", f"{a.kv_bytes_per_token / 1e3:g}")
+    # piped (no terminal to measure), rich would squeeze the table into 80 columns
+    Console(width=None if sys.stdout.isatty() else 120).print(t)
 
 
 @main.command()

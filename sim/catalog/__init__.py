@@ -1,15 +1,19 @@
-"""The instance-type and GPU catalog: two YAML data files and a small loader.
+"""The instance-type, GPU and model-architecture catalog: three YAML data files and a small loader.
 
 ``instances.yaml`` lists SageMaker instance types (hardware, storage, network,
-on-demand price) and ``gpus.yaml`` the accelerators they carry. Both live next
-to this module; every entry names its source and the date its figures were
-taken. :func:`load_catalog` reads and validates them once (cached).
+on-demand price), ``gpus.yaml`` the accelerators they carry and ``models.yaml``
+language-model architectures (:class:`Architecture`: the figures of each
+model's published config, and the bytes and FLOPs derived from them). All live
+next to this module; every entry names its source and the date its figures
+were taken. :func:`load_catalog` reads and validates them once (cached).
 
     >>> from sim.catalog import load_catalog
     >>> cat = load_catalog()
     >>> cat.instance("ml.g5.xlarge").gpu_memory_gb
     24.0
     >>> cat.table()          # one row per instance type, cheapest first
+    >>> cat.architecture("llama-2-7b").kv_bytes_per_token    # 2 x 32 layers x 32 x 128 x 2 bytes
+    524288.0
 
 A scenario adds or overrides instance types with :meth:`Catalog.with_instance_types`.
 """
@@ -19,7 +23,8 @@ import dataclasses
 import datetime as _dt
 import difflib
 import functools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -28,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 __all__ = [
+    "Architecture",
     "GPUSpec",
     "InstanceType",
     "Catalog",
@@ -46,6 +52,9 @@ class GPUSpec:
     ``fp16_tflops`` and ``bf16_tflops`` are dense tensor-core peaks (no
     sparsity), ``None`` where the part has no such path. ``pcie_bandwidth_gbs``
     is the theoretical per-direction bandwidth of an x16 link of ``pcie_gen``.
+    ``nvlink_gbs`` is the per-direction NVLink bandwidth of one GPU to the
+    others of its instance, ``None`` where the GPUs of an instance talk over
+    PCIe only (:attr:`interconnect_gbs` is the one tensor parallelism uses).
     """
 
     name: str
@@ -55,12 +64,15 @@ class GPUSpec:
     bf16_tflops: float | None
     pcie_gen: int
     pcie_bandwidth_gbs: float
+    nvlink_gbs: float | None = None
     source: str = ""
     date: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name: must not be empty")
+        if self.nvlink_gbs is not None and not self.nvlink_gbs > 0:
+            raise ValueError(f"nvlink_gbs: must be > 0 or null, got {self.nvlink_gbs!r}")
         for f in ("memory_gb", "memory_bandwidth_gbs", "pcie_bandwidth_gbs"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"{f}: must be > 0, got {getattr(self, f)!r}")
@@ -70,6 +82,16 @@ class GPUSpec:
                 raise ValueError(f"{f}: must be > 0 or null, got {v!r}")
         if self.pcie_gen < 1:
             raise ValueError(f"pcie_gen: must be >= 1, got {self.pcie_gen!r}")
+
+    @property
+    def interconnect_gbs(self) -> float:
+        """GB/s per direction between two GPUs of one instance: NVLink where there is, else PCIe."""
+        return self.nvlink_gbs if self.nvlink_gbs is not None else self.pcie_bandwidth_gbs
+
+    @property
+    def peak_tflops(self) -> float | None:
+        """The dense 16-bit tensor peak: bf16 where the part has it, else fp16."""
+        return self.bf16_tflops or self.fp16_tflops
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,140 @@ class InstanceType:
         return self.gpus > 0
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """A decoder-only language model's architecture, from its published config. Units: bytes, FLOPs.
+
+    ``params`` counts every parameter (embeddings and output head included); ``dtype_bytes`` is the
+    bytes of one weight and of one KV-cache element as served (2 for fp16/bf16). A mixture-of-experts
+    model sets ``experts`` and ``experts_per_token``; a dense one leaves both ``None``.
+
+    The derived figures assume a gated MLP for the experts (gate, up and down projections of
+    ``hidden x intermediate`` each, as Mixtral's) and ``head_dim = hidden / heads``.
+    """
+
+    name: str
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: float = 2.0
+    experts: int | None = None
+    experts_per_token: int | None = None
+    source: str = ""
+    date: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name: must not be empty")
+        for f in ("params", "layers", "hidden", "heads", "kv_heads", "intermediate", "vocab"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f}: must be a whole number >= 1, got {v!r}")
+        if not (0 < self.dtype_bytes <= 8) or math.isinf(self.dtype_bytes):
+            raise ValueError(f"dtype_bytes: must be > 0 and at most 8 (2 for fp16/bf16), got {self.dtype_bytes!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden: {self.hidden} is not a multiple of heads ({self.heads}); head_dim = "
+                             "hidden / heads must be whole")
+        if self.kv_heads > self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads: {self.kv_heads} must divide heads ({self.heads}) (grouped-query "
+                             "attention shares each KV head among heads / kv_heads query heads)")
+        if (self.experts is None) != (self.experts_per_token is None):
+            raise ValueError("experts: a mixture-of-experts model needs both experts and experts_per_token; "
+                             "a dense model neither")
+        if self.experts is not None:
+            if self.experts < 1 or not 1 <= self.experts_per_token <= self.experts:
+                raise ValueError(f"experts_per_token: expected between 1 and experts ({self.experts}), got "
+                                 f"{self.experts_per_token!r}")
+            if self.expert_params >= self.params:
+                raise ValueError(f"params: {self.params} is not more than the experts' {self.expert_params} "
+                                 f"(layers x experts x 3 x hidden x intermediate); check params and intermediate")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts is not None
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of all the weights: ``params x dtype_bytes`` (the model's default ``size_gb``)."""
+        return self.params * self.dtype_bytes
+
+    @property
+    def weight_gb(self) -> float:
+        return self.weight_bytes / 1e9
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes of one token: ``2 x layers x kv_heads x head_dim x dtype_bytes``."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    def kv_bytes_per_token_per_gpu(self, tp: int) -> float:
+        """KV-cache bytes of one token on each of ``tp`` tensor-parallel GPUs. Each holds
+        ``kv_heads / tp`` KV heads, and a whole one when ``tp`` exceeds ``kv_heads`` (the KV heads are
+        then replicated: vLLM's ``max(1, kv_heads // tp)``)."""
+        return 2 * self.layers * max(1, self.kv_heads // tp) * self.head_dim * self.dtype_bytes
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters in the experts' MLPs (0 for a dense model): ``layers x experts x 3 x hidden x
+        intermediate``."""
+        return self.layers * self.experts * 3 * self.hidden * self.intermediate if self.experts else 0
+
+    @property
+    def shared_params(self) -> int:
+        """Parameters every token uses: all but the experts' (attention, norms, routers, embeddings)."""
+        return self.params - self.expert_params
+
+    @property
+    def active_params(self) -> float:
+        """Parameters one token uses: the shared ones and ``experts_per_token / experts`` of the
+        experts' (all of them for a dense model)."""
+        if not self.experts:
+            return float(self.params)
+        return self.shared_params + self.expert_params * self.experts_per_token / self.experts
+
+    @property
+    def flops_per_token(self) -> float:
+        """FLOPs of one token's forward pass through the weights: ``2 x active params``."""
+        return 2.0 * self.active_params
+
+    @property
+    def attention_flops_per_kv_token(self) -> float:
+        """FLOPs of one query token against one cached token: ``4 x layers x heads x head_dim``
+        (the score ``q.k`` and the weighted value, a multiply-add each per dimension and head)."""
+        return 4.0 * self.layers * self.heads * self.head_dim
+
+    def experts_touched(self, tokens: float) -> float:
+        """The expected fraction of each layer's experts that ``tokens`` tokens route to, when each
+        token picks ``experts_per_token`` of ``experts`` uniformly and independently: ``1 - (1 -
+        k/E)^tokens`` (1 for a dense model). Mixtral (2 of 8): 0.25 at one token, 0.90 at 8, 0.99 at 16."""
+        if not self.experts:
+            return 1.0
+        if tokens <= 0:
+            return 0.0
+        return 1.0 - (1.0 - self.experts_per_token / self.experts) ** tokens
+
+    def weight_bytes_read(self, tokens: float | None = None) -> float:
+        """Weight bytes one step reads with ``tokens`` tokens in it: the shared weights and the
+        experts the tokens touch (:meth:`experts_touched`); every weight when ``tokens`` is None,
+        and always for a dense model."""
+        if not self.experts or tokens is None:
+            return self.weight_bytes
+        return (self.shared_params + self.expert_params * self.experts_touched(tokens)) * self.dtype_bytes
+
+    @property
+    def allreduce_bytes_per_token(self) -> float:
+        """Bytes of one token's activation in a tensor-parallel all-reduce: ``hidden x dtype_bytes``."""
+        return self.hidden * self.dtype_bytes
+
+
 class UnknownNameError(KeyError):
     """A name not in the catalog. ``args[0]`` (and ``str()``) is the whole message,
     with a ``(did you mean X?)`` suggestion when a close match exists."""
@@ -142,17 +298,36 @@ TABLE_COLUMNS = [
 ]
 
 
+MODEL_COLUMNS = [
+    "name", "params", "layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "dtype_bytes",
+    "experts", "experts_per_token", "active_params", "weight_gb", "kv_bytes_per_token", "flops_per_token",
+    "source", "date",
+]
+
+
 @dataclass(frozen=True)
 class Catalog:
-    """Instance types and GPU specs by name (read-only mappings)."""
+    """Instance types, GPU specs and model architectures by name (read-only mappings)."""
 
     instance_types: Mapping[str, InstanceType]
     gpus: Mapping[str, GPUSpec]
+    architectures: Mapping[str, Architecture] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Read-only views, so the cached catalog cannot be changed by accident.
         object.__setattr__(self, "instance_types", MappingProxyType(dict(self.instance_types)))
         object.__setattr__(self, "gpus", MappingProxyType(dict(self.gpus)))
+        object.__setattr__(self, "architectures", MappingProxyType(dict(self.architectures)))
+
+    def architecture(self, name: str) -> Architecture:
+        """The model architecture ``name``; :class:`UnknownNameError` (a KeyError) if unknown."""
+        try:
+            return self.architectures[name]
+        except KeyError:
+            raise UnknownNameError(
+                f"unknown architecture {name!r}{_suggest(name, self.architectures)}; "
+                f"expected one of {', '.join(self.architectures)} (capsim catalog --models) or a mapping"
+            ) from None
 
     def instance(self, name: str) -> InstanceType:
         """The instance type ``name``; :class:`UnknownNameError` (a KeyError) if unknown."""
@@ -184,7 +359,7 @@ class Catalog:
                     f"instance type {it.name!r}: unknown GPU {it.gpu!r}{_suggest(it.gpu, self.gpus)}"
                 )
             merged[it.name] = it
-        return Catalog(merged, self.gpus)
+        return Catalog(merged, self.gpus, self.architectures)
 
     def table(self) -> "pandas.DataFrame":  # noqa: F821
         """One row per instance type, cheapest first (ties by name)."""
@@ -197,6 +372,13 @@ class Catalog:
         df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
         return df.sort_values(["price_per_hour", "name"], kind="stable").reset_index(drop=True)
 
+    def models_table(self) -> "pandas.DataFrame":  # noqa: F821
+        """One row per model architecture, in catalog order, with the derived figures."""
+        import pandas as pd
+
+        rows = [{c: getattr(a, c) for c in MODEL_COLUMNS} for a in self.architectures.values()]
+        return pd.DataFrame(rows, columns=MODEL_COLUMNS)
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -207,7 +389,7 @@ def _field_kinds(cls: type) -> dict[str, str]:
         t = str(f.type).replace(" ", "")
         kinds[f.name] = {
             "str": "str", "int": "int", "float": "float",
-            "float|None": "float?", "str|None": "str?",
+            "float|None": "float?", "str|None": "str?", "int|None": "int?",
         }[t]
     return kinds
 
@@ -272,18 +454,26 @@ def _read_yaml(path: Any, label: str) -> Mapping:
     return data
 
 
-def load_catalog_files(instances_path: str | Path, gpus_path: str | Path) -> Catalog:
-    """Read and validate a catalog from two YAML files (see :func:`load_catalog`).
+def load_catalog_files(instances_path: str | Path, gpus_path: str | Path,
+                       models_path: str | Path | None = None) -> Catalog:
+    """Read and validate a catalog from two or three YAML files (see :func:`load_catalog`); without
+    ``models_path`` the catalog has no architectures.
 
     Raises ValueError naming the file, the entry and the field on a missing or
     unknown field, a value of the wrong type or range, or an instance type whose
     ``gpu`` is not in the GPU file.
     """
-    return _load(Path(instances_path), Path(gpus_path))
+    return _load(Path(instances_path), Path(gpus_path), None if models_path is None else Path(models_path))
 
 
-def _load(instances_path: Any, gpus_path: Any) -> Catalog:
+def _load(instances_path: Any, gpus_path: Any, models_path: Any = None) -> Catalog:
     glabel, ilabel = gpus_path.name, instances_path.name
+    architectures = {}
+    if models_path is not None:
+        architectures = {
+            name: _parse_entry(Architecture, name, entry, models_path.name)
+            for name, entry in _read_yaml(models_path, models_path.name).items()
+        }
     gpus = {
         name: _parse_entry(GPUSpec, name, entry, glabel)
         for name, entry in _read_yaml(gpus_path, glabel).items()
@@ -299,11 +489,12 @@ def _load(instances_path: Any, gpus_path: Any) -> Catalog:
         if it.gpus > 0 and it.gpu is None:
             raise ValueError(f"{ilabel}: {name}.gpu: an instance type with gpus > 0 must name its GPU")
         instance_types[name] = it
-    return Catalog(instance_types, gpus)
+    return Catalog(instance_types, gpus, architectures)
 
 
 @functools.lru_cache(maxsize=None)
 def load_catalog() -> Catalog:
-    """The built-in catalog: ``instances.yaml`` and ``gpus.yaml`` next to this module (cached)."""
+    """The built-in catalog: ``instances.yaml``, ``gpus.yaml`` and ``models.yaml`` next to this module
+    (cached)."""
     here = resources.files(__name__)
-    return _load(here / "instances.yaml", here / "gpus.yaml")
+    return _load(here / "instances.yaml", here / "gpus.yaml", here / "models.yaml")

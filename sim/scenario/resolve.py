@@ -11,7 +11,8 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..catalog import Catalog, InstanceType, load_catalog
+from ..catalog import Architecture, Catalog, InstanceType, load_catalog
+from ..hosting.steps import StepTime
 from .errors import ScenarioError, suggest
 from .schema import CacheSpec, EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
 from .schema import AutoscalingSpec, BatchingSpec, ScaleFromZeroSpec, SustainedSpec
@@ -34,6 +35,31 @@ class Model:
     init_time: float
     service: ServiceSpec
     tokens: TokensSpec | None
+    architecture: Architecture | None = None   # a language model's (models[].architecture)
+    llm: ContinuousBatching | None = None      # service.continuous_batching, resolved on its device
+
+
+@dataclass(frozen=True)
+class ContinuousBatching:
+    """What a continuous-batching engine needs of one language model (``Model.llm``), resolved against
+    the device a copy runs on: its ``tp`` GPUs (tensor parallel; 0: the instance's CPUs).
+
+    ``kv_blocks`` blocks of ``block_size`` tokens make the copy's KV cache (``kv_tokens`` tokens,
+    ``kv_cache_gb`` GB); ``step`` is the time of one iteration (:class:`~sim.hosting.steps.StepTime`)."""
+
+    architecture: Architecture
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    kv_blocks: int
+    kv_cache_gb: float
+    tp: int
+    step: StepTime
+    step_kind: str            # roofline | profile | given
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_blocks * self.block_size
 
 
 @dataclass(frozen=True)
@@ -246,7 +272,7 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             idx.append(len(models))
             host = ms.host_memory_gb if ms.host_memory_gb is not None else runtime_host
             models.append(Model(len(models), name, g, ms.size_gb, ms.gpu_memory_gb, host,
-                                ms.accelerators, ms.init_time, ms.service, ms.tokens))
+                                ms.accelerators, ms.init_time, ms.service, ms.tokens, ms.arch))
         groups.append(Group(g, ms.name, ms.traffic, tuple(idx), ms.service))
         _check_service(ms, g, source)
 
@@ -370,6 +396,11 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         for m in grp.models:
             models[m] = replace(models[m], service=resolved)
 
+    # Language models: the KV cache and the step model on the device that serves each copy.
+    for m, mod in enumerate(models):
+        if mod.service.continuous and m in model_ep:
+            models[m] = replace(mod, llm=_resolve_llm(mod, model_ep[m], catalog, base_dir, source, warnings))
+
     for g in groups:
         b = g.service.batching if g.service is not None else None
         if b is not None:
@@ -386,6 +417,146 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                     source=source, path=f"models[{g.index}]")
     return Scenario(spec, tuple(models), tuple(groups), tuple(endpoints), catalog, source, base_dir,
                     tuple(dict.fromkeys(warnings)))
+
+
+def _resolve_llm(model: Model, ep: Endpoint, catalog: Catalog, base_dir: Path, source: str,
+                 warnings: list[str]) -> ContinuousBatching:
+    """The continuous-batching parameters of ``model`` as ``ep`` serves it (see ContinuousBatching):
+    the KV cache that ``gpu_memory_utilization`` of the copy's memory leaves beside the weights, and
+    the step model; a ScenarioError naming the key where they cannot be had."""
+    from ..hosting.roofline import roofline   # pure: no simulation state
+
+    g = model.group
+    where = f"models[{g}].service.continuous_batching"
+    cb = model.service.continuous_batching
+    arch = model.architecture
+    it = ep.instance_type
+    acc = model.accelerators
+    if ep.mode == "ic":
+        acc = next(c.accelerators for c in ep.components if c.model == model.index)
+    tp = acc if it.gpus > 0 else 0
+    gpu = catalog.gpus.get(it.gpu) if tp and it.gpu is not None else None
+    kind = cb.step.kind
+    if tp and tp > 1 and arch.heads % tp:
+        # vLLM refuses it too: each GPU takes heads / tp attention heads
+        raise ScenarioError(f"{arch.name} has {arch.heads} attention heads, which {tp} tensor-parallel GPUs "
+                            "cannot share evenly; choose accelerators that divide the heads",
+                            source=source, path=f"models[{g}].accelerators")
+    if ep.mode == "mme":
+        warnings.append(f"{where}: in an mme endpoint the KV cache is sized as if {model.name!r} had its copy's "
+                        "GPUs to itself")
+
+    # The KV cache: what gpu_memory_utilization of the copy's memory leaves beside the weights.
+    util = cb.gpu_memory_utilization
+    if tp:
+        per_gpu = it.gpu_memory_gb * util
+        weights = model.memory_gb / tp
+        if cb.kv_cache_gb is not None:
+            room = cb.kv_cache_gb / tp
+            if weights + room > per_gpu + 1e-9:
+                raise ScenarioError(
+                    f"model {model.name!r}: weights {weights:.3g} GB and KV cache {room:.3g} GB per GPU (over {tp}) "
+                    f"exceed gpu_memory_utilization {util:g} x {it.gpu_memory_gb:g} GB = {per_gpu:.3g} GB of each "
+                    f"{it.gpu or 'GPU'} of {it.name}", source=source, path=f"{where}.kv_cache_gb")
+        else:
+            room = per_gpu - weights
+            if room <= 0:
+                raise ScenarioError(
+                    f"model {model.name!r}: its weights take {weights:.3g} GB per GPU ({model.memory_gb:.3g} GB over "
+                    f"{tp}) but gpu_memory_utilization {util:g} x {it.gpu_memory_gb:g} GB gives {per_gpu:.3g} GB per "
+                    f"{it.gpu or 'GPU'} of {it.name}: no room for the KV cache; give each copy more accelerators, "
+                    "a larger GPU or a higher gpu_memory_utilization", source=source, path=where)
+        kv_gb = room * tp
+        blocks = int(room * 1e9 // (cb.block_size * arch.kv_bytes_per_token_per_gpu(tp)))
+    else:
+        memory = model.memory_gb + model.host_memory_gb
+        if cb.kv_cache_gb is not None:
+            kv_gb = cb.kv_cache_gb
+            if memory + kv_gb > it.memory_gb + 1e-9:
+                raise ScenarioError(f"model {model.name!r}: {memory:.3g} GB of model and {kv_gb:.3g} GB of KV cache "
+                                    f"exceed the {it.memory_gb:g} GB of {it.name}", source=source,
+                                    path=f"{where}.kv_cache_gb")
+        else:
+            kv_gb = util * it.memory_gb - memory
+            if kv_gb <= 0:
+                raise ScenarioError(
+                    f"model {model.name!r} takes {memory:.3g} GB of host memory but gpu_memory_utilization {util:g} "
+                    f"x {it.memory_gb:g} GB of {it.name} (a CPU copy: of the instance's memory) is {util * it.memory_gb:.3g} "
+                    "GB: no room for the KV cache; set kv_cache_gb or choose a larger instance type",
+                    source=source, path=where)
+        blocks = int(kv_gb * 1e9 // (cb.block_size * arch.kv_bytes_per_token))
+    if blocks < 1:
+        raise ScenarioError(f"model {model.name!r}: a KV cache of {kv_gb:.3g} GB holds no block of {cb.block_size} "
+                            f"tokens ({arch.kv_bytes_per_token * cb.block_size / 1e6:.3g} MB)", source=source,
+                            path=where)
+    _check_sequence_fits(model, blocks * cb.block_size, where, source, warnings)
+
+    # The step model.
+    if kind == "roofline":
+        if not tp:
+            raise ScenarioError(
+                f"step roofline needs a GPU copy, but {model.name!r} runs on the CPUs of {it.name} (accelerators "
+                f"{acc}{'' if it.gpus else ', an instance type without GPUs'}); give the step coefficients "
+                "{base, per_prefill_token, per_decode_seq, per_kv_token} or {profile: path}",
+                source=source, path=f"{where}.step")
+        if gpu is None:
+            raise ScenarioError(
+                f"step roofline needs the GPU's bandwidth and FLOP/s, but instance type {it.name} names no GPU of the "
+                f"catalog (its gpu: {it.gpu!r}); set gpu: to one of {', '.join(catalog.gpus)}, or give the step "
+                "coefficients", source=source, path=f"{where}.step")
+        try:
+            step = roofline(arch, gpu, tp, max_num_seqs=cb.max_num_seqs)
+        except ValueError as e:
+            raise ScenarioError(str(e), source=source, path=f"{where}.step") from None
+    elif kind == "given":
+        s = cb.step
+        step = StepTime.linear(s.base, s.per_prefill_token, s.per_decode_seq, s.per_kv_token, source="given")
+    else:
+        step = _profile_step(cb.step.profile, arch, gpu, base_dir, source, f"{where}.step.profile", warnings)
+    return ContinuousBatching(arch, cb.max_num_seqs, cb.max_num_batched_tokens, cb.block_size, blocks, kv_gb, tp,
+                              step, kind)
+
+
+def _check_sequence_fits(model: Model, kv_tokens: int, where: str, source: str, warnings: list[str]) -> None:
+    """A request whose prompt and output together exceed the KV cache can never finish (vLLM refuses to
+    start when one sequence of its longest length does not fit)."""
+    tk = model.tokens
+    if tk is None:
+        return
+    const = isinstance(tk.input, int) and isinstance(tk.output, int)
+    need = (tk.input if isinstance(tk.input, int) else tk.input.mean) + \
+        (tk.output if isinstance(tk.output, int) else tk.output.mean)
+    if need <= kv_tokens:
+        return
+    msg = (f"model {model.name!r}: a request of {need:g} tokens (input and output{'' if const else ', means'}) "
+           f"needs more than the copy's KV cache of {kv_tokens} tokens")
+    if const:
+        raise ScenarioError(msg + "; give the copy more memory (accelerators, gpu_memory_utilization, kv_cache_gb) "
+                            "or shorten the requests", source=source, path=where)
+    warnings.append(f"{where}: {msg}: such requests cannot be served")
+
+
+def _profile_step(path: str, arch: Architecture, gpu, base_dir: Path, source: str, where: str,
+                  warnings: list[str]) -> StepTime:
+    """The step coefficients a calibration profile fitted (sim.profile.step_coefficients), in seconds."""
+    from .. import profile as prof
+
+    fn = getattr(prof, "step_coefficients", None)
+    if fn is None:
+        raise ScenarioError("reading step coefficients from a calibration profile needs "
+                            "sim.profile.step_coefficients, which this version of capsim lacks; give the "
+                            "coefficients or use roofline", source=source, path=where)
+    try:
+        coef, notes = fn(base_dir / path, arch.params, kv_bytes_per_token=arch.kv_bytes_per_token, gpu=gpu)
+    except prof.ProfileError as e:
+        raise ScenarioError(str(e), source=source, path=where) from None
+    warnings.extend(notes)
+    try:
+        return StepTime.linear(coef["base"], coef["per_prefill_token"], coef["per_decode_seq"],
+                               coef["per_kv_token"], source=f"profile {path}")
+    except (KeyError, ValueError) as e:
+        raise ScenarioError(f"the profile's step coefficients are unusable ({e})", source=source,
+                            path=where) from None
 
 
 MAX_REQUESTS = 10**8   # requests one model group may send in a run: beyond, a run would not fit in memory
@@ -416,11 +587,12 @@ def _full_speed_warnings(endpoints: list[Endpoint], models: list[Model]) -> list
             continue
         if ep.mode == "ic":
             for c in ep.components:
-                if c.accelerators and c.max_concurrency > 1 and models[c.model].service.batching is None:
+                svc = models[c.model].service
+                if c.accelerators and c.max_concurrency > 1 and svc.batching is None and not svc.continuous:
                     out.append(_full_speed(c.path, f"max_concurrency {c.max_concurrency} of {models[c.model].name!r}"))
             continue
         plain = [models[m] for m in ep.models if models[m].service.batching is None and
-                 (ep.mode == "mme" or models[m].accelerators > 0)]
+                 not models[m].service.continuous and (ep.mode == "mme" or models[m].accelerators > 0)]
         if not plain:
             continue
         if ep.max_concurrency > 1:
@@ -471,7 +643,8 @@ def _check_cache_fit(models: list[Model], es: EndpointSpec, it: InstanceType, wh
 def _check_service(ms: ModelSpec, g: int, source: str) -> None:
     tr = ms.traffic
     if ms.service.token_based and ms.tokens is None and not (tr is not None and tr.process == "trace"):
-        raise ScenarioError("a token-based service needs token counts: add tokens: {input: N, output: M} "
+        what = "a continuous-batching" if ms.service.continuous else "a token-based"
+        raise ScenarioError(f"{what} service needs token counts: add tokens: {{input: N, output: M}} "
                             "to the model or replay a trace that has them",
                             source=source, path=f"models[{g}].service")
     if tr is not None and isinstance(tr.popularity, dict) and "weights" in tr.popularity:

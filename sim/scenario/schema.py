@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from .units import CV, Text, MAX_TOKENS, Bandwidth, Count, Duration, Number, Period, Rate, Size, shown
+from ..catalog import Architecture, UnknownNameError, load_catalog
+from .units import CV, Text, MAX_TOKENS, Bandwidth, Count, Duration, Number, Params, Period, Rate, Size, shown
 
 # One source of truth for the names the YAML accepts; each registry in the
 # core is checked against these lists by the tests.
@@ -161,6 +162,125 @@ class BatchingSpec(Strict):
         return out
 
 
+# vLLM's defaults (vllm/config.py, v0.6 to v0.8: _DEFAULT_MAX_NUM_SEQS = 256 and
+# _DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048, "chosen to have a balance between ITL and TTFT", with chunked
+# prefill; gpu_memory_utilization 0.9 and block_size 16 of its engine arguments). Later versions pick
+# per GPU and entry point (the OpenAI server on an H100-class GPU: 8192 tokens and 1024 sequences).
+CB_MAX_NUM_SEQS = 256
+CB_MAX_NUM_BATCHED_TOKENS = 2048
+CB_GPU_MEMORY_UTILIZATION = 0.9
+CB_BLOCK_SIZE = 16
+STEP_COEFFICIENTS = ("base", "per_prefill_token", "per_decode_seq", "per_kv_token")
+STEP_FORMS = "roofline, {profile: path} or {base, per_prefill_token, per_decode_seq, per_kv_token}"
+
+
+class ArchitectureSpec(Strict):
+    """A language model's architecture given in the scenario: the keys of a ``models.yaml`` entry
+    (see ``capsim catalog --models``). ``params`` takes ``6.74B``-style counts; ``dtype_bytes``
+    defaults to 2 (fp16/bf16); ``experts`` and ``experts_per_token`` for a mixture of experts only."""
+
+    params: Params
+    layers: Count = Field(ge=1, le=100_000)
+    hidden: Count = Field(ge=1)
+    heads: Count = Field(ge=1)
+    kv_heads: Count = Field(ge=1)
+    intermediate: Count = Field(ge=1)
+    vocab: Count = Field(ge=1)
+    dtype_bytes: Number = Field(default=2.0, gt=0, le=8)
+    experts: Count | None = Field(default=None, ge=1, le=1_000_000)
+    experts_per_token: Count | None = Field(default=None, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ArchitectureSpec":
+        self.build()   # raises ValueError naming the key
+        return self
+
+    def build(self, name: str = "(scenario)") -> Architecture:
+        """The :class:`~sim.catalog.Architecture` of these figures."""
+        return Architecture(name=name, **self.model_dump(), source="scenario")
+
+
+# A name or a mapping: the value's shape picks the member, so that an error speaks of that one alone.
+ArchitectureField = Annotated[
+    Union[Annotated[Text, Tag("name")], Annotated[ArchitectureSpec, Tag("mapping")]],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "mapping"),
+]
+
+
+class StepModelSpec(Strict):
+    """How long a continuous-batching step takes: ``roofline`` (the default: the catalog GPU's
+    bandwidth and FLOP/s, sim/hosting/roofline.py), ``{profile: path}`` (a calibration profile's fitted
+    coefficients) or the coefficients given, all four: ``{base, per_prefill_token, per_decode_seq,
+    per_kv_token}`` (durations; ``base + per_prefill_token * p + per_decode_seq * n + per_kv_token *
+    K`` for ``p`` prefill tokens and ``n`` decode sequences over ``K`` context tokens)."""
+
+    profile: Text | None = None
+    base: Duration | None = None
+    per_prefill_token: Duration | None = None
+    per_decode_seq: Duration | None = None
+    per_kv_token: Duration | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v.strip() == "roofline":
+                return {}
+            from .errors import suggest
+
+            raise ValueError(f"unknown step model {shown(v)}{suggest(v, ['roofline', 'profile'])}; expected "
+                             f"{STEP_FORMS}")
+        if not isinstance(v, dict):
+            raise ValueError(f"expected {STEP_FORMS}, got {shown(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "StepModelSpec":
+        given = [k for k in STEP_COEFFICIENTS if getattr(self, k) is not None]
+        if self.profile is not None and given:
+            raise ValueError(f"give either profile or the coefficients, not both (drop {', '.join(given)})")
+        if given and len(given) < len(STEP_COEFFICIENTS):
+            missing = [k for k in STEP_COEFFICIENTS if k not in given]
+            raise ValueError(f"missing {', '.join(missing)}: coefficients given need all four ({', '.join(STEP_COEFFICIENTS)}; "
+                             "0 where a term is absent)")
+        if given and not any(getattr(self, k) > 0 for k in STEP_COEFFICIENTS):
+            raise ValueError("every coefficient is 0: a step must take time")
+        if self.profile is not None and not self.profile.strip():
+            raise ValueError("profile: expected the path of a calibration profile")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``roofline``, ``profile`` or ``given``."""
+        if self.profile is not None:
+            return "profile"
+        return "given" if self.base is not None else "roofline"
+
+
+class ContinuousBatchingSpec(Strict):
+    """vLLM-style iterations on each copy (DESIGN.md, Devices, Language models). Defaults are vLLM's.
+    ``kv_cache_gb`` sets the KV cache of a copy outright; without it the cache is what
+    ``gpu_memory_utilization`` of the copy's GPU memory leaves beside the weights (on a CPU copy: of the
+    instance's memory, beside the model's memory and host memory)."""
+
+    max_num_seqs: Count = Field(default=CB_MAX_NUM_SEQS, ge=1, le=1_000_000)
+    max_num_batched_tokens: Count = Field(default=CB_MAX_NUM_BATCHED_TOKENS, ge=1, le=MAX_TOKENS)
+    gpu_memory_utilization: Number = Field(default=CB_GPU_MEMORY_UTILIZATION, gt=0, le=1)
+    block_size: Count = Field(default=CB_BLOCK_SIZE, ge=1, le=1_000_000)
+    kv_cache_gb: Size | None = None
+    step: StepModelSpec = StepModelSpec()
+
+    @model_validator(mode="after")
+    def _budget(self) -> "ContinuousBatchingSpec":
+        # vLLM refuses the same (SchedulerConfig): each running sequence needs a token of the budget
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence takes a token of a step's budget")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError("kv_cache_gb must be > 0")
+        return self
+
+
 class ServiceSpec(Strict):
     """Time to serve one request on one copy.
 
@@ -169,6 +289,9 @@ class ServiceSpec(Strict):
     Empirical: ``{dist: empirical, samples: [...]}`` draws the measured times
     themselves (their mean and cv are the service's); with the token-based form
     the samples' shape, scaled to mean 1, is its noise factor.
+    Continuous batching: ``{continuous_batching: {...}}`` alone (a language model
+    with an ``architecture``): its times come from its step model, so no other
+    key of the service applies.
     """
 
     dist: Literal[SERVICE_DISTS + ("empirical",)] | None = None  # type: ignore[valid-type]
@@ -186,9 +309,20 @@ class ServiceSpec(Strict):
     sustained: SustainedSpec | None = None
     # how requests in service at once on one device share it (any form above)
     batching: BatchingSpec | None = None
+    # a language model's vLLM-style iterations (alone: no other key applies)
+    continuous_batching: ContinuousBatchingSpec | None = None
 
     @model_validator(mode="after")
     def _form(self) -> "ServiceSpec":
+        if self.continuous_batching is not None:
+            if self.batching is not None:
+                raise ValueError("continuous_batching and batching are two execution models: give one")
+            others = [k for k in ("dist", "samples", "mean", "cv", "base", "per_input_token", "per_output_token",
+                                  "profile", "family", "params", "sustained") if getattr(self, k) is not None]
+            if others:
+                raise ValueError(f"a continuous-batching service takes its times from its step model "
+                                 f"(continuous_batching.step): drop {', '.join(others)}")
+            return self
         token = any(v is not None for v in (self.base, self.per_input_token, self.per_output_token))
         if self.family is not None or self.params is not None or self.profile is not None:
             if self.family is None or self.params is None:
@@ -214,8 +348,8 @@ class ServiceSpec(Strict):
             if not token:
                 object.__setattr__(self, "mean", mean)
         if self.mean is None and not token:
-            raise ValueError("expected either {dist, mean, cv}, {base, per_input_token, per_output_token} "
-                             "or {profile, family, params}")
+            raise ValueError("expected either {dist, mean, cv}, {base, per_input_token, per_output_token}, "
+                             "{profile, family, params} or {continuous_batching: {...}}")
         if self.mean is not None and token:
             raise ValueError("give either mean (parametric) or base/per_*_token (token-based), not both")
         if self.mean is not None and self.mean <= 0:
@@ -226,6 +360,11 @@ class ServiceSpec(Strict):
     @property
     def token_based(self) -> bool:
         return self.mean is None
+
+    @property
+    def continuous(self) -> bool:
+        """A language model served with continuous batching (``continuous_batching``)."""
+        return self.continuous_batching is not None
 
     @property
     def calibrated(self) -> bool:
@@ -315,7 +454,7 @@ class TrafficSpec(Strict):
 class ModelSpec(Strict):
     name: Text = Field(min_length=1)
     count: Count = Field(default=1, ge=1, le=100_000)
-    size_gb: Size
+    size_gb: Size | None = None          # required unless an architecture gives it (its weight bytes)
     memory_gb: Size | None = None
     host_memory_gb: Size | None = None   # default 0, or the runtime's host memory of the scenario's profile
     accelerators: Count = Field(default=1, ge=0, le=1024)
@@ -323,13 +462,56 @@ class ModelSpec(Strict):
     service: ServiceSpec
     traffic: TrafficSpec | None = None
     tokens: TokensSpec | None = None
+    # a language model's architecture: a name of the catalog (capsim catalog --models) or a mapping
+    architecture: ArchitectureField | None = None
 
     @field_validator("size_gb")
     @classmethod
-    def _positive_size(cls, v: float) -> float:
-        if v <= 0:
+    def _positive_size(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
             raise ValueError("size_gb must be > 0")
         return v
+
+    @field_validator("architecture", mode="before")
+    @classmethod
+    def _name_or_mapping(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, (str, dict)):
+            raise ValueError(f"expected an architecture name (capsim catalog --models) or a mapping {{params, "
+                             f"layers, hidden, heads, kv_heads, intermediate, vocab}}, got {shown(v)}")
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                load_catalog().architecture(v)
+            except UnknownNameError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _size(self) -> "ModelSpec":
+        arch = self.arch
+        if self.size_gb is None:
+            if arch is None:
+                raise ValueError("missing size_gb (the artifact's size), or an architecture whose weights give it")
+            # frozen model: the default is set once, here
+            object.__setattr__(self, "size_gb", arch.weight_gb)
+        if self.service.continuous and arch is None:
+            raise ValueError("service.continuous_batching needs the model's architecture: a name from "
+                             "`capsim catalog --models` (architecture: llama-2-7b) or a mapping {params, layers, "
+                             "hidden, heads, kv_heads, intermediate, vocab}")
+        return self
+
+    @property
+    def arch(self) -> Architecture | None:
+        """The model's :class:`~sim.catalog.Architecture` (the catalog's, or the mapping's), or None."""
+        if self.architecture is None:
+            return None
+        if isinstance(self.architecture, str):
+            return load_catalog().architecture(self.architecture)
+        return self.architecture.build(self.name)
 
     @property
     def gpu_memory_gb(self) -> float:

@@ -162,6 +162,27 @@ def parse_rate(value: object) -> float:
     return _finite_non_negative(x, "rate", value, MAX_RATE, "/s")
 
 
+_PARAMS_RE = re.compile(rf"^\s*{_NUM}\s*([kKmMbBtT]?)\s*$")
+_PARAMS_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+MAX_PARAMS = 1e15          # parameters of one model
+
+
+def parse_params(value: object) -> int:
+    """A parameter count from a number or a string such as ``6.74B``, ``125M`` or ``1.2T``
+    (K, M, B, T: thousand, million, billion, trillion), rounded to a whole number, at least 1."""
+    example = "6.74B, 125M or 6738415616"
+    x = _number(value, "parameter count", example)
+    if x is None:
+        m = _PARAMS_RE.match(value)  # type: ignore[arg-type]
+        if not m:
+            raise ValueError(f"expected a parameter count such as {example}, got {shown(value)}")
+        x = float(m.group(1)) * _PARAMS_UNITS[m.group(2).lower()]
+    x = _finite_non_negative(x, "parameter count", value, MAX_PARAMS)
+    if x < 1:
+        raise ValueError(f"expected a parameter count of at least 1, got {shown(value)}")
+    return int(round(x))
+
+
 _BANDWIDTH_RE = re.compile(rf"^\s*{_NUM}\s*([a-zA-Z]+)(?:\s*/\s*s)?\s*$")
 _BITS = {"gbps": 1 / 8, "mbps": 1e-3 / 8, "gbit": 1 / 8, "mbit": 1e-3 / 8}
 
@@ -192,3 +213,4 @@ Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
 CV = Annotated[float, BeforeValidator(parse_cv)]
 Count = Annotated[int, BeforeValidator(parse_count)]
 Period = Annotated[float, BeforeValidator(parse_period)]
+Params = Annotated[int, BeforeValidator(parse_params)]
