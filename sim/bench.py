@@ -104,6 +104,39 @@ def bench_batching(requests: float = 1.0e6) -> dict[str, Any]:
     return {"requests": n, "wall_seconds": wall, "requests_per_s": n / wall}
 
 
+def llm_scenario(requests: float = 2.0e5, instances: int = 4) -> dict:
+    """A language model (llama-2-7b's architecture) served with continuous batching on ``instances``
+    single-GPU copies, given step coefficients (the roofline's order for an A10G), Poisson arrivals with
+    lognormal prompts and outputs at about 60% of what max_num_seqs = 32 sustains."""
+    rate = 2.0 * instances
+    return {
+        "name": "bench-llm",
+        "seed": 1,
+        "duration": requests / rate,
+        "models": [{"name": "llm", "architecture": "llama-2-7b", "accelerators": 1,
+                    "tokens": {"input": {"dist": "lognormal", "mean": 400, "cv": 1.0},
+                               "output": {"dist": "lognormal", "mean": 150, "cv": 1.0}},
+                    "service": {"continuous_batching": {
+                        "max_num_seqs": 32, "max_num_batched_tokens": 2048,
+                        "step": {"base": "25ms", "per_prefill_token": "0.1ms", "per_decode_seq": "0.3ms",
+                                 "per_kv_token": "0.02us"}}},
+                    "traffic": {"process": "poisson", "rate": rate}}],
+        "endpoints": [{"name": "llm", "mode": "sme", "instance_type": "ml.g5.2xlarge", "instances": instances,
+                       "routing": "least_outstanding_requests", "models": ["llm"]}],
+    }
+
+
+def bench_continuous_batching(requests: float = 2.0e5) -> dict[str, Any]:
+    """The language-model case: continuous batching with a KV cache (:func:`llm_scenario`)."""
+    sc = parse_scenario(llm_scenario(requests), source="bench-continuous-batching")
+    t0 = time.perf_counter()
+    raw = simulate(sc)
+    wall = time.perf_counter() - t0
+    n = len(raw.columns["arrival"])
+    tokens = int(raw.columns["output_tokens"].sum())
+    return {"requests": n, "wall_seconds": wall, "requests_per_s": n / wall, "output_tokens_per_s": tokens / wall}
+
+
 def mme_scenario(requests: float = 1.0e6, instances: int = 4) -> dict:
     """A standard MME: 200 models with Zipf(1.0) popularity on ml.g5.xlarge instances
     that each cache about 20 of them, so a few percent of requests are cold."""
@@ -145,9 +178,11 @@ def bench_sweep(points: int = 16, scale: float = 1.0, workers: int | None = None
             "sweep_speedup": r["speedup"]}
 
 
-def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching"), scale: float = 1.0) -> dict[str, Any]:
+def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_batching"),
+              scale: float = 1.0) -> dict[str, Any]:
     """All benchmark cases (``"sweep"``: :func:`bench_sweep`); the SME case's figures are also at
-    the top level, the batching case's as ``batching: {requests_per_s}``, and the sweep's as
+    the top level, the batching cases' as ``batching: {requests_per_s}`` and ``continuous_batching:
+    {requests_per_s}``, and the sweep's as
     ``sweep_serial_s``, ``sweep_parallel_s``, ``sweep_speedup``."""
     out: dict[str, Any] = {"cases": {}}
     if "sme" in cases:
@@ -161,6 +196,9 @@ def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching"), scale: float 
     if "batching" in cases:
         b = out["cases"]["batching"] = bench_batching(1.0e6 * scale)
         out["batching"] = {"requests_per_s": b["requests_per_s"]}
+    if "continuous_batching" in cases:
+        b = out["cases"]["continuous_batching"] = bench_continuous_batching(2.0e5 * scale)
+        out["continuous_batching"] = {"requests_per_s": b["requests_per_s"]}
     if "sweep" in cases:
         sw = bench_sweep(scale=scale)
         out["cases"]["sweep"] = sw

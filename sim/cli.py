@@ -188,7 +188,7 @@ def catalog(as_json):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--scale", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
-              help="Scale the number of simulated requests (1.0: about 10^6 per case).")
+              help="Scale the number of simulated requests (1.0: about 10^6 per case, 2 x 10^5 for continuous_batching).")
 @click.option("--parallel", is_flag=True, help="Also time a 16-point sweep serially and on a local process "
               "pool (sweep_serial_s, sweep_parallel_s, sweep_speedup; about half a minute more).")
 def bench(as_json, scale, parallel):
@@ -197,7 +197,7 @@ def bench(as_json, scale, parallel):
 
     if not as_json:
         click.echo("benchmarking (about a minute)...", err=True)
-    cases = ("sme", "mme", "batching")
+    cases = ("sme", "mme", "batching", "continuous_batching")
     res = run_bench(cases + ("sweep",) if parallel else cases, scale=scale)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -210,8 +210,9 @@ def bench(as_json, scale, parallel):
                        f"{'' if c['identical'] else ' (TABLES DIFFER)'}")
             continue
         ratio = f" ({c['requests_per_s'] / res['requests_per_s']:.0%} of sme)" if name == "batching" else ""
+        tokens = f", {c['output_tokens_per_s']:,.0f} output tokens/s" if "output_tokens_per_s" in c else ""
         click.echo(f"{name}: {c['requests']:,} requests in {c['wall_seconds']:.2f} s = "
-                   f"{c['requests_per_s']:,.0f} simulated requests/s{ratio}")
+                   f"{c['requests_per_s']:,.0f} simulated requests/s{ratio}{tokens}")
         if "baseline_requests_per_s" in c:
             click.echo(f"{name} baseline (SimPy process per request): {c['baseline_requests_per_s']:,.0f} "
                        f"requests/s; speed-up {c['speedup_vs_simpy_processes']:.2f}x")

@@ -185,7 +185,7 @@ def _instance_type(plan: dict[str, Any]) -> dict[str, Any]:
     # time holds the whole load, file to warm module).
     return {"name": "testbed.cpu", "gpus": 0, "vcpus": max(os.cpu_count() or 1, 1),
             "memory_gb": plan["memory_budget_gb"], "price_per_hour": 1.0, "storage": "nvme",
-            "storage_gb": 1000, "disk_read_gbs": 1e6, "network_gbps": 1e6}
+            "storage_gb": 1000, "disk_read_gbs": 1e6, "network_gbps": 1e6}   # the schema's ceilings
 
 
 def _path_s(prof: dict, path: str, gb: float, where: str) -> float:

@@ -20,7 +20,8 @@ MINUTE = 60.0
 # Figures of a summary block that are averaged over replications (with a CI).
 SUMMARY_KEYS = ("requests", "completed", "failed", "in_flight", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                 "throughput_per_s", "cold_starts", "cache_hit_rate", "cost_usd", "cost_per_million_usd",
-                "slo_attainment")
+                "slo_attainment", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms",
+                "tpot_p90_ms", "tpot_p99_ms", "output_tokens_per_s")
 ENDPOINT_KEYS = ("instance_hours", "instances_mean", "instances_max")
 
 
@@ -122,6 +123,23 @@ def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray
             "batch_size_mean": np.where(busy > 0, in_service / np.where(busy > 0, busy, 1.0), np.nan)}
 
 
+def llm_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Per bin, for an endpoint's continuous-batching copies: ``running_seqs`` and ``waiting_seqs`` (time
+    means, summed over its copies) and ``kv_cache_utilization`` (the share of their KV cache blocks in use,
+    0-1, as vLLM's cache usage); NaN for an endpoint without any."""
+    width = np.diff(edges)
+    if not log.llm:
+        nan = np.full(len(width), np.nan)
+        return {"running_seqs": nan, "waiting_seqs": nan, "kv_cache_utilization": nan}
+    rows = np.array(log.llm, dtype=float)
+    rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    t = rows[:, 0]
+    level = np.cumsum(rows[:, 1:], axis=0)
+    run, wait, used, cap = (step_integral(t, level[:, k], edges) for k in range(4))
+    return {"running_seqs": run / width, "waiting_seqs": wait / width,
+            "kv_cache_utilization": np.where(cap > 0, used / np.where(cap > 0, cap, 1.0), np.nan)}
+
+
 def requests_frame(run: RawRun) -> pd.DataFrame:
     """One row per request, as requests.parquet (DESIGN.md) plus service time and tokens."""
     c = run.columns
@@ -132,6 +150,7 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
     latency = (c["end"] - c["arrival"]) * 1e3
     load_ms = c["load"] * 1e3
     wait = (c["start"] - c["arrival"]) * 1e3 - load_ms
+    ttft, tpot = token_times(c)
     return pd.DataFrame({
         "request_id": np.arange(len(c["arrival"]), dtype=np.int64),
         "model": model_names,
@@ -148,7 +167,23 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
         "service_ms": c["service"] * 1e3,
         "input_tokens": c["input_tokens"],
         "output_tokens": c["output_tokens"],
+        "ttft_ms": ttft,
+        "tpot_ms": tpot,
     })
+
+
+def token_times(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per request, ``ttft_ms`` (arrival to first token) and ``tpot_ms`` ((latency - ttft) / (output
+    tokens - 1)): NaN for requests of models without continuous batching, and TPOT for one output token
+    or a request not served to its end."""
+    first = c["first_token"]
+    ttft = (first - c["arrival"]) * 1e3
+    served = np.where(np.isfinite(c["served_end"]), c["served_end"], np.nan)
+    out = c["output_tokens"].astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(out > 1, (served - first) * 1e3 / (out - 1), np.nan)
+    tpot[~np.isin(c["status"], (OK, TIMEOUT))] = np.nan
+    return ttft, tpot
 
 
 def _fleet_integrals(log: list[tuple[float, int, int]], t0: float, t1: float) -> tuple[float, float, int]:
@@ -202,7 +237,9 @@ def thrashing(log: EndpointLog, window: float) -> np.ndarray:
 
 
 def _block(lat_ok: np.ndarray, status: np.ndarray, cold: np.ndarray, duration: float, cost: float,
-           slo: float | None, loads: int) -> dict[str, Any]:
+           met: np.ndarray | None, loads: int, tok: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """One summary block. ``met``: per request, whether it attained the SLO (None: no SLO); ``tok``: the
+    TTFT and TPOT (ms) and output tokens of its requests served OK (NaN where a model has none)."""
     n = int(len(status))
     ok = status == OK
     done = int(ok.sum())
@@ -228,8 +265,23 @@ def _block(lat_ok: np.ndarray, status: np.ndarray, cold: np.ndarray, duration: f
         "cache_hit_rate": (1.0 - cold_n / started) if started else None,
         "cost_usd": cost,
         "cost_per_million_usd": cost / done * 1e6 if done else None,
-        "slo_attainment": (float((lat_ok <= slo * 1e3).sum()) / finished if finished else None)
-        if slo is not None else None,
+        "slo_attainment": (float(met.sum()) / finished if finished else None) if met is not None else None,
+        **_token_block(*tok, duration),
+    }
+
+
+def _token_block(ttft: np.ndarray, tpot: np.ndarray, out: np.ndarray, duration: float) -> dict[str, Any]:
+    """TTFT and TPOT figures of the requests served OK that have them (None where none has)."""
+    t = ttft[np.isfinite(ttft)]
+    p = tpot[np.isfinite(tpot)]
+    ttft_q = np.percentile(t, [50, 90, 99]) if len(t) else (None, None, None)
+    tpot_q = np.percentile(p, [90, 99]) if len(p) else (None, None)
+    return {
+        "ttft_mean_ms": _f(t.mean()) if len(t) else None,
+        "ttft_p50_ms": _f(ttft_q[0]), "ttft_p90_ms": _f(ttft_q[1]), "ttft_p99_ms": _f(ttft_q[2]),
+        "tpot_mean_ms": _f(p.mean()) if len(p) else None,
+        "tpot_p90_ms": _f(tpot_q[0]), "tpot_p99_ms": _f(tpot_q[1]),
+        "output_tokens_per_s": float(out[np.isfinite(ttft)].sum()) / duration if len(t) else None,
     }
 
 
@@ -280,7 +332,24 @@ def slo_block(sc) -> dict[str, float]:
     s = sc.spec.slo
     if s is None:
         return {}
-    return {f"{k}_ms": getattr(s, k) * 1e3 for k in ("p50", "p90", "p99", "mean") if getattr(s, k) is not None}
+    return {f"{k}_ms": getattr(s, k) * 1e3 for k in ("p50", "p90", "p99", "mean", "ttft", "tpot")
+            if getattr(s, k) is not None}
+
+
+def _attained(slo, ok: np.ndarray, lat: np.ndarray, ttft: np.ndarray, tpot: np.ndarray) -> np.ndarray | None:
+    """Per request, whether it was served OK within the SLO: its latency within the latency target, and its
+    TTFT and TPOT within theirs where it has them. None without an SLO."""
+    if slo is None or (slo.latency_target is None and slo.ttft is None and slo.tpot is None):
+        return None
+    met = ok.copy()
+    if slo.latency_target is not None:
+        met &= lat <= slo.latency_target * 1e3
+    with np.errstate(invalid="ignore"):
+        if slo.ttft is not None:
+            met &= ~(ttft > slo.ttft * 1e3)   # NaN (no first token: another model) passes
+        if slo.tpot is not None:
+            met &= ~(tpot > slo.tpot * 1e3)
+    return met
 
 
 def summarize(run: RawRun) -> dict[str, Any]:
@@ -289,12 +358,15 @@ def summarize(run: RawRun) -> dict[str, Any]:
     c = run.columns
     t0, t1 = sc.spec.warmup, sc.horizon
     duration = t1 - t0
-    slo = sc.spec.slo.latency_target if sc.spec.slo else None
     win = (c["arrival"] >= t0) & (c["arrival"] < t1)
     status = c["status"][win]
     cold = c["cold"][win]
     lat = (c["end"][win] - c["arrival"][win]) * 1e3
     ok = status == OK
+    ttft, tpot = (x[win] for x in token_times(c))
+    out_tok = c["output_tokens"][win]
+    met = _attained(sc.spec.slo, ok, lat, ttft, tpot)
+    tok = lambda m: (ttft[m], tpot[m], out_tok[m])  # noqa: E731
     model = c["model"][win]
     ep_of = run.endpoint_of_model[model]
     service = c["service"][win]
@@ -329,7 +401,7 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "warmup_seconds": t0,
         "wall_seconds": run.wall_seconds,
         "slo": slo_block(sc),
-        "overall": _block(lat[ok], status, cold, duration, float(sum(ep_cost)), slo, int(model_loads.sum())),
+        "overall": _block(lat[ok], status, cold, duration, float(sum(ep_cost)), met, int(model_loads.sum()), tok(ok)),
         "endpoints": {},
         "models": {},
         "warnings": list(sc.warnings),
@@ -337,10 +409,14 @@ def summarize(run: RawRun) -> dict[str, Any]:
     for e, ep in enumerate(sc.endpoints):
         sel = ep_of == e
         loads_e = int(sum(model_loads[m] for m in ep.models))
-        blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], slo, loads_e)
+        blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], None if met is None else met[sel],
+                     loads_e, tok(sel & ok))
         blk.update(ep_extra[e])
         dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]))
         blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
+        if run.logs[e].llm:   # continuous batching: its sequences, its cache, its preemptions
+            blk.update({k: _nan_none(v[0]) for k, v in llm_series(run.logs[e], np.array([t0, t1])).items()})
+            blk["preemptions"] = int(sum(1 for t in run.logs[e].preempted if t0 <= t < t1))
         if hasattr(run.logs[e], "summary_block"):
             blk.update(run.logs[e].summary_block(t0, t1))
         cw = _cloudwatch(run, e, t0, t1, sel, win)
@@ -358,8 +434,9 @@ def summarize(run: RawRun) -> dict[str, Any]:
     bounds = np.searchsorted(model[order], np.arange(len(sc.models) + 1))
     for m, mod in enumerate(sc.models):
         idx = order[bounds[m]:bounds[m + 1]]
-        out["models"][mod.name] = _block(lat[idx][ok[idx]], status[idx], cold[idx], duration, model_cost(m), slo,
-                                         int(model_loads[m]))
+        ok_i = idx[ok[idx]]
+        out["models"][mod.name] = _block(lat[ok_i], status[idx], cold[idx], duration, model_cost(m),
+                                         None if met is None else met[idx], int(model_loads[m]), tok(ok_i))
     return out
 
 
@@ -436,6 +513,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
         dev = device_figures(run, e, edges, serving_s)
         cols["gpu_utilization"] = cols["GPUUtilization"] = dev["gpu_utilization"]
         cols["batch_size_mean"] = dev["batch_size_mean"]
+        cols.update(llm_series(log, edges))
         extra = getattr(log, "timeline_columns", None)   # inference components: copies and packing
         if extra is not None:
             cols.update(extra(edges))

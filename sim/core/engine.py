@@ -59,6 +59,8 @@ class Requests:
         self.device: list[int] = [-1] * n      # the device that served it (sim.hosting.device)
         # requests whose service ended after their client gave up (a timeout): when it ended
         self.served_late: dict[int, float] = {}
+        # when a language model's request got its first token (continuous batching only)
+        self.first_token: dict[int, float] = {}
         self.status: list[int] = [IN_FLIGHT] * n
         self.load: list[float] = [0.0] * n
         self.cold: list[bool] = [False] * n
@@ -92,6 +94,12 @@ class Requests:
         self.cold.append(False)
         return len(self.arrival) - 1
 
+    def tokens(self, i: int) -> tuple[int, int]:
+        """Request ``i``'s input and output tokens."""
+        if i < self.n_open:
+            return int(self._tokens_open[0][i]), int(self._tokens_open[1][i])
+        return self._tokens_closed[i - self.n_open]
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             "arrival": np.asarray(self.arrival, dtype=float),
@@ -109,7 +117,14 @@ class Requests:
             "load": np.asarray(self.load, dtype=float),
             "cold": np.asarray(self.cold, dtype=bool),
             "served_end": self._served_end(),
+            "first_token": self._first_token(),
         }
+
+    def _first_token(self) -> np.ndarray:
+        out = np.full(len(self.arrival), np.nan)
+        if self.first_token:
+            out[np.fromiter(self.first_token.keys(), dtype=np.int64)] = np.fromiter(self.first_token.values(), dtype=float)
+        return out
 
     def _served_end(self) -> np.ndarray:
         """When each request's service ended: its end, or later for one served past its timeout."""

@@ -58,6 +58,10 @@ class EndpointLog:
     scaling: list[tuple[float, str, int, int, float]] = field(default_factory=list)
     # instance failures: (t, instance, zone)
     failures: list[tuple[float, int, int]] = field(default_factory=list)
+    # continuous batching: changes (t, running sequences, waiting sequences, KV blocks used, KV blocks), as
+    # deltas over the endpoint's devices; and when a sequence was preempted
+    llm: list[tuple[float, int, int, int, int]] = field(default_factory=list)
+    preempted: list[float] = field(default_factory=list)
 
 
 class EndpointRuntime:
@@ -96,7 +100,7 @@ class EndpointRuntime:
         self.timeout = ep.timeout
         self.provision_rng = None  # set by the simulation: the provisioning stream
         # where requests run: the execution model its models call for (sim.hosting.device)
-        self.devices = DeviceSet(engine, models, ep.models)
+        self.devices = DeviceSet(engine, models, ep.models, self.log)
         self.zones_down: set[int] = set()
         self._retried: set[int] = set()
 

@@ -12,6 +12,8 @@ Execution models, by name (:data:`EXECUTION`):
 - ``slots``: every request in service runs at full speed, as on independent
   servers (CPU workers; the no-op default without ``service.batching``). A
   request costs one calendar entry, its completion.
+- ``continuous_batching``: a language model's copy runs iterations over a
+  batch with a KV cache (:mod:`sim.hosting.continuous`).
 - ``batching``: processor sharing with a capacity function. While ``k``
   requests are in service on the device, each progresses at ``1 /
   slowdown(k)`` of its speed alone (:class:`~sim.scenario.schema.BatchingSpec`).
@@ -63,9 +65,12 @@ class DeviceSet:
     call for, their sustained-load parameters and the index of every device of the run (the request
     table's ``device`` column; ``engine.device_gpus`` holds each device's GPUs)."""
 
-    def __init__(self, engine: Engine, models: tuple, served: tuple[int, ...]):
+    def __init__(self, engine: Engine, models: tuple, served: tuple[int, ...], log: Any = None):
         self.engine = engine
         self.requests = engine.requests
+        self.log = log   # the endpoint's log (sim.hosting.base.EndpointLog)
+        # model -> its continuous-batching configuration (a language model's copy runs iterations)
+        self.llm = {m: cb for m in served if (cb := getattr(models[m], "llm", None)) is not None}
         # model -> (factor, time constant, rest time constant or 0), for the models whose speed changes
         # under sustained load; None if none
         self.sustained = {m: (s.factor, s.time_constant, s.rest_time_constant or 0.0)
@@ -86,12 +91,18 @@ class DeviceSet:
                 self.curves.append((lambda k: 1.0) if c is None else slowdown_table(c.slowdown))
             self.curve_of[m] = keys[key]
 
-    def new(self, done: Done, gpus: int, owner: Any = None) -> "Device":
+    def new(self, done: Done, gpus: int, owner: Any = None, model: int | None = None) -> "Device":
         """A device of ``gpus`` GPUs (0: CPUs) that calls ``done(i, device)`` as each request ends;
-        ``owner``: what the hosting mode runs there (an instance, a copy)."""
+        ``owner``: what the hosting mode runs there (an instance, a copy); ``model``: the one model it
+        serves, where there is one (a language model's copy runs continuous batching)."""
         engine = self.engine
         index = len(engine.device_gpus)
         engine.device_gpus.append(gpus)
+        cfg = self.llm.get(model) if model is not None else None
+        if cfg is not None:
+            dev = EXECUTION["continuous_batching"](self, index, done, cfg)
+            dev.owner = owner
+            return dev
         kind = EXECUTION[self.kind]
         if kind is Slots and self.sustained is not None:
             kind = WarmSlots
@@ -330,3 +341,7 @@ class Batching(Device):
 
 # Execution models by name.
 EXECUTION: dict[str, type[Device]] = {"slots": Slots, "batching": Batching}
+
+from .continuous import ContinuousBatching  # noqa: E402  (it builds on Device)
+
+EXECUTION["continuous_batching"] = ContinuousBatching

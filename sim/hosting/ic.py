@@ -420,7 +420,7 @@ class ICEndpoint(EndpointRuntime):
         inst.gpu_mem += comp.gpu_mem
         rec = CopyRecord(comp.index, comp.model, inst.index, gpus, now)
         self.log.copy_records.append(rec)
-        copy = Copy(comp, inst, gpus, rec, self.devices.new(self._done, len(gpus)))
+        copy = Copy(comp, inst, gpus, rec, self.devices.new(self._done, len(gpus), model=comp.model))
         inst.copies.append(copy)
         m = comp.model
         if m in inst.disk:

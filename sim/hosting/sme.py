@@ -27,7 +27,7 @@ class SMEEndpoint(EndpointRuntime):
 
     def _new_instance(self) -> Instance:
         inst = Instance(len(self.instances), self.slots, self.engine.env._now)
-        inst.devices = [self.devices.new(self._done, self._gpus, inst) for _ in range(self.ep.copies_per_instance)]
+        inst.devices = [self.devices.new(self._done, self._gpus, inst, self.model.index) for _ in range(self.ep.copies_per_instance)]
         return inst
 
     def _prepare(self, inst: Instance) -> None:

@@ -90,9 +90,10 @@ def _cdf(ax, lat: np.ndarray, label: str, **kw) -> None:
 def _slo_ms(slo: Any) -> float | None:
     """The latency target drawn on the figures, from an SLO block ``{"p99_ms": 500.0, ...}``
     (compare.json's ``slo``): the P99 target, else the first one given."""
-    if isinstance(slo, dict) and slo:
-        v = slo.get("p99_ms", next(iter(slo.values())))
-        return float(v) if v is not None else None
+    if isinstance(slo, dict):
+        for k in ("p99_ms", "p90_ms", "p50_ms", "mean_ms"):
+            if slo.get(k) is not None:
+                return float(slo[k])
     return None
 
 
@@ -175,6 +176,8 @@ def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None
                            _png(_timeline_figure({ep: g for ep, g in tl.groupby("endpoint", sort=False)},
                                                  summary.get("warmup_seconds", 0.0), f"{name}: timeline",
                                                  top))))
+    if req is not None and "ttft_ms" in req and np.isfinite(req["ttft_ms"].to_numpy(dtype=float)).any():
+        figs.append(_token_figure(_measured_ok(req, summary), top, name, slo_block or {}))
     eps = summary.get("endpoints", {})
     if eps:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -197,6 +200,27 @@ def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None
         figs.append(Figure("report_cost_p99", "Cost against P99",
                            "Each endpoint's cost per hour and P99 latency over the measured horizon.", _png(fig)))
     return figs
+
+
+def _token_figure(ok: pd.DataFrame, top: list[str], name: str, slo: dict) -> Figure:
+    """TTFT and TPOT CDFs of the language models' requests (continuous batching), with their SLOs."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ok = ok[np.isfinite(ok["ttft_ms"].to_numpy(dtype=float))]
+    for ax, col, label in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "tpot_ms", "TPOT")):
+        v = ok[col].to_numpy(dtype=float)
+        _cdf(ax, v[np.isfinite(v)], "all", color="black", lw=2)
+        if ok["endpoint"].nunique() > 1:
+            for ep in top:
+                v = ok.loc[ok["endpoint"] == ep, col].to_numpy(dtype=float)
+                _cdf(ax, v[np.isfinite(v)], ep, lw=1)
+        _cdf_axes(ax, f"{label} CDF", slo.get(col))
+        ax.set_xlabel(f"{label} (ms)")
+    fig.suptitle(f"{name}: time to first token and time per output token")
+    fig.tight_layout()
+    return Figure("report_ttft_tpot", "TTFT and TPOT",
+                  "Language models served with continuous batching: time to first token (arrival to the end of "
+                  "the step that completes the prompt) and time per output token after it, completed requests "
+                  "after warmup.", _png(fig))
 
 
 _PANELS = (("invocations", "invocations / min", "sum"), ("instances", "instances in service", "sum"),
@@ -310,6 +334,10 @@ _ROWS = (("cost per hour (USD)", "cost_per_hour_usd", 2), ("cost (USD)", "cost_u
          ("cost per 1M requests (USD)", "cost_per_million_usd", 2), ("requests", "requests", 0),
          ("completed", "completed", 0), ("failed", "failed", 0), ("P50 latency (ms)", "p50_ms", 1),
          ("P90 latency (ms)", "p90_ms", 1), ("P99 latency (ms)", "p99_ms", 1), ("mean latency (ms)", "mean_ms", 1),
+         ("TTFT P50 (ms)", "ttft_p50_ms", 1), ("TTFT P99 (ms)", "ttft_p99_ms", 1),
+         ("TPOT P90 (ms)", "tpot_p90_ms", 2), ("TPOT P99 (ms)", "tpot_p99_ms", 2),
+         ("output tokens/s", "output_tokens_per_s", 0), ("running sequences (mean)", "running_seqs", 2),
+         ("KV cache utilisation", "kv_cache_utilization", 3), ("preemptions", "preemptions", 0),
          ("SLO attainment", "slo_attainment", 4), ("SLO met", "slo_met", None), ("throughput (req/s)",
          "throughput_per_s", 2), ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
          ("instances (mean)", "instances_mean", 2), ("instances (max)", "instances_max", 0),

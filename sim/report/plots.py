@@ -82,10 +82,38 @@ def timeline_figure(result: "Result"):
     return fig
 
 
+def token_figure(result: "Result"):
+    """TTFT and TPOT CDFs per endpoint of the language models' requests (measured horizon)."""
+    req = result.requests
+    warm = result.scenario.spec.warmup
+    sel = (req["status"] == "ok") & (req["arrival_s"] >= warm) & req["ttft_ms"].notna()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    slo = result.scenario.spec.slo
+    for ax, col, label, target in ((axes[0], "ttft_ms", "TTFT", slo and slo.ttft),
+                                   (axes[1], "tpot_ms", "TPOT", slo and slo.tpot)):
+        for name, grp in req[sel].groupby("endpoint", observed=True):
+            v = np.sort(grp[col].dropna().to_numpy())
+            if len(v):
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=str(name))
+        if target:
+            ax.axvline(target * 1e3, color="red", ls="--", lw=1, label=f"SLO {target * 1e3:g} ms")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    fig.suptitle(f"{result.scenario.name}: time to first token and time per output token")
+    fig.tight_layout()
+    return fig
+
+
 def save_run_plots(result: "Result", out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, make in (("latency_cdf.png", latency_cdf), ("timeline.png", timeline_figure)):
+    makers = [("latency_cdf.png", latency_cdf), ("timeline.png", timeline_figure)]
+    if "ttft_ms" in result.requests and result.requests["ttft_ms"].notna().any():
+        makers.append(("ttft_tpot.png", token_figure))
+    for name, make in makers:
         fig = make(result)
         p = out / name
         fig.savefig(p, dpi=110)

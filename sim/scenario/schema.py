@@ -639,12 +639,18 @@ class EndpointSpec(Strict):
 
 
 class SLOSpec(Strict):
+    """Latency targets; ``ttft`` (time to first token) and ``tpot`` (time per output token after the
+    first) for language models served with continuous batching. A request attains the SLO when its
+    latency meets the latency target and, where it has them, its TTFT and TPOT meet theirs."""
+
     p50: Duration | None = None
     p90: Duration | None = None
     p99: Duration | None = None
     mean: Duration | None = None
+    ttft: Duration | None = None
+    tpot: Duration | None = None
 
-    @field_validator("p50", "p90", "p99", "mean")
+    @field_validator("p50", "p90", "p99", "mean", "ttft", "tpot")
     @classmethod
     def _positive(cls, v: float | None) -> float | None:
         if v is not None and v <= 0:

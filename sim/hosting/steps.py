@@ -1,0 +1,97 @@
+"""The time of one iteration (step) of a continuous-batching engine, and of runs of steps in closed form.
+
+A step serves ``n`` decode sequences whose KV caches hold ``K`` tokens in all, and ``p`` prefill
+tokens. Every step model capsim knows is an overhead plus the largest of a few affine terms::
+
+    time(n, K, p) = overhead + max_i (a_i + b_i n + c_i K + d_i p)
+
+The calibrated and given models (``{base, per_prefill_token, per_decode_seq, per_kv_token}``) are one
+term; the roofline is two (memory time and compute time) whose larger one sets the pace.
+
+While a batch's composition does not change, its steps differ only by the growing context: each step
+adds one token to each of the ``n`` sequences, so step ``j`` of a run sees ``K0 + n j`` tokens and every
+term grows linearly in ``j``. The time of ``m`` such steps is the sum of an upper envelope of lines,
+computed in closed form (:meth:`StepTime.decode_time`), and the steps that fit in a span of time by
+bisection on it (:meth:`StepTime.decode_steps_within`): simulating a request does not cost more with a
+longer output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """``overhead + max_i(a_i + b_i n + c_i K + d_i p)`` seconds; ``terms`` are ``(a, b, c, d)``, each
+    coefficient finite and >= 0. ``source`` says where the figures come from (shown in reports)."""
+
+    overhead: float
+    terms: tuple[tuple[float, float, float, float], ...]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise ValueError("a step model needs at least one term")
+        for t in self.terms:
+            if len(t) != 4 or any(not (x >= 0.0) or x == float("inf") for x in t):
+                raise ValueError(f"step term {t!r}: expected four finite coefficients >= 0")
+        if not (self.overhead >= 0.0) or self.overhead == float("inf"):
+            raise ValueError(f"step overhead {self.overhead!r}: expected a finite number >= 0")
+        if self.time(0, 0, 1) <= 0.0 and self.time(1, 1, 0) <= 0.0:
+            raise ValueError("a step model must take time: every coefficient is 0")
+
+    @classmethod
+    def linear(cls, base: float, per_prefill_token: float, per_decode_seq: float, per_kv_token: float,
+               source: str = "") -> "StepTime":
+        """The one-term model of a calibration profile or of coefficients given."""
+        return cls(0.0, ((base, per_decode_seq, per_kv_token, per_prefill_token),), source)
+
+    def time(self, n: int, kv_tokens: float, prefill_tokens: int) -> float:
+        """Seconds of one step with ``n`` decode sequences over ``kv_tokens`` context tokens and
+        ``prefill_tokens`` prompt tokens."""
+        return self.overhead + max(a + b * n + c * kv_tokens + d * prefill_tokens
+                                   for a, b, c, d in self.terms)
+
+    def _lines(self, n: int, k0: float) -> list[tuple[float, float]]:
+        """Each term along a decode-only run as ``intercept + slope * j`` (step index ``j``)."""
+        return [(a + b * n + c * k0, c * n) for a, b, c, d in self.terms]
+
+    def decode_time(self, n: int, k0: float, m: int) -> float:
+        """Seconds of ``m`` decode-only steps of ``n`` sequences whose context starts at ``k0`` tokens
+        (step ``j`` sees ``k0 + n j``): the sum over ``j < m`` of the upper envelope, in closed form."""
+        if m <= 0:
+            return 0.0
+        lines = self._lines(n, k0)
+        if len(lines) == 1:
+            a, s = lines[0]
+            return m * (self.overhead + a) + s * m * (m - 1) / 2.0
+        total = m * self.overhead
+        j = 0
+        while j < m:
+            # the line on top at step j (ties: the steeper, which stays on top), and where it is overtaken
+            a, s = max(lines, key=lambda ln: (ln[0] + ln[1] * j, ln[1]))
+            end = m
+            for a2, s2 in lines:
+                if s2 > s:   # a steeper line overtakes this one at j* = (a - a2) / (s2 - s)
+                    cross = (a - a2) / (s2 - s)
+                    first = int(cross) + 1 if cross >= j else j + 1   # first whole step strictly past
+                    end = min(end, max(first, j + 1))
+            k = end - j   # steps j .. end-1 on this line
+            total += k * a + s * (j + end - 1) * k / 2.0
+            j = end
+        return total
+
+    def decode_steps_within(self, n: int, k0: float, span: float, cap: int) -> int:
+        """The most decode-only steps (at most ``cap``) that end within ``span`` seconds."""
+        if cap <= 0 or self.decode_time(n, k0, 1) > span:
+            return 0
+        lo, hi = 1, cap
+        if self.decode_time(n, k0, hi) <= span:
+            return hi
+        while hi - lo > 1:   # decode_time(lo) <= span < decode_time(hi)
+            mid = (lo + hi) // 2
+            if self.decode_time(n, k0, mid) <= span:
+                lo = mid
+            else:
+                hi = mid
+        return lo
