@@ -201,8 +201,8 @@ def test_the_step_rows_count_the_whole_iteration_but_not_the_idle_wait():
 
     steps = {"begin_s": [0.0, 0.010, 0.050], "end_s": [0.009, 0.019, 0.058], "n": [1, 2, 1], "K": [10, 21, 5],
              "p": [0, 0, 8], "prefill_seqs": [0, 0, 1], "waited_s": [0.0, 0.0, 0.030]}
-    X, y = step_rows(steps)
-    assert X.tolist() == [[0, 1, 10], [0, 2, 21], [8, 1, 5]]
+    X, y, seqs = step_rows(steps)
+    assert X.tolist() == [[0, 1, 10], [0, 2, 21], [8, 1, 5]] and seqs.tolist() == [1, 2, 2]
     assert y == pytest.approx([0.010, 0.010, 0.008])      # to the next begin; less the wait; the last to its end
     # the fit over replays: each replay's level against it, and the drift between the first and the last
     rng = np.random.default_rng(0)

@@ -49,6 +49,16 @@ def test_the_fit_recovers_known_coefficients():
     y[[2, 7]] *= 3.0
     f = fit_step(X, y, robust=True)
     assert f["dropped"] == 2 and f["base"] == pytest.approx(TRUE["base"], rel=0.1)
+    # weights: equal ones change nothing; rows that disagree with the rest are fitted as weighted
+    assert fit_step(X, _times(X, TRUE, noise=0.02), weights=[3.0] * len(X))["base"] == pytest.approx(
+        fit_step(X, _times(X, TRUE, noise=0.02))["base"])
+    y = _times(X, TRUE)
+    y[:5] *= 1.2                                            # the first five 20% slower
+    heavy = fit_step(X, y, weights=[1000.0] * 5 + [1.0] * (len(X) - 5))
+    light = fit_step(X, y, weights=[1e-3] * 5 + [1.0] * (len(X) - 5))
+    pred = lambda f: f["base"] + np.asarray(X, float) @ [f["per_prefill_token"], f["per_decode_seq"], f["per_kv_token"]]  # noqa: E731
+    assert np.abs(pred(heavy)[:5] / y[:5] - 1).max() < np.abs(pred(light)[:5] / y[:5] - 1).max()
+    assert np.abs(pred(light)[5:] / y[5:] - 1).max() < 0.02
     with pytest.raises(ValueError, match="at least 4"):
         fit_step(X[:3], _times(X[:3], TRUE))
 
