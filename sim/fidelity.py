@@ -250,6 +250,9 @@ def slowdown_of(measured: dict[str, Any]) -> dict[int, float] | None:
     return {int(k): (1.0 if int(k) == 1 else float(v)) for k, v in sorted(c.items(), key=lambda kv: int(kv[0]))}
 
 
+LLM_ENDPOINT_CONCURRENCY = 100_000
+
+
 def llm_scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
     """The simulator's scenario of a continuous-batching testbed run (DESIGN.md, "Language models"):
     the served decoder's ``architecture`` as a mapping of its numbers, its requests' ``tokens`` from
@@ -276,8 +279,10 @@ def llm_scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, A
              "traffic": {"process": "trace", "path": str(arrivals_csv), "format": "csv"}}
     itype = {**_instance_type(plan), "gpus": 1, "gpu_memory_gb": plan["memory_budget_gb"],
              "memory_gb": max(plan["memory_budget_gb"], 1.0)}
+    # every request goes to the engine's own queue at once, as the server's loop takes them all (its
+    # admission is max_num_seqs and the token budget, not the endpoint's concurrency)
     ep = {"name": plan["name"], "mode": "sme", "instance_type": "testbed.cpu", "instances": 1,
-          "timeout": plan["timeout_s"], "models": [m["name"]]}
+          "max_concurrency": LLM_ENDPOINT_CONCURRENCY, "timeout": plan["timeout_s"], "models": [m["name"]]}
     return {"name": plan["name"], "seed": 0, "duration": span + plan["timeout_s"] + 60.0, "warmup": 0,
             "instance_types": [itype], "models": [model], "endpoints": [ep]}
 

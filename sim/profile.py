@@ -288,6 +288,12 @@ class StepCoefficients:
     source: str
     note: str
 
+    def __getitem__(self, term: str) -> float:
+        """``coef["base"]`` etc.: the four terms by name (STEP_TERMS)."""
+        if term not in STEP_TERMS:
+            raise KeyError(term)
+        return getattr(self, term)
+
     def time(self, prefill_tokens: float, decode_seqs: float, kv_tokens: float) -> float:
         return (self.base + self.per_prefill_token * prefill_tokens + self.per_decode_seq * decode_seqs
                 + self.per_kv_token * kv_tokens)
@@ -304,11 +310,11 @@ def measured_kv_bytes_per_token(fit: dict) -> float | None:
 
 
 def step_coefficients(path: str | Path, params: float | None, *, kv_bytes_per_token: float | None = None,
-                      target_gpu: str | None = None, catalog: Catalog | None = None,
+                      gpu: GPUSpec | str | None = None, catalog: Catalog | None = None,
                       where: str = "service.continuous_batching.step") -> tuple[StepCoefficients, list[str]]:
     """The step-time coefficients a calibration profile gives a language model of ``params``
-    parameters (e.g. 6.74e9) on ``target_gpu`` (a catalog GPU name; None: the profile's device as
-    it is), and the warnings to show.
+    parameters (e.g. 6.74e9) on ``gpu`` (the copy's catalog GPU, or its name; None: a CPU copy, or
+    the profile's device as it is), and the warnings to show.
 
     - The measured decoder size nearest ``params`` in log scale is used (``params`` None: the
       largest measured, the nearest to any model served on a GPU; a warning when there are several).
@@ -317,7 +323,7 @@ def step_coefficients(path: str | Path, params: float | None, *, kv_bytes_per_to
       it); per_kv_token by the ratio of KV bytes per token (``kv_bytes_per_token``: 2 x layers x
       kv_heads x head_dim x dtype_bytes of the model) over the measured decoder's, or by the ratio
       of parameters where it is not given. A warning says by how much.
-    - A profile measured on another catalog GPU than ``target_gpu``: roofline transfer, as the
+    - A profile measured on another catalog GPU than ``gpu``: roofline transfer, as the
       service times' (``service_model``): the memory-bound terms (base: the weights read once per
       step; per_kv_token: the KV cache read) by the ratio of memory bandwidths, the compute-bound
       ones (per_prefill_token, per_decode_seq: a token's FLOPs) by the ratio of FLOP/s. A profile
@@ -359,15 +365,15 @@ def step_coefficients(path: str | Path, params: float | None, *, kv_bytes_per_to
                         f"by the parameter ratio, the KV term x{kv_ratio:.3g} by the ratio of {kv_how}")
     meta = profile["metadata"]
     note = f"profile {meta.get('device_name') or meta.get('device')}, decoder {label}"
-    if target_gpu is not None:
+    if gpu is not None:
         if catalog is None:
             from .catalog import load_catalog
             catalog = load_catalog()
         src = device_gpu(profile, catalog)
-        dst = catalog.gpus.get(target_gpu)
+        dst = catalog.gpus.get(gpu) if isinstance(gpu, str) else gpu
         if src is None:
             warnings.append(f"{where}: the profile was measured on {meta.get('device_name') or 'a CPU'}, not on a "
-                            f"GPU of the catalog; its step time is used on {target_gpu} unchanged")
+                            f"GPU of the catalog; its step time is used on {getattr(dst, 'name', gpu)} unchanged")
         elif dst is not None and dst.name != src.name:
             bw = src.memory_bandwidth_gbs / dst.memory_bandwidth_gbs
             flops = _flops(src) / _flops(dst)

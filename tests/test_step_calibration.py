@@ -187,12 +187,15 @@ def test_the_lookup_picks_the_nearest_size_and_scales_as_documented(tmp_path):
     assert c.source == "8M" and c.per_decode_seq == pytest.approx(300e-6 * 6.74e9 / 8e6)
     assert c.per_kv_token == pytest.approx(200e-9 * kv7b / kv8m)
     assert "KV bytes per token" in w[0]
+    assert c["per_kv_token"] == c.per_kv_token and c["base"] == c.base     # by name, as resolve reads them
+    with pytest.raises(KeyError):
+        c["per_token"]
     assert c.time(10, 4, 1000) == pytest.approx(c.base + 10 * c.per_prefill_token + 4 * c.per_decode_seq
                                                  + 1000 * c.per_kv_token)
     c, w = step_coefficients(path, None)                          # unknown size: the largest, unscaled
     assert c.source == "8M" and c.base == 4e-3 and "unknown" in w[0]
     # a CPU profile on a GPU: unchanged, with a warning
-    c, w = step_coefficients(path, 8e6, target_gpu="H100")
+    c, w = step_coefficients(path, 8e6, gpu="H100")
     assert c.base == 4e-3 and any("used on H100 unchanged" in x for x in w)
 
 
@@ -202,13 +205,13 @@ def test_the_lookup_transfers_between_gpus_by_bandwidth_and_flops(tmp_path):
     cat = load_catalog()
     a100, h100 = cat.gpus["A100-40GB"], cat.gpus["H100"]
     path = _write(tmp_path, _profile("cuda", "NVIDIA A100-SXM4-40GB"))
-    c, w = step_coefficients(path, 8e6, target_gpu="H100", catalog=cat)
+    c, w = step_coefficients(path, 8e6, gpu="H100", catalog=cat)
     bw = a100.memory_bandwidth_gbs / h100.memory_bandwidth_gbs
     fl = (a100.bf16_tflops or a100.fp16_tflops) / (h100.bf16_tflops or h100.fp16_tflops)
     assert c.base == pytest.approx(4e-3 * bw) and c.per_kv_token == pytest.approx(200e-9 * bw)
     assert c.per_prefill_token == pytest.approx(100e-6 * fl) and c.per_decode_seq == pytest.approx(300e-6 * fl)
     assert len(w) == 1 and "roofline transfer" in w[0] and "A100-40GB" in w[0]
-    c, w = step_coefficients(path, 8e6, target_gpu="A100-40GB", catalog=cat)      # the same GPU: as measured
+    c, w = step_coefficients(path, 8e6, gpu=cat.gpus["A100-40GB"], catalog=cat)      # the same GPU: as measured
     assert c.base == 4e-3 and w == []
 
 
