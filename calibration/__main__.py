@@ -1,6 +1,6 @@
 """python -m calibration run --device cpu|cuda [--quick] [--sizes 10M,50M] \
         [--families encoder,decoder] [--sections runtime,loads,inference,steps] \
-        [--step-sizes 2M,8M] [--workdir DIR] --out PROFILE.json
+        [--step-sizes 5M,20M] [--workdir DIR] --out PROFILE.json
 python -m calibration validate PROFILE.json
 python -m calibration merge A.json B.json --out C.json [--force]
 python -m calibration testbed ARRIVALS.csv --plan PLAN.json --device cpu|cuda --out measured.json
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
                    help="what to measure: runtime,loads,inference,steps")
     r.add_argument("--step-sizes", type=_csv, default=None,
                    help="sizes of the llama-like decoder whose step time is timed "
-                   "(default 2M,8M quick on cpu, 2M,8M,30M full; 25M,100M / 125M,350M,1.3B on cuda)")
+                   "(default 5M,20M quick on cpu, 5M,20M,50M full; 25M,100M / 125M,350M,1.3B on cuda)")
     r.add_argument("--concurrency", type=_ints, default=None,
                    help="concurrency levels (default 1,2 quick, 1,2,4 full)")
     r.add_argument("--runtime-repeats", type=int, default=None,

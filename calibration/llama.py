@@ -54,11 +54,12 @@ def count_params(layers: int, hidden: int, heads: int, kv_heads: int, intermedia
 
 def shape_for(target: int, vocab: int = VOCAB) -> dict:
     """The architecture for a target parameter count: the smallest width of the ladder whose depth
-    (rounded, >= 1) is at most width / ASPECT; head dimension 64, half as many KV heads as heads."""
+    (rounded, >= 1) is at most width / ASPECT; head dimension 64; as KV heads the largest divisor of
+    the heads up to half of them."""
     chosen = None
     for d in WIDTH_LADDER:
         heads = max(1, d // HEAD_DIM)
-        kv = max(1, heads // 2)
+        kv = max(k for k in range(1, max(1, heads // 2) + 1) if heads % k == 0)
         inter = intermediate_for(d)
         one = count_params(1, d, heads, kv, inter, vocab) - count_params(0, d, heads, kv, inter, vocab)
         rest = target - count_params(0, d, heads, kv, inter, vocab)

@@ -36,7 +36,7 @@ from . import fit as fitmod
 from . import harness, llama, models
 
 # Sizes of the llama-like family timed by default: per device kind and mode.
-SIZES = {("cpu", True): ["2M", "8M"], ("cpu", False): ["2M", "8M", "30M"],
+SIZES = {("cpu", True): ["5M", "20M"], ("cpu", False): ["5M", "20M", "50M"],
          ("cuda", True): ["25M", "100M"], ("cuda", False): ["125M", "350M", "1.3B"]}
 
 # The grids: decode (n, mean context c), prefill (chunk tokens of fresh prompts), mixed (n, c, p).
@@ -115,6 +115,10 @@ def measure_size(label: str, device: str, dtype, grid: dict, policy: harness.Pol
     model = llama.build(shape, device=device, dtype=dtype, seed=seed)
     engine = llama.Engine(model)
     timer = "cuda" if device.startswith("cuda") else "wall"
+    # a step of a small decoder takes a millisecond or two: more warm-ups and repeats than a request
+    # (the first repeats of a new batch shape run slower while its buffers are first touched)
+    policy = policy.scaled(warmup=max(policy.warmup, 3), min_reps=max(policy.min_reps, 10),
+                           max_reps=max(policy.max_reps, 20))
     pts = points(grid)
     order = list(range(len(pts)))
     random.Random(seed).shuffle(order)
