@@ -48,7 +48,7 @@ from .. import steps as stepmod
 
 STARTUP_S = 0.5                 # between the start signal and the first arrival
 REFERENCE = {"kind": "decode", "contexts": [64] * 8, "chunks": []}   # the reference step's batch
-CALIBRATION_S = 20.0            # each calibration replay's span (quick); full: 40 s
+CALIBRATION_S = 20.0            # each calibration replay's span (about 3,000 steps at the case's load)
 CALIBRATION_RAMP = (0.5, 1.5)   # its rate, from this multiple of the measured replay's mean to this
 STEP_COLUMNS = ("begin_s", "end_s", "n", "K", "p", "prefill_seqs", "waited_s")
 
