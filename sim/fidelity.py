@@ -10,6 +10,11 @@ load times taken from that probe (never from the measured run), and the two
 request tables are summarised the same way. The error of each figure is
 ``(simulated - measured) / measured``; the hit rate's in percentage points.
 
+A language-model case (``llm_conversation``) serves a llama-like decoder with a real
+continuous-batching loop (calibration/testbed/llm.py); the simulator runs it as DESIGN.md's language
+model, its step time fitted on the testbed's calibration replays, and the comparison adds TTFT and
+TPOT.
+
 The simulator never imports torch: the testbed runs as a subprocess, and
 ``fidelity_of(measured.json)`` compares a testbed run made elsewhere (a GPU box).
 """
