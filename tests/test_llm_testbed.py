@@ -155,7 +155,7 @@ def test_the_cases_scenario_is_the_design_schema_with_the_calibrations_step(tmp_
         parse_scenario(sc, source="llm", base_dir=tmp_path)
     except ScenarioError as e:
         if "architecture" in str(e) or "continuous_batching" in str(e):
-            pytest.xfail(f"the simulator has no continuous batching yet: {str(e)[:200]}")
+            pytest.xfail(f"the scenario schema has no architecture or continuous_batching yet: {str(e)[:200]}")
         raise
 
 
