@@ -1,7 +1,8 @@
 """capsim calibration harness.
 
-Times real model loads, runtime (CUDA context) initialisation and inference on
-local hardware and writes a versioned JSON profile (`capsim.profile/1`, see
+Times real model loads, runtime (CUDA context) initialisation, inference and
+the step of a KV-cached decoder serving a continuous batch (calibration/steps.py)
+on local hardware and writes a versioned JSON profile (`capsim.profile/1`, see
 calibration/profile.py) that the simulator reads.
 
 Dependency rule: this package imports only torch, numpy, scipy, safetensors
@@ -10,7 +11,8 @@ Dependency rule: this package imports only torch, numpy, scipy, safetensors
 
 Usage:
     python -m calibration run --device cpu|cuda [--quick] [--sizes 10M,50M]
-        [--families encoder,decoder] [--workdir DIR] --out PROFILE.json
+        [--families encoder,decoder] [--sections runtime,loads,inference,steps]
+        [--step-sizes 5M,20M] [--workdir DIR] --out PROFILE.json
     python -m calibration validate PROFILE.json
 
 Importing this package is cheap: torch is imported by the submodules only.

@@ -1,5 +1,6 @@
 """python -m calibration run --device cpu|cuda [--quick] [--sizes 10M,50M] \
-        [--families encoder,decoder] [--workdir DIR] --out PROFILE.json
+        [--families encoder,decoder] [--sections runtime,loads,inference,steps] \
+        [--step-sizes 5M,20M] [--workdir DIR] --out PROFILE.json
 python -m calibration validate PROFILE.json
 python -m calibration merge A.json B.json --out C.json [--force]
 python -m calibration testbed ARRIVALS.csv --plan PLAN.json --device cpu|cuda --out measured.json
@@ -40,8 +41,11 @@ def parser() -> argparse.ArgumentParser:
                    help="model families: encoder,decoder")
     r.add_argument("--load-family", default=None,
                    help="family whose files the load paths use (default: first family)")
-    r.add_argument("--sections", type=_csv, default=["runtime", "loads", "inference"],
-                   help="what to measure: runtime,loads,inference")
+    r.add_argument("--sections", type=_csv, default=["runtime", "loads", "inference", "steps"],
+                   help="what to measure: runtime,loads,inference,steps")
+    r.add_argument("--step-sizes", type=_csv, default=None,
+                   help="sizes of the llama-like decoder whose step time is timed "
+                   "(default 5M,20M quick on cpu, 5M,20M,50M full; 25M,100M / 125M,350M,1.3B on cuda)")
     r.add_argument("--concurrency", type=_ints, default=None,
                    help="concurrency levels (default 1,2 quick, 1,2,4 full)")
     r.add_argument("--runtime-repeats", type=int, default=None,
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
                  dtype=args.dtype, concurrency=args.concurrency, sections=args.sections,
                  runtime_repeats=args.runtime_repeats,
                  resume=not args.no_resume, load_threads=args.load_threads,
-                 wait_budget_s=args.wait_budget, note=args.note)
+                 wait_budget_s=args.wait_budget, note=args.note, step_sizes=args.step_sizes)
     try:
         p = run(cfg)
     except ValueError as e:

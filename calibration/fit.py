@@ -234,3 +234,53 @@ def fit_warmth(begin_s, end_s, server, times_s, fitted=None, group=None) -> dict
     return {"factor": f, "time_constant_s": float(np.exp(best.x[1])),
             "rest_time_constant_s": float(np.exp(best.x[2])), "base_s": float(np.exp(best.x[-1])),
             "n": int(ok.sum()), "rel_resid_mad": float(np.median(np.abs(rel - np.median(rel))))}
+
+
+STEP_TERMS = ("base", "per_prefill_token", "per_decode_seq", "per_kv_token")
+
+
+def fit_step(X, y_s, *, robust: bool = False, weights=None) -> dict:
+    """Step time (s) = base + per_prefill_token * p + per_decode_seq * n + per_kv_token * K, from rows
+    ``X`` = [p, n, K] and times ``y_s``: non-negative least squares (scipy.optimize.nnls) on relative
+    residuals (each row divided by its time: timing noise is multiplicative, and a long step must not
+    drown the short ones), the columns scaled to a common range for the solver. A coefficient the data
+    do not support comes out 0, never negative. ``weights`` (one per row, > 0): how much each row's
+    squared relative residual counts (the testbed weighs each step by the sequences in it: a step's
+    time is felt once by each of them). With ``robust``, rows whose log residual lies more
+    than 4 x 1.4826 MAD (at least 25%) from the median are left out and the fit is made again: steps
+    that a neighbour's burst of CPU work stretched.
+
+    Returns the four coefficients (seconds), ``r2`` (coefficient of determination of the times),
+    ``rel_err`` (mean |predicted - measured| / measured, under the weights), ``rel_err_max``, ``n`` (rows fitted) and
+    ``dropped`` (rows left out)."""
+    X = np.asarray(X, float).reshape(-1, 3)
+    y = np.asarray(y_s, float)
+    w = np.ones(y.size) if weights is None else np.asarray(weights, float)
+    ok = (np.isfinite(y) & (y > 0) & np.all(np.isfinite(X), axis=1) & np.all(X >= 0, axis=1)
+          & np.isfinite(w) & (w > 0))
+    X, y, w = X[ok], y[ok], w[ok]
+    if y.size < 4:
+        raise ValueError(f"need at least 4 step times to fit 4 coefficients, got {y.size}")
+    A = np.hstack([np.ones((y.size, 1)), X])
+    scale = np.max(np.abs(A), axis=0)
+    scale[scale == 0] = 1.0
+
+    def solve(rows):
+        sw = np.sqrt(w[rows])
+        coef, _ = optimize.nnls(A[rows] / scale * (sw / y[rows])[:, None], sw)
+        return coef / scale
+
+    rows = np.ones(y.size, bool)
+    coef = solve(rows)
+    if robust:
+        r = np.log(np.maximum(A @ coef, 1e-300) / y)
+        dev = np.abs(r - np.median(r))
+        keep = dev <= max(4 * 1.4826 * float(np.median(dev)), np.log(1.25))
+        if keep.sum() >= 4 and not keep.all():
+            rows = keep
+            coef = solve(rows)
+    pred = A[rows] @ coef
+    rel = np.abs(pred - y[rows]) / y[rows]
+    return {**dict(zip(STEP_TERMS, (float(c) for c in coef))), "r2": _r2(y[rows], pred),
+            "rel_err": float(np.average(rel, weights=w[rows])), "rel_err_max": float(rel.max()), "n": int(rows.sum()),
+            "dropped": int((~rows).sum())}

@@ -89,7 +89,30 @@
 #                     Added later to capsim.profile/1: rest_time_constant_s,
 #                     and the runs' rest samples (after_s, after_time_s).
 #
-#   Units: seconds for load/runtime, ms for inference, GB = 1e9 bytes.
+#   fits.step.<params label e.g. "8M"> =          (added to capsim.profile/1
+#                                                 in 2026-12; absent before)
+#       {"params": int, "layers": int, "hidden": int, "heads": int,
+#        "kv_heads": int, "intermediate": int, "vocab": int, "dtype_bytes": int,
+#        "base": s, "per_prefill_token": s, "per_decode_seq": s,
+#        "per_kv_token": s, "r2": float, "rel_err": float, "n": int}
+#       the iteration (step) time of the llama-like decoder of that size
+#       (calibration/llama.py: its architecture numbers above) stepping a
+#       continuous batch with KV caches (calibration/steps.py):
+#       step_s = base + per_prefill_token * p + per_decode_seq * n
+#                     + per_kv_token * K
+#       n: sequences decoding one token in the step, K: the context (KV)
+#       tokens they attend to (in their caches when the step starts), p:
+#       prompt (prefill) tokens in the step. Coefficients >= 0 (non-negative
+#       least squares on the grid points' median times, relative residuals);
+#       r2 on those medians, rel_err the mean |fit - median| / median, n the
+#       points fitted. `continuous_batching.step: {profile: ...}` reads them
+#       (sim.profile.step_coefficients).
+#       samples.step.<label> = {"shape", "dtype", "dtype_bytes", "points":
+#       [{"kind": decode|prefill|mixed, "contexts": [decoding sequences'
+#       contexts], "chunks": [prompt chunk tokens, fresh prompts], "n", "K",
+#       "p", harness summary and samples}]}.
+#
+#   Units: seconds for load/runtime and step, ms for inference, GB = 1e9 bytes.
 # ---------------------------------------------------------------------------
 """
 from __future__ import annotations
@@ -110,6 +133,8 @@ INFERENCE_COMMON = ("params", "base_ms", "cv", "r2", "slowdown", "batch")
 INFERENCE_FAMILY_KEYS = {"decoder": ("per_input_token_ms", "per_output_token_ms"),
                          "encoder": ("per_token_ms",)}
 REQUIRED_METADATA = ("host", "date", "device", "device_name", "torch", "python")
+STEP_ARCH = ("params", "layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "dtype_bytes")
+STEP_TERMS = ("base", "per_prefill_token", "per_decode_seq", "per_kv_token")
 
 
 def _is_num(v) -> bool:
@@ -230,6 +255,28 @@ def validate(p, source: str = "profile") -> dict:
             sd = f.get("slowdown")
             if isinstance(sd, dict) and "1" not in sd:
                 errs.append(f"{w}.slowdown: level \"1\" missing")
+    step = fits.get("step") or {}     # optional: profiles before 2026-12 have none
+    if not isinstance(step, dict):
+        errs.append("fits.step: expected an object keyed by size label")
+        step = {}
+    for label, f in step.items():
+        w = f"fits.step.{label}"
+        if not isinstance(f, dict):
+            errs.append(f"{w}: expected an object")
+            continue
+        for k in STEP_ARCH + STEP_TERMS + ("r2", "rel_err", "n"):
+            if k not in f:
+                errs.append(f"{w}.{k}: required key missing")
+        for k in STEP_ARCH + ("n",):
+            if k in f:
+                _check_num(errs, f"{w}.{k}", f[k], integer=True, positive=True)
+        for k in STEP_TERMS + ("rel_err",):
+            if k in f:
+                _check_num(errs, f"{w}.{k}", f[k])
+                if _is_num(f[k]) and f[k] < 0:
+                    errs.append(f"{w}.{k}: expected >= 0, got {f[k]!r}")
+        if "r2" in f:
+            _check_num(errs, f"{w}.r2", f["r2"], nullable=True)
     if errs:
         raise ValueError(f"{source}: invalid profile:\n  " + "\n  ".join(errs))
     return p
@@ -381,6 +428,14 @@ def summary(p: dict) -> str:
             lines.append(f"  {fam}/{label} ({f['params'] / 1e6:.1f}M params): "
                          f"{f['base_ms']:.2f} ms {terms}  R2={f['r2']:.3f} cv={cvs} "
                          f"slowdown {{{sd}}}{sus}")
+    if fits.get("step"):
+        lines.append("step time (step = base + per_prefill_token p + per_decode_seq n + per_kv_token K):")
+        for label, f in sorted(fits["step"].items(), key=lambda kv: kv[1]["params"]):
+            r2 = "n/a" if f.get("r2") is None else f"{f['r2']:.3f}"
+            lines.append(f"  {label} ({f['params'] / 1e6:.1f}M params, {f['layers']}x{f['hidden']}): "
+                         f"base {f['base'] * 1e3:.3f} ms + {f['per_prefill_token'] * 1e6:.2f} us/prefill tok "
+                         f"+ {f['per_decode_seq'] * 1e6:.2f} us/decode seq + {f['per_kv_token'] * 1e9:.2f} ns/KV tok"
+                         f"  R2={r2} rel_err={f['rel_err']:.1%} n={f['n']}")
     errs = p.get("errors", [])
     if errs:
         lines.append(f"errors ({len(errs)}):")

@@ -1,7 +1,8 @@
 """The calibration job: steps, resume, fits, profile.
 
 Steps (each resumable): "runtime", "loads:<size>" per model size,
-"inference:<family>:<size>" per family and inference size. After each step the
+"inference:<family>:<size>" per family and inference size, "steps:<size>" per
+size of the llama-like decoder whose step time is timed (calibration/steps.py). After each step the
 state is written atomically to the partial file (PROFILE.partial.json next to
 --out PROFILE.json); a restart with the same --out (same host, device, dtype,
 mode) skips the finished steps. An out-of-memory error (or any other error)
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import env, harness, loads, models, runtime
+from . import steps as stepmod
 from . import fit as fitmod
 from . import inference as inf
 from . import profile as prof
@@ -37,7 +39,7 @@ DEFAULT_SIZES = {
 # Largest model timed for inference by default, and how many sizes at most.
 INFER_CAP = {("cpu", True): (30e6, 2), ("cpu", False): (120e6, 3),
              ("cuda", True): (200e6, 3), ("cuda", False): (3e9, 6)}
-SECTIONS = ("runtime", "loads", "inference")
+SECTIONS = ("runtime", "loads", "inference", "steps")
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Config:
     # (None: 40 s quick, 600 s full; 0: never wait nor re-measure, only flag)
     wait_budget_s: float | None = None
     note: str | None = None         # free text stored as metadata.note
+    # sizes of the llama-like decoder whose step time is timed (None: steps.SIZES)
+    step_sizes: list | None = None
 
     def resolve(self) -> "Config":
         models.check_device(self.device)
@@ -88,7 +92,10 @@ class Config:
                 idx = sorted({round(i * (len(ok) - 1) / max(1, most - 1)) for i in range(most)})
                 ok = [ok[i] for i in idx]
             self.infer_sizes = ok
-        for s in list(self.sizes) + list(self.infer_sizes):
+        if self.step_sizes is None:
+            self.step_sizes = list(stepmod.SIZES[(kind, self.quick)])
+        self.step_sizes = sorted(self.step_sizes, key=models.parse_size)
+        for s in list(self.sizes) + list(self.infer_sizes) + list(self.step_sizes):
             models.parse_size(s)
         if self.concurrency is None:
             self.concurrency = [1, 2] if self.quick else [1, 2, 4]
@@ -126,6 +133,8 @@ def _steps(cfg: Config) -> list:
         steps += [f"loads:{x}" for x in order]
     if "inference" in cfg.sections:
         steps += [f"inference:{f}:{x}" for f in cfg.families for x in cfg.infer_sizes]
+    if "steps" in cfg.sections:
+        steps += [f"steps:{x}" for x in cfg.step_sizes]
     return steps
 
 
@@ -139,7 +148,7 @@ def _new_state(cfg: Config, workdir: str) -> dict:
     return {"schema": PARTIAL_SCHEMA, "identity": _identity(cfg, md["host"]),
             "config": asdict(cfg), "metadata": md, "done": [], "errors": [],
             "samples": {"runtime": None, "load": {}, "page_cache": {}, "inference": {},
-                        "models": {}}}
+                        "models": {}, "step": {}}}
 
 
 def _load_state(cfg: Config, log) -> dict | None:
@@ -258,6 +267,9 @@ def _step_entries(state: dict, step: str) -> list:
     if kind == "loads":
         return [(S["load"][p], rest[0]) for p in S["load"] if rest[0] in S["load"][p]] + (
             [(S["page_cache"], rest[0])] if rest[0] in S["page_cache"] else [])
+    if kind == "steps":
+        by = S.setdefault("step", {})
+        return [(by, rest[0])] if rest[0] in by else []
     fam, label = rest
     by = S["inference"].get(fam, {})
     return [(by, label)] if label in by else []
@@ -362,6 +374,11 @@ def _run_step(step, cfg, state, workdir, tracked, policy, plan, hw, log):
         S["inference"].setdefault(fam, {})[label] = inf.measure_model(
             fam, label, cfg.device, cfg.torch_dtype, plan, policy, log, cfg.concurrency)
         return
+    if kind == "steps":
+        label = rest[0]
+        S.setdefault("step", {})[label] = stepmod.measure_size(
+            label, cfg.device, cfg.torch_dtype, stepmod.grid_for(cfg.device, cfg.quick), policy, log)
+        return
     raise ValueError(f"unknown step {step!r}")
 
 
@@ -380,8 +397,8 @@ def build_profile(state: dict, cfg: Config | None = None) -> dict:
             "waited_s": sum(c["waited_s"] for c in cs),
             "note": "samples during which other processes used >30% of a core are "
                     "excluded from medians and fits (kept in samples[].contended)"}
-    fits = {"load": {}, "runtime": None, "inference": {}}
-    diag = {"load": {}, "inference": {}, "notes": []}
+    fits = {"load": {}, "runtime": None, "inference": {}, "step": {}}
+    diag = {"load": {}, "inference": {}, "step": {}, "notes": []}
     # loads
     for path in prof.LOAD_PATHS:
         by_size = S["load"].get(path) or {}
@@ -431,6 +448,15 @@ def build_profile(state: dict, cfg: Config | None = None) -> dict:
                 continue
             fits["inference"].setdefault(fam, {})[label] = f
             diag["inference"].setdefault(fam, {})[label] = d
+    # step time of the llama-like decoder, per size
+    for label, s in (S.get("step") or {}).items():
+        try:
+            f, d = stepmod.fit_size(s)
+        except (ValueError, KeyError, TypeError) as e:
+            diag["notes"].append(f"steps {label}: no fit ({e})")
+            continue
+        fits["step"][label] = f
+        diag["step"][label] = d
     return {"schema": prof.SCHEMA, "metadata": md, "config": state.get("config"),
             "samples": S, "fits": fits, "diagnostics": diag,
             "errors": list(state.get("errors", [])),

@@ -584,7 +584,7 @@ def fidelity(measured, device, quick, cases, out, runs, profile, prepare, as_jso
         t.add_column(c, justify="left" if c in ("case", "figure") else "right")
     for name, row in res["cases"].items():
         spread = row.get("measured_spread")
-        for fig in fid.FIGURES:
+        for fig in fid.FIGURES + tuple(f for f in fid.LLM_FIGURES if f in row["measured"]):
             m, s_ = row["measured"][fig], row["simulated"][fig]
             key = fig.replace("_ms", "").replace("_per_s", "")
             err = (f"{row['hit_rate_err_pp']:+.1f} pp" if fig == "hit_rate" else f"{row[key + '_err']:+.1%}")

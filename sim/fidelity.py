@@ -10,6 +10,11 @@ load times taken from that probe (never from the measured run), and the two
 request tables are summarised the same way. The error of each figure is
 ``(simulated - measured) / measured``; the hit rate's in percentage points.
 
+A language-model case (``llm_conversation``) serves a llama-like decoder with a real
+continuous-batching loop (calibration/testbed/llm.py); the simulator runs it as DESIGN.md's language
+model, its step time fitted on the testbed's calibration replays, and the comparison adds TTFT and
+TPOT.
+
 The simulator never imports torch: the testbed runs as a subprocess, and
 ``fidelity_of(measured.json)`` compares a testbed run made elsewhere (a GPU box).
 """
@@ -36,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "scenarios" / "traces"
 PLAN_SCHEMA = "capsim.testbed-plan/1"
 FIGURES = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_per_s", "cold_starts", "hit_rate")
+# A language model's (a continuous-batching plan): time to first token and time per output token, beside
+# the end-to-end figures above.
+LLM_FIGURES = ("ttft_p50_ms", "ttft_p99_ms", "ttft_mean_ms", "tpot_p50_ms", "tpot_p99_ms", "tpot_mean_ms")
 SIM_REPLICATIONS = 5   # the simulator's figures: the mean over this many service draws
 # Tolerances of the acceptance checks (relative, and points for the hit rate).
 QUICK_TOLERANCE = {"p50": 0.15, "p99": 0.15, "cold_starts": 0.15, "hit_rate_pp": 3.0}
@@ -61,6 +69,12 @@ class Case:
     traffic: dict[str, Any]              # the group's traffic, as in a scenario file
     seconds: tuple[float, float]         # replayed span: quick, full
     popularity: Any = "uniform"
+    token_scale: float | None = None     # a language model's: the trace's token counts times this
+
+
+def is_llm(plan: dict[str, Any]) -> bool:
+    """A plan that serves a language model with continuous batching (calibration/testbed/llm.py)."""
+    return plan.get("mode") == "continuous_batching"
 
 
 def _models(n: int, params: str, memory_gb: float, seq_len: int = 64) -> list[dict[str, Any]]:
@@ -79,6 +93,10 @@ REFERENCE_REQUEST_S = 0.0125
 # and requests speed up unalike (on a GPU a request of these small models is over ten times faster,
 # a load from disk not).
 REFERENCE_LOAD_S = 0.061
+# And the language-model case's reference step (8 sequences decoding at 64 tokens of context, on its
+# 5M decoder, one thread), on this machine on 2026-12-06: its arrivals stretch by the testbed's own
+# over it, as the others' by their request time.
+REFERENCE_STEP_S = 0.0055
 
 # Sized for a 2-core machine. The testbed's instances share one host, which
 # real instances do not: two instances serving at once there slow each other
@@ -113,12 +131,29 @@ CASES: dict[str, Case] = {c.name: c for c in (
          {"mode": "mme", "instances": 1, "memory_budget_gb": 0.4, "routing": "random",
           "max_concurrency": 2, "instance_concurrency": 4},
          _models(4, "8M", 0.1), {"process": "poisson", "rate": "56/s"}, (60.0, 240.0)),
+    # A language model served with continuous batching (calibration/testbed/llm.py): one serving loop
+    # steps a KV-cached 5M llama-like decoder over up to 16 sequences and 256 tokens a step (chunked
+    # prefill), on the conversation trace's arrivals and token counts, both scaled down so that this
+    # CPU serves it at a moderate load: at 4x the trace's rate the simulator, with this machine's fit,
+    # puts the median TPOT at 1.5x that of a request alone and the TTFT's P99 near 100 ms; at 6x
+    # the queue builds (TTFT P99 8x).
+    # The simulator's step time: the coefficients fitted on the testbed's calibration replays.
+    Case("llm_conversation", "the Azure LLM conversation trace (token counts x1/8, rate x4) served by a "
+         "continuous-batching loop on a 5M llama-like decoder: TTFT, TPOT and end to end",
+         {"mode": "continuous_batching", "instances": 1, "memory_budget_gb": 1.0, "max_num_seqs": 16,
+          "max_num_batched_tokens": 256, "timeout_s": 120.0},
+         [{"name": "m-00", "family": "llama", "params": "5M", "memory_gb": 0.02}],
+         {"process": "trace", "path": str(TRACES / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"),
+          "format": "azure_llm", "rate_scale": 4.0}, (60.0, 240.0), token_scale=0.125),
 )}
 
 
 # -- the plan and the arrivals -------------------------------------------------------------------------------------
 def plan_of(case: Case) -> dict[str, Any]:
     """PLAN.json for the testbed (capsim.testbed-plan/1)."""
+    if is_llm(case.plan):
+        return {"schema": PLAN_SCHEMA, "name": case.name, "reference_step_s": REFERENCE_STEP_S, **case.plan,
+                "models": case.models}
     return {"schema": PLAN_SCHEMA, "name": case.name, "reference_request_s": REFERENCE_REQUEST_S,
             "reference_load_s": REFERENCE_LOAD_S, **case.plan,
             "models": case.models}
@@ -137,9 +172,17 @@ def _arrival_scenario(case: Case, seconds: float, seed: int) -> dict[str, Any]:
 
 
 def arrivals_of(case: Case, quick: bool = True, seed: int = 0) -> pd.DataFrame:
-    """The case's exact arrivals (arrival_s, model), as ``capsim trace`` writes them."""
+    """The case's exact arrivals (arrival_s, model), as ``capsim trace`` writes them; a language
+    model's with its requests' token counts (``input_tokens``, ``output_tokens``: the trace's times
+    the case's ``token_scale``, rounded, at least 1)."""
     sc = parse_scenario(_arrival_scenario(case, case.seconds[0 if quick else 1], seed), source=case.name)
-    return arrivals_frame(sc)[["arrival_s", "model"]]
+    df = arrivals_frame(sc)
+    if case.token_scale is None:
+        return df[["arrival_s", "model"]]
+    out = df[["arrival_s", "model"]].copy()
+    for col in ("input_tokens", "output_tokens"):
+        out[col] = np.maximum(1, np.rint(df[col].to_numpy(dtype=float) * case.token_scale)).astype(np.int64)
+    return out
 
 
 # -- the simulator's side -----------------------------------------------------------------------------------------
@@ -212,6 +255,43 @@ def slowdown_of(measured: dict[str, Any]) -> dict[int, float] | None:
     return {int(k): (1.0 if int(k) == 1 else float(v)) for k, v in sorted(c.items(), key=lambda kv: int(kv[0]))}
 
 
+LLM_ENDPOINT_CONCURRENCY = 100_000
+
+
+def llm_scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
+    """The simulator's scenario of a continuous-batching testbed run (DESIGN.md, "Language models"):
+    the served decoder's ``architecture`` as a mapping of its numbers, its requests' ``tokens`` from
+    the arrivals (their ``input_tokens`` and ``output_tokens`` columns), and
+    ``service.continuous_batching`` with the server's ``max_num_seqs`` and
+    ``max_num_batched_tokens`` and, as ``step``, the coefficients fitted on the steps of the testbed's
+    calibration replays (``probe.step``), never on the measured replay's. The instance: this machine
+    as one device whose memory is the plan's budget, ample for the weights and every sequence's KV
+    cache (the server never preempts)."""
+    plan, probe = measured["plan"], measured["probe"]
+    shape, step = probe["shape"], probe["step"]
+    span = max(measured["requests"]["arrival_s"], default=0.0)
+    dtype_bytes = int(probe["dtype_bytes"])
+    arch = {"params": int(shape["params"]), **{k: int(shape[k]) for k in ("layers", "hidden", "heads", "kv_heads",
+                                                                          "intermediate", "vocab")},
+            "dtype_bytes": dtype_bytes}
+    m = plan["models"][0]
+    model = {"name": m["name"], "size_gb": shape["params"] * dtype_bytes / 1e9, "accelerators": 1,
+             "architecture": arch,
+             "service": {"continuous_batching": {
+                 "max_num_seqs": plan["max_num_seqs"], "max_num_batched_tokens": plan["max_num_batched_tokens"],
+                 "step": {k: float(step[k]) for k in ("base", "per_prefill_token", "per_decode_seq",
+                                                      "per_kv_token")}}},
+             "traffic": {"process": "trace", "path": str(arrivals_csv), "format": "csv"}}
+    itype = {**_instance_type(plan), "gpus": 1, "gpu_memory_gb": plan["memory_budget_gb"],
+             "memory_gb": max(plan["memory_budget_gb"], 1.0)}
+    # every request goes to the engine's own queue at once, as the server's loop takes them all (its
+    # admission is max_num_seqs and the token budget, not the endpoint's concurrency)
+    ep = {"name": plan["name"], "mode": "sme", "instance_type": "testbed.cpu", "instances": 1,
+          "max_concurrency": LLM_ENDPOINT_CONCURRENCY, "timeout": plan["timeout_s"], "models": [m["name"]]}
+    return {"name": plan["name"], "seed": 0, "duration": span + plan["timeout_s"] + 60.0, "warmup": 0,
+            "instance_types": [itype], "models": [model], "endpoints": [ep]}
+
+
 def scenario_of(measured: dict[str, Any], arrivals_csv: Path, profile: Path | None = None) -> dict[str, Any]:
     """The simulator's scenario of a testbed run: its plan, its arrivals, and the service and load
     times of its calibration replays, or of a calibration ``profile`` (``capsim calibrate``'s). Where
@@ -219,6 +299,11 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path, profile: Path | No
     concurrency the calibration measured (``slowdown_of``) as ``service.batching``: an instance is
     one device, shared by every request in service there, whatever its model."""
     plan = measured["plan"]
+    if is_llm(plan):
+        if profile is not None:
+            raise FidelityError(f"{profile}: a language-model case takes its step time from the testbed's own "
+                                "calibration replays; --profile applies to the other cases")
+        return llm_scenario_of(measured, arrivals_csv)
     probe = measured["probe"]["models"]
     span = max(measured["requests"]["arrival_s"], default=0.0)
     prof = None if profile is None else read_profile(profile)
@@ -287,8 +372,10 @@ def simulate_measured(measured: dict[str, Any], seed: int = 0, replications: int
     req = measured["requests"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "arrivals.csv"
-        pd.DataFrame({"arrival_s": req["arrival_s"],
-                      "model": [names[m] for m in req["model"]]}).to_csv(path, index=False)
+        cols = {"arrival_s": req["arrival_s"], "model": [names[m] for m in req["model"]]}
+        if is_llm(measured["plan"]):
+            cols.update(input_tokens=req["input_tokens"], output_tokens=req["output_tokens"])
+        pd.DataFrame(cols).to_csv(path, index=False)
         sc = parse_scenario(scenario_of(measured, path, profile), source=f"fidelity:{measured['plan']['name']}",
                             base_dir=Path(tmp))
         return run(sc, seed=seed, replications=replications)
@@ -308,25 +395,55 @@ def figures(latency_ms: np.ndarray, ok: np.ndarray, cold: np.ndarray, arrival_s:
             "cold_starts": int(loads), "hit_rate": float(1.0 - cold[ok].mean()) if ok.any() else float("nan")}
 
 
+def token_figures(ttft_ms: np.ndarray, tpot_ms: np.ndarray, ok: np.ndarray) -> dict[str, float]:
+    """A language model's figures, computed alike for both sides: TTFT over the completed requests,
+    TPOT over those with more than one output token (the others have none)."""
+    out = {}
+    for name, v in (("ttft", ttft_ms), ("tpot", tpot_ms)):
+        x = np.asarray(v, dtype=float)[ok]
+        x = x[np.isfinite(x)]
+        q = np.percentile(x, [50, 99]) if x.size else [float("nan")] * 2
+        out.update({f"{name}_p50_ms": float(q[0]), f"{name}_p99_ms": float(q[1]),
+                    f"{name}_mean_ms": float(x.mean()) if x.size else float("nan")})
+    return out
+
+
+def _column(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
 def measured_figures(measured: dict[str, Any]) -> dict[str, float]:
     r = measured["requests"]
-    end = np.array([np.nan if v is None else v for v in r["end_s"]], dtype=float)
+    end = _column(r["end_s"])
     send = np.asarray(r["send_s"], dtype=float)
     ok = np.isfinite(end) & (end - send <= measured["plan"]["timeout_s"])
     cold = np.array([bool(c) for c in r["cold"]])
-    return figures(1e3 * (end - send), ok, cold, send, end, len(measured["loads"]))
+    out = figures(1e3 * (end - send), ok, cold, send, end, len(measured["loads"]))
+    if is_llm(measured["plan"]):
+        # TTFT: arrival (the send) to the end of the step that completed the prompt; TPOT: the rest
+        # of the latency over the output tokens after the first (DESIGN.md's definitions)
+        first = _column(r["first_token_s"])
+        n_out = _column(r["output_tokens"])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(n_out > 1, 1e3 * (end - first) / (n_out - 1), np.nan)
+        out.update(token_figures(1e3 * (first - send), tpot, ok))
+    return out
 
 
-def simulated_figures(requests: pd.DataFrame, loads: int) -> dict[str, float]:
+def simulated_figures(requests: pd.DataFrame, loads: int, llm: bool = False) -> dict[str, float]:
     ok = (requests["status"] == "ok").to_numpy()
-    return figures(requests["latency_ms"].to_numpy(dtype=float), ok, requests["cold"].to_numpy(dtype=bool),
-                   requests["arrival_s"].to_numpy(dtype=float), requests["end_s"].to_numpy(dtype=float),
-                   loads)
+    out = figures(requests["latency_ms"].to_numpy(dtype=float), ok, requests["cold"].to_numpy(dtype=bool),
+                  requests["arrival_s"].to_numpy(dtype=float), requests["end_s"].to_numpy(dtype=float),
+                  loads)
+    if llm:
+        out.update(token_figures(requests["ttft_ms"].to_numpy(dtype=float, na_value=np.nan),
+                                 requests["tpot_ms"].to_numpy(dtype=float, na_value=np.nan), ok))
+    return out
 
 
 def errors(sim: dict[str, float], real: dict[str, float]) -> dict[str, float]:
     out = {}
-    for k in FIGURES:
+    for k in FIGURES + tuple(f for f in LLM_FIGURES if f in real and f in sim):
         key = k.replace("_ms", "").replace("_per_s", "")
         if k == "hit_rate":
             out["hit_rate_err_pp"] = 100.0 * (sim[k] - real[k])
@@ -367,11 +484,14 @@ def compare_case(measured: dict[str, Any], seed: int = 0, replications: int = SI
     are the mean over ``replications`` runs on the same arrivals (service times drawn anew): the
     simulator's prediction, less the noise of one draw. With ``profile``, the simulator's service
     and load times are a calibration profile's."""
+    llm = is_llm(measured["plan"])
+    if llm:     # a language model's step time comes from its testbed's calibration replays, always
+        profile = None
     res = simulate_measured(measured, seed, replications, profile)
     if replications == 1:
-        sims = [simulated_figures(res.requests, int(res.summary["overall"]["cold_starts"]))]
+        sims = [simulated_figures(res.requests, int(res.summary["overall"]["cold_starts"]), llm)]
     else:
-        sims = [simulated_figures(req, int(res.replication_summaries[r]["overall"]["cold_starts"]))
+        sims = [simulated_figures(req, int(res.replication_summaries[r]["overall"]["cold_starts"]), llm)
                 for r, req in res.requests.groupby("replication")]
     sim = {k: float(np.mean([s[k] for s in sims])) for k in sims[0]}
     real = measured_figures(measured)
@@ -381,10 +501,17 @@ def compare_case(measured: dict[str, Any], seed: int = 0, replications: int = SI
 
 
 def within(row: dict[str, Any], tolerance: dict[str, float]) -> dict[str, bool]:
-    """Which of a case's errors are inside the tolerances (relative; points for the hit rate)."""
-    return {"p50": abs(row["p50_err"]) <= tolerance["p50"], "p99": abs(row["p99_err"]) <= tolerance["p99"],
-            "cold_starts": abs(row["cold_starts_err"]) <= tolerance["cold_starts"],
-            "hit_rate": abs(row["hit_rate_err_pp"]) <= tolerance["hit_rate_pp"]}
+    """Which of a case's errors are inside the tolerances (relative; points for the hit rate); a
+    language model's TTFT and TPOT P50 and P99 too, under the P50 and P99 tolerances."""
+    out = {"p50": abs(row["p50_err"]) <= tolerance["p50"], "p99": abs(row["p99_err"]) <= tolerance["p99"],
+           "cold_starts": abs(row["cold_starts_err"]) <= tolerance["cold_starts"],
+           "hit_rate": abs(row["hit_rate_err_pp"]) <= tolerance["hit_rate_pp"]}
+    for name in ("ttft", "tpot"):
+        for q in ("p50", "p99"):
+            key = f"{name}_{q}_err"
+            if key in row:
+                out[f"{name}_{q}"] = bool(abs(row[key]) <= tolerance[q])
+    return out
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -399,7 +526,7 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     spread = None
     if len(runs) > 1:
         spread = {k: float((max(r["measured"][k] for r in runs) - min(r["measured"][k] for r in runs)) / real[k])
-                  if real[k] else 0.0 for k in FIGURES}
+                  if real[k] else 0.0 for k in FIGURES + tuple(f for f in LLM_FIGURES if f in real)}
     return {**errors(sim, real), "measured": real, "simulated": sim, "measured_spread": spread,
             "unfinished": max(r["unfinished"] for r in runs), "runs": runs}
 
@@ -525,6 +652,22 @@ def read_measured(p: Path) -> dict[str, Any]:
         raise FidelityError(f"{p}: requests.arrival_s: expected finite times >= 0")
     if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(plan["models"]) for x in req["model"]):
         raise FidelityError(f"{p}: requests.model: expected indexes of plan.models")
+    if is_llm(plan):
+        more = ("first_token_s", "input_tokens", "output_tokens")
+        if not all(isinstance(req.get(c), list) and len(req[c]) == len(req["arrival_s"]) for c in more):
+            raise FidelityError(f"{p}: requests: a continuous-batching run needs lists {', '.join(more)} as long "
+                                "as arrival_s")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                   for c in ("input_tokens", "output_tokens") for x in req[c]):
+            raise FidelityError(f"{p}: requests.input_tokens/output_tokens: expected whole numbers >= 1")
+        probe, terms = measured["probe"], ("base", "per_prefill_token", "per_decode_seq", "per_kv_token")
+        step = probe.get("step")
+        if not isinstance(step, dict) or not all(
+                isinstance(step.get(k), (int, float)) and not isinstance(step.get(k), bool)
+                and np.isfinite(step[k]) and step[k] >= 0 for k in terms):
+            raise FidelityError(f"{p}: probe.step: expected the fitted {', '.join(terms)} (finite, >= 0)")
+        if not isinstance(probe.get("shape"), dict) or not isinstance(probe.get("dtype_bytes"), int):
+            raise FidelityError(f"{p}: probe.shape and probe.dtype_bytes: expected the served decoder's numbers")
     return measured
 
 

@@ -7,6 +7,11 @@ type, service times are transferred by a roofline model: the per-output-token
 (decode) term is memory-bound and scales with the memory-bandwidth ratio; the
 base and per-input-token (prefill) terms are compute-bound and scale with the
 FLOP/s ratio. Each transfer is reported as a warning.
+
+Language models' step times (``continuous_batching.step: {profile: ...}``)
+come from the profile's ``fits.step`` (``step_coefficients``): the measured
+decoder size nearest the model's, scaled to the model's size and moved to the
+instance's GPU by the same roofline reasoning.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 from .catalog import Catalog, GPUSpec
 
 SCHEMA = "capsim.profile/1"
+STEP_TERMS = ("base", "per_prefill_token", "per_decode_seq", "per_kv_token")
 
 
 class ProfileError(ValueError):
@@ -116,6 +122,15 @@ def check_fits(path: str, fits: dict) -> None:
                     _number(path, f"{w}.sustained.rest_time_constant_s", sus["rest_time_constant_s"],
                             positive=False, top=1e9)
                 _number(path, f"{w}.sustained.rest_ratio", sus.get("rest_ratio"), positive=True, top=1e6)
+    for size, fit in _mapping(path, "fits.step", fits.get("step")).items():
+        w = f"fits.step.{size}"
+        fit = _mapping(path, w, fit, optional=False)
+        _number(path, f"{w}.params", fit.get("params"), positive=True, top=1e15)
+        for key in STEP_TERMS:
+            _number(path, f"{w}.{key}", fit.get(key), positive=False, top=1e6)
+        for key in ("layers", "heads", "kv_heads", "hidden", "dtype_bytes"):
+            if fit.get(key) is not None:
+                _number(path, f"{w}.{key}", fit[key], positive=True, top=1e9)
 
 
 def load_profile(path: str | Path) -> dict:
@@ -258,3 +273,114 @@ def _label(n: float) -> str:
         if n >= scale:
             return f"{n / scale:g}{unit}"
     return f"{n:g}"
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """A continuous-batching step's time in seconds: ``base + per_prefill_token * p +
+    per_decode_seq * n + per_kv_token * K`` (p prefill tokens in the step, n decoding sequences, K
+    the context tokens they attend to). ``source``: the profile's size label it came from."""
+
+    base: float
+    per_prefill_token: float
+    per_decode_seq: float
+    per_kv_token: float
+    source: str
+    note: str
+
+    def __getitem__(self, term: str) -> float:
+        """``coef["base"]`` etc.: the four terms by name (STEP_TERMS)."""
+        if term not in STEP_TERMS:
+            raise KeyError(term)
+        return getattr(self, term)
+
+    def time(self, prefill_tokens: float, decode_seqs: float, kv_tokens: float) -> float:
+        return (self.base + self.per_prefill_token * prefill_tokens + self.per_decode_seq * decode_seqs
+                + self.per_kv_token * kv_tokens)
+
+
+def measured_kv_bytes_per_token(fit: dict) -> float | None:
+    """K and V bytes of one token of a measured decoder (2 x layers x kv_heads x head_dim x
+    dtype_bytes), or None where the fit lacks its architecture numbers."""
+    try:
+        head_dim = float(fit["hidden"]) / float(fit["heads"])
+        return 2.0 * float(fit["layers"]) * float(fit["kv_heads"]) * head_dim * float(fit["dtype_bytes"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def step_coefficients(path: str | Path, params: float | None, *, kv_bytes_per_token: float | None = None,
+                      gpu: GPUSpec | str | None = None, catalog: Catalog | None = None,
+                      where: str = "service.continuous_batching.step") -> tuple[StepCoefficients, list[str]]:
+    """The step-time coefficients a calibration profile gives a language model of ``params``
+    parameters (e.g. 6.74e9) on ``gpu`` (the copy's catalog GPU, or its name; None: a CPU copy, or
+    the profile's device as it is), and the warnings to show.
+
+    - The measured decoder size nearest ``params`` in log scale is used (``params`` None: the
+      largest measured, the nearest to any model served on a GPU; a warning when there are several).
+    - A model of another size: base, per_prefill_token and per_decode_seq scale by the ratio of
+      parameters (the weights a step reads once, and a token's compute through them, grow with
+      it); per_kv_token by the ratio of KV bytes per token (``kv_bytes_per_token``: 2 x layers x
+      kv_heads x head_dim x dtype_bytes of the model) over the measured decoder's, or by the ratio
+      of parameters where it is not given. A warning says by how much.
+    - A profile measured on another catalog GPU than ``gpu``: roofline transfer, as the
+      service times' (``service_model``): the memory-bound terms (base: the weights read once per
+      step; per_kv_token: the KV cache read) by the ratio of memory bandwidths, the compute-bound
+      ones (per_prefill_token, per_decode_seq: a token's FLOPs) by the ratio of FLOP/s. A profile
+      measured on a CPU (or an unknown GPU) is used unchanged on a GPU, with a warning.
+
+    ProfileError (naming the file) when the profile cannot be read or has no step fits."""
+    profile = load_profile(path)
+    fits = profile["fits"].get("step") or {}
+    if not fits:
+        raise ProfileError(f"{where}: the profile {path} has no step fits (fits.step): it was made before "
+                           "the step time was calibrated, or without that section; run `python -m calibration "
+                           "run --sections steps --out PROFILE.json` and point step.profile at it")
+    entries = sorted(((float(v["params"]), k, v) for k, v in fits.items()), key=lambda e: e[0])
+    warnings: list[str] = []
+    if params is None:
+        size, label, fit = entries[-1]
+        if len(entries) > 1:
+            warnings.append(f"{where}: the model's parameter count is unknown; using the largest decoder the "
+                            f"profile measured ({label}) unscaled")
+        want = size
+    else:
+        want = float(params)
+        if not want > 0:
+            raise ProfileError(f"{where}: expected a parameter count > 0, got {params!r}")
+        size, label, fit = min(entries, key=lambda e: abs(_log(e[0]) - _log(want)))
+    ratio = want / size
+    base = float(fit["base"]) * ratio
+    per_prefill = float(fit["per_prefill_token"]) * ratio
+    per_seq = float(fit["per_decode_seq"]) * ratio
+    measured_kv = measured_kv_bytes_per_token(fit)
+    if kv_bytes_per_token is not None and measured_kv:
+        kv_ratio, kv_how = float(kv_bytes_per_token) / measured_kv, "KV bytes per token"
+    else:
+        kv_ratio, kv_how = ratio, "parameters (no KV bytes per token given)"
+    per_kv = float(fit["per_kv_token"]) * kv_ratio
+    if abs(ratio - 1) > 1e-6 or abs(kv_ratio - 1) > 1e-6:
+        warnings.append(f"{where}: a model of {_label(want)} parameters was not measured; step time scaled from "
+                        f"the profile's {label} decoder ({_label(size)}): base and per-token terms x{ratio:.3g} "
+                        f"by the parameter ratio, the KV term x{kv_ratio:.3g} by the ratio of {kv_how}")
+    meta = profile["metadata"]
+    note = f"profile {meta.get('device_name') or meta.get('device')}, decoder {label}"
+    if gpu is not None:
+        if catalog is None:
+            from .catalog import load_catalog
+            catalog = load_catalog()
+        src = device_gpu(profile, catalog)
+        dst = catalog.gpus.get(gpu) if isinstance(gpu, str) else gpu
+        if src is None:
+            warnings.append(f"{where}: the profile was measured on {meta.get('device_name') or 'a CPU'}, not on a "
+                            f"GPU of the catalog; its step time is used on {getattr(dst, 'name', gpu)} unchanged")
+        elif dst is not None and dst.name != src.name:
+            bw = src.memory_bandwidth_gbs / dst.memory_bandwidth_gbs
+            flops = _flops(src) / _flops(dst)
+            base, per_kv = base * bw, per_kv * bw
+            per_prefill, per_seq = per_prefill * flops, per_seq * flops
+            warnings.append(f"{where}: profile measured on {src.name}, instance has {dst.name}: roofline transfer "
+                            f"(base and KV term x{bw:.3g} by memory bandwidth, prefill and per-sequence terms "
+                            f"x{flops:.3g} by FLOP/s)")
+            note += f", moved to {dst.name}"
+    return StepCoefficients(base, per_prefill, per_seq, per_kv, label, note), warnings

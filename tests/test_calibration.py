@@ -188,7 +188,7 @@ def _mini_cfg(tmp_path, **kw):
     cfg = dict(out=str(tmp_path / "mini.json"), device="cpu", quick=True,
                sizes=["0.3M", "1M", "2M"], infer_sizes=["0.3M"], families=["encoder"],
                concurrency=[1, 2], runtime_repeats=1, workdir=str(tmp_path / "work"),
-               wait_budget_s=0.0)
+               wait_budget_s=0.0, step_sizes=["1M"])
     cfg.update(kw)
     return runmod.Config(**cfg)
 
@@ -209,6 +209,9 @@ def test_mini_run_produces_a_valid_profile(tmp_path):
     assert enc["per_token_ms"] >= 0 and enc["batch"]
     assert "sustained" in enc and [r["n"] for r in p["samples"]["inference"]["encoder"]["0.3M"]["sustained"]["runs"]]
     assert q["metadata"]["page_cache_eviction"] in ("effective", "ineffective", "unavailable")
+    step = q["fits"]["step"]["1M"]                   # the llama-like decoder's step time
+    assert step["base"] > 0 and step["per_decode_seq"] >= 0 and step["r2"] is not None and step["n"] >= 20
+    assert len(q["samples"]["step"]["1M"]["points"]) == step["n"]
     assert any(line.startswith("[2/") and "loads:" in line for line in logs)
     # model files are gone, the partial file too
     assert os.listdir(tmp_path / "work") == []

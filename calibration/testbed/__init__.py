@@ -22,6 +22,16 @@ request and load times in seconds from the arrivals' origin. With the plan's
 ``reference_request_s`` the arrivals' times are first multiplied by
 ``time_scale`` (``replay.time_scale``: this machine's request time over that
 reference), and ``requests.arrival_s`` holds the times replayed.
+
+A plan of mode ``continuous_batching`` (calibration/testbed/llm.py) serves a llama-like decoder
+with a continuous-batching loop; its arrivals carry ``input_tokens`` and ``output_tokens``, and its
+measured.json adds, per request, ``first_token_s``, ``input_tokens``, ``output_tokens`` (and
+``start_s``: the step that admitted it), ``steps`` (every step of the measured replay: begin,
+end, decoding sequences ``n``, their context tokens ``K``, prefill tokens ``p``, prefilling
+sequences, the idle wait before it), and under ``probe``: the reference step, the designed grid
+with its fit, the calibration replays and ``step``, the step-time coefficients fitted on their
+steps (what the simulator takes), with ``measured_prediction``, how well they predict the measured
+replay's steps. ``loads`` is empty and every request is warm (``cold`` false).
 """
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ import tempfile
 from .. import env, models
 from ..profile import write_json_atomic
 from . import plan as _plan
-from . import replay, server
+from . import llm, replay, server
 
 SCHEMA = "capsim.testbed/1"
 
@@ -53,6 +63,15 @@ def run_testbed(arrivals_path: str, plan_path: str, out: str, device: str = "cpu
     (capsim.testbed/1, with the probe under ``probe``) and return it."""
     models.check_device(device)
     plan = _plan.load(plan_path)
+    if plan["mode"] == "continuous_batching":
+        arrivals = llm.read_arrivals(arrivals_path)
+        log(f"testbed: a continuous-batching server ({plan['models'][0]['params']} llama-like decoder, "
+            f"max_num_seqs {plan['max_num_seqs']}, max_num_batched_tokens {plan['max_num_batched_tokens']}), "
+            f"{len(arrivals):,} arrivals over {arrivals[-1][0] if arrivals else 0:.0f} s; probing first")
+        rec = llm.run(plan, arrivals, device=device, seed=seed, log=log)
+        result = {"schema": SCHEMA, "metadata": env.collect(device), "plan": plan, **rec}
+        write_json_atomic(result, out)
+        return result
     arrivals = replay.read_arrivals(arrivals_path, [m["name"] for m in plan["models"]])
     wd, temp = _workdir(workdir, out)
     try:

@@ -23,8 +23,21 @@ Format ``capsim.testbed-plan/1``::
      "models": [{"name": "m-00", "family": "encoder", "params": "8M", "seq_len": 64,
                  "memory_gb": 0.032}]}  # memory_gb: what a loaded copy counts against the budget
 
+A language model served with continuous batching (calibration/testbed/llm.py)::
+
+    {"schema": "capsim.testbed-plan/1", "name": "llm_conversation",
+     "mode": "continuous_batching",    # one instance, one llama-like decoder, one serving loop
+     "instances": 1, "memory_budget_gb": 1.0, "timeout_s": 120, "threads": 1,
+     "max_num_seqs": 16,               # sequences in a step at most
+     "max_num_batched_tokens": 256,    # tokens in a step at most (decodes count); prompts prefill in chunks
+     "reference_step_s": 0.004,        # optional: the reference step's time the arrivals were written for
+     "models": [{"name": "llm-00", "family": "llama", "params": "5M", "memory_gb": 0.02}]}
+
+Its arrivals CSV has the columns ``arrival_s``, ``input_tokens`` and ``output_tokens``.
+
 Versions: 1 (2026-12) first; ``reference_request_s`` and ``reference_load_s`` added (optional,
-2026-12).
+2026-12); mode ``continuous_batching`` with ``max_num_seqs``, ``max_num_batched_tokens`` and
+``reference_step_s``, family ``llama`` (2026-12).
 """
 from __future__ import annotations
 
@@ -37,7 +50,10 @@ _INTS = ("instances", "max_concurrency", "instance_concurrency", "max_concurrent
          "threads")
 _DEFAULTS = {"mode": "mme", "routing": "random", "max_concurrency": 1, "instance_concurrency": 1,
              "max_concurrent_loads": 1, "replicate_above": 8, "timeout_s": 60.0, "threads": 1,
-             "reference_request_s": None, "reference_load_s": None}
+             "reference_request_s": None, "reference_load_s": None,
+             "max_num_seqs": None, "max_num_batched_tokens": None, "reference_step_s": None}
+MODES = ("mme", "sme", "continuous_batching")
+FAMILIES = ("encoder", "decoder", "llama")
 
 
 def validate(plan: dict, source: str = "plan") -> dict:
@@ -54,8 +70,26 @@ def validate(plan: dict, source: str = "plan") -> dict:
     for key in _INTS:
         if not isinstance(p[key], int) or p[key] < 1:
             raise ValueError(f"{source}: {key}: expected an integer >= 1, got {p[key]!r}")
-    if p["mode"] not in ("mme", "sme"):
-        raise ValueError(f"{source}: mode: expected 'mme' or 'sme', got {p['mode']!r}")
+    if p["mode"] not in MODES:
+        raise ValueError(f"{source}: mode: expected one of {', '.join(MODES)}, got {p['mode']!r}")
+    batching = ("max_num_seqs", "max_num_batched_tokens", "reference_step_s")
+    if p["mode"] == "continuous_batching":
+        for key in batching[:2]:
+            if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1:
+                raise ValueError(f"{source}: {key}: expected an integer >= 1 for mode continuous_batching, "
+                                 f"got {p[key]!r}")
+        if p["max_num_batched_tokens"] < p["max_num_seqs"]:
+            raise ValueError(f"{source}: max_num_batched_tokens: {p['max_num_batched_tokens']} is below "
+                             f"max_num_seqs {p['max_num_seqs']}: every running sequence decodes a token per step")
+        if p["instances"] != 1 or not isinstance(p["models"], list) or len(p["models"]) != 1:
+            raise ValueError(f"{source}: mode continuous_batching serves one model on one instance")
+        ref = p["reference_step_s"]
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (int, float)) or ref <= 0):
+            raise ValueError(f"{source}: reference_step_s: expected a number of seconds > 0 or null, got {ref!r}")
+    else:
+        for key in batching:
+            if p[key] is not None:
+                raise ValueError(f"{source}: {key}: only for mode continuous_batching")
     if p["routing"] not in ROUTING:
         raise ValueError(f"{source}: routing: expected one of {', '.join(ROUTING)}, got {p['routing']!r}")
     for key in ("reference_request_s", "reference_load_s"):
@@ -74,8 +108,9 @@ def validate(plan: dict, source: str = "plan") -> dict:
         for key in ("name", "family", "params", "memory_gb"):
             if key not in m:
                 raise ValueError(f"{where}.{key}: missing")
-        if m["family"] not in ("encoder", "decoder"):
-            raise ValueError(f"{where}.family: expected encoder or decoder")
+        if m["family"] not in FAMILIES or (m["family"] == "llama") != (p["mode"] == "continuous_batching"):
+            raise ValueError(f"{where}.family: expected encoder or decoder, or llama for mode "
+                             "continuous_batching (and only there)")
         if m["name"] in names:
             raise ValueError(f"{where}.name: duplicate {m['name']!r}")
         names.add(m["name"])
