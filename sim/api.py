@@ -107,16 +107,25 @@ def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
 
 
 def run(scenario: Scenario | str | Path, *, seed: int | None = None, replications: int | None = None,
-        overrides: Iterable[str] = (), progress: Callable[[int, int], None] | None = None) -> Result:
+        overrides: Iterable[str] = (), progress: Callable[[int, int], None] | None = None,
+        force: bool = False) -> Result:
     """Simulate ``scenario`` (a loaded Scenario or a YAML path).
 
     ``replications`` (default: the scenario's) independent runs share the seed
     and differ by their replication index; the summary then gives each figure's
     mean and ``<key>_ci95``. ``progress(done, total)`` is called after each.
+
+    Before any simulation the run's size is estimated (:mod:`sim.volume`): a run whose requests
+    would need more memory than the machine has available is refused with a ScenarioError that
+    gives the estimate, the key that drives it and what would fit; ``force=True`` tries anyway.
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, overrides)
     reps = replications or scenario.spec.replications
+    if not force:
+        from .volume import check
+
+        check(scenario, replications=reps)
     seed = scenario.spec.seed if seed is None else seed
     summaries, reqs, tls = [], [], []
     for r in range(reps):

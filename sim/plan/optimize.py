@@ -376,7 +376,7 @@ class _Optimizer:
             rec = {"error": str(e)}
             self.cache[key] = rec
             return rec
-        res = run(sc, replications=self.reps)
+        res = run(sc, replications=self.reps, force=True)   # sized once, before the search
         self.n_sim += 1
         s = res.summary
         row: dict[str, Any] = {"simulation": self.n_sim, "searching": searching}
@@ -648,7 +648,8 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
              replications: int | None = None, routing: Iterable[str] | None = None,
              endpoints: Iterable[str] | None = None, overrides: Iterable[str] = (),
              modes: Iterable[str] | str | None = None,
-             out: str | Path | None = None, log: Callable[[str], None] | None = None) -> OptimizeResult:
+             out: str | Path | None = None, log: Callable[[str], None] | None = None,
+             force: bool = False) -> OptimizeResult:
     """The cheapest plan (instance type, count and routing per endpoint) whose SLO figures' 95% CI upper
     ends meet ``slo`` (default: the scenario's ``slo``) with at most ``max_failed`` of requests failed.
 
@@ -660,7 +661,9 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     policies (default: each endpoint's own); ``endpoints``: the endpoints to size (default: every sme and
     mme endpoint); ``replications`` per plan (default: the scenario's when more than 1, else 5);
     ``overrides``: ``--set`` strings applied first. ``out``: write optimize.json, best.yaml, plans.csv,
-    frontier.csv and frontier.png there. See the module docstring for the search.
+    frontier.csv and frontier.png there. See the module docstring for the search. Before any
+    simulation a plan's size is estimated (:mod:`sim.volume`, with ``replications``): one that would
+    not fit in the memory available is refused with the estimate unless ``force``.
     """
     path = Path(scenario_path)
     data = read_yaml(path)
@@ -675,6 +678,10 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     sc0 = parse_scenario(data, source=str(path), base_dir=path.resolve().parent)
     targets = parse_slo(slo, sc0.spec.slo)
     reps = replications or (sc0.spec.replications if sc0.spec.replications > 1 else DEFAULT_REPLICATIONS)
+    if not force:
+        from ..volume import check
+
+        check(sc0, replications=reps)
     if modes:
         if endpoints:
             raise ScenarioError("--endpoint and --modes do not go together: with --modes the plans replace "
