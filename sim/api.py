@@ -67,10 +67,10 @@ def json_default(x: Any) -> Any:
 def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a
     part: a temporary file in the same folder, flushed to disk, then ``os.replace``."""
-    from .output import file_mode
+    from .output import file_mode, temporary_prefix
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, file_mode())   # mkstemp makes 0600: the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
@@ -86,10 +86,10 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 
 def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
     """A DataFrame as parquet (``.parquet``) or CSV (anything else), written as :func:`atomic_write`."""
-    from .output import file_mode
+    from .output import file_mode, temporary_prefix
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, file_mode())
         os.close(fd)

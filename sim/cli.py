@@ -287,7 +287,9 @@ def _csv_list(value):
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a scenario key for every point (repeatable).")
 @click.option("--retry-failed", is_flag=True, help="Run again the points recorded with an error.")
-def sweep(scenario, grids, replications, out, scheduler, workers, overrides, retry_failed):
+@click.option("--force", is_flag=True, help="Run points even where the size estimate says the requests will not fit in "
+              "the memory available.")
+def sweep(scenario, grids, replications, out, scheduler, workers, overrides, retry_failed, force):
     """Simulate SCENARIO over a grid of overrides, each point with N replications; resumable."""
     from .plan.sweep import sweep as run_sweep
     from .scenario import read_yaml
@@ -297,18 +299,37 @@ def sweep(scenario, grids, replications, out, scheduler, workers, overrides, ret
     try:
         table = run_sweep(scenario, list(grids), replications=replications, out=out, workers=workers,
                           scheduler=scheduler, progress=True, retry_failed=retry_failed, overrides=overrides,
-                          log=lambda m: click.echo(m, err=True))
+                          log=lambda m: click.echo(m, err=True), force=force)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished points are kept in {out}/points/; run the same command to resume",
                    err=True)
         sys.exit(130)
     _print_sweep(table)
     bad = table[table["status"] != "ok"]
+    params = _sweep_params(table)
     for _, row in bad.iterrows():
-        click.echo(f"point {row['point']} failed: {row['error']}", err=True)
+        where = ", ".join(f"{c}={row[c]}" for c in params)
+        click.echo(f"point {row['point']} ({where}) failed: {row['error']}", err=True)
     click.echo(f"{len(table) - len(bad)} of {len(table)} points done"
-               + (f", {len(bad)} failed" if len(bad) else "") + f"; table written to {out}/results.parquet "
-               f"and {out}/results.csv", err=True)
+               + (f", {len(bad)} failed (point{'s' if len(bad) > 1 else ''} "
+                  f"{', '.join(str(p) for p in bad['point'])})" if len(bad) else "")
+               + f"; table written to {out}/results.parquet and {out}/results.csv", err=True)
+    if len(bad):
+        sys.exit(1)
+
+
+def _sweep_params(table) -> list[str]:
+    """The swept keys: the table's columns before its figures, less the point's own columns."""
+    from .plan.sweep import META_COLUMNS
+
+    params = []
+    for c in table.columns:
+        if c in META_COLUMNS:
+            continue
+        if c == "requests":
+            break
+        params.append(c)
+    return params
 
 
 def _print_sweep(table) -> None:
@@ -318,16 +339,7 @@ def _print_sweep(table) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .plan.sweep import META_COLUMNS
-
-    skip = set(META_COLUMNS)
-    params = []
-    for c in table.columns:
-        if c in skip:
-            continue
-        if c == "requests":
-            break
-        params.append(c)
+    params = _sweep_params(table)
     t = Table(title=f"sweep: {len(table)} points")
     for c in ["point", *params, "status"]:
         t.add_column(c, justify="right" if c == "point" else "left", overflow="fold")
