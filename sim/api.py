@@ -67,10 +67,10 @@ def json_default(x: Any) -> Any:
 def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a
     part: a temporary file in the same folder, flushed to disk, then ``os.replace``."""
-    from .output import file_mode
+    from .output import file_mode, temporary_prefix
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, file_mode())   # mkstemp makes 0600: the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
@@ -86,10 +86,10 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 
 def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
     """A DataFrame as parquet (``.parquet``) or CSV (anything else), written as :func:`atomic_write`."""
-    from .output import file_mode
+    from .output import file_mode, temporary_prefix
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, file_mode())
         os.close(fd)
@@ -107,16 +107,25 @@ def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
 
 
 def run(scenario: Scenario | str | Path, *, seed: int | None = None, replications: int | None = None,
-        overrides: Iterable[str] = (), progress: Callable[[int, int], None] | None = None) -> Result:
+        overrides: Iterable[str] = (), progress: Callable[[int, int], None] | None = None,
+        force: bool = False) -> Result:
     """Simulate ``scenario`` (a loaded Scenario or a YAML path).
 
     ``replications`` (default: the scenario's) independent runs share the seed
     and differ by their replication index; the summary then gives each figure's
     mean and ``<key>_ci95``. ``progress(done, total)`` is called after each.
+
+    Before any simulation the run's size is estimated (:mod:`sim.volume`): a run whose requests
+    would need more memory than the machine has available is refused with a ScenarioError that
+    gives the estimate, the key that drives it and what would fit; ``force=True`` tries anyway.
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, overrides)
     reps = replications or scenario.spec.replications
+    if not force:
+        from .volume import check
+
+        check(scenario, replications=reps)
     seed = scenario.spec.seed if seed is None else seed
     summaries, reqs, tls = [], [], []
     for r in range(reps):

@@ -109,7 +109,9 @@ def print_summary(summary: dict) -> None:
               help="Override a scenario key, e.g. --set endpoints[0].instances=4 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json alone on stdout.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG figures.")
-def run(scenario, out, seed, replications, overrides, as_json, no_plots):
+@click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
+              "the memory available.")
+def run(scenario, out, seed, replications, overrides, as_json, no_plots, force):
     """Simulate SCENARIO and write summary.json, requests.parquet, timeline.csv and plots/."""
     from . import api
     from .scenario import load_scenario
@@ -119,6 +121,10 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots):
     sc = load_scenario(scenario, overrides)
     reps = replications or sc.spec.replications
     preflight(out if out is not None else default_dir(sc.name), "run")
+    if not force:   # before any word of a simulation: a run that will not fit is refused here
+        from .volume import check
+
+        check(sc, replications=reps)
 
     def progress(done, total):
         if total > 1 and not as_json:
@@ -127,7 +133,7 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots):
     if not as_json:
         click.echo(f"simulating {sc.name}: {len(sc.models)} models, {len(sc.endpoints)} endpoints, "
                    f"{sc.horizon / 60:g} simulated minutes x {reps} replication(s)", err=True)
-    result = api.run(sc, seed=seed, replications=reps, progress=progress)
+    result = api.run(sc, seed=seed, replications=reps, progress=progress, force=True)   # checked above
     path = result.save(out, plots=not no_plots)
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
@@ -142,16 +148,20 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots):
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
 def validate(scenario, overrides):
-    """Check SCENARIO (and the traces it replays) without running it."""
+    """Check SCENARIO (and the traces it replays) without running it; estimate the run's size."""
     from .scenario import load_scenario
+    from .volume import check, human_bytes
     from .workload.build import check_traces
 
     sc = load_scenario(scenario, overrides)
     check_traces(sc)
+    vol = check(sc)
     for w in sc.warnings:
         click.echo(f"warning: {w}", err=True)
+    unbounded = f"; not bounded: {', '.join(vol.unbounded)}" if vol.unbounded else ""
     click.echo(f"{scenario}: ok ({len(sc.models)} models, {len(sc.endpoints)} endpoints, "
-               f"{sc.horizon / 60:g} simulated minutes)")
+               f"{sc.horizon / 60:g} simulated minutes; about {vol.requests:,.0f} requests, "
+               f"{human_bytes(vol.bytes)} of memory{unbounded})")
 
 
 @main.command()
@@ -262,12 +272,19 @@ def calibrate(ctx):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--seed", type=click.IntRange(min=0), help="Override the scenario's seed.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
-def trace(scenario, out, seed, overrides):
+@click.option("--force", is_flag=True, help="Write them even where the size estimate says they will not fit in "
+              "the memory available.")
+def trace(scenario, out, seed, overrides, force):
     """Write the exact open-loop arrivals (time, model, tokens) SCENARIO's simulation uses."""
     from .scenario import load_scenario
     from .workload.build import arrivals_frame
 
-    df = arrivals_frame(load_scenario(scenario, overrides), seed)
+    sc = load_scenario(scenario, overrides)
+    if not force:
+        from .volume import check
+
+        check(sc, replications=1)
+    df = arrivals_frame(sc, seed)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(out, index=False)
@@ -298,7 +315,9 @@ def _csv_list(value):
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a scenario key for every point (repeatable).")
 @click.option("--retry-failed", is_flag=True, help="Run again the points recorded with an error.")
-def sweep(scenario, grids, replications, out, scheduler, workers, overrides, retry_failed):
+@click.option("--force", is_flag=True, help="Run points even where the size estimate says the requests will not fit in "
+              "the memory available.")
+def sweep(scenario, grids, replications, out, scheduler, workers, overrides, retry_failed, force):
     """Simulate SCENARIO over a grid of overrides, each point with N replications; resumable."""
     from .plan.sweep import sweep as run_sweep
     from .scenario import read_yaml
@@ -308,18 +327,37 @@ def sweep(scenario, grids, replications, out, scheduler, workers, overrides, ret
     try:
         table = run_sweep(scenario, list(grids), replications=replications, out=out, workers=workers,
                           scheduler=scheduler, progress=True, retry_failed=retry_failed, overrides=overrides,
-                          log=lambda m: click.echo(m, err=True))
+                          log=lambda m: click.echo(m, err=True), force=force)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished points are kept in {out}/points/; run the same command to resume",
                    err=True)
         sys.exit(130)
     _print_sweep(table)
     bad = table[table["status"] != "ok"]
+    params = _sweep_params(table)
     for _, row in bad.iterrows():
-        click.echo(f"point {row['point']} failed: {row['error']}", err=True)
+        where = ", ".join(f"{c}={row[c]}" for c in params)
+        click.echo(f"point {row['point']} ({where}) failed: {row['error']}", err=True)
     click.echo(f"{len(table) - len(bad)} of {len(table)} points done"
-               + (f", {len(bad)} failed" if len(bad) else "") + f"; table written to {out}/results.parquet "
-               f"and {out}/results.csv", err=True)
+               + (f", {len(bad)} failed (point{'s' if len(bad) > 1 else ''} "
+                  f"{', '.join(str(p) for p in bad['point'])})" if len(bad) else "")
+               + f"; table written to {out}/results.parquet and {out}/results.csv", err=True)
+    if len(bad):
+        sys.exit(1)
+
+
+def _sweep_params(table) -> list[str]:
+    """The swept keys: the table's columns before its figures, less the point's own columns."""
+    from .plan.sweep import META_COLUMNS
+
+    params = []
+    for c in table.columns:
+        if c in META_COLUMNS:
+            continue
+        if c == "requests":
+            break
+        params.append(c)
+    return params
 
 
 def _print_sweep(table) -> None:
@@ -329,16 +367,7 @@ def _print_sweep(table) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .plan.sweep import META_COLUMNS
-
-    skip = set(META_COLUMNS)
-    params = []
-    for c in table.columns:
-        if c in skip:
-            continue
-        if c == "requests":
-            break
-        params.append(c)
+    params = _sweep_params(table)
     t = Table(title=f"sweep: {len(table)} points")
     for c in ["point", *params, "status"]:
         t.add_column(c, justify="right" if c == "point" else "left", overflow="fold")
@@ -386,8 +415,10 @@ def _print_sweep(table) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print optimize.json alone on stdout.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
               "results/<name>/optimize/): optimize.json, best.yaml, plans.csv, frontier.csv, frontier.png.")
+@click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
+              "the memory available.")
 def optimize(scenario, instance_types, max_instances, min_instances, slo, max_failed, routing, endpoints,
-             modes, replications, overrides, as_json, out):
+             modes, replications, overrides, as_json, out, force):
     """The cheapest fixed fleet of SCENARIO whose P99 (upper end of its 95% CI) meets the SLO."""
     from .plan.optimize import optimize as run_optimize
     from .scenario import read_yaml
@@ -401,7 +432,7 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
                        min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
                        replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
                        modes=_csv_list(modes), overrides=overrides, out=out, log=(lambda m: None) if as_json else
-                       (lambda m: click.echo(m, err=True)))
+                       (lambda m: click.echo(m, err=True)), force=force)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, default=str))
         return
@@ -484,7 +515,9 @@ def print_comparison(summary: dict) -> None:
               help="Override a scenario key first, e.g. --set slo.p99=1s (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json alone on stdout.")
 @click.option("--report", "with_report", is_flag=True, help="Also write report.html (as capsim report DIR).")
-def compare(scenario, plans, out, seed, overrides, as_json, with_report):
+@click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
+              "the memory available.")
+def compare(scenario, plans, out, seed, overrides, as_json, with_report, force):
     """One plan per hosting mode for SCENARIO's fleet, each sized to meet its SLO, all on the same arrivals."""
     from .plan.compare import compare as run_compare
     from .scenario import read_yaml
@@ -495,7 +528,7 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report):
 
     preflight(out, "compare")
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
-    cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say)
+    cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say, force=force)
     if with_report:
         from .report.html import write_report
 

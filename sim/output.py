@@ -189,6 +189,46 @@ def _leftovers(target: Path) -> list[Path]:
     return out
 
 
+def temporary_prefix(path: Path) -> str:
+    """The prefix of a temporary file written beside ``path`` before it is renamed into place
+    (:func:`sim.api.atomic_write`): ``.NAME.PID.``, so that what a killed process left can be told
+    from what a live one is writing."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.PID.XXXX.tmp``) that processes killed while writing left in
+    ``folder``: those whose process is gone, and those of older versions (no process id in the name)
+    more than an hour old. Returns what was removed."""
+    import time
+
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        n = p.name
+        if not (n.startswith(".") and n.endswith(".tmp")) or _TMP_TAG in n or _OLD_TAG in n:
+            continue
+        parts = n[1:-4].rsplit(".", 2)
+        stale = False
+        if len(parts) == 3 and parts[1].isdigit():
+            stale = not _alive(int(parts[1]))
+        else:
+            try:
+                stale = time.time() - p.lstat().st_mtime > 3600
+            except OSError:
+                continue
+        if stale and p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def cleanup(target: str | Path, owned: Iterable[str] = ()) -> None:
     """Remove what killed saves to ``target`` left beside it; anything they had carried over (not in
     ``owned`` nor a set's own file) and that the target lacks is put back first."""

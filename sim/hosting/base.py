@@ -102,6 +102,9 @@ class EndpointRuntime:
         # where requests run: the execution model its models call for (sim.hosting.device)
         self.devices = DeviceSet(engine, models, ep.models, self.log)
         self.zones_down: set[int] = set()
+        # Instances in service or getting ready, per zone: kept as they come and go, so that placing
+        # an instance costs O(zones), not a scan of the fleet (set-up stays linear in instances).
+        self._in_zone = [0] * max(ep.spec.zones, 1)
         self._retried: set[int] = set()
 
     def _refresh_view(self, period: float):
@@ -157,6 +160,7 @@ class EndpointRuntime:
         for _ in range(n):
             inst = self._new_instance()
             inst.zone = self._pick_zone()
+            self._in_zone[inst.zone] += 1
             self.instances.append(inst)
             self.active.append(inst)
             self.billed += 1
@@ -165,10 +169,7 @@ class EndpointRuntime:
     def _pick_zone(self) -> int:
         """The availability zone with the fewest instances in service or getting ready, among those up."""
         zones = [z for z in range(self.ep.spec.zones) if z not in self.zones_down] or [0]
-        count = {z: 0 for z in zones}
-        for i in self.active + self.preparing:
-            if i.zone in count:
-                count[i.zone] += 1
+        count = self._in_zone
         return min(zones, key=lambda z: (count[z], z))
 
     @property
@@ -212,6 +213,7 @@ class EndpointRuntime:
             return
         inst = self._new_instance()
         inst.zone = self._pick_zone()
+        self._in_zone[inst.zone] += 1
         self.instances.append(inst)
         self.preparing.append(inst)
         self._prepare(inst)
@@ -231,6 +233,7 @@ class EndpointRuntime:
     def _leave_service(self, inst: Instance) -> None:
         """Take ``inst`` out of routing (subclasses also forget what it holds)."""
         self.active.remove(inst)
+        self._in_zone[inst.zone] -= 1
 
     def _drain(self, inst: Instance) -> None:
         self._leave_service(inst)
@@ -268,6 +271,7 @@ class EndpointRuntime:
         preparing = inst in self.preparing
         if preparing:
             self.preparing.remove(inst)
+            self._in_zone[inst.zone] -= 1
         inst.failed = True
         inst.draining = False
         for d in inst.devices:

@@ -508,7 +508,7 @@ class _Runner:
         source = plan.state.get("source", f"{self.sc.source} (plan {plan.name})")
         sc = parse_scenario(self.scenario_data(plan), source=source, base_dir=self.sc.base_dir)
         t = time.perf_counter()
-        res = run(sc, seed=self.seed, replications=replications)
+        res = run(sc, seed=self.seed, replications=replications, force=True)   # sized before the first plan
         o = res.summary["overall"]
         cph = cost_per_hour(res.summary)
         self.progress(f"{plan.name}: ${cph:,.2f}/h, P99 {_fmt_ms(o['p99_ms'])}, "
@@ -872,11 +872,14 @@ BUILDERS = {"sme": build_sme, "mme": build_mme, "ic": build_ic}
 
 def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path | None = None, *,
             overrides: Iterable[str] = (), seed: int | None = None, rounds: int = ROUNDS,
-            out: str | Path | None = None, progress: Progress | None = None) -> Comparison:
+            out: str | Path | None = None, progress: Progress | None = None, force: bool = False) -> Comparison:
     """Build, size and simulate one plan per hosting mode (``plans``: a subset of
     ``("sme", "mme", "ic")``, or a plans YAML file of hand-written plans) for the
     fleet and SLO of ``scenario``; with ``out``, also write the comparison there
-    (:meth:`Comparison.save`). ``progress(message)`` reports each step.
+    (:meth:`Comparison.save`). ``progress(message)`` reports each step. Before any simulation the
+    size is estimated (:mod:`sim.volume`: each plan keeps its result, so the requests of every plan,
+    and of the one being simulated, at once); one that would not fit in the memory available is
+    refused with the estimate unless ``force``.
 
         >>> cmp = sim.compare("scenarios/compare_small_models.yaml")   # doctest: +SKIP
         >>> cmp.table()[["cost_per_hour_usd", "p99_ms", "slo_met"]]     # doctest: +SKIP
@@ -902,6 +905,11 @@ def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path |
         for p in read_plans(which):
             p.state["source"] = f"{which} (plan {p.name})"
             built[p.name] = p
+    if not force:
+        from ..volume import check
+
+        plans_n = len(built) if isinstance(which, Path) else len(which)
+        check(sc, replications=sc.spec.replications, copies=plans_n + 1)   # each plan's result, and one more
     say(f"{sc.name}: estimating each model's traffic ({len(sc.models)} models, seed {seed})")
     loads = fleet_load(sc, seed)
     runner = _Runner(sc, data, seed, say)

@@ -12,8 +12,12 @@ the worker.
 
 - :class:`SerialExecutor`: in this process, one point after the other
   (``--workers 1``), easiest to debug and to interrupt.
-- :class:`LocalExecutor`: a ``concurrent.futures.ProcessPoolExecutor`` of
-  ``workers`` processes (default: all cores).
+- :class:`LocalExecutor`: ``workers`` processes of its own (default: all
+  cores), one point at a time each. A worker that dies (killed with SIGKILL,
+  by the kernel's out-of-memory killer) fails the point it was running, and
+  that point only: a new worker takes its place for the others. (A
+  ``concurrent.futures.ProcessPoolExecutor`` breaks as a whole when one of
+  its workers dies, failing every point not yet finished.)
 - :class:`DaskExecutor`: a Dask distributed cluster
   (``dask.distributed.Client(address)``, address ``tcp://HOST:PORT``, or a
   Client you made). The workers need capsim installed (same version) and, for
@@ -22,8 +26,9 @@ the worker.
 from __future__ import annotations
 
 import os
+import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -100,52 +105,163 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="capsim-parent-watch", daemon=True).start()
 
 
+class WorkerDied(RuntimeError):
+    """The worker process running an item exited before it answered (a signal, the OOM killer)."""
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "it stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = "; the machine may have run out of memory" if -exitcode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {exitcode}"
+
+
+def _worker_main(conn, parent: int) -> None:
+    """A worker: run ``fn(item)`` for each ``(fn, item)`` received, answer ``(True, value)`` or
+    ``(False, exception)``; stop on None, when the pipe closes or when the parent is gone."""
+    import sys
+
+    _exit_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle: it stops us
+    # Forked while another thread of the parent may have held the standard streams' locks (a progress
+    # bar): fresh stream objects, so that a warning printed here cannot wait on a lock nobody releases.
+    try:
+        sys.stdout = open(os.dup(1), "w", encoding="utf-8", errors="replace", closefd=True)
+        sys.stderr = open(os.dup(2), "w", encoding="utf-8", errors="replace", closefd=True)
+    except OSError:
+        pass
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        fn, item = msg
+        try:
+            answer = (True, fn(item))
+        except BaseException as e:   # noqa: BLE001 - reported to the parent as this item's outcome
+            answer = (False, e)
+        try:
+            conn.send(answer)
+        except Exception as e:   # the value or the exception would not pickle
+            conn.send((False, RuntimeError(f"the result could not be sent back: {type(e).__name__}: {e}")))
+
+
+class _Worker:
+    __slots__ = ("proc", "conn", "item")
+
+    def __init__(self, ctx) -> None:
+        here, there = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(there, os.getpid()), daemon=True)
+        self.proc.start()
+        there.close()
+        self.conn = here
+        self.item: int | None = None   # the index of the item it runs
+
+    def stop(self, kill: bool = False) -> None:
+        if kill and self.proc.is_alive():
+            self.proc.terminate()
+        else:
+            try:
+                self.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        self.proc.join(timeout=5.0)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5.0)
+        self.conn.close()
+
+
 class LocalExecutor(Executor):
-    """A pool of ``workers`` processes on this machine (default: one per core)."""
+    """``workers`` processes on this machine (default: one per core), each running one item at a time.
+
+    A worker that dies fails the item it was running, and only that one: the item's outcome holds a
+    :class:`WorkerDied` error, and a new worker takes its place for the items still to run."""
 
     name = "local"
 
     def __init__(self, workers: int | None = None):
         self.workers = max(1, workers or _cpu_count())
-        self._pool: ProcessPoolExecutor | None = None
-        self._pending: set[Future] = set()
+        self._live: list[_Worker] = []
+        self._busy = False
 
     def map(self, fn, items):
+        import multiprocessing
+        from multiprocessing.connection import wait as wait_for
+
         items = list(items)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, initializer=_exit_with_parent,
-                                             initargs=(os.getpid(),))
-        # Submit everything now (before any progress thread starts): the pool forks its workers here.
-        index = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
-        self._pending = set(index)
+        ctx = multiprocessing.get_context()
+        # Start the workers now (before any progress thread starts): they are forked from this process.
+        while len(self._live) < min(self.workers, len(items)):
+            self._live.append(_Worker(ctx))
+        todo = deque(range(len(items)))
 
         def gen():
-            while self._pending:
-                done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
-                for fut in sorted(done, key=index.__getitem__):
+            self._busy = True
+            idle = [w for w in self._live]
+            running: list[_Worker] = []
+            while todo or running:
+                while todo and idle:
+                    w = idle.pop()
+                    if not w.proc.is_alive():   # it died while idle: no item of its own to fail
+                        w.stop(kill=True)
+                        self._live.remove(w)
+                        w = _Worker(ctx)
+                        self._live.append(w)
+                    w.item = todo.popleft()
                     try:
-                        yield index[fut], Outcome(value=fut.result())
-                    except Exception as e:   # a worker died (BrokenProcessPool) or the result would not pickle
-                        yield index[fut], Outcome(error=e)
+                        w.conn.send((fn, items[w.item]))
+                    except (OSError, ValueError):   # it died while idle: its sentinel says so below
+                        pass
+                    running.append(w)
+                wait_for([w.conn for w in running] + [w.proc.sentinel for w in running])
+                for w in list(running):
+                    outcome = None
+                    if w.conn.poll():
+                        try:
+                            ok, value = w.conn.recv()
+                            outcome = Outcome(value=value) if ok else Outcome(error=value)
+                        except (EOFError, OSError):
+                            outcome = None
+                        except Exception as e:   # an answer that would not unpickle
+                            outcome = Outcome(error=RuntimeError(f"the result could not be read back: "
+                                                                 f"{type(e).__name__}: {e}"))
+                    if outcome is None and w.proc.is_alive():
+                        continue
+                    i, w.item = w.item, None
+                    running.remove(w)
+                    if outcome is not None:
+                        idle.append(w)
+                        yield i, outcome
+                        continue
+                    # The worker died with the item: that item fails; a new worker takes its place.
+                    w.proc.join(timeout=1.0)
+                    how = _how_it_ended(w.proc.exitcode)
+                    w.conn.close()
+                    self._live.remove(w)
+                    if todo:
+                        fresh = _Worker(ctx)
+                        self._live.append(fresh)
+                        idle.append(fresh)
+                    yield i, Outcome(error=WorkerDied(f"the worker process running it died ({how})"))
+            self._busy = False
 
         return gen()
 
     def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        interrupted = any(not f.done() for f in self._pending)
-        for f in self._pending:
-            f.cancel()
-        if interrupted:
-            # Stop the points still running (our own worker processes) instead of waiting for them.
-            for p in list((getattr(pool, "_processes", None) or {}).values()):
-                try:
-                    p.terminate()
-                except Exception:   # already gone
-                    pass
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
-        self._pending = set()
+        live, self._live = self._live, []
+        interrupted = self._busy or any(w.item is not None for w in live)
+        for w in live:   # after an interruption, stop the points still running instead of waiting for them
+            w.stop(kill=interrupted)
+        self._busy = False
 
 
 class DaskExecutor(Executor):

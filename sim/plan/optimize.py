@@ -25,7 +25,13 @@ requests failed. The search, per endpoint:
    (wait beyond the service time's own P99) meets the target.
 3. **Gallop, then bisect** on the count from that guess: P99 does not grow
    with the instance count for a fixed type, so the feasible counts are an
-   interval ``[n*, max]`` and n* takes a few simulations.
+   interval ``[n*, max]`` and n* takes a few simulations. Growing stops at
+   ``max_instances``, and sooner when more instances no longer move what the
+   plan misses: when, over two growth steps, no missed figure (an SLO
+   figure's CI upper end, or the share of requests that did not fail)
+   improved by more than ``STALL_FRACTION``, the SLO is missed for a reason
+   capacity does not cure (service or load times, timeouts, failures) and
+   the type is reported infeasible with both figures.
 
 Several endpoints are optimised one at a time (coordinate descent), each
 against its own SLO figures. That decomposition is exact here: endpoints
@@ -63,6 +69,9 @@ from .compare import erlang_c
 SLO_METRICS = ("p50", "p90", "p99", "mean")
 _QUANTILE = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
 DEFAULT_REPLICATIONS = 5
+# Growing a fleet stops when, over two growth steps, no figure the plan misses improved by more than
+# this fraction (relative): more instances no longer move it.
+STALL_FRACTION = 0.01
 
 
 # -- inputs --------------------------------------------------------------------------------------------
@@ -283,6 +292,7 @@ class _Optimizer:
         self.candidates: list[dict] = []
         self.n_sim = 0
         self._workloads: dict[tuple, Any] = {}
+        self.stalled: dict[tuple, str] = {}     # (endpoint, type, routing) -> why growing stopped early
 
         base = self._load([])
         self.base = base
@@ -376,7 +386,7 @@ class _Optimizer:
             rec = {"error": str(e)}
             self.cache[key] = rec
             return rec
-        res = run(sc, replications=self.reps)
+        res = run(sc, replications=self.reps, force=True)   # sized once, before the search
         self.n_sim += 1
         s = res.summary
         row: dict[str, Any] = {"simulation": self.n_sim, "searching": searching}
@@ -508,8 +518,59 @@ class _Optimizer:
             return None
         return rec["ep_ok"][e]
 
+    def _missed(self, e: int, c: Choice) -> dict[str, float] | None:
+        """What the simulated plan with ``c`` on endpoint ``e`` misses, as figures where lower is better:
+        each SLO figure's CI upper end (ms) above its target, and the share of requests that failed
+        above ``max_failed`` (as ``-ok share``, so that a relative change reads the same for a share
+        near 1). None where the plan was not simulated (an error)."""
+        st = dict(self.state)
+        st[e] = c
+        rec = self.cache.get(tuple(self.overrides(st)))
+        if rec is None or "row" not in rec:
+            return None
+        row = rec["row"]
+        name = self.base.spec.endpoints[e].name
+        out = {}
+        for m, target in self.slo.items():
+            u = row.get(f"{name}.{m}_upper_ms")
+            if u is None or u > target * 1e3 + 1e-9:
+                out[m] = math.inf if u is None else float(u)
+        failed = row.get(f"{name}.failed_share") or 0.0
+        if failed > self.max_failed + 1e-12:
+            out["failed"] = -(1.0 - failed)
+        return out
+
+    @staticmethod
+    def _moved(before: dict[str, float], after: dict[str, float]) -> bool:
+        """Whether some figure ``before`` missed got better by more than STALL_FRACTION in ``after``."""
+        for k, b in before.items():
+            a = after.get(k)
+            if a is None:                  # met now
+                return True
+            if math.isinf(b):
+                if not math.isinf(a):
+                    return True
+                continue
+            if a < b - STALL_FRACTION * abs(b):
+                return True
+        return False
+
+    def _stall_reason(self, before: tuple[int, dict], after: tuple[int, dict]) -> str:
+        (n0, m0), (n1, m1) = before, after
+
+        def show(k: str, v: float) -> str:
+            if k == "failed":
+                return f"{1.0 + v:.2%} failed"
+            return f"{k} {'-' if math.isinf(v) else f'{v:,.0f}'} ms"
+
+        figs = ", ".join(f"{show(k, m0[k])} at {n0} and {show(k, m1[k])} at {n1} instances" for k in m0 if k in m1)
+        return (f"more instances no longer move what it misses ({figs}: no better by more than "
+                f"{STALL_FRACTION:.0%} over two growth steps); the SLO is missed for a reason capacity does not "
+                "cure (service or load times, timeouts, failures)")
+
     def _smallest(self, e: int, t: str, r: str, lo: int, hi: int, guess: int, label: str) -> int | None:
-        """The smallest feasible count in [lo, hi] (feasibility is monotone in the count), or None."""
+        """The smallest feasible count in [lo, hi] (feasibility is monotone in the count), or None
+        (then ``self.stalled[(e, t, r)]`` says why, where growing stopped short of ``hi``)."""
         f = lambda n: bool(self._feasible(e, Choice(t, n, r), label))  # noqa: E731
         g = min(max(guess, lo), hi)
         no, yes = lo - 1, None       # largest count known infeasible, smallest known feasible
@@ -529,13 +590,19 @@ class _Optimizer:
         else:
             no = g
             step = 1
-            while no < hi:             # gallop up
+            trail = [(g, self._missed(e, Choice(t, g, r)))]   # what each count tried misses
+            while no < hi:             # gallop up, while more instances move what it misses
                 n = min(g + step, hi)
                 if f(n):
                     yes = n
                     break
                 no = n
                 step *= 2
+                trail.append((n, self._missed(e, Choice(t, n, r))))
+                (n0, m0), (n1, m1) = trail[-3] if len(trail) >= 3 else (None, None), trail[-1]
+                if m0 and m1 is not None and not self._moved(m0, m1) and no < hi:
+                    self.stalled[(e, t, r)] = self._stall_reason((n0, m0), (n1, m1))
+                    return None
             if yes is None:
                 return None
         while yes - no > 1:            # bisect
@@ -576,7 +643,14 @@ class _Optimizer:
             n = self._smallest(e, t, r, lo, hi, info["guess"], f"{name}:{t}:{r}")
             info["found"] = n
             if n is None:
-                info.update(status="infeasible", reason=f"no count in [{lo}, {hi}] meets the SLO")
+                stalled = self.stalled.get((e, t, r))
+                if stalled:
+                    info.update(status="infeasible", reason=f"no count in [{lo}, {hi}] tried meets the SLO: "
+                                f"{stalled}")
+                    self.notes.append(f"endpoint {name}: {t} {r}: stopped growing the fleet: {stalled}")
+                    self.log(f"{name}: {t} {r}: stopped growing: {stalled}")
+                else:
+                    info.update(status="infeasible", reason=f"no count in [{lo}, {hi}] meets the SLO")
                 continue
             info.update(status="feasible")
             c = Choice(t, n, r)
@@ -632,9 +706,11 @@ class _Optimizer:
                                                         "routing": self.state[e].routing} for e in self.targets}
         for e in self.targets:
             if not feasible[e]:
+                sooner = (" (growing stopped sooner where more instances no longer helped)"
+                          if any(k[0] == e for k in self.stalled) else "")
                 self.notes.append(f"endpoint {self.base.spec.endpoints[e].name}: no plan meets the SLO within "
-                                  f"{self.max_n} instances of {', '.join(self.types[e])}; the plan shown has the "
-                                  "lowest P99 simulated")
+                                  f"{self.max_n} instances (--max-instances) of {', '.join(self.types[e])}{sooner}; "
+                                  "the plan shown has the lowest P99 simulated")
         return OptimizeResult(
             scenario=self.base.name, slo={m: v * 1e3 for m, v in self.slo.items()}, max_failed=self.max_failed,
             replications=self.reps, best_plan=best_plan, best_overrides=ovs,
@@ -648,7 +724,8 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
              replications: int | None = None, routing: Iterable[str] | None = None,
              endpoints: Iterable[str] | None = None, overrides: Iterable[str] = (),
              modes: Iterable[str] | str | None = None,
-             out: str | Path | None = None, log: Callable[[str], None] | None = None) -> OptimizeResult:
+             out: str | Path | None = None, log: Callable[[str], None] | None = None,
+             force: bool = False) -> OptimizeResult:
     """The cheapest plan (instance type, count and routing per endpoint) whose SLO figures' 95% CI upper
     ends meet ``slo`` (default: the scenario's ``slo``) with at most ``max_failed`` of requests failed.
 
@@ -660,7 +737,9 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     policies (default: each endpoint's own); ``endpoints``: the endpoints to size (default: every sme and
     mme endpoint); ``replications`` per plan (default: the scenario's when more than 1, else 5);
     ``overrides``: ``--set`` strings applied first. ``out``: write optimize.json, best.yaml, plans.csv,
-    frontier.csv and frontier.png there. See the module docstring for the search.
+    frontier.csv and frontier.png there. See the module docstring for the search. Before any
+    simulation a plan's size is estimated (:mod:`sim.volume`, with ``replications``): one that would
+    not fit in the memory available is refused with the estimate unless ``force``.
     """
     path = Path(scenario_path)
     data = read_yaml(path)
@@ -675,6 +754,10 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     sc0 = parse_scenario(data, source=str(path), base_dir=path.resolve().parent)
     targets = parse_slo(slo, sc0.spec.slo)
     reps = replications or (sc0.spec.replications if sc0.spec.replications > 1 else DEFAULT_REPLICATIONS)
+    if not force:
+        from ..volume import check
+
+        check(sc0, replications=reps)
     if modes:
         if endpoints:
             raise ScenarioError("--endpoint and --modes do not go together: with --modes the plans replace "

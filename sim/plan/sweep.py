@@ -2,14 +2,18 @@
 simulated with N replications, resumable, on a local pool or a Dask cluster.
 
 Each point is identified by a hash of what determines its result (the parsed
-scenario, the point's overrides and the number of replications) and written,
-as soon as it finishes, to ``DIR/points/<hash>.json`` (atomically: a temporary
-file, then ``os.replace``). A sweep run again over the same DIR skips the
-points already there, so an interrupted sweep (Ctrl-C, kill, a lost machine)
-loses only the points that were running. The final table
-(``DIR/results.parquet`` and ``DIR/results.csv``) is built from the per-point
-files. A point whose override is wrong, or whose run fails, is recorded with
-its error; the others go on.
+scenario, the point's overrides, the number of replications and the content of
+every file the point's scenario reads: its traces and calibration profiles) and
+written, as soon as it finishes, to ``DIR/points/<hash>.json`` (atomically: a
+temporary file, then ``os.replace``). A sweep run again over the same DIR skips
+the points already there, so an interrupted sweep (Ctrl-C, kill, a lost machine)
+loses only the points that were running; a point whose trace changed since is
+run again. Temporary files a killed sweep left behind are removed when a sweep
+starts there again. The final table (``DIR/results.parquet`` and
+``DIR/results.csv``) is built from the per-point files. A point whose override
+is wrong, or whose run fails, is recorded with its error; the others go on. A
+point whose worker died (killed, out of memory), or that was refused because it
+would not fit in memory, fails alone and is not recorded: a rerun tries it again.
 
 Everything random in a point derives from the point: the scenario's seed (or
 the seed the point's overrides set) and the replication index, exactly as
@@ -23,10 +27,11 @@ import itertools
 import json
 import math
 import re
+import stat
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -34,6 +39,7 @@ import pandas as pd
 import yaml
 
 from ..api import atomic_write, atomic_write_frame, json_default
+from ..output import remove_stale_temporaries
 from ..scenario import ScenarioError, apply_overrides, parse_scenario, read_yaml
 from .executors import DaskExecutor, Executor, LocalExecutor, SerialExecutor, _cpu_count, make_executor
 
@@ -120,11 +126,79 @@ def grid_points(grid: Mapping[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def point_key(data: Any, params: Mapping[str, Any], replications: int | None) -> str:
-    """What determines a point's result, hashed: the parsed scenario, the overrides, the replications."""
-    blob = json.dumps({"scenario": data, "overrides": [override_string(k, v) for k, v in params.items()],
-                       "replications": replications}, sort_keys=True, default=str, ensure_ascii=False)
+def point_key(data: Any, params: Mapping[str, Any], replications: int | None,
+              files: Mapping[str, str] | None = None) -> str:
+    """What determines a point's result, hashed: the parsed scenario, the overrides, the replications
+    and ``files``, the digest of each file the point's scenario reads (:func:`scenario_files`), by the
+    path it is written with (a point that reads no file keeps the key it had without them)."""
+    what: dict[str, Any] = {"scenario": data, "overrides": [override_string(k, v) for k, v in params.items()],
+                            "replications": replications}
+    if files:
+        what["files"] = dict(files)
+    blob = json.dumps(what, sort_keys=True, default=str, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+def scenario_files(data: Any) -> list[str]:
+    """The files a scenario (its parsed YAML, overrides applied) reads, as written there: the
+    scenario's ``profile``, and each model's ``service.profile`` and ``traffic.path``. Read from the
+    data as it is, valid or not (a point with a bad override still gets a key)."""
+    out: list[str] = []
+    if not isinstance(data, Mapping):
+        return out
+    if isinstance(data.get("profile"), str):
+        out.append(data["profile"])
+    models = data.get("models")
+    for m in models if isinstance(models, list) else ():
+        if not isinstance(m, Mapping):
+            continue
+        for block, key in (("service", "profile"), ("traffic", "path")):
+            b = m.get(block)
+            if isinstance(b, Mapping) and isinstance(b.get(key), str):
+                out.append(b[key])
+    return list(dict.fromkeys(out))
+
+
+class FileDigests:
+    """The SHA-256 of files' content, relative to ``base_dir``, each file read once per sweep (or again
+    if its size, time or inode changed meanwhile). A file that cannot be read gets a word instead
+    (its point then fails, with the loader's message)."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, base_dir: str | Path):
+        self.base_dir = Path(base_dir)
+        self._seen: dict[tuple, str] = {}
+
+    def __call__(self, rel: str) -> str:
+        try:
+            if "\0" in rel:
+                return "unreadable"
+            path = (self.base_dir / rel).resolve()
+            st = path.stat()
+        except (OSError, RuntimeError, ValueError):
+            return "missing"
+        if not stat.S_ISREG(st.st_mode):   # a FIFO or a device is never read to its end here
+            return "not a regular file"
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in self._seen:
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(self._CHUNK):
+                        h.update(chunk)
+            except OSError:
+                return "unreadable"
+            self._seen[key] = h.hexdigest()
+        return self._seen[key]
+
+    def of(self, data: Any, params: Mapping[str, Any]) -> dict[str, str]:
+        """The digests of the files a point reads: ``data`` with the point's overrides applied."""
+        try:
+            point = apply_overrides(data, [override_string(k, v) for k, v in params.items()], source="--grid")
+        except ScenarioError:
+            point = data   # the point fails when it runs; the files of the scenario as given key it
+        return {rel: self(rel) for rel in scenario_files(point)}
 
 
 # -- one point (runs on a worker) -----------------------------------------------------------------------
@@ -140,12 +214,17 @@ class PointTask:
     source: str
     base_dir: str
     replications: int | None
+    force: bool = False        # run even where the size estimate says it will not fit in memory
+    share: int = 1             # points running at once on the worker's machine (sharing its memory)
 
 
 def run_point(task: PointTask) -> dict[str, Any]:
-    """Simulate one point; never raises for a bad point: the record says ``status: error``."""
+    """Simulate one point; never raises for a bad point: the record says ``status: error``. A point
+    refused by the size estimate (:mod:`sim.volume`) also has ``retry: true``: that depends on the
+    machine, not the point, and such records are not kept (a rerun, or ``--force``, tries again)."""
     from ..api import run
     from ..scenario.loader import _check_trace_files
+    from ..volume import check as check_size
     from ..workload.traces import TraceError
 
     t0 = time.perf_counter()
@@ -156,7 +235,13 @@ def run_point(task: PointTask) -> dict[str, Any]:
         data = apply_overrides(task.data, task.overrides, source=f"{task.source} (--grid)")
         sc = parse_scenario(data, source=task.source, base_dir=Path(task.base_dir))
         _check_trace_files(sc)
-        res = run(sc, replications=task.replications)
+        if not task.force:
+            try:
+                check_size(sc, replications=task.replications, share=task.share)
+            except ScenarioError:
+                rec["retry"] = True
+                raise
+        res = run(sc, replications=task.replications, force=True)
         s = res.summary
         rec["replications"] = s.get("replications", 1)
         rec["summary"] = {k: s[k] for k in ("seed", "simulated_seconds", "warmup_seconds", "overall", "endpoints")
@@ -303,7 +388,8 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
           replications: int | None = None, out: str | Path | None = None, executor: Any = None,
           workers: int | None = None, scheduler: str | None = None,
           progress: bool | Callable[[int, int], None] = False, retry_failed: bool = False,
-          overrides: Iterable[str] = (), log: Callable[[str], None] | None = None) -> pd.DataFrame:
+          overrides: Iterable[str] = (), log: Callable[[str], None] | None = None,
+          force: bool = False) -> pd.DataFrame:
     """Simulate every point of ``grid`` (``{"endpoints.e.instances": [1, 2, 4], ...}`` or ``--grid``
     strings) on ``scenario_path`` with ``replications`` each (default: the scenario's).
 
@@ -312,7 +398,9 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
     those that failed). Without ``out`` nothing is written. ``executor``: an :class:`Executor`, a
     ``dask.distributed.Client``, ``"serial"`` or ``"local"``; default a local process pool of
     ``workers`` (all cores; 1: serial in this process), or the Dask cluster at ``scheduler``.
-    ``overrides`` apply to every point before the grid's. Returns the table, one row per point.
+    ``overrides`` apply to every point before the grid's. Each point's size is estimated before it
+    runs (:mod:`sim.volume`, against the memory of its machine shared by the local workers); one that
+    would not fit fails with that estimate unless ``force``. Returns the table, one row per point.
     """
     path = Path(scenario_path)
     source = str(scenario_path)
@@ -326,8 +414,9 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
     if replications is not None and replications < 1:
         raise ScenarioError(f"expected at least 1 replication, got {replications}", source="--replications")
     points = grid_points(grid)
-    keys = [point_key(data, p, replications) for p in points]
     base_dir = str(path.resolve().parent)
+    digests = FileDigests(base_dir)
+    keys = [point_key(data, p, replications, digests.of(data, p)) for p in points]
 
     records: dict[str, dict] = {}
     points_dir = None
@@ -335,6 +424,8 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
         out = Path(out)
         points_dir = out / "points"
         points_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (out, points_dir):   # what a killed sweep was writing
+            remove_stale_temporaries(folder)
         wanted = set(keys)
         records = {k: r for k, r in load_points(points_dir).items() if k in wanted}
         if retry_failed:
@@ -350,7 +441,7 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
             continue
         seen.add(k)
         todo.append(PointTask(k, p, tuple(override_string(kk, v) for kk, v in p.items()), data, source,
-                              base_dir, replications))
+                              base_dir, replications, force))
     say = log or (lambda msg: None)
     if records:
         say(f"{len(records)} of {len(set(keys))} points already done in {points_dir}; running the other "
@@ -359,6 +450,9 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
     failed = sum(1 for r in records.values() if r.get("status") != "ok")
     if todo:
         ex, own = _as_executor(executor, workers, scheduler)
+        if isinstance(ex, LocalExecutor):   # its workers share this machine's memory
+            share = min(ex.workers, len(todo))
+            todo = [replace(t, share=share) for t in todo]
         say(f"sweep of {len(todo)} points x {replications or data.get('replications', 1)} replication(s) "
             f"on {ex.describe()}")
         try:
@@ -368,7 +462,7 @@ def sweep(scenario_path: str | Path, grid: Mapping[str, Iterable[Any]] | Iterabl
                     task = todo[i]
                     if outcome.ok:
                         rec = json.loads(_json(outcome.value))   # exactly what a resumed sweep reads back
-                        if points_dir is not None:
+                        if points_dir is not None and not rec.get("retry"):
                             atomic_write(points_dir / f"{task.key}.json", _json(rec))
                     else:   # the executor failed (a worker died): reported, not saved, so a rerun retries it
                         e = outcome.error

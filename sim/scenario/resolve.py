@@ -407,7 +407,6 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             warnings += [f"models[{g.index}].service.batching: {note}" for note in b.notes()]
     warnings += _full_speed_warnings(endpoints, models)
 
-    _check_volume(spec, source)
     for g in groups:
         if g.traffic is None:
             continue
@@ -557,24 +556,6 @@ def _profile_step(path: str, arch: Architecture, gpu, base_dir: Path, source: st
     except (KeyError, ValueError) as e:
         raise ScenarioError(f"the profile's step coefficients are unusable ({e})", source=source,
                             path=where) from None
-
-
-MAX_REQUESTS = 10**8   # requests one model group may send in a run: beyond, a run would not fit in memory
-
-
-def _check_volume(spec: ScenarioSpec, source: str) -> None:
-    """An open-loop rate that, over the horizon, sends more requests than a run can hold."""
-    horizon = spec.warmup + spec.duration
-    for g, ms in enumerate(spec.models):
-        tr = ms.traffic
-        if tr is None or tr.rate is None or tr.process not in ("poisson", "gamma", "diurnal", "mmpp"):
-            continue
-        peak = max(tr.rate, tr.rate_off) if tr.process == "mmpp" else tr.rate
-        expected = peak * horizon
-        if expected > MAX_REQUESTS:
-            raise ScenarioError(f"{tr.rate:g}/s over {horizon:g} s is about {expected:.3g} requests, more than a run "
-                                f"holds ({MAX_REQUESTS:g}); shorten duration or lower the rate", source=source,
-                                path=f"models[{g}].traffic.rate")
 
 
 def _full_speed_warnings(endpoints: list[Endpoint], models: list[Model]) -> list[str]:

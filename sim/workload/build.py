@@ -16,7 +16,7 @@ from ..scenario.resolve import Group, Scenario
 from ..service import sample_tokens, service_times
 from .arrivals import diurnal_arrivals, gamma_arrivals, mmpp_on_off_arrivals, poisson_arrivals
 from .popularity import assign, zipf_weights
-from .traces import TraceError, read_trace, trace_arrivals
+from .traces import TraceError, loop_period, read_trace, trace_arrivals
 
 _CHUNK = 4096
 
@@ -99,28 +99,22 @@ def _trace_table(scenario: Scenario, group: Group, cache: dict):
 
 
 MIN_LOOP_PERIOD = 1e-3     # seconds: a looped trace repeats no faster (as the schema's periods)
-MAX_REQUESTS = 10**8       # requests one group may send in a run (as the schema's check of rates)
 
 
 def _check_loop(scenario: Scenario, group: Group, df) -> None:
-    """A looped trace needs a span to repeat, of at least MIN_LOOP_PERIOD once scaled, and no more
-    requests than a run can hold."""
+    """A looped trace needs a span to repeat, of at least MIN_LOOP_PERIOD once scaled (how many
+    requests the loop sends is :mod:`sim.volume`'s estimate, checked before a run)."""
     tr = group.traffic
     where = f"models[{group.index}].traffic.loop"
     t = df["arrival_s"].to_numpy(dtype=np.float64)
     n = len(t)
     span = float(t.max() - t.min()) if n else 0.0
-    period = (span + span / (n - 1)) * tr.time_scale / tr.rate_scale if n > 1 and span > 0 else 0.0
+    period = loop_period(t, tr.time_scale, tr.rate_scale)
     if period < MIN_LOOP_PERIOD:
         what = (f"{n} request{'s' if n != 1 else ''}, all at one time" if span <= 0
                 else f"repeats every {period:.3g} s once scaled by time_scale / rate_scale")
         raise ScenarioError(f"cannot loop the trace {tr.path} ({what}); loop: true needs requests spread over "
                             "a span that repeats every 1ms or more", source=scenario.source, path=where)
-    expected = n * scenario.horizon / period
-    if expected > MAX_REQUESTS:
-        raise ScenarioError(f"looping the trace {tr.path} over {scenario.horizon:g} s sends about {expected:.3g} "
-                            f"requests, more than a run holds ({MAX_REQUESTS:g}); shorten duration or lower "
-                            "rate_scale", source=scenario.source, path=where)
 
 
 def check_traces(scenario: Scenario) -> None:

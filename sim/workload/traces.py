@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["TraceError", "FORMATS", "read_trace", "trace_arrivals"]
+__all__ = ["TraceError", "FORMATS", "loop_period", "read_trace", "trace_arrivals"]
 
 FORMATS = ("azure_llm", "csv", "mooncake")
 
@@ -284,6 +284,19 @@ def read_trace(path: str | os.PathLike, fmt: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------- #
 # replay
 # --------------------------------------------------------------------------- #
+def loop_period(arrival_s: np.ndarray, time_scale: float = 1.0, rate_scale: float = 1.0) -> float:
+    """The period with which a looped trace repeats (seconds, once scaled): its span (last - first
+    arrival) plus a mean gap, so the seam looks like an average gap; 0.0 where there is no span (one
+    row, or all at one time)."""
+    n = len(arrival_s)
+    if n < 2:
+        return 0.0
+    span = float(np.max(arrival_s) - np.min(arrival_s))
+    if not span > 0:
+        return 0.0
+    return (span + span / (n - 1)) * (time_scale / rate_scale)   # as the replay scales its times
+
+
 def trace_arrivals(df: pd.DataFrame, t_end: float, t_start: float = 0.0, *, rate_scale: float = 1.0,
                    time_scale: float = 1.0, loop: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Replay a trace as arrival times in ``[t_start, t_end)``.
@@ -326,11 +339,10 @@ def trace_arrivals(df: pd.DataFrame, t_end: float, t_start: float = 0.0, *, rate
         keep = int(np.searchsorted(times, t_end, side="left"))
         return times[:keep], rows[:keep]
 
-    span = base[-1] - base[0]
-    if span <= 0:
+    period = loop_period(base, time_scale, rate_scale)
+    if period <= 0:
         raise ValueError("cannot loop a trace whose requests all arrive at the same time "
                          f"({n} request{'s' if n != 1 else ''}); there is no period to repeat")
-    period = (span + span / (n - 1)) * factor
     reps = int(math.ceil((t_end - times[0]) / period)) + 1 if times[0] < t_end else 1
     reps = max(reps, 1)
     offs = np.arange(reps, dtype=np.float64) * period
