@@ -148,15 +148,12 @@ def test_the_cases_scenario_is_the_design_schema_with_the_calibrations_step(tmp_
     assert sc["endpoints"][0]["models"] == ["m-00"]
     with pytest.raises(fid.FidelityError, match="takes its step time from the testbed"):
         fid.scenario_of(m, tmp_path / "a.csv", ROOT / "scenarios" / "profiles" / "cpu-quick.json")
-    try:                                                   # main's schema, once it has continuous batching
-        from sim.scenario import parse_scenario
-        from sim.scenario.errors import ScenarioError
-        (tmp_path / "a.csv").write_text("arrival_s,model,input_tokens,output_tokens\n0.1,m-00,10,5\n")
-        parse_scenario(sc, source="llm", base_dir=tmp_path)
-    except ScenarioError as e:
-        if "architecture" in str(e) or "continuous_batching" in str(e):
-            pytest.xfail(f"the scenario schema has no architecture or continuous_batching yet: {str(e)[:200]}")
-        raise
+    from sim.scenario import parse_scenario
+
+    (tmp_path / "a.csv").write_text("arrival_s,model,input_tokens,output_tokens\n0.1,m-00,10,5\n")
+    parsed = parse_scenario(sc, source="llm", base_dir=tmp_path)
+    llm = parsed.models[0].llm
+    assert llm is not None and llm.max_num_seqs == 16 and llm.max_num_batched_tokens == 256
 
 
 def test_the_measured_figures_hold_ttft_tpot_and_e2e(tmp_path):

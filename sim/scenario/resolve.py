@@ -334,7 +334,8 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             ep_names.add(es.name)
             _check_cache_fit([models[m] for m in matched], es, it, where, source)
             endpoints.append(Endpoint(len(endpoints), es.name, es.mode, it, es.instances, es.routing,
-                                      es.max_concurrency, es.queue_limit, es.timeout, tuple(matched), 1, es, e,
+                                      _concurrency(es, [models[m] for m in matched]), es.queue_limit,
+                                      es.timeout, tuple(matched), 1, es, e,
                                       h2d))
             continue
         groups_of = [matched] if len(matched) == 1 else [[m] for m in matched]
@@ -346,7 +347,7 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
             ep_names.add(name)
             copies = _check_fit(m, it, f"{where}.instance_type", source)
             endpoints.append(Endpoint(len(endpoints), name, es.mode, it, es.instances, es.routing,
-                                      es.max_concurrency, es.queue_limit, es.timeout, tuple(ms), copies, es, e,
+                                      _concurrency(es, [m]), es.queue_limit, es.timeout, tuple(ms), copies, es, e,
                                       h2d))
 
     # Load speeds measured on the instance's own GPU replace the catalog's.
@@ -558,6 +559,16 @@ def _profile_step(path: str, arch: Architecture, gpu, base_dir: Path, source: st
                             path=where) from None
 
 
+def _concurrency(es: EndpointSpec, served: list[Model]) -> int:
+    """Requests a copy serves at once: the endpoint's ``max_concurrency``; where the scenario leaves
+    it unset and every model served runs continuous batching, their ``max_num_seqs`` (the engine
+    admits what its batch and KV cache allow and the rest queue at the endpoint, as vLLM's waiting
+    queue: a default of one request at a time would defeat the batching)."""
+    if "max_concurrency" in es.model_fields_set or not served or not all(m.service.continuous for m in served):
+        return es.max_concurrency
+    return max(m.service.continuous_batching.max_num_seqs for m in served)
+
+
 def _full_speed_warnings(endpoints: list[Endpoint], models: list[Model]) -> list[str]:
     """A GPU model that can have more than one request in service on one device with no slowdown
     curve: the simulator would serve each at full speed (optimistic)."""
@@ -713,7 +724,7 @@ def _resolve_ic(es: EndpointSpec, e: int, index: int, models: list[Model], catal
             if wake is None and cs.copies.lo == 0:
                 wake = ScaleFromZeroSpec()
             comps.append(Component(len(comps), m, acc, mem, cs.cpus, cs.copies,
-                                   cs.max_concurrency or es.max_concurrency, a, wake, cw))
+                                   cs.max_concurrency or _concurrency(es, [mod]), a, wake, cw))
     # The initial copies must fit on instances.max instances, or they would wait for ever.
     cap = (it.gpus, it.memory_gb, float(it.vcpus))
     needs = [(c.accelerators, c.memory_gb, c.cpus) for c in comps for _ in range(c.copies.start)]
