@@ -273,3 +273,46 @@ def test_a_longer_output_costs_no_more_events(monkeypatch):
         assert (r["status"] == "ok").mean() > 0.9
         counts.append(len(calls) / len(r))
     assert counts[1] <= counts[0] * 1.5, counts   # about 2 a request (a prefill step, a decode run) either way
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(terms=st.lists(st.tuples(*[st.sampled_from([0.0, 1e-7, 3e-6, 2e-4, 0.004, 0.03])] * 4), min_size=1, max_size=3),
+       overhead=st.sampled_from([0.0, 0.0005]), n=st.integers(1, 300), k0=st.integers(0, 200_000),
+       span=st.floats(0.0, 50.0), cap=st.integers(0, 3000))
+def test_decode_steps_within_is_the_most_steps_that_fit(terms, overhead, n, k0, span, cap):
+    """The closed-form searches (a one-term model's root; the fastest term's bound) give what a scan of
+    decode_time gives."""
+    if all(max(t) == 0.0 for t in terms) and overhead == 0.0:
+        return
+    stt = StepTime(overhead, tuple(terms))
+    got = stt.decode_steps_within(n, float(k0), span, cap)
+    want = 0
+    while want < cap and stt.decode_time(n, float(k0), want + 1) <= span:
+        want += 1
+    assert got == want
+
+
+def test_instance_failures_keep_the_engine_log_consistent(monkeypatch):
+    """Instances that fail mid-step (also while the next step is already composed, at an arrival during a
+    decode run): every request ends or fails once, and each device's log returns to nothing running,
+    waiting or cached, never below."""
+    from sim.bench import llm_scenario
+    from sim.hosting.continuous import ContinuousBatching
+    from sim.simulate import simulate
+
+    ahead = []
+    real = ContinuousBatching.stop
+    monkeypatch.setattr(ContinuousBatching, "stop",
+                        lambda self: (ahead.append(self._env._now < self._ahead), real(self)))
+    # slow steps: an arrival finds a decode run often, and the step composed ahead starts long after it
+    d = llm_scenario(2.0e4, rate=1.0, step={"base": "2s", "per_prefill_token": "0.1ms", "per_decode_seq": "1ms",
+                                            "per_kv_token": "0.02us"}, output={"dist": "lognormal", "mean": 20, "cv": 1.0})
+    d["duration"] = 3000.0
+    d["endpoints"][0]["failures"] = {"mtbf": 30, "in_flight": "retry"}
+    run = simulate(parse_scenario(d, source="cb-failures"), seed=3)
+    assert len(ahead) > 20 and any(ahead)
+    rows = np.array(run.logs[0].llm, dtype=float)
+    level = np.cumsum(rows[np.argsort(rows[:, 0], kind="stable"), 1:], axis=0)
+    assert level.min() >= 0
+    status = run.columns["status"]
+    assert (status != 0).mean() > 0.9

@@ -51,6 +51,7 @@ class Requests:
         # Tokens are not read while simulating: open-loop ones stay numpy arrays.
         self._tokens_open = (input_tokens, output_tokens)
         self._tokens_closed: list[tuple[int, int]] = []
+        self._tokens_lists: tuple[list[int], list[int]] | None = None
         self.u1: list[float] = route_u[:, 0].tolist()
         self.u2: list[float] = route_u[:, 1].tolist()
         self.start: list[float] = [np.nan] * n
@@ -99,6 +100,15 @@ class Requests:
         if i < self.n_open:
             return int(self._tokens_open[0][i]), int(self._tokens_open[1][i])
         return self._tokens_closed[i - self.n_open]
+
+    def open_tokens(self) -> tuple[list[int], list[int]]:
+        """The open-loop requests' input and output tokens as lists (built once, for the devices that
+        read them per request: continuous batching)."""
+        if self._tokens_lists is None:
+            tin, tout = self._tokens_open
+            self._tokens_lists = (np.asarray(tin).astype(np.int64).tolist(),
+                                  np.asarray(tout).astype(np.int64).tolist())
+        return self._tokens_lists
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {

@@ -14,16 +14,26 @@ No event per token. While no prompt is in prefill and none can be admitted, the 
 only and its composition does not change until a sequence finishes or the cache runs out; the engine
 computes that step in closed form and schedules one event at its end. An arrival meanwhile, with room
 for another sequence, moves that event to the end of the step in progress: it joins at the next step
-boundary. Steps that prefill are one event each (a prompt takes ``ceil(tokens / budget)`` of them).
+boundary. The step that starts there is composed at once (until then nothing on the device changes
+but further starts, which join it as its composition there would have admitted them), so the boundary
+costs no event of its own. Steps that prefill are one event each (a prompt takes ``ceil(tokens /
+budget)`` of them).
+
+A step costs about the same whatever the batch: the running sequences' state is kept against a decode
+clock (the steps run so far), with their context in all, a heap of when each finishes and, per step
+modulo the block size, how many take a new KV block at such a step.
 
 ``busy`` counts the requests handed to the device (running, in prefill and waiting). The endpoint's
 log gets every change of the running and waiting sequences and of the KV blocks used, as deltas
-``(t, running, waiting, blocks used, blocks)`` (:attr:`EndpointLog.llm`), and the preemptions.
+``(t, running, waiting, blocks used, blocks)`` (:attr:`EndpointLog.llm`), a row or a few at each
+instant any changed, and the preemptions. A step composed ahead logs its changes at its start, so the
+rows are not in time order: a reader sorts them (stably) by time.
 """
 from __future__ import annotations
 
 from collections import deque
-from heapq import heappush
+from heapq import heappop, heappush
+from math import sqrt
 
 from simpy.core import NORMAL
 
@@ -34,9 +44,14 @@ from .device import Device, DeviceSet, Done  # noqa: F401 (DeviceSet: types)
 class _Seq:
     """A sequence on the device: its request, the tokens its next prefill computes (``prompt``; its
     prompt, and after a preemption the tokens it had generated too), the tokens in its KV cache
-    (``ctx``), the output tokens still to come (``left``) and its blocks."""
+    (``ctx``), the output tokens still to come (``left``) and its blocks.
 
-    __slots__ = ("i", "prompt", "ctx", "left", "blocks", "admitted")
+    While it decodes (running), these are kept against the device's decode clock ``D`` (the steps run so
+    far) instead: its cache holds ``base + D`` tokens in ``ceil((base + D) / block_size)`` blocks, and it
+    finishes when the clock reaches ``fin``; ``key`` names its entry in the device's heap of finishes
+    (-1 once it stops running: the entry is stale)."""
+
+    __slots__ = ("i", "prompt", "ctx", "left", "blocks", "admitted", "base", "fin", "key")
 
     def __init__(self, i: int, prompt: int, left: int):
         self.i = i
@@ -45,63 +60,101 @@ class _Seq:
         self.left = left
         self.blocks = 0
         self.admitted = False
+        # base, fin and key are set as it starts to decode
 
 
 class ContinuousBatching(Device):
-    """Iteration-level scheduling of one language model's copy (see the module's doc)."""
+    """Iteration-level scheduling of one language model's copy (see the module's doc).
 
-    __slots__ = ("_cfg", "_step_time", "_bs", "_free", "_blocks", "_waiting", "_prefill", "_running",
-                 "_pending", "_run", "_chunks", "_log", "_cbs", "_firing")
+    The decoding sequences' state is kept incrementally, so that a step costs about the same whatever the
+    batch's size: their context in all (``_sum`` + n D), a heap of when each finishes, and per residue of
+    the decode clock modulo the block size the sequences that take a new KV block at such a step
+    (``_cnt``: a sequence whose cache holds a multiple of ``block_size`` tokens needs a block for its
+    next token)."""
+
+    __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
+                 "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
+                 "_sum", "_cnt", "_heap", "_key", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
+                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
-        self._cfg = cfg
         self._step_time = cfg.step
         self._bs = cfg.block_size
         self._blocks = cfg.kv_blocks
         self._free = cfg.kv_blocks
+        self._max_seqs = cfg.max_num_seqs
+        self._budget = cfg.max_num_batched_tokens
         self._waiting: deque[_Seq] = deque()
         self._prefill: list[_Seq] = []       # admitted, prompt not yet all in the cache (admission order)
-        self._running: list[_Seq] = []       # decoding (admission order)
+        # decoding, in admission order (a dict: O(1) removal; popitem() gives the most recently admitted)
+        self._running: dict[_Seq, None] = {}
         self._pending: Call | None = None    # the end of the step (or run of decode steps) in progress
-        self._run: tuple[float, int, float, int] | None = None   # a decode run: (start, n, K0, steps)
-        self._chunks: list[tuple[_Seq, int]] = []                # the prefill chunks of the step in progress
+        # a decode run: (start, n, K0, steps, a1, s): a one-term step model's steps take a1 + s j seconds
+        # (step j of the run), else a1 = s = 0.0
+        self._run: tuple[float, int, float, int, float, float] | None = None
+        self._chunks: tuple | list = ()      # the prefill chunks (sequence, tokens) of the step in progress
         self._log = devices.log
+        self._llm = devices.log.llm
         self._cbs = [self._end_step]
         self._firing = False                 # in _end_step: a start there waits for its next step
-        self._log.llm.append((self._env._now, 0, 0, 0, self._blocks))
-
-    # -- bookkeeping ---------------------------------------------------------------------------------
-    def _need(self, tokens: int) -> int:
-        return -(-tokens // self._bs)
-
-    def _note(self, running: int = 0, waiting: int = 0, used: int = 0) -> None:
-        if running or waiting or used:
-            self._log.llm.append((self._env._now, running, waiting, used, 0))
+        self._dw = 0                         # sequences queued meanwhile, not yet in the log
+        self._D = 0                          # decode clock: steps run so far
+        self._sum = 0                        # sum of the running sequences' ``base``
+        self._cnt = [0] * self._bs           # running sequences by (-base) mod block_size
+        self._heap: list[tuple[int, int, _Seq]] = []   # (fin, key, sequence); stale when key differs
+        self._key = 0
+        r = self._r
+        self._tin, self._tout = r.open_tokens()
+        self._nopen = r.n_open
+        self._first = r.first_token
+        self._startc = r.start
+        self._svc = r.service
+        self._one = cfg.step._one   # the one term (a, b, c, d) of a one-term step model, else None
+        self._ov = cfg.step.overhead
+        self._spare: Call | None = None      # the entry that just fired, for the next step to reuse
+        # a step composed ahead (_cut_run): when it starts, whether a start before then joins it, and what
+        # a stop before then takes back: (its log rows, its preemptions, the waiting's starts)
+        self._ahead = -1.0
+        self._ahead_open = False
+        self._undo: tuple | None = None
+        self._llm.append((self._env._now, 0, 0, 0, self._blocks))
 
     def _seqs(self) -> int:
         return len(self._running) + len(self._prefill)
 
-    # -- the device interface --------------------------------------------------------------------------
+    # -- the device interface (once per request: keep lean) -----------------------------------------------
     def start(self, i: int, now: float) -> None:
         r = self._r
         r.device[i] = self.index
-        tin, tout = r.tokens(i)
-        tin, tout = max(tin, 1), max(tout, 1)
-        self.busy += 1
-        if self._need(tin + tout) > self._blocks:
+        if i < self._nopen:
+            tin = self._tin[i]
+            tout = self._tout[i]
+        else:
+            tin, tout = r.tokens(i)
+        if tin < 1:
+            tin = 1
+        if tout < 1:
+            tout = 1
+        if -(-(tin + tout) // self._bs) > self._blocks:
             # longer than the whole cache holds (vLLM refuses a prompt beyond max_model_len)
-            self.busy -= 1
             self.done(i, self)
             r.status[i] = NO_CAPACITY
             return
-        self._waiting.append(_Seq(i, tin, tout))
-        self._note(waiting=1)
+        self.busy += 1
+        seq = _Seq(i, tin, tout)
+        self._waiting.append(seq)
         if self._firing:
+            self._dw += 1
             return
         if self._pending is None:
-            self._step(now)
-        elif self._run is not None and self._seqs() < self._cfg.max_num_seqs:
+            self._step(now, 0, 1, 0, True)
+            return
+        self._llm.append((now, 0, 1, 0, 0))
+        if now < self._ahead:   # the next step is composed already: it admits this one if it would have
+            if self._ahead_open:
+                self._join_ahead(seq)
+        elif self._run is not None and len(self._running) + len(self._prefill) < self._max_seqs:
             self._cut_run(now)
 
     def stop(self) -> None:
@@ -110,134 +163,292 @@ class ContinuousBatching(Device):
             self._pending.callbacks = []
             self._pending = None
         # the cache and the queue go with the instance
-        self._note(-len(self._running) - len(self._prefill), -len(self._waiting), -(self._blocks - self._free))
-        self._log.llm.append((self._env._now, 0, 0, 0, -self._blocks))
+        now = self._env._now
+        dr, dw, du = -len(self._running) - len(self._prefill), -len(self._waiting), -(self._blocks - self._free)
+        if now < self._ahead:   # take back the step composed ahead: its rows in the log, at its start
+            rows, pre, starts = self._undo
+            llm = self._llm
+            for row in rows:
+                dr, dw, du = dr + row[1], dw + row[2], du + row[3]
+                k = len(llm) - 1
+                while llm[k] is not row:
+                    k -= 1
+                del llm[k]
+            times = self._log.preempted
+            for _ in range(pre):
+                k = len(times) - 1 - times[::-1].index(self._ahead)
+                del times[k]
+            for i, t in starts:
+                self._startc[i] = t
+        if dr or dw or du:
+            self._llm.append((now, dr, dw, du, 0))
+        self._llm.append((now, 0, 0, 0, -self._blocks))
 
     # -- steps --------------------------------------------------------------------------------------------
     def _schedule(self, at: float) -> None:
+        call = self._spare
+        if call is None:
+            call = Call(self._cbs)
+        else:
+            self._spare = None
+            call.callbacks = self._cbs
+        self._pending = call
         env = self._env
-        call = self._pending = Call(self._cbs)
         heappush(env._queue, (at, NORMAL, next(env._eid), call))
 
     def _cut_run(self, now: float) -> None:
         """An arrival during a decode run: the run ends with the step in progress."""
-        t0, n, k0, m = self._run
-        st = self._step_time
-        done = st.decode_steps_within(n, k0, now - t0, m)
-        if done + 1 >= m:
-            return   # the run's last step is the one in progress
+        t0, n, k0, m, a1, s = self._run
+        if self._one is None:
+            st = self._step_time
+            done = st.decode_steps_within(n, k0, now - t0, m)
+            if done + 1 >= m:
+                return   # the run's last step is the one in progress
+            end = t0 + st.decode_time(n, k0, done + 1)
+        else:   # StepTime.decode_steps_within and decode_time of one term, inlined (the same arithmetic)
+            span = now - t0
+            if a1 > span:
+                j = 0
+            else:
+                if s > 0.0:
+                    g = ((s / 2.0 - a1) + sqrt((a1 - s / 2.0) ** 2 + 2.0 * s * span)) / s
+                elif a1 > 0.0:
+                    g = span / a1
+                else:
+                    g = m
+                j = m if not (g < m) else (int(g) if g >= 1.0 else 1)
+                while j < m and (j + 1) * a1 + s * (j + 1) * j / 2.0 <= span:
+                    j += 1
+                while j > 1 and j * a1 + s * j * (j - 1) / 2.0 > span:
+                    j -= 1
+            if j + 1 >= m:
+                return   # the run's last step is the one in progress
+            end = t0 + ((j + 1) * a1 + s * (j + 1) * j / 2.0)
+            done = j
         self._pending.callbacks = []
-        self._run = (t0, n, k0, done + 1)
-        self._schedule(t0 + st.decode_time(n, k0, done + 1))
-
-    def _preempt(self) -> bool:
-        """Free the most recently admitted sequence's blocks; it waits at the head of the queue to be
-        computed again. False if there is none to preempt."""
-        victims = self._prefill if self._prefill else self._running
-        if not victims:
-            return False
-        s = victims.pop()
-        self._free += s.blocks
-        self._note(running=-1, waiting=1, used=-s.blocks)
-        if victims is self._running:   # its prompt now and the tokens it generated (the last not yet cached)
-            s.prompt = s.ctx + 1
-        s.ctx = 0
-        s.blocks = 0
-        self._waiting.appendleft(s)
-        self._log.preempted.append(self._env._now)
-        return True
-
-    def _grow(self, s: _Seq, tokens: int) -> bool:
-        """Blocks for ``s`` to hold ``tokens`` in its cache; False if the cache has too few free."""
-        more = self._need(tokens) - s.blocks
-        if more <= 0:
-            return True
-        if more > self._free:
-            return False
-        self._free -= more
-        s.blocks += more
-        self._note(used=more)
-        return True
-
-    def _step(self, now: float) -> None:
-        """Compose the next step at ``now`` and schedule its end (nothing when the device is idle)."""
-        cfg = self._cfg
+        # Compose the next step now, at its start ``end``: until then nothing on the device changes but
+        # starts, which join it where its composition then would have admitted them (_join_ahead).
         running = self._running
-        # every decoding sequence writes one token this step: blocks for it, preempting the most recently
-        # admitted sequences until they fit
-        bs = self._bs
-        while True:
-            more = sum(1 for s in running if s.ctx + 1 > s.blocks * bs)
-            if more <= self._free or not self._preempt():
-                break
-        for s in running:
-            if s.ctx + 1 > s.blocks * bs:
-                s.blocks += 1
+        steps = done + 1
+        D = self._D
+        du = 0
+        if steps > 1:   # the blocks of the run's later steps (as _end_step)
+            du = self._allocs(D + 1, steps - 1)
+            self._free -= du
+        self._D = D + steps   # no sequence finishes: steps < m
+        self._run = None
+        waiting = self._waiting
+        llm = self._llm
+        times = self._log.preempted
+        rows, pre = len(llm), len(times)
+        starts = [(q.i, self._startc[q.i]) for q in waiting]
+        self._step(end, 0, 0, du, du != 0)
+        self._undo = (llm[rows:], len(times) - pre, starts)
+        self._ahead = end
+        self._ahead_open = (not waiting and self._run is None
+                            and self._budget - len(running) - sum(c for _, c in self._chunks) > 0
+                            and len(running) + len(self._prefill) < self._max_seqs)
+
+    def _join_ahead(self, s: _Seq) -> None:
+        """A start before the step composed ahead begins: that step admits ``s`` if the cache has room
+        (the budget and max_num_seqs do: ``_ahead_open``), as its composition at its start would have,
+        the waiting admitted in order; else none after it either."""
+        running = self._running
+        chunks = self._chunks
+        n = len(running)
+        p = sum(c for _, c in chunks)
+        budget = self._budget - n - p
+        c = s.prompt if s.prompt < budget else budget
+        more = -(-c // self._bs)
+        if more > self._free:
+            self._ahead_open = False
+            return
+        at = self._ahead
+        self._waiting.pop()
         self._free -= more
-        self._note(used=more)
-        budget = cfg.max_num_batched_tokens - len(running)
+        s.blocks = more
+        self._prefill.append(s)
+        s.admitted = True
+        self._startc[s.i] = at
+        chunks.append((s, c))
+        p += c
+        row = (at, 1, -1, more, 0)
+        self._llm.append(row)
+        self._undo[0].append(row)
+        self._ahead_open = budget - c > 0 and n + len(self._prefill) < self._max_seqs
+        k = self._sum + n * self._D + sum(q.ctx for q, _ in chunks)
+        self._pending.callbacks = []
+        one = self._one
+        if one is None:
+            self._schedule(at + self._step_time.time(n, k, p))
+        else:   # StepTime.time, inlined
+            a, b, c_, d = one
+            self._schedule(at + (self._ov + (a + b * n + c_ * k + d * p)))
+
+    def _allocs(self, first: int, steps: int) -> int:
+        """The KV blocks the running sequences take over the decode steps ``first .. first + steps - 1``
+        (by the clock): each takes one at the steps where its cache holds a multiple of block_size."""
+        bs = self._bs
+        q, rem = divmod(steps, bs)
+        total = q * len(self._running)
+        if rem:
+            cnt = self._cnt
+            a = first % bs
+            e = a + rem
+            total += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
+        return total
+
+    def _step(self, now: float, dr: int, dw: int, du: int, hit: bool) -> None:
+        """Compose the next step at ``now`` and schedule its end (nothing when the device is idle); ``dr,
+        dw, du``: the changes of running and waiting sequences and blocks used since the last log row;
+        ``hit``: whether any changed at ``now`` (a log row then, even where they cancel out: the log has a
+        row at each instant something changed)."""
+        running = self._running
+        prefill = self._prefill
+        bs = self._bs
+        free = self._free
+        n = len(running)
+        if n:
+            # every decoding sequence writes one token this step: blocks for it, preempting the most
+            # recently admitted sequences until they fit
+            D = self._D
+            cnt = self._cnt
+            more = cnt[D % bs]
+            while more > free:   # more > 0: there is a sequence to preempt
+                if prefill:
+                    s = prefill.pop()
+                    free += s.blocks
+                    du -= s.blocks
+                else:   # its prompt now and the tokens it generated (the last not yet cached)
+                    s = running.popitem()[0]
+                    base = s.base
+                    ctx = base + D
+                    b = -(-ctx // bs)
+                    free += b
+                    du -= b
+                    self._sum -= base
+                    cnt[-base % bs] -= 1
+                    s.left = s.fin - D
+                    s.prompt = ctx + 1
+                    s.key = -1
+                    more = cnt[D % bs]
+                dr -= 1
+                dw += 1
+                hit = True
+                s.ctx = 0
+                s.blocks = 0
+                self._waiting.appendleft(s)
+                self._log.preempted.append(now)
+            n = len(running)
+            if more:
+                free -= more
+                du += more
+                hit = True
+        budget = self._budget - n
         chunks = []
-        for s in list(self._prefill):
+        p = 0
+        kp = 0
+        for s in prefill:
             if budget <= 0:
                 break
-            c = min(s.prompt - s.ctx, budget)
-            if not self._grow(s, s.ctx + c):
-                c = max(0, (s.blocks + self._free) * self._bs - s.ctx)
-                c = min(c, budget)
-                if c <= 0 or not self._grow(s, s.ctx + c):
+            ctx = s.ctx
+            c = s.prompt - ctx
+            if c > budget:
+                c = budget
+            more = -(-(ctx + c) // bs) - s.blocks
+            if more > free:   # as much as the free blocks hold
+                c = (s.blocks + free) * bs - ctx
+                if c > budget:
+                    c = budget
+                if c <= 0:
                     continue
+                more = -(-(ctx + c) // bs) - s.blocks
+            if more > 0:
+                free -= more
+                s.blocks += more
+                du += more
+                hit = True
             chunks.append((s, c))
+            p += c
+            kp += ctx
             budget -= c
         waiting = self._waiting
-        while waiting and budget > 0 and self._seqs() < cfg.max_num_seqs:
-            s = waiting[0]
-            c = min(s.prompt, budget)
-            if not self._grow(s, c):
-                break
-            waiting.popleft()
-            self._prefill.append(s)
-            self._note(running=1, waiting=-1)
-            if not s.admitted:   # its wait ends at its first admission
-                s.admitted = True
-                self._r.start[s.i] = now
-            chunks.append((s, c))
-            budget -= c
-        n = len(running)
-        if not chunks and not n:
-            self._pending = None
-            return
-        k = sum(s.ctx for s in running)
-        st = self._step_time
+        if waiting and budget > 0:
+            seqs = n + len(prefill)
+            maxs = self._max_seqs
+            while seqs < maxs:
+                s = waiting[0]
+                c = s.prompt
+                if c > budget:
+                    c = budget
+                more = -(-c // bs)   # a waiting sequence holds no block
+                if more > free:
+                    break
+                waiting.popleft()
+                free -= more
+                s.blocks = more
+                du += more
+                prefill.append(s)
+                seqs += 1
+                dr += 1
+                dw -= 1
+                hit = True
+                if not s.admitted:   # its wait ends at its first admission
+                    s.admitted = True
+                    self._startc[s.i] = now
+                chunks.append((s, c))
+                p += c
+                budget -= c
+                if not waiting or budget <= 0:
+                    break
+        self._free = free
+        if hit:
+            self._llm.append((now, dr, dw, du, 0))
+        one = self._one
         if chunks:
-            p = sum(c for _, c in chunks)
-            kp = sum(s.ctx for s, _ in chunks)
             self._chunks = chunks
             self._run = None
-            self._schedule(now + st.time(n, k + kp, p))
+            k = self._sum + n * self._D + kp
+            if one is None:
+                self._schedule(now + self._step_time.time(n, k, p))
+            else:   # StepTime.time, inlined
+                a, b, c, d = one
+                self._schedule(now + (self._ov + (a + b * n + c * k + d * p)))
+            return
+        if not n:
+            self._pending = None
             return
         # decode only: until a sequence finishes, the cache runs out, or an arrival cuts it
-        m = min(s.left for s in running)
-        m = min(m, self._steps_in_cache(m))
-        self._chunks = []
-        self._run = (now, n, float(k), m)
-        self._schedule(now + st.decode_time(n, k, m))
+        D = self._D
+        heap = self._heap
+        while heap[0][2].key != heap[0][1]:
+            heappop(heap)
+        m = heap[0][0] - D
+        if m > 1 and n * (-(-(m - 1) // bs)) > free:
+            m = self._steps_in_cache(m, free)
+        k = self._sum + n * D
+        self._chunks = ()
+        if one is None:
+            self._run = (now, n, float(k), m, 0.0, 0.0)
+            self._schedule(now + self._step_time.decode_time(n, k, m))
+        else:   # StepTime.decode_time, inlined
+            a, b, c, d = one
+            a1 = self._ov + (a + b * n + c * k)
+            s = c * n
+            self._run = (now, n, float(k), m, a1, s)
+            self._schedule(now + (m * a1 + s * m * (m - 1) / 2.0))
 
-    def _steps_in_cache(self, m: int) -> int:
-        """The most decode steps (at least 1, at most ``m``) that the free blocks cover: step ``j`` needs
-        each running sequence to hold ``ctx + j + 1`` tokens (the first step's are already held)."""
+    def _steps_in_cache(self, m: int, free: int) -> int:
+        """The most decode steps (at least 1, at most ``m``) that the free blocks cover: the first step's
+        blocks are already held, steps 1 .. j-1 take those of :meth:`_allocs`."""
         bs = self._bs
-        running = self._running
-        free = self._free
-
-        def fits(j: int) -> bool:   # the blocks steps 0..j-1 need beyond those held
-            return sum(max(0, -(-(s.ctx + j) // bs) - s.blocks) for s in running) <= free
-
-        if fits(m):
+        first = self._D + 1
+        if self._allocs(first, m - 1) <= free:
             return m
-        lo, hi = 1, m   # fits(lo), not fits(hi)
+        lo, hi = 1, m   # lo fits, hi does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if fits(mid):
+            if self._allocs(first, mid - 1) <= free:
                 lo = mid
             else:
                 hi = mid
@@ -247,55 +458,87 @@ class ContinuousBatching(Device):
         self._pending = None
         if self.dead:
             return
+        self._spare = call
         now = self._env._now
-        finished: list[int] = []
-        running = self._running
-        steps = 1
-        if self._run is not None:
-            steps = self._run[3]
+        du = 0
+        run = self._run
+        if run is not None:
+            steps = run[3]
             self._run = None
+            if steps > 1 and self._running:   # blocks a run's later steps took (_steps_in_cache)
+                bs = self._bs
+                q, rem = divmod(steps - 1, bs)   # self._allocs(D + 1, steps - 1), inlined
+                du = q * len(self._running)
+                if rem:
+                    cnt = self._cnt
+                    a = (self._D + 1) % bs
+                    e = a + rem
+                    du += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
+                self._free -= du
+        else:
+            steps = 1
+        D = self._D = self._D + steps
+        finished: list[int] = []
+        heap = self._heap
+        running = self._running
         bs = self._bs
-        used = 0
-        keep = []
-        for s in running:
-            s.ctx += steps
-            s.left -= steps
-            more = -(-s.ctx // bs) - s.blocks
-            if more > 0:   # blocks a run's later steps took (within the free ones: _steps_in_cache)
-                s.blocks += more
-                self._free -= more
-                used += more
-            if s.left <= 0:
-                self._free += s.blocks
-                used -= s.blocks
+        if heap and heap[0][0] <= D:
+            cnt = self._cnt
+            freed = 0
+            while heap and heap[0][0] <= D:
+                fin, key, s = heappop(heap)
+                if s.key != key:
+                    continue
+                del running[s]
+                s.key = -1
+                base = s.base
+                self._sum -= base
+                cnt[-base % bs] -= 1
+                freed += -(-(base + D) // bs)
                 finished.append(s.i)
-            else:
-                keep.append(s)
-        self._running = keep
-        for s, c in self._chunks:
-            s.ctx += c
-            if s.ctx >= s.prompt:   # prefill complete: the step's end gives the next token
-                self._prefill.remove(s)
-                self._r.first_token.setdefault(s.i, now)
-                s.left -= 1
-                if s.left <= 0:
-                    self._free += s.blocks
-                    used -= s.blocks
-                    finished.append(s.i)
-                else:
-                    self._running.append(s)
-        self._chunks = []
-        self._note(running=-len(finished), used=used)
-        self.busy -= len(finished)
-        r = self._r
-        for i in finished:   # its time in service: admission to its last token
-            r.service[i] = now - r.start[i]
-        self._firing = True
-        try:
-            for i in finished:
-                self.done(i, self)
-        finally:
-            self._firing = False
+            self._free += freed
+            du -= freed
+        chunks = self._chunks
+        if chunks:
+            prefill = self._prefill
+            first = self._first
+            for s, c in chunks:
+                ctx = s.ctx = s.ctx + c
+                if ctx >= s.prompt:   # prefill complete: the step's end gives the next token
+                    prefill.remove(s)
+                    first.setdefault(s.i, now)
+                    left = s.left = s.left - 1
+                    if left <= 0:
+                        self._free += s.blocks
+                        du -= s.blocks
+                        finished.append(s.i)
+                    else:   # it decodes from the next step: its cache holds ctx = base + D tokens
+                        base = s.base = ctx - D
+                        key = s.key = self._key = self._key + 1
+                        s.fin = D + left
+                        running[s] = None
+                        heappush(heap, (D + left, key, s))
+                        self._sum += base
+                        self._cnt[-base % bs] += 1
+            self._chunks = ()
+        dr = 0
+        if finished:
+            dr = -len(finished)
+            self.busy += dr
+            svc = self._svc
+            start = self._startc
+            for i in finished:   # its time in service: admission to its last token
+                svc[i] = now - start[i]
+            self._firing = True
+            try:
+                done = self.done
+                for i in finished:
+                    done(i, self)
+            finally:
+                self._firing = False
+        dw = self._dw
+        self._dw = 0
         if not self.dead:
-            self._step(now)
-
+            self._step(now, dr, dw, du, bool(finished) or du != 0)
+        elif finished or du:
+            self._llm.append((now, dr, dw, du, 0))

@@ -18,6 +18,7 @@ longer output.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import sqrt
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class StepTime:
                 raise ValueError(f"step term {t!r}: expected four finite coefficients >= 0")
         if not (self.overhead >= 0.0) or self.overhead == float("inf"):
             raise ValueError(f"step overhead {self.overhead!r}: expected a finite number >= 0")
+        # the one term of a one-term model (its runs have a closed form without an envelope), else None
+        object.__setattr__(self, "_one", self.terms[0] if len(self.terms) == 1 else None)
         if self.time(0, 0, 1) <= 0.0 and self.time(1, 1, 0) <= 0.0:
             raise ValueError("a step model must take time: every coefficient is 0")
 
@@ -49,6 +52,10 @@ class StepTime:
     def time(self, n: int, kv_tokens: float, prefill_tokens: int) -> float:
         """Seconds of one step with ``n`` decode sequences over ``kv_tokens`` context tokens and
         ``prefill_tokens`` prompt tokens."""
+        one = self._one
+        if one is not None:
+            a, b, c, d = one
+            return self.overhead + (a + b * n + c * kv_tokens + d * prefill_tokens)
         return self.overhead + max(a + b * n + c * kv_tokens + d * prefill_tokens
                                    for a, b, c, d in self.terms)
 
@@ -61,15 +68,25 @@ class StepTime:
         (step ``j`` sees ``k0 + n j``): the sum over ``j < m`` of the upper envelope, in closed form."""
         if m <= 0:
             return 0.0
-        lines = self._lines(n, k0)
-        if len(lines) == 1:
-            a, s = lines[0]
+        one = self._one
+        if one is not None:
+            a, b, c, d = one
+            a = a + b * n + c * k0
+            s = c * n
             return m * (self.overhead + a) + s * m * (m - 1) / 2.0
+        lines = self._lines(n, k0)
         total = m * self.overhead
         j = 0
         while j < m:
-            # the line on top at step j (ties: the steeper, which stays on top), and where it is overtaken
-            a, s = max(lines, key=lambda ln: (ln[0] + ln[1] * j, ln[1]))
+            # the line on top at step j (ties: the steeper, which stays on top; then the first), and where
+            # it is overtaken
+            a = s = top = 0.0
+            first_line = True
+            for a2, s2 in lines:
+                v = a2 + s2 * j
+                if first_line or v > top or (v == top and s2 > s):
+                    a, s, top = a2, s2, v
+                    first_line = False
             end = m
             for a2, s2 in lines:
                 if s2 > s:   # a steeper line overtakes this one at j* = (a - a2) / (s2 - s)
@@ -82,10 +99,59 @@ class StepTime:
         return total
 
     def decode_steps_within(self, n: int, k0: float, span: float, cap: int) -> int:
-        """The most decode-only steps (at most ``cap``) that end within ``span`` seconds."""
-        if cap <= 0 or self.decode_time(n, k0, 1) > span:
+        """The most decode-only steps (at most ``cap``) that end within ``span`` seconds. The time of
+        ``j`` steps only grows with ``j``: for a one-term model, the root of its quadratic gives the
+        answer within a step or two, checked and adjusted on :meth:`decode_time` itself (the same answer
+        as a bisection on it); otherwise the root for the fastest term alone bounds it, usually within
+        a step, else a bisection."""
+        if cap <= 0:
             return 0
-        lo, hi = 1, cap
+        one = self._one
+        if one is not None:
+            a, b, c, d = one
+            a = a + b * n + c * k0
+            s = c * n
+            a1 = self.overhead + a
+            if a1 > span:   # decode_time(1) = 1 * a1 + 0
+                return 0
+            half = s / 2.0
+            if s > 0.0:
+                g = ((half - a1) + sqrt((a1 - half) ** 2 + 2.0 * s * span)) / s
+            elif a1 > 0.0:
+                g = span / a1
+            else:
+                g = cap
+            j = cap if not (g < cap) else (int(g) if g >= 1.0 else 1)   # also nan/inf: cap
+            while j < cap and (j + 1) * a1 + s * (j + 1) * j / 2.0 <= span:
+                j += 1
+            while j > 1 and j * a1 + s * j * (j - 1) / 2.0 > span:
+                j -= 1
+            return j
+        if self.decode_time(n, k0, 1) > span:
+            return 0
+        # each term alone takes no longer than the envelope: the most steps of the fastest bounds the
+        # answer, which is usually the envelope's (checked on decode_time; else a bisection below it)
+        hi = cap
+        o = self.overhead
+        for a, s in self._lines(n, k0):
+            a1 = o + a
+            if s > 0.0:
+                g = ((s / 2.0 - a1) + sqrt((a1 - s / 2.0) ** 2 + 2.0 * s * span)) / s
+            elif a1 > 0.0:
+                g = span / a1
+            else:
+                continue
+            if g < hi:
+                hi = int(g) + 1
+        hi = max(hi, 1)
+        if hi < cap:
+            if self.decode_time(n, k0, hi) <= span:
+                if self.decode_time(n, k0, hi + 1) > span:
+                    return hi
+                hi = cap   # the bound was off (rounding): search all
+            elif self.decode_time(n, k0, hi - 1) <= span:
+                return hi - 1
+        lo = 1
         if self.decode_time(n, k0, hi) <= span:
             return hi
         while hi - lo > 1:   # decode_time(lo) <= span < decode_time(hi)
