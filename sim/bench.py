@@ -104,37 +104,109 @@ def bench_batching(requests: float = 1.0e6) -> dict[str, Any]:
     return {"requests": n, "wall_seconds": wall, "requests_per_s": n / wall}
 
 
-def llm_scenario(requests: float = 2.0e5, instances: int = 4) -> dict:
+def llm_scenario(requests: float = 2.0e5, instances: int = 4, output: Any = None, rate: float | None = None,
+                 step: Any = None) -> dict:
     """A language model (llama-2-7b's architecture) served with continuous batching on ``instances``
     single-GPU copies, given step coefficients (the roofline's order for an A10G), Poisson arrivals with
-    lognormal prompts and outputs at about 60% of what max_num_seqs = 32 sustains."""
-    rate = 2.0 * instances
+    lognormal prompts and outputs at about 60% of what max_num_seqs = 32 sustains. ``output``: the output
+    tokens instead (a count or a distribution), ``rate``: the arrivals per second instead, ``step``: the
+    step model instead."""
+    rate = 2.0 * instances if rate is None else rate
     return {
         "name": "bench-llm",
         "seed": 1,
         "duration": requests / rate,
         "models": [{"name": "llm", "architecture": "llama-2-7b", "accelerators": 1,
-                    "tokens": {"input": {"dist": "lognormal", "mean": 400, "cv": 1.0},
-                               "output": {"dist": "lognormal", "mean": 150, "cv": 1.0}},
+                    "tokens": {"input": dict(LLM_INPUT),
+                               "output": dict(LLM_OUTPUT) if output is None else output},
                     "service": {"continuous_batching": {
                         "max_num_seqs": 32, "max_num_batched_tokens": 2048,
-                        "step": {"base": "25ms", "per_prefill_token": "0.1ms", "per_decode_seq": "0.3ms",
-                                 "per_kv_token": "0.02us"}}},
+                        "step": dict(LLM_STEP) if step is None else step}},
                     "traffic": {"process": "poisson", "rate": rate}}],
         "endpoints": [{"name": "llm", "mode": "sme", "instance_type": "ml.g5.2xlarge", "instances": instances,
                        "routing": "least_outstanding_requests", "models": ["llm"]}],
     }
 
 
-def bench_continuous_batching(requests: float = 2.0e5) -> dict[str, Any]:
-    """The language-model case: continuous batching with a KV cache (:func:`llm_scenario`)."""
-    sc = parse_scenario(llm_scenario(requests), source="bench-continuous-batching")
+LLM_INPUT = {"dist": "lognormal", "mean": 400, "cv": 1.0}
+LLM_OUTPUT = {"dist": "lognormal", "mean": 150, "cv": 1.0}
+LLM_STEP = {"base": "25ms", "per_prefill_token": "0.1ms", "per_decode_seq": "0.3ms", "per_kv_token": "0.02us"}
+
+
+def llm_capacity(cfg, mean_input: float, mean_output: float) -> float:
+    """About the requests per second one copy (``cfg``: its ``Model.llm``) sustains with prompts and
+    outputs of these mean lengths: as many sequences decode as max_num_seqs and the KV cache hold (each
+    the blocks of its prompt and output), each step at their mean context, and each request's prefill on
+    top. An estimate, to set comparable loads: the simulation itself has no such formula."""
+    per_seq = -(-int(mean_input + mean_output) // cfg.block_size)
+    n = max(1, min(cfg.max_num_seqs, cfg.kv_blocks // per_seq))
+    st = cfg.step
+    decode = st.time(n, n * (mean_input + mean_output / 2.0), 0)
+    prefill = st.time(0, 0, int(mean_input)) - st.time(0, 0, 0)
+    return 1.0 / (max(mean_output - 1.0, 0.0) * decode / n + prefill)
+
+
+def llm_output_scenario(output_tokens: int, requests: float = 5.0e4, instances: int = 4) -> dict:
+    """:func:`llm_scenario` with every output ``output_tokens`` long, at the utilisation of the standard
+    case (its arrival rate over :func:`llm_capacity` with its mean lengths): the longer the outputs, the
+    fewer the requests per simulated second, for about the same load on the copies."""
+    base = parse_scenario(llm_scenario(1.0e3, instances), source="bench-llm")
+    cfg = base.models[0].llm
+    mean_in = float(LLM_INPUT["mean"])
+    load = 2.0 / llm_capacity(cfg, mean_in, float(LLM_OUTPUT["mean"]))   # per copy: 2 requests/s
+    rate = load * instances * llm_capacity(cfg, mean_in, float(output_tokens))
+    d = llm_scenario(requests, instances, output=int(output_tokens), rate=rate)
+    d["name"] = f"bench-llm-{output_tokens}"
+    return d
+
+
+def day_scenario(rate: float = 10.0, instances: int = 4, seconds: float = 86400.0,
+                 instance_type: str = "ml.g6e.xlarge") -> dict:
+    """One simulated day (``seconds``) of a 7B language model (llama-2-7b's architecture, the roofline
+    step of the instance's one GPU, vLLM's defaults otherwise) at ``rate`` requests per second on
+    ``instances`` copies, prompts and outputs as :func:`llm_scenario`'s. On an ml.g6e.xlarge (L40S, 48 GB)
+    that is about a quarter of what the copies sustain; an ml.g5.2xlarge (A10G, 24 GB: a KV cache of
+    about 15,000 tokens) sustains about 2.7 such requests per second a copy, so 10 per second on 4 would
+    be all but overloaded, its queue and preemptions growing all day."""
+    d = llm_scenario(rate * seconds, instances, rate=rate)
+    d["name"] = "bench-llm-day"
+    d["models"][0]["service"] = {"continuous_batching": {"step": "roofline"}}
+    d["endpoints"][0]["instance_type"] = instance_type
+    return d
+
+
+def _run_llm(d: dict, source: str) -> dict[str, Any]:
+    sc = parse_scenario(d, source=source)
     t0 = time.perf_counter()
     raw = simulate(sc)
     wall = time.perf_counter() - t0
     n = len(raw.columns["arrival"])
     tokens = int(raw.columns["output_tokens"].sum())
-    return {"requests": n, "wall_seconds": wall, "requests_per_s": n / wall, "output_tokens_per_s": tokens / wall}
+    ok = int((raw.columns["status"] == 1).sum())
+    return {"requests": n, "completed": ok, "simulated_seconds": sc.horizon, "wall_seconds": wall,
+            "requests_per_s": n / wall, "output_tokens_per_s": tokens / wall, "us_per_request": 1e6 * wall / n}
+
+
+def bench_continuous_batching(requests: float = 2.0e5) -> dict[str, Any]:
+    """The language-model case: continuous batching with a KV cache (:func:`llm_scenario`)."""
+    return _run_llm(llm_scenario(requests), "bench-continuous-batching")
+
+
+def bench_output_length(output_tokens: int, requests: float = 5.0e4) -> dict[str, Any]:
+    """The language-model case with outputs of ``output_tokens`` (:func:`llm_output_scenario`): the wall
+    time per request must not grow with the output (no event per token)."""
+    d = llm_output_scenario(output_tokens, requests)
+    out = _run_llm(d, f"bench-llm-{output_tokens}")
+    out["output_tokens"] = int(output_tokens)
+    out["rate_per_s"] = d["models"][0]["traffic"]["rate"]
+    return out
+
+
+def bench_day(rate: float = 10.0, instances: int = 4, seconds: float = 86400.0) -> dict[str, Any]:
+    """One simulated day of :func:`day_scenario`: its wall seconds."""
+    out = _run_llm(day_scenario(rate, instances, seconds), "bench-llm-day")
+    out["rate_per_s"] = rate
+    return out
 
 
 def mme_scenario(requests: float = 1.0e6, instances: int = 4) -> dict:
@@ -178,11 +250,13 @@ def bench_sweep(points: int = 16, scale: float = 1.0, workers: int | None = None
             "sweep_speedup": r["speedup"]}
 
 
-def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_batching"),
+def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day"),
               scale: float = 1.0) -> dict[str, Any]:
     """All benchmark cases (``"sweep"``: :func:`bench_sweep`); the SME case's figures are also at
     the top level, the batching cases' as ``batching: {requests_per_s}`` and ``continuous_batching:
-    {requests_per_s}``, and the sweep's as
+    {requests_per_s, output_tokens_per_s, us_per_request_100_tokens, us_per_request_2000_tokens}`` (the
+    last two: :func:`bench_output_length`), the simulated day of :func:`day_scenario` as
+    ``continuous_batching_day_s`` (its wall seconds; a ``scale`` below 1 simulates that share of the day), and the sweep's as
     ``sweep_serial_s``, ``sweep_parallel_s``, ``sweep_speedup``."""
     out: dict[str, Any] = {"cases": {}}
     if "sme" in cases:
@@ -198,7 +272,14 @@ def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_ba
         out["batching"] = {"requests_per_s": b["requests_per_s"]}
     if "continuous_batching" in cases:
         b = out["cases"]["continuous_batching"] = bench_continuous_batching(2.0e5 * scale)
-        out["continuous_batching"] = {"requests_per_s": b["requests_per_s"]}
+        cb = out["continuous_batching"] = {"requests_per_s": b["requests_per_s"],
+                                           "output_tokens_per_s": b["output_tokens_per_s"]}
+        for tokens in (100, 2000):
+            c = out["cases"][f"continuous_batching_{tokens}_tokens"] = bench_output_length(tokens, 5.0e4 * scale)
+            cb[f"us_per_request_{tokens}_tokens"] = c["us_per_request"]
+    if "continuous_batching_day" in cases:
+        d = out["cases"]["continuous_batching_day"] = bench_day(10.0, 4, 86400.0 * min(scale, 1.0))
+        out["continuous_batching_day_s"] = d["wall_seconds"]
     if "sweep" in cases:
         sw = bench_sweep(scale=scale)
         out["cases"]["sweep"] = sw

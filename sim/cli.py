@@ -225,7 +225,8 @@ def _catalog_models(cat, as_json: bool) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--scale", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
-              help="Scale the number of simulated requests (1.0: about 10^6 per case, 2 x 10^5 for continuous_batching).")
+              help="Scale the number of simulated requests (1.0: about 10^6 per case, 2 x 10^5 for continuous_batching, "
+              "5 x 10^4 for each of its output lengths; below 1, that share of the simulated day).")
 @click.option("--parallel", is_flag=True, help="Also time a 16-point sweep serially and on a local process "
               "pool (sweep_serial_s, sweep_parallel_s, sweep_speedup; about half a minute more).")
 def bench(as_json, scale, parallel):
@@ -234,7 +235,7 @@ def bench(as_json, scale, parallel):
 
     if not as_json:
         click.echo("benchmarking (about a minute)...", err=True)
-    cases = ("sme", "mme", "batching", "continuous_batching")
+    cases = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day")
     res = run_bench(cases + ("sweep",) if parallel else cases, scale=scale)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -246,7 +247,16 @@ def bench(as_json, scale, parallel):
                        f"{c['sweep_parallel_s']:.2f} s: {c['sweep_speedup']:.2f}x on {c['cores']} cores"
                        f"{'' if c['identical'] else ' (TABLES DIFFER)'}")
             continue
-        ratio = f" ({c['requests_per_s'] / res['requests_per_s']:.0%} of sme)" if name == "batching" else ""
+        if name == "continuous_batching_day":
+            click.echo(f"{name}: {c['simulated_seconds'] / 3600:.3g} simulated hours ({c['requests']:,} requests, "
+                       f"{c['rate_per_s']:g}/s) in {c['wall_seconds']:.2f} s")
+            continue
+        if "us_per_request" in c and "output_tokens" in c:
+            click.echo(f"{name}: {c['requests']:,} requests of {c['output_tokens']:,} output tokens in "
+                       f"{c['wall_seconds']:.2f} s = {c['us_per_request']:.1f} us per request")
+            continue
+        ratio = (f" ({c['requests_per_s'] / res['requests_per_s']:.0%} of sme)"
+                 if name in ("batching", "continuous_batching") and "requests_per_s" in res else "")
         tokens = f", {c['output_tokens_per_s']:,.0f} output tokens/s" if "output_tokens_per_s" in c else ""
         click.echo(f"{name}: {c['requests']:,} requests in {c['wall_seconds']:.2f} s = "
                    f"{c['requests_per_s']:,.0f} simulated requests/s{ratio}{tokens}")

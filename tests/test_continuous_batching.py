@@ -275,6 +275,28 @@ def test_a_longer_output_costs_no_more_events(monkeypatch):
     assert counts[1] <= counts[0] * 1.5, counts   # about 2 a request (a prefill step, a decode run) either way
 
 
+def test_bench_reports_the_language_model_figures():
+    """`capsim bench --json` has the continuous-batching figures (a small scale: no timing is asserted)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sim.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--scale", "0.002", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    cb = doc["continuous_batching"]
+    for k in ("requests_per_s", "output_tokens_per_s", "us_per_request_100_tokens", "us_per_request_2000_tokens"):
+        assert cb[k] > 0, k
+    assert doc["continuous_batching_day_s"] > 0
+    for tokens in (100, 2000):
+        c = doc["cases"][f"continuous_batching_{tokens}_tokens"]
+        assert c["output_tokens"] == tokens and c["requests"] > 0 and c["completed"] > 0
+    day = doc["cases"]["continuous_batching_day"]
+    assert day["rate_per_s"] == 10.0 and day["requests"] > 0
+
+
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(terms=st.lists(st.tuples(*[st.sampled_from([0.0, 1e-7, 3e-6, 2e-4, 0.004, 0.03])] * 4), min_size=1, max_size=3),
        overhead=st.sampled_from([0.0, 0.0005]), n=st.integers(1, 300), k0=st.integers(0, 200_000),
