@@ -401,3 +401,31 @@ def test_profile_step_until_the_profile_reader_exists(monkeypatch):
     assert sc.models[0].llm.step == StepTime.linear(5e-3, 2e-5, 1e-4, 1e-7, source="profile p.json")
     assert seen["path"] == Path("/x/p.json") and seen["params"] == 6_738_415_616 and seen["kv"] == 524_288
     assert seen["gpu"].name == "A10G" and "note" in sc.warnings
+
+
+def test_error_mapping_without_each_required_key():
+    """Every key but dtype_bytes and the two expert keys is required: leaving out any one is one error
+    naming that key's path."""
+    base = {"params": "6.74B", "layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 11008,
+            "vocab": 32000}
+    for key in base:
+        arch = {k: v for k, v in base.items() if k != key}
+        msg = _error(_scenario({"architecture": arch, "service": {"continuous_batching": {}}}))
+        assert f"models[0].architecture.{key}: missing required key" in msg, msg
+        assert "problems" not in msg, msg
+    # the optional ones may be left out
+    assert parse_scenario(_scenario({"architecture": base, "service": {"continuous_batching": {}}})).models[0].llm
+
+
+def test_warning_token_means_longer_than_the_cache():
+    """Token counts drawn from distributions whose means together exceed the copy's KV cache: a warning
+    (such requests cannot be served; the run refuses them as no_capacity), not an error as for constant
+    tokens (test_error_sequence_longer_than_the_cache): 0.6 x 24 GB less 13.48 GB leaves 110 blocks, 1760
+    tokens."""
+    d = _scenario({"architecture": "llama-2-7b",
+                   "tokens": {"input": {"dist": "lognormal", "mean": 6000, "cv": 0.5}, "output": 250},
+                   "service": {"continuous_batching": {"gpu_memory_utilization": 0.6}}})
+    sc = parse_scenario(copy.deepcopy(d), source="s.yaml")
+    assert sc.models[0].llm.kv_tokens == 1760
+    assert any(w.startswith("models[0].service.continuous_batching: model 'llm': a request of 6250 tokens (input "
+                            "and output, means) needs more than the copy's KV cache of 1760 tokens") for w in sc.warnings)

@@ -85,3 +85,110 @@ def test_invariants(p):
     # Every measured request is accounted for.
     o = s["overall"]
     assert o["completed"] + o["failed"] + o["in_flight"] == o["requests"]
+
+
+# -- continuous batching (a language model's copy running vLLM-style steps) ------------------------------
+LLM_TYPE = {"name": "test.gpu1", "gpus": 1, "gpu_memory_gb": 80, "vcpus": 8, "memory_gb": 64, "price_per_hour": 1.0}
+
+
+def _tokens(draw_const, mean, cv):
+    return int(mean) if draw_const else {"dist": "lognormal", "mean": mean, "cv": cv}
+
+
+llm_scenarios = st.fixed_dictionaries({
+    "seqs": st.integers(1, 24),
+    "extra_budget": st.integers(0, 1000),
+    "block": st.sampled_from([1, 8, 16, 32]),
+    "kv_gb": st.floats(0.05, 1.5),
+    "tin": st.tuples(st.booleans(), st.floats(1, 400), st.floats(0.2, 1.5)),
+    "tout": st.tuples(st.booleans(), st.floats(1, 200), st.floats(0.2, 1.5)),
+    "base_only": st.booleans(),
+    "coef": st.tuples(st.floats(0.5, 10.0), st.floats(0.0, 0.05), st.floats(0.0, 0.5), st.floats(0.0, 2.0)),
+    "closed": st.booleans(),
+    "rate": st.floats(0.5, 30.0),
+    "seed": st.integers(0, 2**31),
+})
+
+
+def build_llm(p):
+    base, ppt, pds, pkv = p["coef"]
+    if p["base_only"]:
+        ppt = pds = pkv = 0.0
+    traffic = {"process": "poisson", "rate": p["rate"]}
+    if p["closed"]:
+        traffic = {"process": "closed", "users": 1 + int(p["rate"]), "think_time": p["rate"] / 30.0}
+    d = sme(duration=30.0, seed=p["seed"], traffic=traffic, instance_type=LLM_TYPE["name"])
+    d["instance_types"] = [LLM_TYPE]
+    m = d["models"][0]
+    del m["size_gb"]
+    m["architecture"] = "llama-2-7b"
+    m["tokens"] = {"input": _tokens(*p["tin"]), "output": _tokens(*p["tout"])}
+    m["service"] = {"continuous_batching": {
+        "max_num_seqs": p["seqs"], "max_num_batched_tokens": p["seqs"] + p["extra_budget"], "block_size": p["block"],
+        "kv_cache_gb": p["kv_gb"],
+        "step": {"base": f"{base}ms", "per_prefill_token": f"{ppt}ms", "per_decode_seq": f"{pds}ms",
+                 "per_kv_token": f"{pkv}us"}}}
+    del d["endpoints"][0]["max_concurrency"]
+    return d, (base, ppt, pds, pkv * 1e-3)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(llm_scenarios)
+def test_continuous_batching_invariants(p):
+    """Random max_num_seqs, token budget, block size, KV cache, token counts (fixed or lognormal), step
+    coefficients and traffic (open or closed loop): the engine keeps its caps after every change (its log:
+    running sequences <= max_num_seqs on the one copy, KV blocks used <= the cache); every request ends
+    with a status; exactly those handed to the copy whose tokens exceed the whole cache are refused
+    (no_capacity); a request served OK gets its first token after at least ceil(prompt / budget) prefill
+    steps and then at least its (output - 1) decode steps over its own growing context. With the base
+    alone (every step takes it), exactly: first token and end lie whole steps after admission, and with no
+    preemption the request takes exactly (output - 1) steps after its first token (to 1e-6 of a step)."""
+    from hypothesis import assume
+
+    from sim.scenario import ScenarioError, parse_scenario
+    from sim.simulate import simulate
+
+    d, (base, ppt, pds, pkv) = build_llm(p)
+    try:
+        sc = parse_scenario(d, source="prop")
+    except ScenarioError as e:   # fixed tokens longer than the whole cache are refused up front
+        assert "needs more than the copy's KV cache" in str(e)
+        assume(False)
+    llm = sc.models[0].llm
+    run = simulate(sc)
+    rows = np.array(run.logs[0].llm, dtype=float)
+    running, waiting, used, cap = np.cumsum(rows[np.argsort(rows[:, 0], kind="stable"), 1:], axis=0).T
+    assert running.min() >= 0 and running.max() <= p["seqs"] and waiting.min() >= 0
+    assert (cap == llm.kv_blocks).all() and used.min() >= 0 and used.max() <= llm.kv_blocks
+
+    res = run_dict(d)
+    r = res.requests
+    o = res.summary["overall"]
+    assert res.summary["endpoints"]["e"]["preemptions"] == len(run.logs[0].preempted)   # the same run
+    assert o["completed"] + o["failed"] + o["in_flight"] == o["requests"] == len(r)
+    status = r["status"].astype(str).to_numpy()
+    assert set(status) <= {"ok", "no_capacity", "in_flight"}
+    tin = np.maximum(r["input_tokens"].to_numpy(), 1)
+    tout = np.maximum(r["output_tokens"].to_numpy(), 1)
+    too_long = -(-(tin + tout) // p["block"]) > llm.kv_blocks
+    handed = r["start_s"].notna().to_numpy() | (status == "no_capacity")
+    np.testing.assert_array_equal((status == "no_capacity")[handed | (status != "in_flight")],
+                                  too_long[handed | (status != "in_flight")])
+    ok = status == "ok"
+    start = r["start_s"].to_numpy()[ok]
+    first = (r["arrival_s"] + r["ttft_ms"] / 1e3).to_numpy()[ok]
+    end = r["end_s"].to_numpy()[ok]
+    tin, tout = tin[ok], tout[ok]
+    assert np.isfinite(first).all() and (first >= start - 1e-9).all() and (end >= first - 1e-9).all()
+    budget = p["seqs"] + p["extra_budget"]
+    assert (first - start >= -(-tin // budget) * base * 1e-3 + tin * ppt * 1e-3 - 1e-9).all()
+    j = tout - 1
+    assert (end - first >= (j * (base + pds) + pkv * (j * tin + j * (j - 1) / 2)) * 1e-3 - 1e-9).all()
+    if p["base_only"]:
+        steps_to_first = (first - start) / (base * 1e-3)
+        steps_after = (end - first) / (base * 1e-3)
+        np.testing.assert_allclose(steps_to_first, np.round(steps_to_first), atol=1e-6)
+        np.testing.assert_allclose(steps_after, np.round(steps_after), atol=1e-6)
+        if not run.logs[0].preempted:
+            np.testing.assert_allclose(steps_after, j, atol=1e-6)

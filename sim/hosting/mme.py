@@ -115,6 +115,7 @@ class MMEEndpoint(EndpointRuntime):
                      / max(mod.memory_gb if self.on_gpu else mod.memory_gb + mod.host_memory_gb, 1e-9)
                      for mod in models]
         self._gpus = it.gpus if self.on_gpu else 0
+        self._llm_devices: dict[tuple[int, int], object] = {}   # (instance, model) -> continuous-batching copy
         self._start_fleet(ep.instances.start)
         self._log_memory()
 
@@ -232,7 +233,19 @@ class MMEEndpoint(EndpointRuntime):
         slot.busy += 1
         inst.serving += 1
         self.requests.start[i] = now
-        inst.devices[0].start(i, now)
+        self._device(inst, slot.model).start(i, now)
+
+    def _device(self, inst: MMEInstance, m: int):
+        """Where a request of model ``m`` runs on ``inst``: the instance's shared device, or for a
+        continuous-batching model its own copy (its steps and KV cache on the instance's GPUs), made at
+        its first request there."""
+        if m not in self.devices.llm:
+            return inst.devices[0]
+        dev = self._llm_devices.get((inst.index, m))
+        if dev is None:
+            dev = self._llm_devices[(inst.index, m)] = self.devices.new(self._done, self._gpus, inst, m)
+            inst.devices.append(dev)   # an instance failure stops it too
+        return dev
 
     def _done(self, i: int, dev) -> None:
         r = self.requests
