@@ -56,3 +56,13 @@ def too_noisy(neighbours) -> str | None:
     if cores is not None and cores > NOISY_SHARE * cpus:
         return f"too noisy to measure: other processes used {cores:.2f} of {cpus} cores meanwhile"
     return None
+
+
+def print_table(title: str, head: tuple[str, ...], rows: list[tuple]) -> None:
+    """A table printed under ``title`` (the seed reproductions' figures, with ``pytest -s``)."""
+    widths = [max(len(str(h)), *(len(str(r[k])) for r in rows)) for k, h in enumerate(head)]
+    print(f"\n{title}")
+    print(" | ".join(str(h).ljust(w) for h, w in zip(head, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))

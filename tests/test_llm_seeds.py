@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import sim
+from conftest import print_table as _table
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 ROUTING = SCENARIOS / "routing_codegen2_llm.yaml"
@@ -17,15 +18,6 @@ REPORTED_P99_LOWER = (0.04, 0.33)       # LOR's P99 4-33% lower, from 5 to 20 in
 REPORTED_TPUT_HIGHER = (0.15, 0.16)     # LOR's throughput per instance per minute 15-16% higher
 USERS_PER_INSTANCE = 4                  # the source's tests 1-5: 4, 20, 40, 60, 80 users on 1-20 instances
 INSTANCES = (1, 5, 10, 15, 20)
-
-
-def _table(title: str, head: tuple[str, ...], rows: list[tuple]) -> None:
-    widths = [max(len(str(h)), *(len(str(r[k])) for r in rows)) for k, h in enumerate(head)]
-    print(f"\n{title}")
-    print(" | ".join(str(h).ljust(w) for h, w in zip(head, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for r in rows:
-        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
 @lru_cache(maxsize=None)   # the two tests share their runs

@@ -10,18 +10,10 @@ from pathlib import Path
 import yaml
 
 import sim
+from conftest import print_table as _table
 from sim.scenario import parse_scenario
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-
-
-def _table(title: str, head: tuple[str, ...], rows: list[tuple]) -> None:
-    widths = [max(len(str(h)), *(len(str(r[k])) for r in rows)) for k, h in enumerate(head)]
-    print(f"\n{title}")
-    print(" | ".join(str(h).ljust(w) for h, w in zip(head, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for r in rows:
-        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
 def _fleet(instances: dict) -> str:
