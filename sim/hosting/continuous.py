@@ -33,12 +33,12 @@ from __future__ import annotations
 
 from collections import deque
 from heapq import heappop, heappush
-from math import sqrt
 
 from simpy.core import NORMAL
 
 from ..core.engine import NO_CAPACITY, Call
 from .device import Device, DeviceSet, Done  # noqa: F401 (DeviceSet: types)
+from .steps import one_term_steps_within
 
 
 class _Seq:
@@ -205,22 +205,8 @@ class ContinuousBatching(Device):
             if done + 1 >= m:
                 return   # the run's last step is the one in progress
             end = t0 + st.decode_time(n, k0, done + 1)
-        else:   # StepTime.decode_steps_within and decode_time of one term, inlined (the same arithmetic)
-            span = now - t0
-            if a1 > span:
-                j = 0
-            else:
-                if s > 0.0:
-                    g = ((s / 2.0 - a1) + sqrt((a1 - s / 2.0) ** 2 + 2.0 * s * span)) / s
-                elif a1 > 0.0:
-                    g = span / a1
-                else:
-                    g = m
-                j = m if not (g < m) else (int(g) if g >= 1.0 else 1)
-                while j < m and (j + 1) * a1 + s * (j + 1) * j / 2.0 <= span:
-                    j += 1
-                while j > 1 and j * a1 + s * j * (j - 1) / 2.0 > span:
-                    j -= 1
+        else:   # StepTime.decode_steps_within and decode_time of one term (the run's a1 and s kept)
+            j = one_term_steps_within(a1, s, now - t0, m)
             if j + 1 >= m:
                 return   # the run's last step is the one in progress
             end = t0 + ((j + 1) * a1 + s * (j + 1) * j / 2.0)

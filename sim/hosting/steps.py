@@ -111,22 +111,7 @@ class StepTime:
             a, b, c, d = one
             a = a + b * n + c * k0
             s = c * n
-            a1 = self.overhead + a
-            if a1 > span:   # decode_time(1) = 1 * a1 + 0
-                return 0
-            half = s / 2.0
-            if s > 0.0:
-                g = ((half - a1) + sqrt((a1 - half) ** 2 + 2.0 * s * span)) / s
-            elif a1 > 0.0:
-                g = span / a1
-            else:
-                g = cap
-            j = cap if not (g < cap) else (int(g) if g >= 1.0 else 1)   # also nan/inf: cap
-            while j < cap and (j + 1) * a1 + s * (j + 1) * j / 2.0 <= span:
-                j += 1
-            while j > 1 and j * a1 + s * j * (j - 1) / 2.0 > span:
-                j -= 1
-            return j
+            return one_term_steps_within(self.overhead + a, s, span, cap)
         if self.decode_time(n, k0, 1) > span:
             return 0
         # each term alone takes no longer than the envelope: the most steps of the fastest bounds the
@@ -161,3 +146,24 @@ class StepTime:
             else:
                 hi = mid
         return lo
+
+
+def one_term_steps_within(a1: float, s: float, span: float, cap: int) -> int:
+    """The most steps (at most ``cap``) of a one-term decode run whose ``j`` steps take ``j a1 + s j (j -
+    1) / 2`` seconds that end within ``span``: the root of the quadratic, checked and adjusted on that
+    sum (the same answer as a bisection on it)."""
+    if a1 > span:   # one step takes a1
+        return 0
+    half = s / 2.0
+    if s > 0.0:
+        g = ((half - a1) + sqrt((a1 - half) ** 2 + 2.0 * s * span)) / s
+    elif a1 > 0.0:
+        g = span / a1
+    else:
+        g = cap
+    j = cap if not (g < cap) else (int(g) if g >= 1.0 else 1)   # also nan/inf: cap
+    while j < cap and (j + 1) * a1 + s * (j + 1) * j / 2.0 <= span:
+        j += 1
+    while j > 1 and j * a1 + s * j * (j - 1) / 2.0 > span:
+        j -= 1
+    return j
