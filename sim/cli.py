@@ -99,6 +99,35 @@ def print_summary(summary: dict) -> None:
     Console().print(t)
 
 
+def _ms(v: float) -> str:
+    return f"{v / 1e3:g} s" if v >= 1000 else f"{v:g} ms"
+
+
+def slo_lines(summary: dict, blocks: dict[str, dict]) -> list[str]:
+    """Per block (named as it is to be shown), whether it met the summary's SLO and why not
+    (:func:`sim.metrics.slo_verdict`), as lines to print."""
+    from .metrics import SLO_FIGURES, SLO_LABELS, slo_verdict
+
+    slo = summary.get("slo") or {}
+    if not slo:
+        return ["no SLO set (add e.g. slo: {p99: 500ms} to the scenario): no verdict"]
+    out = ["SLO " + ", ".join(f"{SLO_LABELS[SLO_FIGURES[k]]} <= {_ms(v)}" for k, v in slo.items()) + ":"]
+    for name, b in blocks.items():
+        met, why = slo_verdict(b, slo)
+        if met is None:
+            out.append(f"  {name}: not judged (no requests)")
+            continue
+        if not met:
+            out.append(f"  {name}: MISSED ({'; '.join(why)})")
+            continue
+        figs = [f"{SLO_LABELS[SLO_FIGURES[k]]} {_fmt(b[SLO_FIGURES[k]])} ms" for k in slo
+                if b.get(SLO_FIGURES[k]) is not None]
+        if b.get("slo_attainment") is not None:
+            figs.append(f"attainment {b['slo_attainment']:.1%}")
+        out.append(f"  {name}: met ({', '.join(figs)})")
+    return out
+
+
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Results directory "
@@ -139,6 +168,10 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots, force):
         click.echo(json.dumps(result.summary, indent=2))
     else:
         print_summary(result.summary)
+        blocks = {**{f"endpoint {n}": b for n, b in result.summary["endpoints"].items()},
+                  "all endpoints": result.summary["overall"]}
+        for line in slo_lines(result.summary, blocks):
+            click.echo(line)
         for w in result.summary.get("warnings", []):
             click.echo(f"warning: {w}", err=True)
         click.echo(f"results written to {path}/", err=True)
@@ -549,6 +582,12 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, force):
         click.echo(json.dumps(summary, indent=2, default=str))
         return
     print_comparison(summary)
+    for name, b in summary["plans"].items():   # each plan's verdict per endpoint, and its run's warnings
+        eps = {f"endpoint {e}": blk for e, blk in (b.get("endpoints") or {}).items()}
+        for line in slo_lines(summary, eps):
+            click.echo(line if line.startswith("  ") else f"{name}: {line}")
+        for w in b.get("warnings", []):
+            click.echo(f"{name}: warning: {w}", err=True)
     for name, why in summary["skipped"].items():
         click.echo(f"{name}: not built: {why}", err=True)
     for name, b in summary["plans"].items():

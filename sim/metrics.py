@@ -23,6 +23,18 @@ SUMMARY_KEYS = ("requests", "completed", "failed", "in_flight", "p50_ms", "p90_m
                 "slo_attainment", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms",
                 "tpot_p90_ms", "tpot_p99_ms", "output_tokens_per_s")
 ENDPOINT_KEYS = ("instance_hours", "instances_mean", "instances_max")
+# summary.json warns of an endpoint where more than this share of the finished requests failed, or more
+# than this share of its requests are still in flight at the horizon (a backlog that did not drain).
+FAILED_SHARE_WARNING = 0.01
+BACKLOG_SHARE_WARNING = 0.01
+# What each failure status says about the endpoint, and what to do about it.
+_FAILURE_CAUSES = {
+    "timeout": "requests waited past the endpoint's timeout: more arrive than it serves (overloaded)",
+    "throttled": "requests were refused beyond queue_limit: more arrive than it serves (overloaded)",
+    "no_capacity": "requests found no instance or copy in service (scaled to zero, an outage, or capacity "
+                   "still provisioning)",
+    "instance_failure": "requests were lost with failed instances",
+}
 
 
 def finalize_status(run: RawRun) -> None:
@@ -336,6 +348,44 @@ def slo_block(sc) -> dict[str, float]:
             if getattr(s, k) is not None}
 
 
+# Where an SLO target is read in a summary block: the latency targets against the figure of their name,
+# TTFT and TPOT against their P99 (as the worked examples size language models).
+SLO_FIGURES = {"p50_ms": "p50_ms", "p90_ms": "p90_ms", "p99_ms": "p99_ms", "mean_ms": "mean_ms",
+               "ttft_ms": "ttft_p99_ms", "tpot_ms": "tpot_p99_ms"}
+SLO_LABELS = {"p50_ms": "P50", "p90_ms": "P90", "p99_ms": "P99", "mean_ms": "mean latency",
+               "ttft_p99_ms": "TTFT P99", "tpot_p99_ms": "TPOT P99"}
+SLO_MAX_FAILED = 0.01      # without a P99 target, more than 1% of the finished requests failed misses the SLO
+
+
+def slo_verdict(block: dict[str, Any], slo_ms: dict[str, float]) -> tuple[bool | None, list[str]]:
+    """Whether a summary block (an endpoint's, a model's or the total) meets the SLO targets ``slo_ms``
+    (summary.json's ``slo``: ``{"p99_ms": 5000.0}``), and why not. The rule of ``capsim compare``:
+    every figure within its target (TTFT and TPOT at their P99; where the block has no such requests,
+    not judged), and with a P99 target an attainment of 99% (failed requests count as misses), without
+    one at most SLO_MAX_FAILED of the finished requests failed. None: no target, or no request."""
+    if not slo_ms or not block.get("requests"):
+        return None, []
+    misses = []
+    for key, target in slo_ms.items():
+        fig = SLO_FIGURES.get(key)
+        v = block.get(fig) if fig else None
+        label = SLO_LABELS.get(fig, key)
+        if v is None:
+            if key in ("ttft_ms", "tpot_ms"):
+                continue
+            misses.append(f"no request completed, so no {label}")
+        elif v > target + 1e-9:
+            misses.append(f"{label} {v:,.1f} ms > {target:,.0f} ms")
+    finished = block["requests"] - (block.get("in_flight") or 0)
+    att = block.get("slo_attainment")
+    if "p99_ms" in slo_ms and att is not None:
+        if att < 0.99 - 1e-9:
+            misses.append(f"attainment {att:.1%} < 99%")
+    elif finished > 0 and (block.get("failed") or 0) > SLO_MAX_FAILED * finished:
+        misses.append(f"{block['failed'] / finished:.1%} of the requests failed")
+    return not misses, misses
+
+
 def _attained(slo, ok: np.ndarray, lat: np.ndarray, ttft: np.ndarray, tpot: np.ndarray) -> np.ndarray | None:
     """Per request, whether it was served OK within the SLO: its latency within the latency target, and its
     TTFT and TPOT within theirs where it has them. None without an SLO."""
@@ -424,6 +474,8 @@ def summarize(run: RawRun) -> dict[str, Any]:
         cw["GPUUtilization"] = blk["gpu_utilization"]
         blk["cloudwatch"] = cw
         blk["thrashing_index"] = cw["thrashing_index"]
+        blk["failed_by_status"] = {STATUS_NAMES[k]: int((status[sel] == k).sum())
+                                   for k in range(TIMEOUT, len(STATUS_NAMES))}
         out["endpoints"][ep.name] = blk
         if ep.mode == "mme" and loads_e and cw["thrashing_index"] > ep.cache.thrash_warning:
             out["warnings"].append(
@@ -437,6 +489,31 @@ def summarize(run: RawRun) -> dict[str, Any]:
         ok_i = idx[ok[idx]]
         out["models"][mod.name] = _block(lat[ok_i], status[idx], cold[idx], duration, model_cost(m),
                                          None if met is None else met[idx], int(model_loads[m]), tok(ok_i))
+    out["warnings"] += outcome_warnings(out)
+    return out
+
+
+def outcome_warnings(summary: dict[str, Any]) -> list[str]:
+    """Warnings read from a summary's endpoint figures: an endpoint where more than
+    FAILED_SHARE_WARNING of the finished requests failed (with the statuses and what they say), or
+    where more than BACKLOG_SHARE_WARNING of the requests are still in flight at the horizon."""
+    out = []
+    for name, b in summary["endpoints"].items():
+        n, failed, in_flight = b.get("requests") or 0, b.get("failed") or 0, b.get("in_flight") or 0
+        finished = n - in_flight
+        if finished > 0 and failed > FAILED_SHARE_WARNING * finished:
+            by = {k: v for k, v in (b.get("failed_by_status") or {}).items() if v}
+            top = max(by, key=by.get) if by else None
+            counts = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+            cause = f": {_FAILURE_CAUSES[top]}" if top in _FAILURE_CAUSES else ""
+            fix = ("; add instances (or copies), a larger instance type or autoscaling"
+                   if top in ("timeout", "throttled") else "")
+            out.append(f"endpoint {name}: {failed / finished:.1%} of its finished requests failed "
+                       f"({counts or f'{failed:,.0f}'}){cause}{fix}")
+        if n > 0 and in_flight > BACKLOG_SHARE_WARNING * n:
+            out.append(f"endpoint {name}: {in_flight:,.0f} requests ({in_flight / n:.1%}) were still in flight at "
+                       "the end of the run and are not in its figures: a backlog (more arrive than it serves), or "
+                       "requests too long for the run")
     return out
 
 
@@ -552,5 +629,9 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     out["overall"] = merge([s["overall"] for s in summaries])
     out["endpoints"] = {n: merge([s["endpoints"][n] for s in summaries]) for n in first["endpoints"]}
     out["models"] = {n: merge([s["models"][n] for s in summaries]) for n in first["models"]}
-    out["warnings"] = sorted({w for s in summaries for w in s.get("warnings", [])})
+    # The scenario's warnings (the same in every replication) and each replication's own, but the
+    # figures' warnings once, from the mean figures (each replication's would differ in their numbers).
+    own = {w for s in summaries for w in outcome_warnings(s)}
+    kept = dict.fromkeys(w for s in summaries for w in s.get("warnings", []) if w not in own)
+    out["warnings"] = list(kept) + outcome_warnings(out)
     return out
