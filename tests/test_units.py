@@ -98,3 +98,83 @@ def test_annotated_types_in_pydantic(annotated, value, expected):
     assert adapter.validate_python(value) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValidationError, match="expected a non-negative"):
         adapter.validate_python("-" + value)
+
+
+# -- bare numbers most likely meant in milliseconds (issue 22, item 2) ---------------------------------
+def _bare_hints(**edits):
+    """The unit warnings of a one-model scenario after ``edits`` (``key.path=value`` overrides)."""
+    from sim.scenario.loader import apply_overrides, parse_scenario
+
+    from conftest import sme
+
+    d = sme(mean="20ms", duration=60.0)
+    d = apply_overrides(d, [f"{k}={v}" for k, v in edits.items()])
+    return [w for w in parse_scenario(d, source="s.yaml").warnings if "a bare number is in" in w]
+
+
+@pytest.mark.parametrize("key,value,path,suggestion", [
+    ("slo", "{p99: 2000}", "slo.p99", "did you mean 2000ms?"),
+    ("slo", "{p50: 60}", "slo.p50", "did you mean 60ms?"),                   # at the threshold
+    ("slo", "{tpot: 50}", "slo.tpot", "did you mean 50ms?"),
+    ("slo", "{ttft: '1500'}", "slo.ttft", "did you mean 1500ms?"),           # a string without unit too
+    ("models[0]", "{name: m, size_gb: 1, service: {base: 20, per_input_token: 0, per_output_token: 0}, "
+     "tokens: {input: 10, output: 10}, traffic: {process: poisson, rate: 1}}", "models[0].service.base",
+     "did you mean 20ms?"),
+    ("models[0].service.mean", "30", "models[0].service.mean", "did you mean 30ms?"),
+    ("models[0].service", "{dist: empirical, samples: [9.8, 10.4, 12]}", "models[0].service.samples",
+     "values up to 12 is"),
+    ("endpoints[0].timeout", "60000", "endpoints[0].timeout", "did you mean 60000ms?"),
+])
+def test_bare_number_far_beyond_its_unit_warns(key, value, path, suggestion):
+    hints = _bare_hints(**{key: value})
+    assert len(hints) == 1 and hints[0].startswith(f"{path}: ") and suggestion in hints[0]
+    assert "a bare number is in seconds" in hints[0]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("slo", "{p99: 2000ms}"),          # a unit: never a warning
+    ("slo", "{p99: 2s}"),
+    ("slo", "{p99: 59}"),              # below the threshold (60 s)
+    ("slo", "{tpot: 0.1}"),
+    ("models[0].service.mean", "9.9"),
+    ("models[0].service.mean", "'20000ms'"),
+    ("endpoints[0].timeout", "600"),
+    ("endpoints[0].timeout", "2h"),
+])
+def test_plausible_or_unit_bearing_numbers_do_not_warn(key, value):
+    assert _bare_hints(**{key: value}) == []
+
+
+def test_bare_number_warning_in_validate_and_run(tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from sim.cli import main
+
+    from conftest import sme
+
+    p = tmp_path / "s.yaml"
+    d = sme(rate=5.0, mean=0.02, duration=60.0)
+    d["slo"] = {"p99": 2000}
+    p.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(p)], catch_exceptions=False)
+    assert r.exit_code == 0 and "warning: slo.p99: 2000 is 33.3 minutes" in r.stderr
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "r"), "--no-plots"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0 and "did you mean 2000ms?" in r.stderr
+    assert any(w.startswith("slo.p99: ") for w in json.loads((tmp_path / "r" / "summary.json").read_text())["warnings"])
+    # the SLO as written (2000 s) is what the run judged against
+    assert "P99 <= 2000 s" in r.stdout
+
+
+def test_shipped_scenarios_have_no_bare_number_warnings():
+    from pathlib import Path
+
+    from sim.scenario import load_scenario
+
+    for f in sorted((Path(__file__).resolve().parents[1] / "scenarios").glob("*.yaml")):
+        if f.name == "salesforce_plans.yaml":   # plans for compare --plans, not a scenario
+            continue
+        assert not [w for w in load_scenario(f).warnings if "a bare number is in" in w], f.name

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Iterable, get_args
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import schema
 from .errors import ScenarioError, format_path, suggest
-from .units import shown
+from .units import bare_number_warnings, shown
 from .resolve import Scenario, resolve
 
 _KNOWN_KEYS = sorted({
@@ -308,7 +309,11 @@ def parse_scenario(data: dict, *, source: str = "<scenario>", base_dir: Path | N
         spec = schema.ScenarioSpec.model_validate(data)
     except ValidationError as e:
         raise format_validation_error(e, data, source) from None
-    return resolve(spec, source=source, base_dir=base_dir)
+    scenario = resolve(spec, source=source, base_dir=base_dir)
+    hints = bare_number_warnings(data)
+    if hints:
+        scenario = dataclasses.replace(scenario, warnings=tuple(dict.fromkeys(hints + list(scenario.warnings))))
+    return scenario
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:

@@ -214,3 +214,89 @@ CV = Annotated[float, BeforeValidator(parse_cv)]
 Count = Annotated[int, BeforeValidator(parse_count)]
 Period = Annotated[float, BeforeValidator(parse_period)]
 Params = Annotated[int, BeforeValidator(parse_params)]
+
+
+# -- bare numbers that were most likely meant in another unit ---------------------------------------
+# A bare number is in the schema's unit: seconds, GB, per second. Where it is far beyond what that
+# unit makes plausible, the author most likely wrote milliseconds (``slo.p99: 2000``; ``service.base:
+# 20``): validate and run warn, with the key path and the value as milliseconds. Each key's threshold
+# in seconds, at or above which a bare number is suspect (README, Scenarios, "Units"):
+BARE_SECONDS_HINTS: tuple[tuple[str, float, str], ...] = (
+    ("slo.p50", 60.0, "a latency target"),
+    ("slo.p90", 60.0, "a latency target"),
+    ("slo.p99", 60.0, "a latency target"),
+    ("slo.mean", 60.0, "a latency target"),
+    ("slo.ttft", 60.0, "a time to first token"),
+    ("slo.tpot", 1.0, "a time per output token"),
+    ("models[*].service.mean", 10.0, "a request's mean service time"),
+    ("models[*].service.base", 10.0, "a request's fixed service time"),
+    ("models[*].service.samples", 10.0, "measured service times"),
+    ("models[*].service.per_input_token", 1.0, "a time per input token"),
+    ("models[*].service.per_output_token", 1.0, "a time per output token"),
+    ("models[*].service.continuous_batching.step.base", 1.0, "a step's fixed time"),
+    ("models[*].service.continuous_batching.step.per_prefill_token", 1.0, "a time per prefill token"),
+    ("models[*].service.continuous_batching.step.per_decode_seq", 1.0, "a time per decoding sequence"),
+    ("models[*].service.continuous_batching.step.per_kv_token", 1.0, "a time per KV token"),
+    ("endpoints[*].timeout", 3600.0, "an invocation timeout"),
+)
+
+_BARE_RE = re.compile(rf"^\s*{_NUM}\s*$")
+
+
+def _bare(value: object) -> float | None:
+    """The number of a value written without a unit (``2000``, ``"2000"``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str) and _BARE_RE.match(value):
+        try:
+            x = float(value)
+        except (ValueError, OverflowError):
+            return None
+        return x if math.isfinite(x) else None
+    return None
+
+
+def _walk(data: object, parts: list[str], where: str):
+    """(key path, value) of every value at ``parts`` (``name``, ``name[*]``) under ``data``."""
+    if not parts:
+        yield where, data
+        return
+    head, rest = parts[0], parts[1:]
+    name, each = (head[:-3], True) if head.endswith("[*]") else (head, False)
+    if not isinstance(data, dict) or name not in data:
+        return
+    value, here = data[name], f"{where}.{name}" if where else name
+    if not each:
+        yield from _walk(value, rest, here)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _walk(item, rest, f"{here}[{i}]")
+
+
+def _human_seconds(x: float) -> str:
+    for unit, size in (("days", 86400.0), ("hours", 3600.0), ("minutes", 60.0)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x:g} seconds"
+
+
+def bare_number_warnings(data: object) -> list[str]:
+    """Warnings for the bare numbers of a scenario (the parsed YAML, overrides applied) that are far
+    beyond what their unit makes plausible (BARE_SECONDS_HINTS): ``slo.p99: 2000 is 2000 seconds (33.3
+    minutes): a bare number is in seconds; did you mean 2000ms?``."""
+    out = []
+    for pattern, threshold, what in BARE_SECONDS_HINTS:
+        for where, value in _walk(data, pattern.split("."), ""):
+            if isinstance(value, (list, tuple)):   # a list of times (samples): one warning, at its largest
+                xs = [x for x in map(_bare, value) if x is not None]
+                x, said = (max(xs), "values up to ") if xs else (None, "")
+            else:
+                x, said = _bare(value), ""
+            if x is None or x < threshold:
+                continue
+            shown_x = f"{x:g}"
+            out.append(f"{where}: {said}{shown_x} is {_human_seconds(x)} for {what} (a bare number is in "
+                       f"seconds); did you mean {shown_x}ms?")
+    return out
