@@ -197,62 +197,98 @@ def validate(scenario, overrides):
                f"{human_bytes(vol.bytes)} of memory{unbounded})")
 
 
+def _wide_console():
+    """A rich Console that never squeezes a table: piped (no terminal to measure), rich would fit it in
+    80 columns and cut the names; then as wide as the table needs, up to 240 columns."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 240)
+
+
+def _emit_frame(df, fmt: str) -> None:
+    """A catalog table for scripts: ``json`` (a list of records; null where a figure is absent) or ``csv``."""
+    if fmt == "csv":
+        click.echo(df.to_csv(index=False), nl=False)
+        return
+    from .api import json_default
+
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in df.to_dict(orient="records")]
+    click.echo(json.dumps(rows, indent=2, default=json_default))
+
+
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON (a list of records, every field "
+              "with its source) for scripts.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the listing as CSV (every field) for scripts.")
 @click.option("--models", "models", is_flag=True,
               help="List the language-model architectures instead (figures from their published configs).")
-def catalog(as_json, models):
+@click.option("--gpus", "gpus", is_flag=True, help="List the GPU specs instead.")
+def catalog(as_json, as_csv, models, gpus):
     """Instance types (with prices and sources) and GPU specs; with --models, model architectures."""
     from .catalog import load_catalog
 
+    if as_json and as_csv:
+        _fail("--json and --csv: choose one")
+    if models and gpus:
+        _fail("--models and --gpus: choose one")
+    fmt = "json" if as_json else "csv" if as_csv else None
     cat = load_catalog()
     if models:
-        _catalog_models(cat, as_json)
+        _catalog_models(cat, fmt)
         return
+    if gpus:
+        import dataclasses
+
+        import pandas as pd
+
+        df = pd.DataFrame([dataclasses.asdict(g) for _, g in sorted(cat.gpus.items())])
+        if fmt:
+            _emit_frame(df, fmt)
+            return
     df = cat.table()
-    if as_json:
-        click.echo(df.to_json(orient="records", indent=2))
+    if fmt and not gpus:
+        _emit_frame(df, fmt)
         return
-    from rich.console import Console
     from rich.table import Table
 
-    show = [c for c in ("name", "gpu", "gpus", "gpu_memory_gb", "vcpus", "memory_gb", "storage",
-                        "network_gbps", "price_per_hour") if c in df.columns]
-    t = Table(title="instance types (SageMaker real-time, us-east-1, on-demand $/h)")
-    for c in show:
-        t.add_column(c, justify="left" if c in ("name", "gpu", "storage") else "right")
-    for _, row in df.iterrows():
-        t.add_row(*[("-" if row[c] is None or row[c] != row[c] else str(row[c])) for c in show])
-    Console().print(t)
+    console = _wide_console()
+    if not gpus:
+        show = [c for c in ("name", "gpu", "gpus", "gpu_memory_gb", "vcpus", "memory_gb", "storage",
+                            "network_gbps", "price_per_hour") if c in df.columns]
+        t = Table(title="instance types (SageMaker real-time, us-east-1, on-demand $/h; sources: --json)")
+        for c in show:
+            t.add_column(c, justify="left" if c in ("name", "gpu", "storage") else "right", no_wrap=True)
+        for _, row in df.iterrows():
+            t.add_row(*[("-" if row[c] is None or row[c] != row[c] else str(row[c])) for c in show])
+        console.print(t)
     g = Table(title="GPUs")
     for c in ("name", "memory_gb", "memory_bandwidth_gbs", "bf16_tflops", "fp16_tflops", "pcie_gen"):
-        g.add_column(c)
+        g.add_column(c, no_wrap=True)
     for name, spec in sorted(cat.gpus.items()):
         g.add_row(name, *[str(getattr(spec, c)) for c in ("memory_gb", "memory_bandwidth_gbs", "bf16_tflops",
                                                            "fp16_tflops", "pcie_gen")])
-    Console().print(g)
+    console.print(g)
 
 
-def _catalog_models(cat, as_json: bool) -> None:
+def _catalog_models(cat, fmt: str | None) -> None:
     """``capsim catalog --models``: one row per architecture with its derived figures."""
     df = cat.models_table()
-    if as_json:
-        click.echo(df.to_json(orient="records", indent=2))
+    if fmt:
+        _emit_frame(df, fmt)
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title="model architectures (all fields and sources: --json)")
     cols = ("name", "params", "active", "layers", "hidden", "heads", "kv_heads", "experts", "weight_gb",
             "kv_kb/token")
     for c in cols:
-        t.add_column(c, justify="left" if c == "name" else "right")
+        t.add_column(c, justify="left" if c == "name" else "right", no_wrap=True)
     for a in cat.architectures.values():
         t.add_row(a.name, f"{a.params / 1e9:.2f}B", f"{a.active_params / 1e9:.2f}B", str(a.layers), str(a.hidden),
                   str(a.heads), str(a.kv_heads), f"{a.experts_per_token}/{a.experts}" if a.experts else "-",
                   f"{a.weight_gb:.2f}", f"{a.kv_bytes_per_token / 1e3:g}")
-    # piped (no terminal to measure), rich would squeeze the table into 80 columns
-    Console(width=None if sys.stdout.isatty() else 120).print(t)
+    _wide_console().print(t)
 
 
 @main.command()

@@ -200,3 +200,59 @@ def test_unknown_gpu_key_rejected(files):
     _edit(inst, "  gpu: T4\n", "  gpu: T4G\n")
     with pytest.raises(ValueError, match=r"instances\.yaml: ml\.g4dn\.xlarge\.gpu: unknown GPU 'T4G' \(did you mean T4\?\)"):
         load_catalog_files(inst, gpus)
+
+
+# -- catalog for scripts: --json and --csv (issue 22, item 7) -----------------------------------------
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from sim.cli import main
+
+    return CliRunner().invoke(main, ["catalog", *args], catch_exceptions=False)
+
+
+def test_catalog_json_and_csv_hold_every_type_and_field(cat):
+    import io
+    import json
+
+    import pandas as pd
+
+    r = _cli("--json")
+    assert r.exit_code == 0
+    rows = json.loads(r.stdout)
+    assert [x["name"] for x in rows] == list(cat.table()["name"])
+    g5 = next(x for x in rows if x["name"] == "ml.g5.xlarge")
+    assert g5["price_per_hour"] == cat.instance_types["ml.g5.xlarge"].price_per_hour
+    assert g5["source"].startswith("https://") and "\\/" not in r.stdout      # plain URLs, not escaped
+    assert next(x for x in rows if x["name"] == "ml.c5.xlarge")["gpu"] is None
+    r = _cli("--csv")
+    assert r.exit_code == 0
+    df = pd.read_csv(io.StringIO(r.stdout))
+    assert list(df["name"]) == [x["name"] for x in rows] and set(rows[0]) == set(df.columns)
+    assert df.set_index("name").loc["ml.p4d.24xlarge", "gpus"] == 8
+
+
+def test_catalog_gpus_and_models_for_scripts(cat):
+    import io
+    import json
+
+    import pandas as pd
+
+    gpus = {x["name"]: x for x in json.loads(_cli("--gpus", "--json").stdout)}
+    assert set(gpus) == set(cat.gpus) and gpus["T4"]["memory_gb"] == cat.gpus["T4"].memory_gb
+    assert set(pd.read_csv(io.StringIO(_cli("--gpus", "--csv").stdout))["name"]) == set(cat.gpus)
+    models = pd.read_csv(io.StringIO(_cli("--models", "--csv").stdout))
+    assert set(models["name"]) == set(cat.architectures)
+
+
+def test_catalog_piped_table_keeps_whole_names(cat):
+    r = _cli()      # CliRunner's stdout is no terminal: as a pipe
+    assert r.exit_code == 0
+    for name in cat.instance_types:
+        assert name in r.stdout, name
+    assert "…" not in r.stdout
+
+
+def test_catalog_json_and_csv_together_refused():
+    r = _cli("--json", "--csv")
+    assert r.exit_code == 2 and "choose one" in r.stderr
