@@ -85,7 +85,7 @@ def test_large_models_ic_wins(large):
     gpus_sme = sum(s["plans"]["sme"]["instances"].values()) * 8
     assert ratio == pytest.approx(gpus_sme / (ic["instances_mean"] * 8), rel=1e-6)
     # 4.0: the IC plan rents 2 instances (1, 8.0x, with full-speed slots, before the scenario's slowdown
-    # curve: seed 001's T4 figure, transferred; the sizing now needs more copies).
+    # curve: the Forethought post's T4 figure, transferred; the sizing now needs more copies).
     assert ratio >= 4
     assert ic["copies_mean"] >= 8
     # Both plans meet the SLO on the same requests. The IC P99 is 1.55x the SMEs' (9,460 vs 6,099 ms;

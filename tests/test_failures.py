@@ -17,7 +17,7 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 @pytest.mark.parametrize("in_flight", ["retry", "fail"])
 def test_az_outage_on_a_3_az_mme(in_flight):
     # longer requests than the scenario's, so that the lost instances surely have some in flight; without
-    # the scenario's slowdown curve, which is seed 001's figure for 30 ms requests (none fits 150 ms ones:
+    # the scenario's slowdown curve, which is the Forethought post's figure for 30 ms requests (none fits 150 ms ones:
     # its 0.13 s row gives a slowdown below 1): full-speed slots, as before the curves, for this test of
     # failures (with the curve, one more cold start comes 11 min after the outage)
     sc = sim.load_scenario(SCENARIOS / "mme_az_outage.yaml", [f"endpoints[0].failures.in_flight={in_flight}",

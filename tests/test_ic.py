@@ -488,7 +488,7 @@ def test_salesforce_inference_components_against_single_model_endpoints():
     # As SMEs each of the 8 models holds a whole ml.p4d.24xlarge; as ICs each copy holds one of its 8
     # GPUs: the ratio is 8 / mean instances. With full-speed slots (before the scenarios' slowdown
     # curves) 8 copies filled one instance at night (8x then) and the noon peak added a second: 4.61x.
-    # With the curve (seed 001's T4 figure, transferred) the medium models' autoscaling target is 98/min
+    # With the curve (the Forethought post's T4 figure, transferred) the medium models' autoscaling target is 98/min
     # per copy instead of 150 (salesforce_ic.yaml derives it); the night's 1.6 requests/s of
     # codegen-inline (96/min) stay above the scale-in alarm's 90% of 98, so it keeps 2 copies: 9 GPUs,
     # a second instance nearly all day, 4.02x.

@@ -14,7 +14,7 @@ from conftest import print_table as _table
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 ROUTING = SCENARIOS / "routing_codegen2_llm.yaml"
 
-REPORTED_P99_LOWER = (0.04, 0.33)       # LOR's P99 4-33% lower, from 5 to 20 instances (seed 003)
+REPORTED_P99_LOWER = (0.04, 0.33)       # LOR's P99 4-33% lower, from 5 to 20 instances (the routing post)
 REPORTED_TPUT_HIGHER = (0.15, 0.16)     # LOR's throughput per instance per minute 15-16% higher
 USERS_PER_INSTANCE = 4                  # the source's tests 1-5: 4, 20, 40, 60, 80 users on 1-20 instances
 INSTANCES = (1, 5, 10, 15, 20)
@@ -52,7 +52,7 @@ def _closed_network_random(mu: np.ndarray, instances: int, users: int) -> float:
 
 
 def test_routing_lor_against_random_codegen2_continuous_batching():
-    """Seed 003's benchmark on codegen2-7B with continuous batching (scenarios/routing_codegen2_llm.yaml).
+    """The routing post's benchmark on codegen2-7B with continuous batching (scenarios/routing_codegen2_llm.yaml).
 
     Theory. With zero think time and an exact view of the counts, LOR keeps exactly 4 requests on
     every instance (a finished request's user is sent back to the instance it left, the only one

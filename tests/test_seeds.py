@@ -1,4 +1,4 @@
-"""The source documents' results reproduced as scenarios (MISSION.md): each test
+"""The public sources' results reproduced as scenarios (README, Sources): each test
 prints the simulated figures beside the reported ones (run with -s to see the
 tables) and asserts the tolerance it states. Savings and ratios come out of
 simulated costs (instances in service x prices), never written in."""
@@ -24,7 +24,7 @@ def _models(path: Path) -> list:
     return yaml.safe_load(path.read_text())["models"]
 
 
-# -- Forethought (seed 001): MME against the dedicated EKS set-up ----------------------------------------
+# -- Forethought (the Forethought post): MME against the dedicated EKS set-up ----------------------------------------
 def _per_instance(path: Path, itype: str) -> int:
     """Models one instance holds at once, as the simulation finds it (LoadedModelCount's maximum on a
     single instance that every model asks for)."""
@@ -96,7 +96,7 @@ def test_forethought_mme_against_dedicated_eks(tmp_path):
     assert 0.66 - 0.03 <= save_night <= 0.74 + 0.03 and save_night >= save_day
 
 
-# -- Salesforce (seeds 000, 002): SMEs, ICs and the hybrid, as hand-written plans ----------------------
+# -- Salesforce (the Salesforce post): SMEs, ICs and the hybrid, as hand-written plans ----------------------
 def test_salesforce_sme_ic_and_hybrid_plans():
     plans = SCENARIOS / "salesforce_plans.yaml"
     c = sim.compare(SCENARIOS / "salesforce_ic.yaml", plans)
@@ -114,7 +114,7 @@ def test_salesforce_sme_ic_and_hybrid_plans():
     assert c.summary["best"] == "ic"
     # IC: between 4x and the reported 8x (8x needs one instance all day). With full-speed slots the IC
     # plan held one instance at night and a second at the noon peak: 4.61x. With the slowdown curve
-    # (seed 001's T4 figure, transferred; salesforce_ic.yaml) the medium models scale on 98 invocations
+    # (the Forethought post's T4 figure, transferred; salesforce_ic.yaml) the medium models scale on 98 invocations
     # per copy-minute instead of 150, which keeps a second codegen-inline copy, so a second instance,
     # through the night: 4.02x (tolerance 0.1). P99 3,563 -> 6,299 ms (IC), 3,518 -> 3,597 ms (SME).
     assert 4.0 <= cost["sme"] / cost["ic"] <= 8.0
@@ -124,7 +124,7 @@ def test_salesforce_sme_ic_and_hybrid_plans():
     assert sum(s["hybrid"]["instances"].values()) >= 7
 
 
-# -- Routing (seed 003): least outstanding requests against random ----------------------------------------
+# -- Routing (the routing post): least outstanding requests against random ----------------------------------------
 REPORTED_P99_LOWER = (0.04, 0.33)       # LOR's P99 4-33% lower, from 5 to 20 instances
 REPORTED_TPUT_HIGHER = (0.15, 0.16)     # LOR's throughput per instance per minute 15-16% higher
 
@@ -156,7 +156,7 @@ def test_routing_lor_against_random_codegen2():
         n, p, t = r[0], r[8], r[9]
         assert REPORTED_P99_LOWER[0] <= p <= REPORTED_P99_LOWER[1], (n, p)   # within the reported range
         # More throughput per instance than the reported 15-16%: 24-29% with the slowdown curve of
-        # routing_codegen2.yaml (seed 001's T4 figure, transferred), 33-38% with full-speed slots. Under
+        # routing_codegen2.yaml (the Forethought post's T4 figure, transferred), 33-38% with full-speed slots. Under
         # the curve an instance that random routing leaves with 1-2 requests runs them faster, which
         # narrows the gap; what is left is random's idle instances. Tolerance: 18-35%.
         assert 0.18 <= t <= 0.35, (n, t)
