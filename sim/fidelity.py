@@ -11,7 +11,7 @@ request tables are summarised the same way. The error of each figure is
 ``(simulated - measured) / measured``; the hit rate's in percentage points.
 
 A language-model case (``llm_conversation``) serves a llama-like decoder with a real
-continuous-batching loop (calibration/testbed/llm.py); the simulator runs it as DESIGN.md's language
+continuous-batching loop (calibration/testbed/llm.py); the simulator runs it as the README's language
 model, its step time fitted on the testbed's calibration replays, and the comparison adds TTFT and
 TPOT.
 
@@ -259,7 +259,7 @@ LLM_ENDPOINT_CONCURRENCY = 100_000
 
 
 def llm_scenario_of(measured: dict[str, Any], arrivals_csv: Path) -> dict[str, Any]:
-    """The simulator's scenario of a continuous-batching testbed run (DESIGN.md, "Language models"):
+    """The simulator's scenario of a continuous-batching testbed run (README, "Language models"):
     the served decoder's ``architecture`` as a mapping of its numbers, its requests' ``tokens`` from
     the arrivals (their ``input_tokens`` and ``output_tokens`` columns), and
     ``service.continuous_batching`` with the server's ``max_num_seqs`` and
@@ -421,7 +421,7 @@ def measured_figures(measured: dict[str, Any]) -> dict[str, float]:
     out = figures(1e3 * (end - send), ok, cold, send, end, len(measured["loads"]))
     if is_llm(measured["plan"]):
         # TTFT: arrival (the send) to the end of the step that completed the prompt; TPOT: the rest
-        # of the latency over the output tokens after the first (DESIGN.md's definitions)
+        # of the latency over the output tokens after the first (the README's definitions, Language models)
         first = _column(r["first_token_s"])
         n_out = _column(r["output_tokens"])
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -153,7 +153,7 @@ def llm_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def requests_frame(run: RawRun) -> pd.DataFrame:
-    """One row per request, as requests.parquet (DESIGN.md) plus service time and tokens."""
+    """One row per request, as requests.parquet (README, Outputs) plus service time and tokens."""
     c = run.columns
     sc = run.scenario
     model_names = pd.Categorical.from_codes(c["model"], categories=[m.name for m in sc.models])
@@ -403,7 +403,7 @@ def _attained(slo, ok: np.ndarray, lat: np.ndarray, ttft: np.ndarray, tpot: np.n
 
 
 def summarize(run: RawRun) -> dict[str, Any]:
-    """summary.json's figures (DESIGN.md) for one run, over the measured horizon."""
+    """summary.json's figures (README, Outputs) for one run, over the measured horizon."""
     sc = run.scenario
     c = run.columns
     t0, t1 = sc.spec.warmup, sc.horizon
@@ -518,7 +518,7 @@ def outcome_warnings(summary: dict[str, Any]) -> list[str]:
 
 
 def timeline(run: RawRun) -> pd.DataFrame:
-    """One row per minute and endpoint (DESIGN.md's timeline.csv), with the
+    """One row per minute and endpoint (README, Outputs: timeline.csv), with the
     CloudWatch-named metrics of multi-model endpoints."""
     sc = run.scenario
     c = run.columns

@@ -1,7 +1,7 @@
 """Continuous batching (sim.hosting.continuous) against a reference that runs one step at a time.
 
 The simulator jumps over runs of decode steps in closed form and lets arrivals join at the next step
-boundary; the reference below follows the same rules (DESIGN.md, "Language models") the plain way, one
+boundary; the reference below follows the same rules (README, "Language models") the plain way, one
 step after another, with none of the engine's machinery. Both must give every request the same first
 token and end, to float precision, whatever the load, the chunking and the preemptions.
 """

@@ -1,4 +1,4 @@
-"""Units of scenario files (DESIGN.md, schema v1): durations in seconds, sizes in GB
+"""Units of scenario files (README, Scenarios): durations in seconds, sizes in GB
 (10^9 bytes), rates per second; a bare number is already in those units."""
 from __future__ import annotations
 

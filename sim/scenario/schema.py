@@ -1,4 +1,4 @@
-"""Scenario schema v1 (DESIGN.md): pydantic models of the YAML file.
+"""Scenario schema v1 (README, Scenarios): pydantic models of the YAML file.
 
 The schema checks the shape and the units of each field. Cross-references
 (instance types, model names, fits) are resolved in :mod:`sim.scenario.resolve`.
@@ -258,7 +258,7 @@ class StepModelSpec(Strict):
 
 
 class ContinuousBatchingSpec(Strict):
-    """vLLM-style iterations on each copy (DESIGN.md, Devices, Language models). Defaults are vLLM's.
+    """vLLM-style iterations on each copy (README, Language models). Defaults are vLLM's.
     ``kv_cache_gb`` sets the KV cache of a copy outright; without it the cache is what
     ``gpu_memory_utilization`` of the copy's GPU memory leaves beside the weights (on a CPU copy: of the
     instance's memory, beside the model's memory and host memory)."""
