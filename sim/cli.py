@@ -243,11 +243,9 @@ def catalog(as_json, as_csv, models, gpus):
         import pandas as pd
 
         df = pd.DataFrame([dataclasses.asdict(g) for _, g in sorted(cat.gpus.items())])
-        if fmt:
-            _emit_frame(df, fmt)
-            return
-    df = cat.table()
-    if fmt and not gpus:
+    else:
+        df = cat.table()
+    if fmt:
         _emit_frame(df, fmt)
         return
     from rich.table import Table

@@ -112,3 +112,19 @@ def test_slo_verdict_rules():
     assert met is False and why == ["TTFT P99 1,320.0 ms > 1,000 ms"]
     assert slo_verdict({**ok, "ttft_p99_ms": None}, {"ttft_ms": 1000.0})[0] is True
     assert slo_verdict(ok, {}) == (None, []) and slo_verdict({**ok, "requests": 0}, slo) == (None, [])
+
+
+def test_compare_prints_each_plans_verdicts_and_warnings(tmp_path):
+    # The quickstart's fleet on 3 simulated minutes, one plan per mode (seed 7). The verdict lines
+    # follow each plan's endpoints in compare.json; a plan's warnings go to stderr under its name.
+    code, out, err = _cli("compare", QUICKSTART, "--set", "duration=3m", "--out", str(tmp_path / "c"))
+    assert code == 0
+    cmp = json.loads((tmp_path / "c" / "compare.json").read_text())
+    for plan, b in cmp["plans"].items():
+        assert f"{plan}: SLO P99 <= 5 s:" in out
+        for ep, blk in b["endpoints"].items():
+            met, _ = slo_verdict(blk, cmp["slo"])
+            assert f"  endpoint {ep}: {'met' if met else 'MISSED'}" in out
+        for w in b["warnings"]:
+            assert f"{plan}: warning: {w}" in err
+    assert any(b["warnings"] for b in cmp["plans"].values())    # the MME plan's full-speed warning
