@@ -122,7 +122,7 @@ def _bare_hints(**edits):
      "did you mean 20ms?"),
     ("models[0].service.mean", "30", "models[0].service.mean", "did you mean 30ms?"),
     ("models[0].service", "{dist: empirical, samples: [9.8, 10.4, 12]}", "models[0].service.samples",
-     "values up to 12 is"),
+     "the largest, 12, is 12 seconds"),
     ("endpoints[0].timeout", "60000", "endpoints[0].timeout", "did you mean 60000ms?"),
 ])
 def test_bare_number_far_beyond_its_unit_warns(key, value, path, suggestion):

@@ -291,12 +291,12 @@ def bare_number_warnings(data: object) -> list[str]:
         for where, value in _walk(data, pattern.split("."), ""):
             if isinstance(value, (list, tuple)):   # a list of times (samples): one warning, at its largest
                 xs = [x for x in map(_bare, value) if x is not None]
-                x, said = (max(xs), "values up to ") if xs else (None, "")
+                x, said = (max(xs), "the largest, ") if xs else (None, "")
             else:
                 x, said = _bare(value), ""
             if x is None or x < threshold:
                 continue
             shown_x = f"{x:g}"
-            out.append(f"{where}: {said}{shown_x} is {_human_seconds(x)} for {what} (a bare number is in "
-                       f"seconds); did you mean {shown_x}ms?")
+            out.append(f"{where}: {said}{shown_x}{',' if said else ''} is {_human_seconds(x)} for {what} (a bare "
+                       f"number is in seconds); did you mean {shown_x}ms?")
     return out
