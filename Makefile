@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# A CPU build of torch, installed before the project so that pip never
-# fetches a multi-GB CUDA build to satisfy the dev extra.
+# torch, pinned and installed before the project so that pip never fetches another (a multi-GB
+# CUDA build) to satisfy the dev extra. Which build comes is the index's: a CPU wheel where pip's
+# configured indexes hold one; from PyPI on Linux, the CUDA build. For the CPU build from PyTorch's
+# index: make test TORCH_PIN="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: run test fidelity-quick install install-dev bench clean
