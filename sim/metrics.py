@@ -502,7 +502,7 @@ def outcome_warnings(summary: dict[str, Any]) -> list[str]:
         n, failed, in_flight = b.get("requests") or 0, b.get("failed") or 0, b.get("in_flight") or 0
         finished = n - in_flight
         if finished > 0 and failed > FAILED_SHARE_WARNING * finished:
-            by = {k: v for k, v in (b.get("failed_by_status") or {}).items() if v}
+            by = {k: v for k, v in (b.get("failed_by_status") or {}).items() if v and not k.endswith("_ci95")}
             top = max(by, key=by.get) if by else None
             counts = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
             cause = f": {_FAILURE_CAUSES[top]}" if top in _FAILURE_CAUSES else ""

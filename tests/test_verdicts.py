@@ -73,6 +73,7 @@ def test_warnings_once_over_replications():
     assert len(ws) == 1
     b = res.summary["endpoints"]["e"]
     assert f"{b['failed'] / (b['requests'] - b['in_flight']):.1%}" in ws[0]
+    assert "timeout" in ws[0] and "_ci95" not in ws[0]
     assert all(any("failed" in w for w in r["warnings"]) for r in res.replication_summaries)
 
 
