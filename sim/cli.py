@@ -235,7 +235,7 @@ def bench(as_json, scale, parallel):
 
     if not as_json:
         click.echo("benchmarking (about a minute)...", err=True)
-    cases = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day")
+    cases = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day", "routing_lor")
     res = run_bench(cases + ("sweep",) if parallel else cases, scale=scale)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -246,6 +246,11 @@ def bench(as_json, scale, parallel):
                        f"{c['sweep_serial_s']:.2f} s, on {c['workers']} worker processes "
                        f"{c['sweep_parallel_s']:.2f} s: {c['sweep_speedup']:.2f}x on {c['cores']} cores"
                        f"{'' if c['identical'] else ' (TABLES DIFFER)'}")
+            continue
+        if name == "routing_lor":
+            for n, us in c["lor_us_per_request"].items():
+                click.echo(f"routing_lor: {n:,} instances: {us:.1f} us per request "
+                           f"(random routing: {c['random_us_per_request'][n]:.1f} us)")
             continue
         if name == "continuous_batching_day":
             click.echo(f"{name}: {c['simulated_seconds'] / 3600:.3g} simulated hours ({c['requests']:,} requests, "
