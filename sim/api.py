@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import pandas as pd
-
 from .metrics import combine, finalize_status, requests_frame, summarize, timeline
 from .scenario import Scenario, load_scenario
 from .simulate import simulate
@@ -119,6 +117,8 @@ def run(scenario: Scenario | str | Path, *, seed: int | None = None, replication
     would need more memory than the machine has available is refused with a ScenarioError that
     gives the estimate, the key that drives it and what would fit; ``force=True`` tries anyway.
     """
+    import pandas as pd
+
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, overrides)
     reps = replications or scenario.spec.replications

@@ -9,8 +9,6 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from scipy import stats
 
 from .core.engine import IN_FLIGHT, OK, STATUS_NAMES, TIMEOUT
 from .hosting.base import EndpointLog
@@ -142,6 +140,8 @@ def llm_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]:
 
 def requests_frame(run: RawRun) -> pd.DataFrame:
     """One row per request, as requests.parquet (DESIGN.md) plus service time and tokens."""
+    import pandas as pd
+
     c = run.columns
     sc = run.scenario
     model_names = pd.Categorical.from_codes(c["model"], categories=[m.name for m in sc.models])
@@ -206,6 +206,8 @@ def _memory_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]
 
 
 def _loads_frame(log: EndpointLog) -> pd.DataFrame:
+    import pandas as pd
+
     recs = log.loads
     return pd.DataFrame({
         "instance": np.array([x.instance for x in recs], dtype=np.int64),
@@ -443,6 +445,8 @@ def summarize(run: RawRun) -> dict[str, Any]:
 def timeline(run: RawRun) -> pd.DataFrame:
     """One row per minute and endpoint (DESIGN.md's timeline.csv), with the
     CloudWatch-named metrics of multi-model endpoints."""
+    import pandas as pd
+
     sc = run.scenario
     c = run.columns
     horizon = sc.horizon
@@ -524,6 +528,8 @@ def timeline(run: RawRun) -> pd.DataFrame:
 def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each figure over replications, and ``<key>_ci95``: the half-width
     of its 95% confidence interval (Student t), when there are several."""
+    from scipy import stats
+
     if len(summaries) == 1:
         return summaries[0]
     r = len(summaries)
