@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import sim
 from sim.cli import main
-from sim.report import html as html_report
+from sim.report import plots
 from sim.report.html import write_report
 from sim.scenario import ScenarioError
 
@@ -93,8 +93,9 @@ def test_summary_carries_the_slo_and_the_run_report_draws_it(run_dir, monkeypatc
     # No scenario file beside the run: the report takes the SLO from summary.json and draws it.
     assert not (run_dir / "scenario.yaml").exists()
     drawn = []
-    real = html_report._cdf_axes
-    monkeypatch.setattr(html_report, "_cdf_axes", lambda ax, title, slo: (drawn.append(slo), real(ax, title, slo)))
+    real = plots.draw_latency
+    monkeypatch.setattr(plots, "draw_latency", lambda axes, series, slo, **kw: (drawn.append(slo),
+                                                                                 real(axes, series, slo, **kw)))
     assert "SLO p99 &lt;= 1000 ms" in write_report(run_dir).read_text(encoding="utf-8")
     assert drawn == [1000.0]
     # Only the targets set; none set: an empty block and "SLO none".
