@@ -196,15 +196,13 @@ def timeline_panels(series: dict[str, "pd.DataFrame"], p99: dict[str, tuple[np.n
     for k, (label, g) in enumerate(series.items()):
         style = {"ls": STYLES[k % len(STYLES)], "lw": 1.3, "color": f"C{k % 10}"}
         m = g["t_s"].to_numpy() / 60.0
-        edges = np.append(m, m[-1] + 1.0) if len(m) else m   # each row is a minute, drawn as wide as the others
         for ax, (col, _, _) in zip(axes, panels):
             if col == "p99_ms":
                 pm, pv = p99.get(label, ((), ()))
                 if len(pm):
-                    e = np.append(np.asarray(pm, dtype=float), pm[-1] + 1.0)
-                    ax.stairs(pv, e, label=str(label), baseline=None, **style)
+                    _steps(ax, np.asarray(pm, dtype=float), np.asarray(pv, dtype=float), str(label), style)
             elif col in g.columns and len(m):
-                ax.stairs(g[col].to_numpy(dtype=float), edges, label=str(label), baseline=None, **style)
+                _steps(ax, m, g[col].to_numpy(dtype=float), str(label), style)
     fail = np.asarray(sorted(failures), dtype=float) / 60.0
     for ax, (col, ylabel, w) in zip(axes, panels):
         ax.set_ylabel(ylabel, fontsize="small")
@@ -225,6 +223,21 @@ def timeline_panels(series: dict[str, "pd.DataFrame"], p99: dict[str, tuple[np.n
     outside_legend(fig, axes)
     fig.suptitle(title)
     return fig
+
+
+def _steps(ax, minute: np.ndarray, v: np.ndarray, label: str, style: dict) -> None:
+    """Per-minute values as one step line (a Line2D: cheap to lay out, unlike a patch per bar or a StepPatch),
+    each minute drawn to its end; a missing minute (no request in it) is a gap."""
+    if not len(minute):
+        return
+    end = minute[-1] + 1.0
+    full = np.arange(minute[0], end + 1.0)
+    idx = np.searchsorted(minute, full[:-1])
+    y = np.full(len(full), np.nan)
+    hit = (idx < len(minute)) & (minute[np.minimum(idx, len(minute) - 1)] == full[:-1])
+    y[:-1][hit] = v[idx[hit]]
+    y[-1] = y[-2]
+    ax.plot(full, y, drawstyle="steps-post", label=label, **style)
 
 
 def busiest(counts: dict[str, float], k: int = MAX_LINES) -> list[str]:
