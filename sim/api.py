@@ -15,8 +15,9 @@ from .simulate import simulate
 
 @dataclass
 class Result:
-    """A finished run: ``summary`` (summary.json as a dict), ``requests`` (one row
-    per request) and ``timeline`` (one row per minute and endpoint) DataFrames.
+    """A finished run: ``summary`` (summary.json as a dict; :meth:`table`: the same as a DataFrame, one row
+    per endpoint and per model), ``requests`` (one row per request; ``measured`` marks the rows the summary
+    covers) and ``timeline`` (one row per minute and endpoint) DataFrames.
     With replications, the frames carry a ``replication`` column and
     ``replication_summaries`` holds each one's summary."""
 
@@ -48,6 +49,39 @@ class Result:
                 save_run_plots(self, d / "plots")
 
         return publish(out, write, "run")
+
+    def table(self) -> "pd.DataFrame":
+        """The summary as a tidy DataFrame: one row per endpoint and per model (``level``: "endpoint" or
+        "model"; ``name``; ``endpoint``: the endpoint, or the one serving the model), the summary's keys as
+        columns (``p99_ms``, ``cost_usd``, ``slo_attainment``, ..., and ``<key>_ci95`` with replications;
+        CloudWatch's figures as ``cloudwatch.<name>``). The overall block stays in ``summary["overall"]``:
+        summing a column over the rows would count every request twice."""
+        import pandas as pd
+
+        served_by = {m.name: self.scenario.endpoints[e].name if e >= 0 else None
+                     for m, e in zip(self.scenario.models, _endpoint_of_model(self.scenario))}
+        rows = []
+        levels = (("endpoint", self.summary.get("endpoints", {})), ("model", self.summary.get("models", {})))
+        for level, blocks in levels:
+            for name, b in blocks.items():
+                row: dict[str, Any] = {"level": level, "name": name,
+                                       "endpoint": name if level == "endpoint" else served_by.get(name)}
+                for k, v in b.items():
+                    if isinstance(v, dict):
+                        row.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, dict)})
+                    else:
+                        row[k] = v
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _endpoint_of_model(scenario: Scenario) -> list[int]:
+    """Per model of ``scenario``, the index of the endpoint serving it (-1: none)."""
+    out = [-1] * len(scenario.models)
+    for e, ep in enumerate(scenario.endpoints):
+        for m in ep.models:
+            out[m] = e
+    return out
 
 
 def json_default(x: Any) -> Any:

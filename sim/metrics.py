@@ -139,7 +139,9 @@ def llm_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def requests_frame(run: RawRun) -> pd.DataFrame:
-    """One row per request, as requests.parquet (DESIGN.md) plus service time and tokens."""
+    """One row per request, as requests.parquet (DESIGN.md) plus service time, tokens and ``measured``:
+    whether the request arrived in the measured horizon (after warmup, before the horizon), the rows
+    summary.json's figures cover (its latency percentiles: the measured rows with status ``ok``)."""
     import pandas as pd
 
     c = run.columns
@@ -169,6 +171,8 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
         "output_tokens": c["output_tokens"],
         "ttft_ms": ttft,
         "tpot_ms": tpot,
+        # the rows summary.json's figures cover: arrived after warmup, before the horizon
+        "measured": (c["arrival"] >= sc.spec.warmup) & (c["arrival"] < sc.horizon),
     })
 
 
