@@ -111,7 +111,8 @@ def print_summary(summary: dict) -> None:
 @click.option("--no-plots", is_flag=True, help="Skip the PNG figures.")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
-def run(scenario, out, seed, replications, overrides, as_json, no_plots, force):
+@click.option("--report", "with_report", is_flag=True, help="Also write report.html (as capsim report DIR).")
+def run(scenario, out, seed, replications, overrides, as_json, no_plots, force, with_report):
     """Simulate SCENARIO and write summary.json, requests.parquet, timeline.csv and plots/."""
     from . import api
     from .scenario import load_scenario
@@ -133,8 +134,18 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots, force):
     if not as_json:
         click.echo(f"simulating {sc.name}: {len(sc.models)} models, {len(sc.endpoints)} endpoints, "
                    f"{sc.horizon / 60:g} simulated minutes x {reps} replication(s)", err=True)
-    result = api.run(sc, seed=seed, replications=reps, progress=progress, force=True)   # checked above
+    from .progress import bar
+
+    with bar(f"simulating {sc.name}", enabled=not as_json) as tick:   # a bar on a terminal only
+        result = api.run(sc, seed=seed, replications=reps, progress=progress, force=True,   # checked above
+                         progress_time=tick)
     path = result.save(out, plots=not no_plots)
+    if with_report:
+        from .report.html import write_report
+
+        page = write_report(path)
+        if not as_json:
+            click.echo(f"report written to {page}", err=True)
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     else:
