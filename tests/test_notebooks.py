@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,32 @@ def test_notebook_runs_and_its_figures_show(path, monkeypatch):
     client.execute()
     # every cell that showed a figure when committed shows one again
     assert set(_figures(committed)) <= set(_figures(nb)), path.name
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless browser: none of chromium, chromium-browser, "
+                                                "google-chrome is on PATH (apt-get install chromium)")
+def test_committed_figures_render_in_chromium(tmp_path):
+    # Each notebook's figures as a page of embedded PNGs, with the report's script that counts the images the
+    # browser decoded: every figure committed is a picture a browser (Jupyter's, GitHub's) can show.
+    from sim.report.html import _SCRIPT
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        imgs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                if "image/png" in o.get("data", {})]
+        page = tmp_path / f"{path.stem}.html"
+        page.write_text("<!DOCTYPE html><html><body><p id='figure-status'></p>"
+                        + "".join(f"<img class='figure' src='data:image/png;base64,{b.strip()}'>" for b in imgs)
+                        + f"<script>{_SCRIPT}</script></body></html>", encoding="utf-8")
+        dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                             timeout=120)
+        assert imgs and f"figures rendered: {len(imgs)}/{len(imgs)}" in dom.stdout, (path.name, dom.stderr[-1000:])
