@@ -260,7 +260,7 @@ def bench(as_json, scale, parallel):
             continue
         if name == "routing_lor":
             for n, us in c["lor_us_per_request"].items():
-                click.echo(f"routing_lor: {n:,} instances: {us:.1f} us per request "
+                click.echo(f"routing_lor: {n:,} instance{'s' if n != 1 else ''}: {us:.1f} us per request "
                            f"(random routing: {c['random_us_per_request'][n]:.1f} us)")
             continue
         if name == "continuous_batching_day":
