@@ -111,3 +111,17 @@ def test_figures_show_in_jupyter_as_png(quickstart):
         fig = make(quickstart)
         assert isinstance(fig, plots.PlotFigure)
         assert fig._repr_png_().startswith(b"\x89PNG")
+
+
+def test_latency_figures_show_the_slo_and_the_tail(quickstart):
+    slo = quickstart.summary["slo"]["p99_ms"]   # quickstart: slo p99 5 s
+    cdf, tail = plots.latency_cdf(quickstart).axes
+    assert tail.get_yscale() == "log" and tail.get_xscale() == "log"
+    for ax in (cdf, tail):
+        assert any(list(line.get_xdata()) == [slo, slo] for line in ax.lines), "no SLO line"
+    # the tail reaches below 1%: P99 is readable on it
+    assert min(min(line.get_ydata()) for line in tail.lines if len(line.get_ydata()) > 2) < 0.01
+    # the P99 by minute panel of the timeline carries the SLO as a horizontal line
+    tl = plots.timeline_figure(quickstart)
+    p99 = [ax for ax in tl.axes if ax.get_ylabel().startswith("P99")]
+    assert len(p99) == 1 and any(list(line.get_ydata()) == [slo, slo] for line in p99[0].lines)

@@ -120,11 +120,11 @@ def _latency_figure(series: list, slo: float | None, title: str) -> Any:
     return fig
 
 
-def _scatter_apart(ax, points: list[tuple[str, float, float, dict]], label=str, note=str) -> None:
+def _scatter_apart(ax, points: list[tuple[str, float, float, dict]], label=str, detail=None) -> None:
     """Points ``(name, x, y, style)`` that all stay visible: those that coincide (the same x and y to 0.5%:
     plans with identical latencies and cost) are drawn side by side, a few points apart around the true
-    position, each with its marker and legend entry (``label(name)``), under one label naming them all; a
-    point alone is labelled ``note(name)``."""
+    position, each with its marker and legend entry (``label(name)``), under one label naming them all
+    ("a = b: $10.00/h, same P99"); ``detail(name)``: what the label adds to a name."""
     from matplotlib.transforms import offset_copy
 
     groups: dict[tuple, list] = {}
@@ -138,7 +138,12 @@ def _scatter_apart(ax, points: list[tuple[str, float, float, dict]], label=str, 
             dx = (j - (k - 1) / 2) * 11.0
             ax.scatter([x], [y], transform=offset_copy(ax.transData, fig=fig, x=dx, y=0, units="points"),
                        zorder=3, label=label(name), **style)
-        text = note(members[0][0]) if k == 1 else " = ".join(m[0] for m in members) + " (same cost and P99)"
+        extra = detail(members[0][0]) if detail else None
+        text = " = ".join(m[0] for m in members)
+        if k > 1:
+            text += f": {extra}, same P99" if extra else ": same cost and P99"
+        elif extra:
+            text += f": {extra}"
         ax.annotate(text, (members[0][1], members[0][2]), fontsize="small", xytext=(6 + 5.5 * (k - 1), 6),
                     textcoords="offset points")
 
@@ -185,7 +190,7 @@ def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None
                 if ep not in top and b.get("p99_ms") is not None]
         if rest:
             ax.scatter(*zip(*rest), s=12, color="grey", label=f"{len(rest)} other endpoints")
-        _scatter_apart(ax, pts, note=lambda ep: ep)
+        _scatter_apart(ax, pts)
         if slo:
             ax.axhline(slo, color="red", ls="--", lw=1, label=f"SLO {slo:g} ms")
         ax.set_xlabel("cost (USD per hour)")
@@ -254,7 +259,7 @@ def compare_figures(cmp: dict, runs: dict[str, tuple[dict, pd.DataFrame | None, 
             met = plans[p].get("slo_met")
             return f"{p} ({'meets' if met else 'misses'} the SLO)" if met is not None else p
 
-        _scatter_apart(ax, pts, label, lambda p: f"{p}: ${plans[p]['cost_per_hour_usd']:,.2f}/h")
+        _scatter_apart(ax, pts, label, lambda p: f"${plans[p]['cost_per_hour_usd']:,.2f}/h")
         if slo:
             ax.axhline(slo, color="red", ls="--", lw=1, label=f"SLO {slo:g} ms")
         # From zero on both axes, with room on the right for the labels and above the SLO line.
