@@ -532,10 +532,10 @@ def timeline(run: RawRun) -> pd.DataFrame:
 def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each figure over replications, and ``<key>_ci95``: the half-width
     of its 95% confidence interval (Student t), when there are several."""
-    from scipy import stats
-
     if len(summaries) == 1:
         return summaries[0]
+    from scipy import stats   # here: a run of one replication never loads scipy.stats (2 s on a busy machine)
+
     r = len(summaries)
     tq = float(stats.t.ppf(0.975, r - 1))
 

@@ -31,6 +31,10 @@ def test_import_sim_loads_neither_pandas_nor_scipy_nor_matplotlib():
     out = json.loads(_python("import sys, json, sim; print(json.dumps(sorted(m for m in "
                              "('pandas', 'scipy', 'scipy.stats', 'matplotlib', 'pyarrow') if m in sys.modules)))"))
     assert out == []
+    # scipy.stats serves the replications' confidence intervals only: a run of one replication does without
+    code = ("import sys, sim; sim.run(sim.load_scenario(%r, ['duration=1m', 'warmup=0']));"
+            "print('scipy.stats' in sys.modules)" % str(SCENARIOS / "quickstart.yaml"))
+    assert _python(code).strip() == "False"
 
 
 @pytest.mark.parametrize("chosen", ["pdf", None], ids=["backend-chosen", "no-backend-yet"])
