@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import pandas as pd
-
 from .metrics import combine, finalize_status, requests_frame, summarize, timeline
 from .scenario import Scenario, load_scenario
 from .simulate import simulate
@@ -17,8 +15,9 @@ from .simulate import simulate
 
 @dataclass
 class Result:
-    """A finished run: ``summary`` (summary.json as a dict), ``requests`` (one row
-    per request) and ``timeline`` (one row per minute and endpoint) DataFrames.
+    """A finished run: ``summary`` (summary.json as a dict; :meth:`table`: the same as a DataFrame, one row
+    per endpoint and per model), ``requests`` (one row per request; ``measured`` marks the rows the summary
+    covers) and ``timeline`` (one row per minute and endpoint) DataFrames.
     With replications, the frames carry a ``replication`` column and
     ``replication_summaries`` holds each one's summary."""
 
@@ -50,6 +49,39 @@ class Result:
                 save_run_plots(self, d / "plots")
 
         return publish(out, write, "run")
+
+    def table(self) -> "pd.DataFrame":
+        """The summary as a tidy DataFrame: one row per endpoint and per model (``level``: "endpoint" or
+        "model"; ``name``; ``endpoint``: the endpoint, or the one serving the model), the summary's keys as
+        columns (``p99_ms``, ``cost_usd``, ``slo_attainment``, ..., and ``<key>_ci95`` with replications;
+        CloudWatch's figures as ``cloudwatch.<name>``). The overall block stays in ``summary["overall"]``:
+        summing a column over the rows would count every request twice."""
+        import pandas as pd
+
+        served_by = {m.name: self.scenario.endpoints[e].name if e >= 0 else None
+                     for m, e in zip(self.scenario.models, _endpoint_of_model(self.scenario))}
+        rows = []
+        levels = (("endpoint", self.summary.get("endpoints", {})), ("model", self.summary.get("models", {})))
+        for level, blocks in levels:
+            for name, b in blocks.items():
+                row: dict[str, Any] = {"level": level, "name": name,
+                                       "endpoint": name if level == "endpoint" else served_by.get(name)}
+                for k, v in b.items():
+                    if isinstance(v, dict):
+                        row.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, dict)})
+                    else:
+                        row[k] = v
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _endpoint_of_model(scenario: Scenario) -> list[int]:
+    """Per model of ``scenario``, the index of the endpoint serving it (-1: none)."""
+    out = [-1] * len(scenario.models)
+    for e, ep in enumerate(scenario.endpoints):
+        for m in ep.models:
+            out[m] = e
+    return out
 
 
 def json_default(x: Any) -> Any:
@@ -108,17 +140,21 @@ def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
 
 def run(scenario: Scenario | str | Path, *, seed: int | None = None, replications: int | None = None,
         overrides: Iterable[str] = (), progress: Callable[[int, int], None] | None = None,
-        force: bool = False) -> Result:
+        force: bool = False, progress_time: Callable[[float], None] | None = None) -> Result:
     """Simulate ``scenario`` (a loaded Scenario or a YAML path).
 
     ``replications`` (default: the scenario's) independent runs share the seed
     and differ by their replication index; the summary then gives each figure's
-    mean and ``<key>_ci95``. ``progress(done, total)`` is called after each.
+    mean and ``<key>_ci95``. ``progress(done, total)`` is called after each; ``progress_time(fraction)``
+    every 1% of each one's simulated horizon, with the share of the whole run done (for a progress bar;
+    the results are the same with it or without).
 
     Before any simulation the run's size is estimated (:mod:`sim.volume`): a run whose requests
     would need more memory than the machine has available is refused with a ScenarioError that
     gives the estimate, the key that drives it and what would fit; ``force=True`` tries anyway.
     """
+    import pandas as pd
+
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, overrides)
     reps = replications or scenario.spec.replications
@@ -129,7 +165,8 @@ def run(scenario: Scenario | str | Path, *, seed: int | None = None, replication
     seed = scenario.spec.seed if seed is None else seed
     summaries, reqs, tls = [], [], []
     for r in range(reps):
-        raw = simulate(scenario, seed=seed, replication=r)
+        tick = None if progress_time is None else (lambda f, r=r: progress_time((r + f) / reps))
+        raw = simulate(scenario, seed=seed, replication=r, progress=tick)
         finalize_status(raw)
         summaries.append(summarize(raw))
         req, tl = requests_frame(raw), timeline(raw)

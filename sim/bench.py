@@ -238,6 +238,33 @@ def bench_mme(requests: float = 1.0e6) -> dict[str, Any]:
             "loads": len(raw.logs[0].loads)}
 
 
+def bench_routing(routing: str, instances: int, requests: float = 1.0e5) -> dict[str, Any]:
+    """The SME case on ``instances`` instances at load 0.7 routed by ``routing``: wall microseconds per
+    simulated request (the whole simulation: arrivals, routing, service, completions)."""
+    d = sme_scenario(requests, instances=instances)
+    d["endpoints"][0]["routing"] = routing
+    sc = parse_scenario(d, source=f"bench-routing-{routing}-{instances}")
+    t0 = time.perf_counter()
+    raw = simulate(sc)
+    wall = time.perf_counter() - t0
+    n = len(raw.columns["arrival"])
+    return {"routing": routing, "instances": instances, "requests": n, "wall_seconds": wall,
+            "us_per_request": wall / n * 1e6}
+
+
+ROUTING_FLEETS = (1, 100, 1000)
+
+
+def bench_routing_lor(requests: float = 1.0e5) -> dict[str, Any]:
+    """Least outstanding requests against random routing at 1, 100 and 1,000 instances: microseconds per
+    request of each (``lor_us_per_request``, ``random_us_per_request``: {instances: us})."""
+    out: dict[str, Any] = {"lor_us_per_request": {}, "random_us_per_request": {}}
+    for n in ROUTING_FLEETS:
+        for key, policy in (("lor", "least_outstanding_requests"), ("random", "random")):
+            out[f"{key}_us_per_request"][n] = bench_routing(policy, n, requests)["us_per_request"]
+    return out
+
+
 def bench_sweep(points: int = 16, scale: float = 1.0, workers: int | None = None) -> dict[str, Any]:
     """A ``points``-point sweep (each point an SME of about 2 x 10^5 requests x ``scale``), serial in
     this process against a local process pool of ``workers`` (default: one per core); the fastest of
@@ -280,6 +307,10 @@ def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_ba
     if "continuous_batching_day" in cases:
         d = out["cases"]["continuous_batching_day"] = bench_day(10.0, 4, 86400.0 * min(scale, 1.0))
         out["continuous_batching_day_s"] = d["wall_seconds"]
+    if "routing_lor" in cases:
+        lor = out["cases"]["routing_lor"] = bench_routing_lor(1.0e5 * scale)
+        out["routing_lor"] = {"us_per_request": lor["lor_us_per_request"],
+                              "random_us_per_request": lor["random_us_per_request"]}
     if "sweep" in cases:
         sw = bench_sweep(scale=scale)
         out["cases"]["sweep"] = sw

@@ -140,7 +140,8 @@ def slo_lines(summary: dict, blocks: dict[str, dict]) -> list[str]:
 @click.option("--no-plots", is_flag=True, help="Skip the PNG figures.")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
-def run(scenario, out, seed, replications, overrides, as_json, no_plots, force):
+@click.option("--report", "with_report", is_flag=True, help="Also write report.html (as capsim report DIR).")
+def run(scenario, out, seed, replications, overrides, as_json, no_plots, force, with_report):
     """Simulate SCENARIO and write summary.json, requests.parquet, timeline.csv and plots/."""
     from . import api
     from .scenario import load_scenario
@@ -162,8 +163,18 @@ def run(scenario, out, seed, replications, overrides, as_json, no_plots, force):
     if not as_json:
         click.echo(f"simulating {sc.name}: {len(sc.models)} models, {len(sc.endpoints)} endpoints, "
                    f"{sc.horizon / 60:g} simulated minutes x {reps} replication(s)", err=True)
-    result = api.run(sc, seed=seed, replications=reps, progress=progress, force=True)   # checked above
+    from .progress import bar
+
+    with bar(f"simulating {sc.name}", enabled=not as_json) as tick:   # a bar on a terminal only
+        result = api.run(sc, seed=seed, replications=reps, progress=progress, force=True,   # checked above
+                         progress_time=tick)
     path = result.save(out, plots=not no_plots)
+    if with_report:
+        from .report.html import write_report
+
+        page = write_report(path)
+        if not as_json:
+            click.echo(f"report written to {page}", err=True)
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     else:
@@ -302,7 +313,7 @@ def bench(as_json, scale, parallel):
 
     if not as_json:
         click.echo("benchmarking (about a minute)...", err=True)
-    cases = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day")
+    cases = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day", "routing_lor")
     res = run_bench(cases + ("sweep",) if parallel else cases, scale=scale)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -313,6 +324,11 @@ def bench(as_json, scale, parallel):
                        f"{c['sweep_serial_s']:.2f} s, on {c['workers']} worker processes "
                        f"{c['sweep_parallel_s']:.2f} s: {c['sweep_speedup']:.2f}x on {c['cores']} cores"
                        f"{'' if c['identical'] else ' (TABLES DIFFER)'}")
+            continue
+        if name == "routing_lor":
+            for n, us in c["lor_us_per_request"].items():
+                click.echo(f"routing_lor: {n:,} instance{'s' if n != 1 else ''}: {us:.1f} us per request "
+                           f"(random routing: {c['random_us_per_request'][n]:.1f} us)")
             continue
         if name == "continuous_batching_day":
             click.echo(f"{name}: {c['simulated_seconds'] / 3600:.3g} simulated hours ({c['requests']:,} requests, "

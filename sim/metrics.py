@@ -9,8 +9,6 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from scipy import stats
 
 from .core.engine import IN_FLIGHT, OK, STATUS_NAMES, TIMEOUT
 from .hosting.base import EndpointLog
@@ -153,7 +151,11 @@ def llm_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def requests_frame(run: RawRun) -> pd.DataFrame:
-    """One row per request, as requests.parquet (README, Outputs) plus service time and tokens."""
+    """One row per request, as requests.parquet (README, Outputs) plus service time, tokens and ``measured``:
+    whether the request arrived in the measured horizon (after warmup, before the horizon), the rows
+    summary.json's figures cover (its latency percentiles: the measured rows with status ``ok``)."""
+    import pandas as pd
+
     c = run.columns
     sc = run.scenario
     model_names = pd.Categorical.from_codes(c["model"], categories=[m.name for m in sc.models])
@@ -181,6 +183,8 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
         "output_tokens": c["output_tokens"],
         "ttft_ms": ttft,
         "tpot_ms": tpot,
+        # the rows summary.json's figures cover: arrived after warmup, before the horizon
+        "measured": (c["arrival"] >= sc.spec.warmup) & (c["arrival"] < sc.horizon),
     })
 
 
@@ -218,6 +222,8 @@ def _memory_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]
 
 
 def _loads_frame(log: EndpointLog) -> pd.DataFrame:
+    import pandas as pd
+
     recs = log.loads
     return pd.DataFrame({
         "instance": np.array([x.instance for x in recs], dtype=np.int64),
@@ -520,6 +526,8 @@ def outcome_warnings(summary: dict[str, Any]) -> list[str]:
 def timeline(run: RawRun) -> pd.DataFrame:
     """One row per minute and endpoint (README, Outputs: timeline.csv), with the
     CloudWatch-named metrics of multi-model endpoints."""
+    import pandas as pd
+
     sc = run.scenario
     c = run.columns
     horizon = sc.horizon
@@ -603,6 +611,8 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     of its 95% confidence interval (Student t), when there are several."""
     if len(summaries) == 1:
         return summaries[0]
+    from scipy import stats   # here: a run of one replication never loads scipy.stats (2 s on a busy machine)
+
     r = len(summaries)
     tq = float(stats.t.ppf(0.975, r - 1))
 

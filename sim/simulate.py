@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -125,8 +126,9 @@ def _inject_failures(engine: Engine, rt: EndpointRuntime, rng: np.random.Generat
 
 
 def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 0,
-             workload: Workload | None = None) -> RawRun:
-    """Simulate ``scenario`` once, up to its horizon (warmup + duration)."""
+             workload: Workload | None = None, progress: Callable[[float], None] | None = None) -> RawRun:
+    """Simulate ``scenario`` once, up to its horizon (warmup + duration); ``progress(fraction)`` is called
+    every 1% of the simulated horizon (the results are the same with it or without)."""
     seed = scenario.spec.seed if seed is None else seed
     streams = Streams(seed, replication)
     t0 = time.perf_counter()
@@ -152,7 +154,7 @@ def simulate(scenario: Scenario, *, seed: int | None = None, replication: int = 
             rt.start()   # copy autoscaling, scale from zero, managed instance scaling
         if rt.ep.spec.failures is not None:
             _inject_failures(engine, rt, streams.get("failures", rt.ep.name))
-    engine.run(scenario.horizon)
+    engine.run(scenario.horizon, progress)
     wall = time.perf_counter() - t0
     return RawRun(scenario, seed, replication, engine.requests.to_arrays(),
                   np.asarray(scenario.model_endpoint(), dtype=np.int32), [rt.log for rt in runtimes], wall,

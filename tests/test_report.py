@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import sim
 from sim.cli import main
 from sim.report import html as html_report
+from sim.report import plots
 from sim.report.html import write_report
 from sim.scenario import ScenarioError
 
@@ -93,8 +94,9 @@ def test_summary_carries_the_slo_and_the_run_report_draws_it(run_dir, monkeypatc
     # No scenario file beside the run: the report takes the SLO from summary.json and draws it.
     assert not (run_dir / "scenario.yaml").exists()
     drawn = []
-    real = html_report._cdf_axes
-    monkeypatch.setattr(html_report, "_cdf_axes", lambda ax, title, slo: (drawn.append(slo), real(ax, title, slo)))
+    real = plots.draw_latency
+    monkeypatch.setattr(plots, "draw_latency", lambda axes, series, slo, **kw: (drawn.append(slo),
+                                                                                 real(axes, series, slo, **kw)))
     assert "SLO p99 &lt;= 1000 ms" in write_report(run_dir).read_text(encoding="utf-8")
     assert drawn == [1000.0]
     # Only the targets set; none set: an empty block and "SLO none".
@@ -140,3 +142,24 @@ def test_report_renders_its_figures_in_chromium(compare_dir, tmp_path):
 
     px = mpimg.imread(shot)
     assert px.std() > 0.05   # not a blank page
+
+
+def test_plans_with_the_same_cost_and_p99_are_told_apart(monkeypatch):
+    # sme and mme: the same cost and P99 (as plans of one fleet often are); both markers visible, side by side,
+    # one label naming both; ic alone, hollow (it misses the SLO).
+    cmp = {"scenario": "same", "slo": {"p99_ms": 500.0}, "plans": {
+        "sme": {"p99_ms": 300.0, "cost_per_hour_usd": 10.0, "slo_met": True},
+        "mme": {"p99_ms": 300.0, "cost_per_hour_usd": 10.0, "slo_met": True},
+        "ic": {"p99_ms": 700.0, "cost_per_hour_usd": 4.0, "slo_met": False}}}
+    made = []
+    real = plots.png
+    monkeypatch.setattr(plots, "png", lambda fig, dpi=96: (made.append(fig), real(fig, dpi))[1])
+    html_report.compare_figures(cmp, {})
+    ax = made[0].axes[0]
+    where = {c.get_label().split()[0]: c.get_offset_transform().transform(c.get_offsets()[0]) for c in ax.collections}
+    assert set(where) == {"sme", "mme", "ic"}
+    dx, dy = where["mme"] - where["sme"]
+    assert dx >= 5 and abs(dy) < 1e-6                 # apart on screen, at the same height
+    texts = [t.get_text() for t in ax.texts]
+    assert "sme = mme: $10.00/h, same P99" in texts and "ic: $4.00/h" in texts
+    assert made[0].legends and not ax.get_legend()   # the legend sits outside the axes: it hides no point

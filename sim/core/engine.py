@@ -203,7 +203,10 @@ class Engine:
                 hook(i)
 
     # -- running --------------------------------------------------------------
-    def run(self, horizon: float) -> None:
+    def run(self, horizon: float, progress: Callable[[float], None] | None = None, steps: int = 100) -> None:
+        """Run to ``horizon``; with ``progress``, in ``steps`` slices of simulated time, calling
+        ``progress(fraction of the horizon done)`` after each. The slices change no result: each stop is an
+        urgent event of its own at the slice's end, after which the queue resumes in the same order."""
         r = self.requests
         self._cursor_call_callbacks = [self._on_arrival]
         if r.n_open:
@@ -211,4 +214,11 @@ class Engine:
             call.callbacks = self._cursor_callbacks
             env = self.env
             heappush(env._queue, (r.arrival[0], NORMAL, next(env._eid), call))
-        self.env.run(until=horizon)
+        if progress is None or horizon <= 0:
+            self.env.run(until=horizon)
+            return
+        for k in range(1, steps + 1):
+            t = horizon if k == steps else horizon * k / steps
+            if t > self.env.now:
+                self.env.run(until=t)
+            progress(k / steps)

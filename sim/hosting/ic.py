@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import autoscaling
+from .. import autoscaling, routing
 from ..core.engine import NO_CAPACITY, THROTTLED, Call, Engine
 from ..scenario.resolve import Component, Endpoint, Model
 from ..service import sample
@@ -282,6 +282,14 @@ class ICEndpoint(EndpointRuntime):
         self.speeds = LoadSpeeds(download_gbs=it.network_gbps / 8.0, disk_gbs=ep.disk_gbs or it.disk_read_gbs,
                                  h2d_gbs=ep.h2d_gbs, init_s=ep.load_overhead_s)
         self.comps = [Comp(c, models[c.model], self.on_gpu) for c in ep.components]
+        # Least outstanding requests among a component's copies in O(log n) (sim.routing.LoadList); the
+        # copies of all components share a class, so one component with many copies indexes all.
+        self._copy_cls = Copy
+        stale = ep.spec.routing_refresh is not None
+        if any(routing.load_indexed(ep.routing, stale, c.copies.hi) for c in ep.components):
+            self._copy_cls = routing.tracked(Copy)
+            for comp in self.comps:
+                comp.ready = routing.LoadList()
         self.comp_of: list[Comp | None] = [None] * len(models)
         for comp in self.comps:
             self.comp_of[comp.model] = comp
@@ -420,7 +428,7 @@ class ICEndpoint(EndpointRuntime):
         inst.gpu_mem += comp.gpu_mem
         rec = CopyRecord(comp.index, comp.model, inst.index, gpus, now)
         self.log.copy_records.append(rec)
-        copy = Copy(comp, inst, gpus, rec, self.devices.new(self._done, len(gpus), model=comp.model))
+        copy = self._copy_cls(comp, inst, gpus, rec, self.devices.new(self._done, len(gpus), model=comp.model))
         inst.copies.append(copy)
         m = comp.model
         if m in inst.disk:

@@ -6,12 +6,15 @@ the fewest in service."""
 from __future__ import annotations
 
 from ..core.engine import NO_CAPACITY, THROTTLED, Engine
+from ..routing import tracked
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
 
 
 class SMEEndpoint(EndpointRuntime):
+    routes_active = True
+
     def __init__(self, engine: Engine, ep: Endpoint, models: tuple[Model, ...]):
         it = ep.instance_type
         super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb), models)
@@ -26,7 +29,8 @@ class SMEEndpoint(EndpointRuntime):
         self._log_memory()
 
     def _new_instance(self) -> Instance:
-        inst = Instance(len(self.instances), self.slots, self.engine.env._now)
+        cls = tracked(Instance) if self.load_indexed else Instance
+        inst = cls(len(self.instances), self.slots, self.engine.env._now)
         inst.devices = [self.devices.new(self._done, self._gpus, inst, self.model.index) for _ in range(self.ep.copies_per_instance)]
         return inst
 

@@ -19,19 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import math
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from ..api import atomic_write  # noqa: E402
-from ..scenario.errors import ScenarioError  # noqa: E402
-
-MAX_LINES = 8           # endpoints drawn one by one in a figure; the rest are summed
-_STYLES = ("-", "--", "-.", ":")   # line styles of successive series
-CDF_POINTS = 2000       # quantiles drawn per latency CDF
+from ..api import atomic_write
+from ..scenario.errors import ScenarioError
+from . import plots
+from .plots import MAX_LINES
 
 
 @dataclass
@@ -54,7 +50,7 @@ def _read_run(d: Path) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
     summary = _read_json(d / "summary.json")
     req = tl = None
     if (d / "requests.parquet").exists():
-        cols = ["endpoint", "arrival_s", "latency_ms", "status", "cold"]
+        cols = ["endpoint", "arrival_s", "latency_ms", "status", "cold", "ttft_ms", "tpot_ms"]
         req = pd.read_parquet(d / "requests.parquet")
         req = req[[c for c in cols + ["replication"] if c in req.columns]]
         if "replication" in req.columns:
@@ -73,30 +69,6 @@ def _measured_ok(req: pd.DataFrame, summary: dict) -> pd.DataFrame:
 
 
 # -- figures ---------------------------------------------------------------------------------------------------------
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _cdf(ax, lat: np.ndarray, label: str, **kw) -> None:
-    if not len(lat):
-        return
-    q = np.linspace(0.0, 1.0, min(CDF_POINTS, len(lat)))
-    ax.plot(np.quantile(lat, q), q, label=label, **kw)
-
-
-def _slo_ms(slo: Any) -> float | None:
-    """The latency target drawn on the figures, from an SLO block ``{"p99_ms": 500.0, ...}``
-    (compare.json's ``slo``): the P99 target, else the first one given."""
-    if isinstance(slo, dict):
-        for k in ("p99_ms", "p90_ms", "p50_ms", "mean_ms"):
-            if slo.get(k) is not None:
-                return float(slo[k])
-    return None
-
-
 def _slo_text(slo: Any) -> str:
     if not isinstance(slo, dict) or not slo:
         return "none"
@@ -135,197 +107,191 @@ def _run_slo(d: Path, summary: dict) -> dict | None:
     return None
 
 
-def _cdf_axes(ax, title: str, slo_ms: float | None) -> None:
-    if slo_ms:
-        ax.axvline(slo_ms, color="red", ls="--", lw=1, label=f"SLO {slo_ms:g} ms")
-    ax.axhline(0.99, color="grey", ls=":", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("latency (ms)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-
-
 def _busiest(summary: dict, k: int = MAX_LINES) -> list[str]:
     eps = summary.get("endpoints", {})
-    return sorted(eps, key=lambda n: -(eps[n].get("requests") or 0))[:k]
+    return plots.busiest({n: eps[n].get("requests") for n in eps}, k)
+
+
+def _latency_figure(series: list, slo: float | None, title: str) -> Any:
+    fig, axes = plots.new_figure((11, 4.2), 1, 2)
+    plots.draw_latency(axes, series, slo)
+    plots.outside_legend(fig, axes)
+    fig.suptitle(title)
+    return fig
+
+
+def _scatter_apart(ax, points: list[tuple[str, float, float, dict]], label=str, detail=None) -> None:
+    """Points ``(name, x, y, style)`` that all stay visible: those that coincide (the same x and y to 0.5%:
+    plans with identical latencies and cost) are drawn side by side, a few points apart around the true
+    position, each with its marker and legend entry (``label(name)``), under one label naming them all
+    ("a = b: $10.00/h, same P99"); ``detail(name)``: what the label adds to a name."""
+    from matplotlib.transforms import offset_copy
+
+    groups: dict[tuple, list] = {}
+    for p in points:
+        key = (round(math.log(max(p[1], 1e-12)) / 0.005), round(math.log(max(p[2], 1e-12)) / 0.005))
+        groups.setdefault(key, []).append(p)
+    fig = ax.figure
+    for members in groups.values():
+        k = len(members)
+        for j, (name, x, y, style) in enumerate(members):
+            dx = (j - (k - 1) / 2) * 11.0
+            ax.scatter([x], [y], transform=offset_copy(ax.transData, fig=fig, x=dx, y=0, units="points"),
+                       zorder=3, label=label(name), **style)
+        extra = detail(members[0][0]) if detail else None
+        text = " = ".join(m[0] for m in members)
+        if k > 1:
+            text += f": {extra}, same P99" if extra else ": same cost and P99"
+        elif extra:
+            text += f": {extra}"
+        ax.annotate(text, (members[0][1], members[0][2]), fontsize="small", xytext=(6 + 5.5 * (k - 1), 6),
+                    textcoords="offset points")
 
 
 def run_figures(summary: dict, req: pd.DataFrame | None, tl: pd.DataFrame | None,
                 slo_block: dict | None = None) -> list[Figure]:
     figs = []
     name = summary.get("scenario", "run")
-    slo = _slo_ms(slo_block)
+    slo = plots.slo_ms(slo_block)
     top = _busiest(summary)
+    eps = summary.get("endpoints", {})
     if req is not None and len(req):
         ok = _measured_ok(req, summary)
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        _cdf(ax, ok["latency_ms"].to_numpy(), "all requests", color="black", lw=2)
-        if len(summary.get("endpoints", {})) > 1:
-            for ep in top:
-                _cdf(ax, ok.loc[ok["endpoint"] == ep, "latency_ms"].to_numpy(), ep, lw=1)
-        _cdf_axes(ax, f"{name}: latency CDF (completed requests, measured horizon)", slo)
+        series = [("all requests", ok["latency_ms"].to_numpy(), {"color": "black", "lw": 2})]
+        if len(eps) > 1:
+            for k, ep in enumerate(top):
+                series.append((ep, ok.loc[ok["endpoint"] == ep, "latency_ms"].to_numpy(),
+                               {"lw": 1, "ls": plots.STYLES[k % len(plots.STYLES)]}))
+        fig = _latency_figure(series, slo, f"{name}: latency of completed requests, measured horizon")
         figs.append(Figure("report_latency_cdf", "Latency CDF",
-                           "Completed requests after warmup; one line per endpoint (the busiest "
-                           f"{MAX_LINES} when there are more).", _png(fig)))
+                           "Completed requests after warmup: the CDF (left) and its tail (right: the fraction "
+                           "of requests slower than each latency, on a log scale, where P99 is the line at 1%); "
+                           f"one line per endpoint (the busiest {MAX_LINES} when there are more); red: the SLO.",
+                           plots.png(fig)))
     if tl is not None and len(tl):
+        failures = tl.loc[tl["failures"] > 0, "t_s"].to_numpy() if "failures" in tl.columns else ()
+        fig = plots.run_timeline(tl, req, {n: eps[n].get("requests") for n in eps}, summary.get("warmup_seconds", 0.0),
+                                 f"{name}: timeline", slo, failures)
         figs.append(Figure("report_timeline", "Timeline",
-                           "Per simulated minute: invocations, instances in service, loaded models, GPU memory "
-                           "utilisation and cache hit rate (shaded: warmup).",
-                           _png(_timeline_figure({ep: g for ep, g in tl.groupby("endpoint", sort=False)},
-                                                 summary.get("warmup_seconds", 0.0), f"{name}: timeline",
-                                                 top))))
+                           "Per simulated minute: invocations, requests in flight (queue depth: queued and "
+                           "serving), instances in service, GPU utilisation (CloudWatch's: 100 per busy GPU), "
+                           "P99 latency by arrival minute against the SLO, loaded models, GPU memory "
+                           "utilisation, cache hit rate, cold starts and failed requests, each where the run "
+                           "has it (shaded: warmup).", plots.png(fig)))
     if req is not None and "ttft_ms" in req and np.isfinite(req["ttft_ms"].to_numpy(dtype=float)).any():
         figs.append(_token_figure(_measured_ok(req, summary), top, name, slo_block or {}))
-    eps = summary.get("endpoints", {})
     if eps:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plots.new_figure((9, 4.5))
         dur_h = summary.get("simulated_seconds", 3600.0) / 3600.0
-        for ep, b in eps.items():
-            if b.get("p99_ms") is None:
-                continue
-            ax.scatter(b["cost_usd"] / dur_h, b["p99_ms"], s=30)
-            if ep in top:
-                ax.annotate(ep, (b["cost_usd"] / dur_h, b["p99_ms"]), fontsize="x-small",
-                            xytext=(4, 4), textcoords="offset points")
+        pts = [(ep, b["cost_usd"] / dur_h, b["p99_ms"], {"s": 30, "marker": plots.MARKERS[k % len(plots.MARKERS)],
+                                                           "color": f"C{k % 10}"})
+               for k, (ep, b) in enumerate((e, b) for e, b in eps.items() if e in top and b.get("p99_ms") is not None)]
+        rest = [(b["cost_usd"] / dur_h, b["p99_ms"]) for ep, b in eps.items()
+                if ep not in top and b.get("p99_ms") is not None]
+        if rest:
+            ax.scatter(*zip(*rest), s=12, color="grey", label=f"{len(rest)} other endpoints")
+        _scatter_apart(ax, pts)
         if slo:
             ax.axhline(slo, color="red", ls="--", lw=1, label=f"SLO {slo:g} ms")
-            ax.legend(loc="upper right", fontsize="small")
         ax.set_xlabel("cost (USD per hour)")
         ax.set_ylabel("P99 latency (ms)")
         ax.set_yscale("log")
         ax.set_title(f"{name}: cost against P99, per endpoint")
         ax.grid(True, which="both", alpha=0.3)
+        plots.outside_legend(fig, ax)
         figs.append(Figure("report_cost_p99", "Cost against P99",
-                           "Each endpoint's cost per hour and P99 latency over the measured horizon.", _png(fig)))
+                           "Each endpoint's cost per hour and P99 latency over the measured horizon (endpoints "
+                           "with the same figures drawn side by side).", plots.png(fig)))
     return figs
 
 
 def _token_figure(ok: pd.DataFrame, top: list[str], name: str, slo: dict) -> Figure:
-    """TTFT and TPOT CDFs of the language models' requests (continuous batching), with their SLOs."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """TTFT and TPOT of the language models' requests (continuous batching): CDFs and tails, with their SLOs."""
+    fig, axes = plots.new_figure((11, 7.5), 2, 2)
     ok = ok[np.isfinite(ok["ttft_ms"].to_numpy(dtype=float))]
-    for ax, col, label in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "tpot_ms", "TPOT")):
-        v = ok[col].to_numpy(dtype=float)
-        _cdf(ax, v[np.isfinite(v)], "all", color="black", lw=2)
+    for row, (col, label) in zip(axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"))):
+        series = [("all", ok[col].to_numpy(dtype=float), {"color": "black", "lw": 2})]
         if ok["endpoint"].nunique() > 1:
-            for ep in top:
-                v = ok.loc[ok["endpoint"] == ep, col].to_numpy(dtype=float)
-                _cdf(ax, v[np.isfinite(v)], ep, lw=1)
-        _cdf_axes(ax, f"{label} CDF", slo.get(col))
-        ax.set_xlabel(f"{label} (ms)")
+            for k, ep in enumerate(top):
+                series.append((ep, ok.loc[ok["endpoint"] == ep, col].to_numpy(dtype=float),
+                               {"lw": 1, "ls": plots.STYLES[k % len(plots.STYLES)]}))
+        plots.draw_latency(row, series, slo.get(col), unit=f"{label} (ms)")
+        row[0].set_title(f"{label}: CDF")
+        row[1].set_title(f"{label}: tail (complementary CDF, log)")
+    plots.outside_legend(fig, axes)
     fig.suptitle(f"{name}: time to first token and time per output token")
-    fig.tight_layout()
     return Figure("report_ttft_tpot", "TTFT and TPOT",
                   "Language models served with continuous batching: time to first token (arrival to the end of "
                   "the step that completes the prompt) and time per output token after it, completed requests "
-                  "after warmup.", _png(fig))
-
-
-_PANELS = (("invocations", "invocations / min", "sum"), ("instances", "instances in service", "sum"),
-           ("loaded_models", "loaded models (copies)", "sum"),
-           ("gpu_memory_utilization", "GPU memory utilisation", "instances"),
-           ("model_cache_hit", "cache hit rate", "invocations"))
-
-
-def _aggregate(tl: pd.DataFrame) -> pd.DataFrame:
-    """Endpoints of one run summed per minute: counts added, ratios weighted
-    (GPU memory by instances, hit rate by invocations)."""
-    t = tl.copy()
-    out = t.groupby("t_s", sort=True)[["invocations", "instances", "loaded_models"]].sum()
-    for col, _, w in _PANELS:
-        if w == "sum" or col not in t.columns:
-            continue
-        v = t[col].to_numpy(dtype=float)
-        wt = t[w].to_numpy(dtype=float)
-        ok = np.isfinite(v) & (wt > 0)
-        num = pd.Series(np.where(ok, v * wt, 0.0)).groupby(t["t_s"].to_numpy()).sum()
-        den = pd.Series(np.where(ok, wt, 0.0)).groupby(t["t_s"].to_numpy()).sum()
-        out[col] = (num / den.where(den > 0)).reindex(out.index).to_numpy()
-    return out.reset_index()
-
-
-def _timeline_figure(series: dict[str, pd.DataFrame], warmup: float, title: str, keep: list[str] | None = None):
-    """One panel per figure of _PANELS, one line per entry of ``series`` (an endpoint or a plan)."""
-    names = list(series)
-    if keep is not None and len(names) > MAX_LINES:
-        rest = [n for n in names if n not in keep]
-        agg = _aggregate(pd.concat([series[n] for n in rest], ignore_index=True))
-        series = {**{n: series[n] for n in names if n in keep}, f"{len(rest)} others (total)": agg}
-    fig, axes = plt.subplots(len(_PANELS), 1, figsize=(9, 11), sharex=True)
-    for k, (label, g) in enumerate(series.items()):
-        m = g["t_s"].to_numpy() / 60.0
-        if len(m):   # each row is a minute: draw its last one as wide as the others
-            m = np.append(m, m[-1] + 1.0)
-        for ax, (col, _, _) in zip(axes, _PANELS):
-            if col in g.columns:
-                v = g[col].to_numpy(dtype=float)
-                # Plans often agree minute by minute (the same arrivals): distinct dashes keep them apart.
-                ax.step(m, np.append(v, v[-1:]), where="post", label=str(label), lw=1.4,
-                        ls=_STYLES[k % len(_STYLES)])
-    for ax, (col, ylabel, w) in zip(axes, _PANELS):
-        ax.set_ylabel(ylabel, fontsize="small")
-        ax.grid(True, alpha=0.3)
-        if w == "sum":   # counts from zero, so that a few percent of noise does not look like a swing
-            ax.set_ylim(0, max(ax.get_ylim()[1], 1.0) * 1.08)
-        if warmup > 0:
-            ax.axvspan(0, warmup / 60.0, color="grey", alpha=0.15, lw=0)
-    axes[0].legend(loc="lower right", fontsize="x-small", ncol=2)
-    axes[3].set_ylim(0, 1.05)
-    axes[4].set_ylim(-0.05, 1.05)
-    axes[-1].set_xlabel("simulated minutes (shaded: warmup)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+                  "after warmup; right: the tails on a log scale.", plots.png(fig))
 
 
 def compare_figures(cmp: dict, runs: dict[str, tuple[dict, pd.DataFrame | None, pd.DataFrame | None]]) -> list[Figure]:
     figs = []
     name = cmp.get("scenario", "comparison")
-    slo = _slo_ms(cmp.get("slo"))
+    slo = plots.slo_ms(cmp.get("slo"))
     plans = cmp.get("plans", {})
     with_req = {p: r for p, r in runs.items() if r[1] is not None and len(r[1])}
     if with_req:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        # Plans often share their fast path: distinct dashes keep overlapping lines apart.
-        for k, (p, (summary, req, _)) in enumerate(with_req.items()):
-            _cdf(ax, _measured_ok(req, summary)["latency_ms"].to_numpy(), p, lw=1.8, ls=_STYLES[k % len(_STYLES)])
-        _cdf_axes(ax, f"{name}: latency CDF per plan (same arrivals)", slo)
+        # Plans often share their fast path: distinct dashes and colours keep overlapping lines apart.
+        series = [(p, _measured_ok(req, summary)["latency_ms"].to_numpy(),
+                   {"lw": 1.8, "ls": plots.STYLES[k % len(plots.STYLES)], "color": f"C{k % 10}"})
+                  for k, (p, (summary, req, _)) in enumerate(with_req.items())]
+        fig = _latency_figure(series, slo, f"{name}: latency per plan (same arrivals)")
         figs.append(Figure("report_latency_cdf", "Latency CDF per plan",
-                           "Completed requests after warmup, every plan on the same arrivals.", _png(fig)))
+                           "Completed requests after warmup, every plan on the same arrivals: the CDF (left) "
+                           "and its tail on a log scale (right, where P99 is the line at 1%); red: the SLO.",
+                           plots.png(fig)))
     if plans:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for p, b in plans.items():
+        fig, ax = plots.new_figure((9, 4.5))
+        pts = []
+        for k, (p, b) in enumerate(plans.items()):
             if b.get("p99_ms") is None:
                 continue
-            met = b.get("slo_met")
-            ax.scatter(b["cost_per_hour_usd"], b["p99_ms"], s=90, marker="o" if met else "x",
-                       label=f"{p} ({'meets' if met else 'misses'} the SLO)" if met is not None else p)
-            ax.annotate(f"{p}: ${b['cost_per_hour_usd']:,.2f}/h", (b["cost_per_hour_usd"], b["p99_ms"]),
-                        fontsize="small", xytext=(6, 6), textcoords="offset points")
+            col = f"C{k % 10}"
+            style = {"s": 90, "marker": plots.MARKERS[k % len(plots.MARKERS)], "color": col}
+            if b.get("slo_met") is False:   # hollow: misses the SLO
+                style = {"s": 90, "marker": style["marker"], "facecolors": "none", "edgecolors": col,
+                         "linewidths": 1.8}
+            pts.append((p, b["cost_per_hour_usd"], b["p99_ms"], style))
+
+        def label(p: str) -> str:
+            met = plans[p].get("slo_met")
+            return f"{p} ({'meets' if met else 'misses'} the SLO)" if met is not None else p
+
+        _scatter_apart(ax, pts, label, lambda p: f"${plans[p]['cost_per_hour_usd']:,.2f}/h")
         if slo:
             ax.axhline(slo, color="red", ls="--", lw=1, label=f"SLO {slo:g} ms")
         # From zero on both axes, with room on the right for the labels and above the SLO line.
-        shown = [b for b in plans.values() if b.get("p99_ms") is not None]
-        if shown:
-            top = max([b["p99_ms"] for b in shown] + ([slo] if slo else []))
+        if pts:
+            top = max([y for _, _, y, _ in pts] + ([slo] if slo else []))
             ax.set_ylim(0, top * 1.15)
-            ax.set_xlim(0, max(b["cost_per_hour_usd"] for b in shown) * 1.3 or 1.0)
+            ax.set_xlim(0, max(x for _, x, _, _ in pts) * 1.3 or 1.0)
         ax.set_xlabel("cost (USD per hour)")
         ax.set_ylabel("P99 latency (ms)")
         ax.set_title(f"{name}: cost against P99 per plan")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
+        plots.outside_legend(fig, ax)
         figs.append(Figure("report_cost_p99", "Cost against P99 per plan",
-                           "Lower left is better; circles meet the SLO, crosses miss it.", _png(fig)))
-    with_tl = {p: _aggregate(r[2]) for p, r in runs.items() if r[2] is not None and len(r[2])}
+                           "Lower left is better; filled markers meet the SLO, hollow ones miss it. Plans with the "
+                           "same cost and P99 are drawn side by side and labelled together.", plots.png(fig)))
+    with_tl = {p: plots.sum_endpoints(r[2]) for p, r in runs.items() if r[2] is not None and len(r[2])}
     if with_tl:
+        p99 = {}
+        for p in with_tl:
+            req = runs[p][1]
+            if req is not None and len(req):
+                ok = req[req["status"] == "ok"]
+                _, m, v = plots.p99_per_minute(ok["arrival_s"].to_numpy(), ok["latency_ms"].to_numpy())
+                p99[p] = (m, v)
         warm = cmp.get("warmup_seconds", 0.0)
         figs.append(Figure("report_timeline", "Timelines per plan",
-                           "Per simulated minute, each plan's endpoints together: invocations, instances, loaded "
-                           "models, GPU memory utilisation (weighted by instances) and cache hit rate (weighted by "
-                           "invocations).", _png(_timeline_figure(with_tl, warm, f"{name}: timelines per plan"))))
+                           "Per simulated minute, each plan's endpoints together: invocations, requests in flight "
+                           "(queue depth), instances, GPU utilisation (weighted by instances), P99 latency by "
+                           "arrival minute against the SLO, loaded models, GPU memory utilisation (weighted by "
+                           "instances), cache hit rate (weighted by invocations), cold starts and failed requests.",
+                           plots.png(plots.timeline_panels(with_tl, p99, warm, f"{name}: timelines per plan",
+                                                           slo))))
     return figs
 
 

@@ -38,7 +38,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 __all__ = ["TraceError", "FORMATS", "loop_period", "read_trace", "trace_arrivals"]
 
@@ -81,6 +80,8 @@ def _open_check(path: Path) -> None:
 
 def _read_text_table(path: Path, required: tuple[str, ...], what: str) -> tuple[pd.DataFrame, np.ndarray]:
     """Read a CSV as strings; return (frame, 1-based line number of each row)."""
+    import pandas as pd
+
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False,
                          encoding="utf-8-sig")
@@ -108,6 +109,8 @@ def _read_text_table(path: Path, required: tuple[str, ...], what: str) -> tuple[
 
 
 def _numbers(path: Path, col: pd.Series, name: str, lines: np.ndarray, expected: str) -> np.ndarray:
+    import pandas as pd
+
     values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -119,6 +122,8 @@ def _numbers(path: Path, col: pd.Series, name: str, lines: np.ndarray, expected:
 
 def _token_counts(path: Path, values: np.ndarray, name: str, lines: np.ndarray,
                   raw: pd.Series | list | None = None) -> np.ndarray:
+    import pandas as pd
+
     bad = ~np.isfinite(values) | (values < 0) | (values > MAX_TOKENS) | (values != np.floor(values))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -130,6 +135,8 @@ def _token_counts(path: Path, values: np.ndarray, name: str, lines: np.ndarray,
 
 def _finish(path: Path, fmt: str, arrival: np.ndarray, lines: np.ndarray, name: str,
             input_tokens: np.ndarray, output_tokens: np.ndarray, model=None) -> pd.DataFrame:
+    import pandas as pd
+
     neg = arrival < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
@@ -178,6 +185,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _read_azure(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     df, lines = _read_text_table(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), "azure_llm")
     raw = df["TIMESTAMP"]
     try:
