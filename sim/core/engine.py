@@ -8,6 +8,7 @@ ordinary SimPy processes on the same environment.
 """
 from __future__ import annotations
 
+import gc
 from heapq import heappush
 from typing import Callable
 
@@ -211,4 +212,14 @@ class Engine:
             call.callbacks = self._cursor_callbacks
             env = self.env
             heappush(env._queue, (r.arrival[0], NORMAL, next(env._eid), call))
-        self.env.run(until=horizon)
+        # No cyclic garbage collection while the calendar runs: a run makes next to no reference cycles
+        # (a few hundred objects for 10^5 requests), yet the collector would walk its young objects
+        # every few hundred allocations and, now and then, every object of the process (the request
+        # table's columns included). Whatever cycles the run leaves are collected after it.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.env.run(until=horizon)
+        finally:
+            if enabled:
+                gc.enable()
