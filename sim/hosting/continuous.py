@@ -75,7 +75,7 @@ class ContinuousBatching(Device):
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_key", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
-                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo")
+                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -94,6 +94,7 @@ class ContinuousBatching(Device):
         # (step j of the run), else a1 = s = 0.0
         self._run: tuple[float, int, float, int, float, float] | None = None
         self._chunks: tuple | list = ()      # the prefill chunks (sequence, tokens) of the step in progress
+        self._p = 0                          # their tokens in all
         self._log = devices.log
         self._llm = devices.log.llm
         self._cbs = [self._end_step]
@@ -110,6 +111,11 @@ class ContinuousBatching(Device):
         self._first = r.first_token
         self._startc = r.start
         self._svc = r.service
+        self._dcol = r.device
+        self._maxtok = self._blocks * self._bs   # a sequence of more tokens never fits the cache
+        env = self._env
+        self._queue = env._queue             # the calendar (Environment.schedule inlined below)
+        self._eid = env._eid
         self._one = cfg.step._one   # the one term (a, b, c, d) of a one-term step model, else None
         self._ov = cfg.step.overhead
         self._spare: Call | None = None      # the entry that just fired, for the next step to reuse
@@ -125,21 +131,20 @@ class ContinuousBatching(Device):
 
     # -- the device interface (once per request: keep lean) -----------------------------------------------
     def start(self, i: int, now: float) -> None:
-        r = self._r
-        r.device[i] = self.index
+        self._dcol[i] = self.index
         if i < self._nopen:
             tin = self._tin[i]
             tout = self._tout[i]
         else:
-            tin, tout = r.tokens(i)
+            tin, tout = self._r.tokens(i)
         if tin < 1:
             tin = 1
         if tout < 1:
             tout = 1
-        if -(-(tin + tout) // self._bs) > self._blocks:
+        if tin + tout > self._maxtok:   # more blocks than the cache has: ceil(tokens / block_size) > blocks
             # longer than the whole cache holds (vLLM refuses a prompt beyond max_model_len)
             self.done(i, self)
-            r.status[i] = NO_CAPACITY
+            self._r.status[i] = NO_CAPACITY
             return
         self.busy += 1
         seq = _Seq(i, tin, tout)
@@ -193,8 +198,7 @@ class ContinuousBatching(Device):
             self._spare = None
             call.callbacks = self._cbs
         self._pending = call
-        env = self._env
-        heappush(env._queue, (at, NORMAL, next(env._eid), call))
+        heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
     def _cut_run(self, now: float) -> None:
         """An arrival during a decode run: the run ends with the step in progress."""
@@ -211,7 +215,7 @@ class ContinuousBatching(Device):
                 return   # the run's last step is the one in progress
             end = t0 + ((j + 1) * a1 + s * (j + 1) * j / 2.0)
             done = j
-        self._pending.callbacks = []
+        self._pending.callbacks = ()   # void it: SimPy calls no callback then
         # Compose the next step now, at its start ``end``: until then nothing on the device changes but
         # starts, which join it where its composition then would have admitted them (_join_ahead).
         running = self._running
@@ -221,18 +225,77 @@ class ContinuousBatching(Device):
         if steps > 1:   # the blocks of the run's later steps (as _end_step)
             du = self._allocs(D + 1, steps - 1)
             self._free -= du
-        self._D = D + steps   # no sequence finishes: steps < m
+        D = self._D = D + steps   # no sequence finishes: steps < m
         self._run = None
         waiting = self._waiting
         llm = self._llm
+        if not self._prefill and len(waiting) == 1:
+            # The usual case: the one start that cut the run is the only sequence waiting, none in
+            # prefill. Its step is what _step composes then (the running sequences' blocks for their
+            # next token, then its first chunk), written out: the same figures, without the general
+            # case's loops and records.
+            bs = self._bs
+            free = self._free
+            more = self._cnt[D % bs]
+            n = len(running)
+            budget = self._budget - n
+            q = waiting[0]
+            c = q.prompt
+            if c > budget:
+                c = budget
+            need = -(-c // bs)
+            if more <= free and budget > 0 and need <= free - more:
+                # (the start checked max_num_seqs: n < max_num_seqs)
+                free -= more
+                du += more
+                waiting.popleft()
+                free -= need
+                q.blocks = need
+                du += need
+                self._prefill.append(q)
+                i = q.i
+                startc = self._startc
+                old = startc[i]
+                if not q.admitted:   # its wait ends at its first admission
+                    q.admitted = True
+                    startc[i] = end
+                self._free = free
+                row = (end, 1, -1, du, 0)
+                llm.append(row)
+                self._chunks = [(q, c)]
+                self._p = c
+                k = self._sum + n * D
+                one = self._one
+                if one is None:
+                    at = end + self._step_time.time(n, k, c)
+                else:   # StepTime.time, inlined
+                    a, b, c_, d = one
+                    at = end + (self._ov + (a + b * n + c_ * k + d * c))
+                call = self._spare   # self._schedule(at), inlined
+                if call is None:
+                    call = Call(self._cbs)
+                else:
+                    self._spare = None
+                    call.callbacks = self._cbs
+                self._pending = call
+                heappush(self._queue, (at, NORMAL, next(self._eid), call))
+                self._undo = ([row], 0, [(i, old)])
+                self._ahead = end
+                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
+                return
         times = self._log.preempted
         rows, pre = len(llm), len(times)
-        starts = [(q.i, self._startc[q.i]) for q in waiting]
+        startc = self._startc
+        if len(waiting) == 1:   # the usual case: the start that cut the run
+            q = waiting[0]
+            starts = [(q.i, startc[q.i])]
+        else:
+            starts = [(q.i, startc[q.i]) for q in waiting]
         self._step(end, 0, 0, du, du != 0)
         self._undo = (llm[rows:], len(times) - pre, starts)
         self._ahead = end
         self._ahead_open = (not waiting and self._run is None
-                            and self._budget - len(running) - sum(c for _, c in self._chunks) > 0
+                            and self._budget - len(running) - self._p > 0
                             and len(running) + len(self._prefill) < self._max_seqs)
 
     def _join_ahead(self, s: _Seq) -> None:
@@ -242,7 +305,7 @@ class ContinuousBatching(Device):
         running = self._running
         chunks = self._chunks
         n = len(running)
-        p = sum(c for _, c in chunks)
+        p = self._p
         budget = self._budget - n - p
         c = s.prompt if s.prompt < budget else budget
         more = -(-c // self._bs)
@@ -258,12 +321,13 @@ class ContinuousBatching(Device):
         self._startc[s.i] = at
         chunks.append((s, c))
         p += c
+        self._p = p
         row = (at, 1, -1, more, 0)
         self._llm.append(row)
         self._undo[0].append(row)
         self._ahead_open = budget - c > 0 and n + len(self._prefill) < self._max_seqs
         k = self._sum + n * self._D + sum(q.ctx for q, _ in chunks)
-        self._pending.callbacks = []
+        self._pending.callbacks = ()
         one = self._one
         if one is None:
             self._schedule(at + self._step_time.time(n, k, p))
@@ -293,11 +357,11 @@ class ContinuousBatching(Device):
         prefill = self._prefill
         bs = self._bs
         free = self._free
+        D = self._D
         n = len(running)
         if n:
             # every decoding sequence writes one token this step: blocks for it, preempting the most
             # recently admitted sequences until they fit
-            D = self._D
             cnt = self._cnt
             more = cnt[D % bs]
             while more > free:   # more > 0: there is a sequence to preempt
@@ -307,6 +371,7 @@ class ContinuousBatching(Device):
                     du -= s.blocks
                 else:   # its prompt now and the tokens it generated (the last not yet cached)
                     s = running.popitem()[0]
+                    n -= 1
                     base = s.base
                     ctx = base + D
                     b = -(-ctx // bs)
@@ -325,7 +390,6 @@ class ContinuousBatching(Device):
                 s.blocks = 0
                 self._waiting.appendleft(s)
                 self._log.preempted.append(now)
-            n = len(running)
             if more:
                 free -= more
                 du += more
@@ -334,34 +398,36 @@ class ContinuousBatching(Device):
         chunks = []
         p = 0
         kp = 0
-        for s in prefill:
-            if budget <= 0:
-                break
-            ctx = s.ctx
-            c = s.prompt - ctx
-            if c > budget:
-                c = budget
-            more = -(-(ctx + c) // bs) - s.blocks
-            if more > free:   # as much as the free blocks hold
-                c = (s.blocks + free) * bs - ctx
+        if prefill:
+            for s in prefill:
+                if budget <= 0:
+                    break
+                ctx = s.ctx
+                c = s.prompt - ctx
                 if c > budget:
                     c = budget
-                if c <= 0:
-                    continue
                 more = -(-(ctx + c) // bs) - s.blocks
-            if more > 0:
-                free -= more
-                s.blocks += more
-                du += more
-                hit = True
-            chunks.append((s, c))
-            p += c
-            kp += ctx
-            budget -= c
+                if more > free:   # as much as the free blocks hold
+                    c = (s.blocks + free) * bs - ctx
+                    if c > budget:
+                        c = budget
+                    if c <= 0:
+                        continue
+                    more = -(-(ctx + c) // bs) - s.blocks
+                if more > 0:
+                    free -= more
+                    s.blocks += more
+                    du += more
+                    hit = True
+                chunks.append((s, c))
+                p += c
+                kp += ctx
+                budget -= c
         waiting = self._waiting
         if waiting and budget > 0:
             seqs = n + len(prefill)
             maxs = self._max_seqs
+            startc = self._startc
             while seqs < maxs:
                 s = waiting[0]
                 c = s.prompt
@@ -381,7 +447,7 @@ class ContinuousBatching(Device):
                 hit = True
                 if not s.admitted:   # its wait ends at its first admission
                     s.admitted = True
-                    self._startc[s.i] = now
+                    startc[s.i] = now
                 chunks.append((s, c))
                 p += c
                 budget -= c
@@ -393,36 +459,63 @@ class ContinuousBatching(Device):
         one = self._one
         if chunks:
             self._chunks = chunks
+            self._p = p
             self._run = None
-            k = self._sum + n * self._D + kp
+            k = self._sum + n * D + kp
             if one is None:
-                self._schedule(now + self._step_time.time(n, k, p))
+                at = now + self._step_time.time(n, k, p)
             else:   # StepTime.time, inlined
                 a, b, c, d = one
-                self._schedule(now + (self._ov + (a + b * n + c * k + d * p)))
+                at = now + (self._ov + (a + b * n + c * k + d * p))
+        elif n:
+            self._decode(now, n, free)
             return
-        if not n:
+        else:
             self._pending = None
             return
-        # decode only: until a sequence finishes, the cache runs out, or an arrival cuts it
+        call = self._spare   # self._schedule(at), inlined
+        if call is None:
+            call = Call(self._cbs)
+        else:
+            self._spare = None
+            call.callbacks = self._cbs
+        self._pending = call
+        heappush(self._queue, (at, NORMAL, next(self._eid), call))
+
+    def _decode(self, now: float, n: int, free: int) -> None:
+        """The step composed at ``now`` decodes only (``n`` sequences, ``free`` blocks left after their
+        next token's): schedule the end of the run of such steps, until a sequence finishes, the cache
+        runs out, or a start cuts it."""
         D = self._D
         heap = self._heap
-        while heap[0][2].key != heap[0][1]:
+        top = heap[0]
+        while top[2].key != top[1]:
             heappop(heap)
-        m = heap[0][0] - D
-        if m > 1 and n * (-(-(m - 1) // bs)) > free:
+            top = heap[0]
+        m = top[0] - D
+        if m > 1 and n * (-(-(m - 1) // self._bs)) > free:
             m = self._steps_in_cache(m, free)
         k = self._sum + n * D
         self._chunks = ()
+        self._p = 0
+        one = self._one
         if one is None:
             self._run = (now, n, float(k), m, 0.0, 0.0)
-            self._schedule(now + self._step_time.decode_time(n, k, m))
+            at = now + self._step_time.decode_time(n, k, m)
         else:   # StepTime.decode_time, inlined
             a, b, c, d = one
             a1 = self._ov + (a + b * n + c * k)
             s = c * n
             self._run = (now, n, float(k), m, a1, s)
-            self._schedule(now + (m * a1 + s * m * (m - 1) / 2.0))
+            at = now + (m * a1 + s * m * (m - 1) / 2.0)
+        call = self._spare   # self._schedule(at), inlined
+        if call is None:
+            call = Call(self._cbs)
+        else:
+            self._spare = None
+            call.callbacks = self._cbs
+        self._pending = call
+        heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
     def _steps_in_cache(self, m: int, free: int) -> int:
         """The most decode steps (at least 1, at most ``m``) that the free blocks cover: the first step's
@@ -447,27 +540,28 @@ class ContinuousBatching(Device):
         self._spare = call
         now = self._env._now
         du = 0
+        running = self._running
+        bs = self._bs
+        D = self._D
         run = self._run
         if run is not None:
             steps = run[3]
             self._run = None
-            if steps > 1 and self._running:   # blocks a run's later steps took (_steps_in_cache)
-                bs = self._bs
+            if steps > 1 and running:   # blocks a run's later steps took (_steps_in_cache)
                 q, rem = divmod(steps - 1, bs)   # self._allocs(D + 1, steps - 1), inlined
-                du = q * len(self._running)
+                du = q * len(running)
                 if rem:
                     cnt = self._cnt
-                    a = (self._D + 1) % bs
+                    a = (D + 1) % bs
                     e = a + rem
                     du += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
                 self._free -= du
+            D += steps
         else:
-            steps = 1
-        D = self._D = self._D + steps
+            D += 1
+        self._D = D
         finished: list[int] = []
         heap = self._heap
-        running = self._running
-        bs = self._bs
         if heap and heap[0][0] <= D:
             cnt = self._cnt
             freed = 0
@@ -492,12 +586,14 @@ class ContinuousBatching(Device):
                 ctx = s.ctx = s.ctx + c
                 if ctx >= s.prompt:   # prefill complete: the step's end gives the next token
                     prefill.remove(s)
-                    first.setdefault(s.i, now)
+                    i = s.i
+                    if i not in first:
+                        first[i] = now
                     left = s.left = s.left - 1
                     if left <= 0:
                         self._free += s.blocks
                         du -= s.blocks
-                        finished.append(s.i)
+                        finished.append(i)
                     else:   # it decodes from the next step: its cache holds ctx = base + D tokens
                         base = s.base = ctx - D
                         key = s.key = self._key = self._key + 1
@@ -507,6 +603,7 @@ class ContinuousBatching(Device):
                         self._sum += base
                         self._cnt[-base % bs] += 1
             self._chunks = ()
+            self._p = 0
         dr = 0
         if finished:
             dr = -len(finished)
@@ -523,8 +620,29 @@ class ContinuousBatching(Device):
             finally:
                 self._firing = False
         dw = self._dw
-        self._dw = 0
-        if not self.dead:
-            self._step(now, dr, dw, du, bool(finished) or du != 0)
-        elif finished or du:
+        if dw:
+            self._dw = 0
+        if self.dead:
+            if finished or du:
+                self._llm.append((now, dr, dw, du, 0))
+            return
+        hit = True if finished else du != 0
+        n = len(running)
+        if not n or self._prefill or self._waiting:
+            self._step(now, dr, dw, du, hit)
+            return
+        # The usual case: none in prefill, none waiting: the next step decodes only (_step's path for
+        # it, written out), unless the running sequences' next blocks do not fit (preemption: _step).
+        free = self._free
+        more = self._cnt[D % bs]
+        if more > free:
+            self._step(now, dr, dw, du, hit)
+            return
+        if more:
+            free -= more
+            du += more
+            hit = True
+        self._free = free
+        if hit:
             self._llm.append((now, dr, dw, du, 0))
+        self._decode(now, n, free)
