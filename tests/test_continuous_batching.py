@@ -315,6 +315,22 @@ def test_decode_steps_within_is_the_most_steps_that_fit(terms, overhead, n, k0, 
     assert got == want
 
 
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(terms=st.lists(st.tuples(*[st.sampled_from([0.0, 1e-7, 3e-6, 2e-4, 0.004, 0.03])] * 4), min_size=1, max_size=3),
+       overhead=st.sampled_from([0.0, 0.0005]), n=st.integers(1, 300), k0=st.integers(0, 200_000),
+       m=st.integers(0, 400), span=st.floats(0.0, 50.0))
+def test_a_runs_envelope_gives_decode_time_exactly(terms, overhead, n, k0, m, span):
+    """A decode run's envelope, found once (what the engine keeps for a run of a model of several terms),
+    gives decode_time for every prefix of the run, the same float, and decode_steps_within's answer."""
+    if all(max(t) == 0.0 for t in terms) and overhead == 0.0:
+        return
+    stt = StepTime(overhead, tuple(terms))
+    ev = stt.envelope(n, float(k0), m)
+    for j in range(m + 2):   # m + 1: beyond the envelope, decode_time itself
+        assert ev.time(j) == stt.decode_time(n, float(k0), j), j
+    assert ev.steps_within(span, m) == stt.decode_steps_within(n, float(k0), span, m)
+
+
 def test_instance_failures_keep_the_engine_log_consistent(monkeypatch):
     """Instances that fail mid-step (also while the next step is already composed, at an arrival during a
     decode run): every request ends or fails once, and each device's log returns to nothing running,

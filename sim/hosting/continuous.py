@@ -91,8 +91,8 @@ class ContinuousBatching(Device):
         self._running: dict[_Seq, None] = {}
         self._pending: Call | None = None    # the end of the step (or run of decode steps) in progress
         # a decode run: (start, n, K0, steps, a1, s): a one-term step model's steps take a1 + s j seconds
-        # (step j of the run), else a1 = s = 0.0
-        self._run: tuple[float, int, float, int, float, float] | None = None
+        # (step j of the run), else a1 is the run's Envelope and s = 0.0
+        self._run: tuple | None = None
         self._chunks: tuple | list = ()      # the prefill chunks (sequence, tokens) of the step in progress
         self._p = 0                          # their tokens in all
         self._log = devices.log
@@ -203,12 +203,11 @@ class ContinuousBatching(Device):
     def _cut_run(self, now: float) -> None:
         """An arrival during a decode run: the run ends with the step in progress."""
         t0, n, k0, m, a1, s = self._run
-        if self._one is None:
-            st = self._step_time
-            done = st.decode_steps_within(n, k0, now - t0, m)
+        if self._one is None:   # a1: the run's envelope (StepTime.decode_steps_within, decode_time)
+            done = a1.steps_within(now - t0, m)
             if done + 1 >= m:
                 return   # the run's last step is the one in progress
-            end = t0 + st.decode_time(n, k0, done + 1)
+            end = t0 + a1.time(done + 1)
         else:   # StepTime.decode_steps_within and decode_time of one term (the run's a1 and s kept)
             j = one_term_steps_within(a1, s, now - t0, m)
             if j + 1 >= m:
@@ -499,9 +498,10 @@ class ContinuousBatching(Device):
         self._chunks = ()
         self._p = 0
         one = self._one
-        if one is None:
-            self._run = (now, n, float(k), m, 0.0, 0.0)
-            at = now + self._step_time.decode_time(n, k, m)
+        if one is None:   # the envelope of the run's steps, found once for it and its cut
+            ev = self._step_time.envelope(n, float(k), m)
+            self._run = (now, n, float(k), m, ev, 0.0)
+            at = now + ev.time(m)
         else:   # StepTime.decode_time, inlined
             a, b, c, d = one
             a1 = self._ov + (a + b * n + c * k)
