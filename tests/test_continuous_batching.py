@@ -356,6 +356,45 @@ def test_instance_failures_keep_the_engine_log_consistent(monkeypatch):
     status = run.columns["status"]
     assert (status != 0).mean() > 0.9
 
+
+@pytest.mark.parametrize("case", ["failures", "bench", "roofline"])
+def test_a_prefill_steps_end_done_ahead_changes_nothing(monkeypatch, case):
+    """A prefill step composed ahead whose end is done at once (no event at its end, taken back by a start
+    or a stop before it) gives the run every step's end as an event gives: the same request table, to the
+    bit, and the same engine log once sorted by time (as its readers sort it); also with instance failures
+    (stops before that end) and the roofline's two terms."""
+    from sim.bench import day_scenario, llm_scenario
+    from sim.hosting.continuous import ContinuousBatching
+    from sim.simulate import simulate
+
+    if case == "failures":
+        d = llm_scenario(2.0e4, rate=1.0, step={"base": "2s", "per_prefill_token": "0.1ms", "per_decode_seq": "1ms",
+                                                "per_kv_token": "0.02us"}, output={"dist": "lognormal", "mean": 20, "cv": 1.0})
+        d["duration"] = 3000.0
+        d["endpoints"][0]["failures"] = {"mtbf": 30, "in_flight": "retry"}
+    elif case == "bench":
+        d = llm_scenario(4.0e3)
+    else:
+        d = day_scenario(10.0, 4, 600.0)
+    sc = parse_scenario(d, source="cb-ahead")
+    taken_back, stopped = [], []   # stopped: whether a stop found such a step's end still to come
+    real, real_stop = ContinuousBatching._undo_prefill_ahead, ContinuousBatching.stop
+    monkeypatch.setattr(ContinuousBatching, "_undo_prefill_ahead", lambda self: (taken_back.append(1), real(self)))
+    monkeypatch.setattr(ContinuousBatching, "stop",
+                        lambda self: (stopped.append(self._env._now < self._t1), real_stop(self)))
+    ahead = simulate(sc, seed=3)
+    monkeypatch.setattr(ContinuousBatching, "prefill_ahead", False)
+    events = simulate(sc, seed=3)
+    assert len(taken_back) > 5
+    if case == "failures":
+        assert any(stopped)   # an instance failed before such a step's end (seed 3: once)
+    for k, v in events.columns.items():
+        np.testing.assert_array_equal(ahead.columns[k], v, err_msg=k)
+    for a, b in zip(ahead.logs, events.logs):
+        assert sorted(a.llm, key=lambda r: r[0]) == sorted(b.llm, key=lambda r: r[0])
+        assert a.preempted == b.preempted and a.failures == b.failures
+
+
 # -- through the scenario schema (architecture, tokens, service.continuous_batching) ------------------------
 ONE_GPU = {"name": "test.gpu1", "gpus": 1, "gpu_memory_gb": 80, "vcpus": 8, "memory_gb": 64, "price_per_hour": 1.0}
 # the step coefficients given (step: {base, per_prefill_token, per_decode_seq, per_kv_token}); in ms: base,

@@ -161,6 +161,7 @@ class Engine:
         self.on_finish: dict[int, Callable[[int], None]] = {}
         self.closed_loop = False
         self.device_gpus: list[int] = []   # GPUs of each device (sim.hosting.device), by index
+        self.horizon = float("inf")      # when the run stops (set by run): nothing at or after it happens
         self._cursor = 0
         self._cursor_callbacks = [self._on_arrival]
         self._cursor_call = Call(self._cursor_callbacks)
@@ -205,6 +206,7 @@ class Engine:
 
     # -- running --------------------------------------------------------------
     def run(self, horizon: float) -> None:
+        self.horizon = horizon
         r = self.requests
         self._cursor_call_callbacks = [self._on_arrival]
         if r.n_open:

@@ -17,7 +17,11 @@ for another sequence, moves that event to the end of the step in progress: it jo
 boundary. The step that starts there is composed at once (until then nothing on the device changes
 but further starts, which join it as its composition there would have admitted them), so the boundary
 costs no event of its own. Steps that prefill are one event each (a prompt takes ``ceil(tokens /
-budget)`` of them).
+budget)`` of them), but for the usual one: a step composed ahead that prefills the whole prompt of the
+one sequence that cut the run, where none finishes at its end and the next step's blocks fit, has its end
+done at once too (the sequence's first token, the decode run that follows and its end's event); a start
+or a stop before that end takes it back, and the end is an event again. Results are the same either way
+(tests compare them); only the engine log's rows come in another order, as they already may.
 
 A step costs about the same whatever the batch: the running sequences' state is kept against a decode
 clock (the steps run so far), with their context in all, a heap of when each finishes and, per step
@@ -72,10 +76,15 @@ class ContinuousBatching(Device):
     (``_cnt``: a sequence whose cache holds a multiple of ``block_size`` tokens needs a block for its
     next token)."""
 
+    # whether a prefill step composed ahead may have its end done at once (_end_prefill_ahead); off, every
+    # step's end is an event (the same results: tests compare the two)
+    prefill_ahead = True
+
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_key", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
-                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol")
+                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
+                 "_eager", "_engine")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -124,6 +133,11 @@ class ContinuousBatching(Device):
         self._ahead = -1.0
         self._ahead_open = False
         self._undo: tuple | None = None
+        # a prefill step composed ahead whose end is done already (_end_prefill_ahead): when it ends, and
+        # what taking it back needs
+        self._t1 = -1.0
+        self._eager: tuple | None = None
+        self._engine = devices.engine
         self._llm.append((self._env._now, 0, 0, 0, self._blocks))
 
     def _seqs(self) -> int:
@@ -156,6 +170,8 @@ class ContinuousBatching(Device):
             self._step(now, 0, 1, 0, True)
             return
         self._llm.append((now, 0, 1, 0, 0))
+        if now < self._t1:   # the prefill step composed ahead ends after this start: an event again
+            self._undo_prefill_ahead()
         if now < self._ahead:   # the next step is composed already: it admits this one if it would have
             if self._ahead_open:
                 self._join_ahead(seq)
@@ -163,6 +179,8 @@ class ContinuousBatching(Device):
             self._cut_run(now)
 
     def stop(self) -> None:
+        if self._env._now < self._t1:
+            self._undo_prefill_ahead()
         super().stop()
         if self._pending is not None:
             self._pending.callbacks = []
@@ -270,6 +288,19 @@ class ContinuousBatching(Device):
                 else:   # StepTime.time, inlined
                     a, b, c_, d = one
                     at = end + (self._ov + (a + b * n + c_ * k + d * c))
+                self._undo = ([row], 0, [(i, old)])
+                self._ahead = end
+                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
+                if c == q.prompt and q.left > 1 and at < self._engine.horizon and self.prefill_ahead:
+                    heap = self._heap
+                    top = heap[0]
+                    while top[2].key != top[1]:   # (stale entries: _decode drops them too)
+                        heappop(heap)
+                        top = heap[0]
+                    # none finishes at its end, and the next step's blocks fit: its end is known now
+                    if top[0] > D + 1 and self._cnt[(D + 1) % bs] + (c % bs == 0) <= free:
+                        self._end_prefill_ahead(q, c, at, free)
+                        return
                 call = self._spare   # self._schedule(at), inlined
                 if call is None:
                     call = Call(self._cbs)
@@ -278,9 +309,6 @@ class ContinuousBatching(Device):
                     call.callbacks = self._cbs
                 self._pending = call
                 heappush(self._queue, (at, NORMAL, next(self._eid), call))
-                self._undo = ([row], 0, [(i, old)])
-                self._ahead = end
-                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
                 return
         times = self._log.preempted
         rows, pre = len(llm), len(times)
@@ -296,6 +324,76 @@ class ContinuousBatching(Device):
         self._ahead_open = (not waiting and self._run is None
                             and self._budget - len(running) - self._p > 0
                             and len(running) + len(self._prefill) < self._max_seqs)
+
+    def _end_prefill_ahead(self, q: _Seq, c: int, t1: float, free: int) -> None:
+        """The step composed ahead (_cut_run) prefills all of ``q``'s prompt (``c`` tokens) and ends at
+        ``t1``; none finishes then, nothing waits, and the decode step that follows fits the cache. Until
+        ``t1`` nothing on the device changes but starts (and a stop), so its end is done now, as
+        _end_step would do it at ``t1``: ``q`` gets its first token and decodes, and the decode run from
+        ``t1`` is composed and its end scheduled, with no event at ``t1``. A start or a stop before
+        ``t1`` takes this back first (:meth:`_undo_prefill_ahead`): the step's end is then an event again."""
+        D = self._D = self._D + 1
+        bs = self._bs
+        self._prefill.pop()   # q, the only one in prefill
+        q.ctx = c
+        i = q.i
+        first = self._first
+        own_first = i not in first
+        if own_first:
+            first[i] = t1
+        left = q.left = q.left - 1
+        base = q.base = c - D
+        key = q.key = self._key = self._key + 1
+        q.fin = D + left
+        running = self._running
+        running[q] = None
+        heappush(self._heap, (D + left, key, q))
+        self._sum += base
+        cnt = self._cnt
+        cnt[-base % bs] += 1
+        self._chunks = ()
+        self._p = 0
+        more = cnt[D % bs]
+        row = None
+        if more:
+            free -= more
+            self._free = free
+            row = (t1, 0, 0, more, 0)
+            self._llm.append(row)
+        self._decode(t1, len(running), free)
+        self._t1 = t1
+        self._eager = (q, c, more, row, own_first)
+
+    def _undo_prefill_ahead(self) -> None:
+        """Take back :meth:`_end_prefill_ahead`: the prefill step composed ahead ends at ``_t1`` again,
+        an event."""
+        t1 = self._t1
+        self._t1 = -1.0
+        q, c, more, row, own_first = self._eager
+        self._eager = None
+        self._pending.callbacks = ()   # the decode run's end
+        self._run = None
+        if row is not None:
+            self._free += more
+            llm = self._llm
+            k = len(llm) - 1
+            while llm[k] is not row:
+                k -= 1
+            del llm[k]
+        self._D -= 1
+        del self._running[q]
+        q.key = -1
+        base = q.base
+        self._sum -= base
+        self._cnt[-base % self._bs] -= 1
+        q.ctx = 0
+        q.left += 1
+        self._prefill.append(q)
+        if own_first:
+            del self._first[q.i]
+        self._chunks = [(q, c)]
+        self._p = c
+        self._schedule(t1)
 
     def _join_ahead(self, s: _Seq) -> None:
         """A start before the step composed ahead begins: that step admits ``s`` if the cache has room
