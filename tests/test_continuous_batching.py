@@ -315,6 +315,22 @@ def test_decode_steps_within_is_the_most_steps_that_fit(terms, overhead, n, k0, 
     assert got == want
 
 
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(terms=st.lists(st.tuples(*[st.sampled_from([0.0, 1e-7, 3e-6, 2e-4, 0.004, 0.03])] * 4), min_size=1, max_size=3),
+       overhead=st.sampled_from([0.0, 0.0005]), n=st.integers(1, 300), k0=st.integers(0, 200_000),
+       m=st.integers(0, 400), span=st.floats(0.0, 50.0))
+def test_a_runs_envelope_gives_decode_time_exactly(terms, overhead, n, k0, m, span):
+    """A decode run's envelope, found once (what the engine keeps for a run of a model of several terms),
+    gives decode_time for every prefix of the run, the same float, and decode_steps_within's answer."""
+    if all(max(t) == 0.0 for t in terms) and overhead == 0.0:
+        return
+    stt = StepTime(overhead, tuple(terms))
+    ev = stt.envelope(n, float(k0), m)
+    for j in range(m + 2):   # m + 1: beyond the envelope, decode_time itself
+        assert ev.time(j) == stt.decode_time(n, float(k0), j), j
+    assert ev.steps_within(span, m) == stt.decode_steps_within(n, float(k0), span, m)
+
+
 def test_instance_failures_keep_the_engine_log_consistent(monkeypatch):
     """Instances that fail mid-step (also while the next step is already composed, at an arrival during a
     decode run): every request ends or fails once, and each device's log returns to nothing running,
@@ -339,6 +355,45 @@ def test_instance_failures_keep_the_engine_log_consistent(monkeypatch):
     assert level.min() >= 0
     status = run.columns["status"]
     assert (status != 0).mean() > 0.9
+
+
+@pytest.mark.parametrize("case", ["failures", "bench", "roofline"])
+def test_a_prefill_steps_end_done_ahead_changes_nothing(monkeypatch, case):
+    """A prefill step composed ahead whose end is done at once (no event at its end, taken back by a start
+    or a stop before it) gives the run every step's end as an event gives: the same request table, to the
+    bit, and the same engine log once sorted by time (as its readers sort it); also with instance failures
+    (stops before that end) and the roofline's two terms."""
+    from sim.bench import day_scenario, llm_scenario
+    from sim.hosting.continuous import ContinuousBatching
+    from sim.simulate import simulate
+
+    if case == "failures":
+        d = llm_scenario(2.0e4, rate=1.0, step={"base": "2s", "per_prefill_token": "0.1ms", "per_decode_seq": "1ms",
+                                                "per_kv_token": "0.02us"}, output={"dist": "lognormal", "mean": 20, "cv": 1.0})
+        d["duration"] = 3000.0
+        d["endpoints"][0]["failures"] = {"mtbf": 30, "in_flight": "retry"}
+    elif case == "bench":
+        d = llm_scenario(4.0e3)
+    else:
+        d = day_scenario(10.0, 4, 600.0)
+    sc = parse_scenario(d, source="cb-ahead")
+    taken_back, stopped = [], []   # stopped: whether a stop found such a step's end still to come
+    real, real_stop = ContinuousBatching._undo_prefill_ahead, ContinuousBatching.stop
+    monkeypatch.setattr(ContinuousBatching, "_undo_prefill_ahead", lambda self: (taken_back.append(1), real(self)))
+    monkeypatch.setattr(ContinuousBatching, "stop",
+                        lambda self: (stopped.append(self._env._now < self._t1), real_stop(self)))
+    ahead = simulate(sc, seed=3)
+    monkeypatch.setattr(ContinuousBatching, "prefill_ahead", False)
+    events = simulate(sc, seed=3)
+    assert len(taken_back) > 5
+    if case == "failures":
+        assert any(stopped)   # an instance failed before such a step's end (seed 3: once)
+    for k, v in events.columns.items():
+        np.testing.assert_array_equal(ahead.columns[k], v, err_msg=k)
+    for a, b in zip(ahead.logs, events.logs):
+        assert sorted(a.llm, key=lambda r: r[0]) == sorted(b.llm, key=lambda r: r[0])
+        assert a.preempted == b.preempted and a.failures == b.failures
+
 
 # -- through the scenario schema (architecture, tokens, service.continuous_batching) ------------------------
 ONE_GPU = {"name": "test.gpu1", "gpus": 1, "gpu_memory_gb": 80, "vcpus": 8, "memory_gb": 64, "price_per_hour": 1.0}

@@ -17,7 +17,11 @@ for another sequence, moves that event to the end of the step in progress: it jo
 boundary. The step that starts there is composed at once (until then nothing on the device changes
 but further starts, which join it as its composition there would have admitted them), so the boundary
 costs no event of its own. Steps that prefill are one event each (a prompt takes ``ceil(tokens /
-budget)`` of them).
+budget)`` of them), but for the usual one: a step composed ahead that prefills the whole prompt of the
+one sequence that cut the run, where none finishes at its end and the next step's blocks fit, has its end
+done at once too (the sequence's first token, the decode run that follows and its end's event); a start
+or a stop before that end takes it back, and the end is an event again. Results are the same either way
+(tests compare them); only the engine log's rows come in another order, as they already may.
 
 A step costs about the same whatever the batch: the running sequences' state is kept against a decode
 clock (the steps run so far), with their context in all, a heap of when each finishes and, per step
@@ -72,10 +76,15 @@ class ContinuousBatching(Device):
     (``_cnt``: a sequence whose cache holds a multiple of ``block_size`` tokens needs a block for its
     next token)."""
 
+    # whether a prefill step composed ahead may have its end done at once (_end_prefill_ahead); off, every
+    # step's end is an event (the same results: tests compare the two)
+    prefill_ahead = True
+
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_key", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
-                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo")
+                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
+                 "_eager", "_engine")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -91,9 +100,10 @@ class ContinuousBatching(Device):
         self._running: dict[_Seq, None] = {}
         self._pending: Call | None = None    # the end of the step (or run of decode steps) in progress
         # a decode run: (start, n, K0, steps, a1, s): a one-term step model's steps take a1 + s j seconds
-        # (step j of the run), else a1 = s = 0.0
-        self._run: tuple[float, int, float, int, float, float] | None = None
+        # (step j of the run), else a1 is the run's Envelope and s = 0.0
+        self._run: tuple | None = None
         self._chunks: tuple | list = ()      # the prefill chunks (sequence, tokens) of the step in progress
+        self._p = 0                          # their tokens in all
         self._log = devices.log
         self._llm = devices.log.llm
         self._cbs = [self._end_step]
@@ -110,6 +120,11 @@ class ContinuousBatching(Device):
         self._first = r.first_token
         self._startc = r.start
         self._svc = r.service
+        self._dcol = r.device
+        self._maxtok = self._blocks * self._bs   # a sequence of more tokens never fits the cache
+        env = self._env
+        self._queue = env._queue             # the calendar (Environment.schedule inlined below)
+        self._eid = env._eid
         self._one = cfg.step._one   # the one term (a, b, c, d) of a one-term step model, else None
         self._ov = cfg.step.overhead
         self._spare: Call | None = None      # the entry that just fired, for the next step to reuse
@@ -118,6 +133,11 @@ class ContinuousBatching(Device):
         self._ahead = -1.0
         self._ahead_open = False
         self._undo: tuple | None = None
+        # a prefill step composed ahead whose end is done already (_end_prefill_ahead): when it ends, and
+        # what taking it back needs
+        self._t1 = -1.0
+        self._eager: tuple | None = None
+        self._engine = devices.engine
         self._llm.append((self._env._now, 0, 0, 0, self._blocks))
 
     def _seqs(self) -> int:
@@ -125,21 +145,20 @@ class ContinuousBatching(Device):
 
     # -- the device interface (once per request: keep lean) -----------------------------------------------
     def start(self, i: int, now: float) -> None:
-        r = self._r
-        r.device[i] = self.index
+        self._dcol[i] = self.index
         if i < self._nopen:
             tin = self._tin[i]
             tout = self._tout[i]
         else:
-            tin, tout = r.tokens(i)
+            tin, tout = self._r.tokens(i)
         if tin < 1:
             tin = 1
         if tout < 1:
             tout = 1
-        if -(-(tin + tout) // self._bs) > self._blocks:
+        if tin + tout > self._maxtok:   # more blocks than the cache has: ceil(tokens / block_size) > blocks
             # longer than the whole cache holds (vLLM refuses a prompt beyond max_model_len)
             self.done(i, self)
-            r.status[i] = NO_CAPACITY
+            self._r.status[i] = NO_CAPACITY
             return
         self.busy += 1
         seq = _Seq(i, tin, tout)
@@ -151,6 +170,8 @@ class ContinuousBatching(Device):
             self._step(now, 0, 1, 0, True)
             return
         self._llm.append((now, 0, 1, 0, 0))
+        if now < self._t1:   # the prefill step composed ahead ends after this start: an event again
+            self._undo_prefill_ahead()
         if now < self._ahead:   # the next step is composed already: it admits this one if it would have
             if self._ahead_open:
                 self._join_ahead(seq)
@@ -158,6 +179,8 @@ class ContinuousBatching(Device):
             self._cut_run(now)
 
     def stop(self) -> None:
+        if self._env._now < self._t1:
+            self._undo_prefill_ahead()
         super().stop()
         if self._pending is not None:
             self._pending.callbacks = []
@@ -193,25 +216,23 @@ class ContinuousBatching(Device):
             self._spare = None
             call.callbacks = self._cbs
         self._pending = call
-        env = self._env
-        heappush(env._queue, (at, NORMAL, next(env._eid), call))
+        heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
     def _cut_run(self, now: float) -> None:
         """An arrival during a decode run: the run ends with the step in progress."""
         t0, n, k0, m, a1, s = self._run
-        if self._one is None:
-            st = self._step_time
-            done = st.decode_steps_within(n, k0, now - t0, m)
+        if self._one is None:   # a1: the run's envelope (StepTime.decode_steps_within, decode_time)
+            done = a1.steps_within(now - t0, m)
             if done + 1 >= m:
                 return   # the run's last step is the one in progress
-            end = t0 + st.decode_time(n, k0, done + 1)
+            end = t0 + a1.time(done + 1)
         else:   # StepTime.decode_steps_within and decode_time of one term (the run's a1 and s kept)
             j = one_term_steps_within(a1, s, now - t0, m)
             if j + 1 >= m:
                 return   # the run's last step is the one in progress
             end = t0 + ((j + 1) * a1 + s * (j + 1) * j / 2.0)
             done = j
-        self._pending.callbacks = []
+        self._pending.callbacks = ()   # void it: SimPy calls no callback then
         # Compose the next step now, at its start ``end``: until then nothing on the device changes but
         # starts, which join it where its composition then would have admitted them (_join_ahead).
         running = self._running
@@ -221,19 +242,158 @@ class ContinuousBatching(Device):
         if steps > 1:   # the blocks of the run's later steps (as _end_step)
             du = self._allocs(D + 1, steps - 1)
             self._free -= du
-        self._D = D + steps   # no sequence finishes: steps < m
+        D = self._D = D + steps   # no sequence finishes: steps < m
         self._run = None
         waiting = self._waiting
         llm = self._llm
+        if not self._prefill and len(waiting) == 1:
+            # The usual case: the one start that cut the run is the only sequence waiting, none in
+            # prefill. Its step is what _step composes then (the running sequences' blocks for their
+            # next token, then its first chunk), written out: the same figures, without the general
+            # case's loops and records.
+            bs = self._bs
+            free = self._free
+            more = self._cnt[D % bs]
+            n = len(running)
+            budget = self._budget - n
+            q = waiting[0]
+            c = q.prompt
+            if c > budget:
+                c = budget
+            need = -(-c // bs)
+            if more <= free and budget > 0 and need <= free - more:
+                # (the start checked max_num_seqs: n < max_num_seqs)
+                free -= more
+                du += more
+                waiting.popleft()
+                free -= need
+                q.blocks = need
+                du += need
+                self._prefill.append(q)
+                i = q.i
+                startc = self._startc
+                old = startc[i]
+                if not q.admitted:   # its wait ends at its first admission
+                    q.admitted = True
+                    startc[i] = end
+                self._free = free
+                row = (end, 1, -1, du, 0)
+                llm.append(row)
+                self._chunks = [(q, c)]
+                self._p = c
+                k = self._sum + n * D
+                one = self._one
+                if one is None:
+                    at = end + self._step_time.time(n, k, c)
+                else:   # StepTime.time, inlined
+                    a, b, c_, d = one
+                    at = end + (self._ov + (a + b * n + c_ * k + d * c))
+                self._undo = ([row], 0, [(i, old)])
+                self._ahead = end
+                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
+                if c == q.prompt and q.left > 1 and at < self._engine.horizon and self.prefill_ahead:
+                    heap = self._heap
+                    top = heap[0]
+                    while top[2].key != top[1]:   # (stale entries: _decode drops them too)
+                        heappop(heap)
+                        top = heap[0]
+                    # none finishes at its end, and the next step's blocks fit: its end is known now
+                    if top[0] > D + 1 and self._cnt[(D + 1) % bs] + (c % bs == 0) <= free:
+                        self._end_prefill_ahead(q, c, at, free)
+                        return
+                call = self._spare   # self._schedule(at), inlined
+                if call is None:
+                    call = Call(self._cbs)
+                else:
+                    self._spare = None
+                    call.callbacks = self._cbs
+                self._pending = call
+                heappush(self._queue, (at, NORMAL, next(self._eid), call))
+                return
         times = self._log.preempted
         rows, pre = len(llm), len(times)
-        starts = [(q.i, self._startc[q.i]) for q in waiting]
+        startc = self._startc
+        if len(waiting) == 1:   # the usual case: the start that cut the run
+            q = waiting[0]
+            starts = [(q.i, startc[q.i])]
+        else:
+            starts = [(q.i, startc[q.i]) for q in waiting]
         self._step(end, 0, 0, du, du != 0)
         self._undo = (llm[rows:], len(times) - pre, starts)
         self._ahead = end
         self._ahead_open = (not waiting and self._run is None
-                            and self._budget - len(running) - sum(c for _, c in self._chunks) > 0
+                            and self._budget - len(running) - self._p > 0
                             and len(running) + len(self._prefill) < self._max_seqs)
+
+    def _end_prefill_ahead(self, q: _Seq, c: int, t1: float, free: int) -> None:
+        """The step composed ahead (_cut_run) prefills all of ``q``'s prompt (``c`` tokens) and ends at
+        ``t1``; none finishes then, nothing waits, and the decode step that follows fits the cache. Until
+        ``t1`` nothing on the device changes but starts (and a stop), so its end is done now, as
+        _end_step would do it at ``t1``: ``q`` gets its first token and decodes, and the decode run from
+        ``t1`` is composed and its end scheduled, with no event at ``t1``. A start or a stop before
+        ``t1`` takes this back first (:meth:`_undo_prefill_ahead`): the step's end is then an event again."""
+        D = self._D = self._D + 1
+        bs = self._bs
+        self._prefill.pop()   # q, the only one in prefill
+        q.ctx = c
+        i = q.i
+        first = self._first
+        own_first = i not in first
+        if own_first:
+            first[i] = t1
+        left = q.left = q.left - 1
+        base = q.base = c - D
+        key = q.key = self._key = self._key + 1
+        q.fin = D + left
+        running = self._running
+        running[q] = None
+        heappush(self._heap, (D + left, key, q))
+        self._sum += base
+        cnt = self._cnt
+        cnt[-base % bs] += 1
+        self._chunks = ()
+        self._p = 0
+        more = cnt[D % bs]
+        row = None
+        if more:
+            free -= more
+            self._free = free
+            row = (t1, 0, 0, more, 0)
+            self._llm.append(row)
+        self._decode(t1, len(running), free)
+        self._t1 = t1
+        self._eager = (q, c, more, row, own_first)
+
+    def _undo_prefill_ahead(self) -> None:
+        """Take back :meth:`_end_prefill_ahead`: the prefill step composed ahead ends at ``_t1`` again,
+        an event."""
+        t1 = self._t1
+        self._t1 = -1.0
+        q, c, more, row, own_first = self._eager
+        self._eager = None
+        self._pending.callbacks = ()   # the decode run's end
+        self._run = None
+        if row is not None:
+            self._free += more
+            llm = self._llm
+            k = len(llm) - 1
+            while llm[k] is not row:
+                k -= 1
+            del llm[k]
+        self._D -= 1
+        del self._running[q]
+        q.key = -1
+        base = q.base
+        self._sum -= base
+        self._cnt[-base % self._bs] -= 1
+        q.ctx = 0
+        q.left += 1
+        self._prefill.append(q)
+        if own_first:
+            del self._first[q.i]
+        self._chunks = [(q, c)]
+        self._p = c
+        self._schedule(t1)
 
     def _join_ahead(self, s: _Seq) -> None:
         """A start before the step composed ahead begins: that step admits ``s`` if the cache has room
@@ -242,7 +402,7 @@ class ContinuousBatching(Device):
         running = self._running
         chunks = self._chunks
         n = len(running)
-        p = sum(c for _, c in chunks)
+        p = self._p
         budget = self._budget - n - p
         c = s.prompt if s.prompt < budget else budget
         more = -(-c // self._bs)
@@ -258,12 +418,13 @@ class ContinuousBatching(Device):
         self._startc[s.i] = at
         chunks.append((s, c))
         p += c
+        self._p = p
         row = (at, 1, -1, more, 0)
         self._llm.append(row)
         self._undo[0].append(row)
         self._ahead_open = budget - c > 0 and n + len(self._prefill) < self._max_seqs
         k = self._sum + n * self._D + sum(q.ctx for q, _ in chunks)
-        self._pending.callbacks = []
+        self._pending.callbacks = ()
         one = self._one
         if one is None:
             self._schedule(at + self._step_time.time(n, k, p))
@@ -293,11 +454,11 @@ class ContinuousBatching(Device):
         prefill = self._prefill
         bs = self._bs
         free = self._free
+        D = self._D
         n = len(running)
         if n:
             # every decoding sequence writes one token this step: blocks for it, preempting the most
             # recently admitted sequences until they fit
-            D = self._D
             cnt = self._cnt
             more = cnt[D % bs]
             while more > free:   # more > 0: there is a sequence to preempt
@@ -307,6 +468,7 @@ class ContinuousBatching(Device):
                     du -= s.blocks
                 else:   # its prompt now and the tokens it generated (the last not yet cached)
                     s = running.popitem()[0]
+                    n -= 1
                     base = s.base
                     ctx = base + D
                     b = -(-ctx // bs)
@@ -325,7 +487,6 @@ class ContinuousBatching(Device):
                 s.blocks = 0
                 self._waiting.appendleft(s)
                 self._log.preempted.append(now)
-            n = len(running)
             if more:
                 free -= more
                 du += more
@@ -334,34 +495,36 @@ class ContinuousBatching(Device):
         chunks = []
         p = 0
         kp = 0
-        for s in prefill:
-            if budget <= 0:
-                break
-            ctx = s.ctx
-            c = s.prompt - ctx
-            if c > budget:
-                c = budget
-            more = -(-(ctx + c) // bs) - s.blocks
-            if more > free:   # as much as the free blocks hold
-                c = (s.blocks + free) * bs - ctx
+        if prefill:
+            for s in prefill:
+                if budget <= 0:
+                    break
+                ctx = s.ctx
+                c = s.prompt - ctx
                 if c > budget:
                     c = budget
-                if c <= 0:
-                    continue
                 more = -(-(ctx + c) // bs) - s.blocks
-            if more > 0:
-                free -= more
-                s.blocks += more
-                du += more
-                hit = True
-            chunks.append((s, c))
-            p += c
-            kp += ctx
-            budget -= c
+                if more > free:   # as much as the free blocks hold
+                    c = (s.blocks + free) * bs - ctx
+                    if c > budget:
+                        c = budget
+                    if c <= 0:
+                        continue
+                    more = -(-(ctx + c) // bs) - s.blocks
+                if more > 0:
+                    free -= more
+                    s.blocks += more
+                    du += more
+                    hit = True
+                chunks.append((s, c))
+                p += c
+                kp += ctx
+                budget -= c
         waiting = self._waiting
         if waiting and budget > 0:
             seqs = n + len(prefill)
             maxs = self._max_seqs
+            startc = self._startc
             while seqs < maxs:
                 s = waiting[0]
                 c = s.prompt
@@ -381,7 +544,7 @@ class ContinuousBatching(Device):
                 hit = True
                 if not s.admitted:   # its wait ends at its first admission
                     s.admitted = True
-                    self._startc[s.i] = now
+                    startc[s.i] = now
                 chunks.append((s, c))
                 p += c
                 budget -= c
@@ -393,36 +556,64 @@ class ContinuousBatching(Device):
         one = self._one
         if chunks:
             self._chunks = chunks
+            self._p = p
             self._run = None
-            k = self._sum + n * self._D + kp
+            k = self._sum + n * D + kp
             if one is None:
-                self._schedule(now + self._step_time.time(n, k, p))
+                at = now + self._step_time.time(n, k, p)
             else:   # StepTime.time, inlined
                 a, b, c, d = one
-                self._schedule(now + (self._ov + (a + b * n + c * k + d * p)))
+                at = now + (self._ov + (a + b * n + c * k + d * p))
+        elif n:
+            self._decode(now, n, free)
             return
-        if not n:
+        else:
             self._pending = None
             return
-        # decode only: until a sequence finishes, the cache runs out, or an arrival cuts it
+        call = self._spare   # self._schedule(at), inlined
+        if call is None:
+            call = Call(self._cbs)
+        else:
+            self._spare = None
+            call.callbacks = self._cbs
+        self._pending = call
+        heappush(self._queue, (at, NORMAL, next(self._eid), call))
+
+    def _decode(self, now: float, n: int, free: int) -> None:
+        """The step composed at ``now`` decodes only (``n`` sequences, ``free`` blocks left after their
+        next token's): schedule the end of the run of such steps, until a sequence finishes, the cache
+        runs out, or a start cuts it."""
         D = self._D
         heap = self._heap
-        while heap[0][2].key != heap[0][1]:
+        top = heap[0]
+        while top[2].key != top[1]:
             heappop(heap)
-        m = heap[0][0] - D
-        if m > 1 and n * (-(-(m - 1) // bs)) > free:
+            top = heap[0]
+        m = top[0] - D
+        if m > 1 and n * (-(-(m - 1) // self._bs)) > free:
             m = self._steps_in_cache(m, free)
         k = self._sum + n * D
         self._chunks = ()
-        if one is None:
-            self._run = (now, n, float(k), m, 0.0, 0.0)
-            self._schedule(now + self._step_time.decode_time(n, k, m))
+        self._p = 0
+        one = self._one
+        if one is None:   # the envelope of the run's steps, found once for it and its cut
+            ev = self._step_time.envelope(n, float(k), m)
+            self._run = (now, n, float(k), m, ev, 0.0)
+            at = now + ev.time(m)
         else:   # StepTime.decode_time, inlined
             a, b, c, d = one
             a1 = self._ov + (a + b * n + c * k)
             s = c * n
             self._run = (now, n, float(k), m, a1, s)
-            self._schedule(now + (m * a1 + s * m * (m - 1) / 2.0))
+            at = now + (m * a1 + s * m * (m - 1) / 2.0)
+        call = self._spare   # self._schedule(at), inlined
+        if call is None:
+            call = Call(self._cbs)
+        else:
+            self._spare = None
+            call.callbacks = self._cbs
+        self._pending = call
+        heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
     def _steps_in_cache(self, m: int, free: int) -> int:
         """The most decode steps (at least 1, at most ``m``) that the free blocks cover: the first step's
@@ -447,27 +638,28 @@ class ContinuousBatching(Device):
         self._spare = call
         now = self._env._now
         du = 0
+        running = self._running
+        bs = self._bs
+        D = self._D
         run = self._run
         if run is not None:
             steps = run[3]
             self._run = None
-            if steps > 1 and self._running:   # blocks a run's later steps took (_steps_in_cache)
-                bs = self._bs
+            if steps > 1 and running:   # blocks a run's later steps took (_steps_in_cache)
                 q, rem = divmod(steps - 1, bs)   # self._allocs(D + 1, steps - 1), inlined
-                du = q * len(self._running)
+                du = q * len(running)
                 if rem:
                     cnt = self._cnt
-                    a = (self._D + 1) % bs
+                    a = (D + 1) % bs
                     e = a + rem
                     du += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
                 self._free -= du
+            D += steps
         else:
-            steps = 1
-        D = self._D = self._D + steps
+            D += 1
+        self._D = D
         finished: list[int] = []
         heap = self._heap
-        running = self._running
-        bs = self._bs
         if heap and heap[0][0] <= D:
             cnt = self._cnt
             freed = 0
@@ -492,12 +684,14 @@ class ContinuousBatching(Device):
                 ctx = s.ctx = s.ctx + c
                 if ctx >= s.prompt:   # prefill complete: the step's end gives the next token
                     prefill.remove(s)
-                    first.setdefault(s.i, now)
+                    i = s.i
+                    if i not in first:
+                        first[i] = now
                     left = s.left = s.left - 1
                     if left <= 0:
                         self._free += s.blocks
                         du -= s.blocks
-                        finished.append(s.i)
+                        finished.append(i)
                     else:   # it decodes from the next step: its cache holds ctx = base + D tokens
                         base = s.base = ctx - D
                         key = s.key = self._key = self._key + 1
@@ -507,6 +701,7 @@ class ContinuousBatching(Device):
                         self._sum += base
                         self._cnt[-base % bs] += 1
             self._chunks = ()
+            self._p = 0
         dr = 0
         if finished:
             dr = -len(finished)
@@ -523,8 +718,29 @@ class ContinuousBatching(Device):
             finally:
                 self._firing = False
         dw = self._dw
-        self._dw = 0
-        if not self.dead:
-            self._step(now, dr, dw, du, bool(finished) or du != 0)
-        elif finished or du:
+        if dw:
+            self._dw = 0
+        if self.dead:
+            if finished or du:
+                self._llm.append((now, dr, dw, du, 0))
+            return
+        hit = True if finished else du != 0
+        n = len(running)
+        if not n or self._prefill or self._waiting:
+            self._step(now, dr, dw, du, hit)
+            return
+        # The usual case: none in prefill, none waiting: the next step decodes only (_step's path for
+        # it, written out), unless the running sequences' next blocks do not fit (preemption: _step).
+        free = self._free
+        more = self._cnt[D % bs]
+        if more > free:
+            self._step(now, dr, dw, du, hit)
+            return
+        if more:
+            free -= more
+            du += more
+            hit = True
+        self._free = free
+        if hit:
             self._llm.append((now, dr, dw, du, 0))
+        self._decode(now, n, free)

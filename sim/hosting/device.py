@@ -106,6 +106,8 @@ class DeviceSet:
         kind = EXECUTION[self.kind]
         if kind is Slots and self.sustained is not None:
             kind = WarmSlots
+        elif kind is Batching and len(self.curves) == 1:
+            kind = SharedBatching
         dev = kind(self, index, done)
         dev.owner = owner
         return dev
@@ -337,6 +339,116 @@ class Batching(Device):
         if self._pending is not None:
             self._pending.callbacks = []
             self._pending = None
+
+
+class SharedBatching(Batching):
+    """:class:`Batching` where every model on the device follows one curve (the usual case: one model,
+    or models with the same curve): one clock, one heap, the slowdown table indexed directly. It computes
+    what :class:`Batching` computes, in the same order (the same floats), with less bookkeeping."""
+
+    __slots__ = ("_heap", "_tab", "_curve", "_spare", "_dcol", "_svc", "_sus")
+
+    def __init__(self, devices: DeviceSet, index: int, done: Done):
+        super().__init__(devices, index, done)
+        self._v = 0.0                   # work done by a request in service since the clock's start
+        self._heap: list[tuple[float, int]] = []   # (finishing tag, request)
+        self._curve = devices.curves[0]
+        self._tab = [1.0, self._curve(1)]   # slowdown(k), k = 0, 1, ...: always covers busy
+        self._spare: Call | None = None    # the entry that just fired, for the next schedule to reuse
+        self._dcol = self._r.device
+        self._svc = self._r.service
+        self._sus = devices.sustained is not None
+
+    # The methods below run once or twice per request: keep them lean (Batching's _advance and
+    # _schedule inlined).
+    def start(self, i: int, now: float) -> None:
+        self._dcol[i] = self.index
+        heap = self._heap
+        k = self.busy
+        if k:
+            dt = now - self._t
+            if dt > 0.0:
+                self._v += dt / self._tab[k]
+                self._t = now
+            v = self._v
+        else:   # an idle clock restarts at 0: tags stay small
+            self._t = now
+            v = self._v = 0.0
+        work = self._warm_work(i, now) if self._sus else self._svc[i]
+        heappush(heap, (v + work, i))
+        k += 1
+        self.busy = k
+        tab = self._tab
+        if k == len(tab):
+            tab.append(self._curve(k))
+        if self._firing:
+            return
+        pending = self._pending
+        if pending is not None:
+            pending.callbacks = ()   # void it: SimPy calls no callback then
+        dt = (heap[0][0] - v) * tab[k]
+        call = self._spare
+        if call is None:
+            call = Call(self._fire_cbs)
+        else:
+            self._spare = None
+            call.callbacks = self._fire_cbs
+        self._pending = call
+        env = self._env
+        heappush(env._queue, (now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))
+
+    def _fire(self, call: Call) -> None:
+        self._pending = None
+        if self.dead:
+            return
+        env = self._env
+        now = env._now
+        k = self.busy   # > 0: an entry is pending only while requests are in service
+        tab = self._tab
+        f = tab[k]
+        dt = now - self._t
+        if dt > 0.0:
+            v = self._v = self._v + dt / f
+            self._t = now
+        else:
+            v = self._v
+        # The finish this entry was scheduled for is due, whatever float residue is left; so is any
+        # other due within a nanosecond.
+        heap = self._heap
+        i = heappop(heap)[1]
+        done = self.done
+        self._firing = True
+        if heap and (heap[0][0] - v) * f <= 1e-9:
+            due = [i]
+            while heap and (heap[0][0] - v) * f <= 1e-9:
+                due.append(heappop(heap)[1])
+            self.busy = k - len(due)
+            try:
+                for i in due:
+                    if self._sus:
+                        self._warm_end(i, now)
+                    done(i, self)
+            finally:
+                self._firing = False
+        else:
+            self.busy = k - 1
+            try:
+                if self._sus:
+                    self._warm_end(i, now)
+                done(i, self)
+            finally:
+                self._firing = False
+        if self.dead:
+            return
+        k = self.busy
+        if not k:
+            self._spare = call
+            return
+        v = self._v
+        dt = (heap[0][0] - v) * tab[k]
+        call.callbacks = self._fire_cbs
+        self._pending = call
+        heappush(env._queue, (now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))
 
 
 # Execution models by name.

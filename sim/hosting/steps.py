@@ -98,6 +98,13 @@ class StepTime:
             j = end
         return total
 
+    def envelope(self, n: int, k0: float, m: int) -> "Envelope":
+        """The upper envelope of a decode-only run of at most ``m`` steps (``n`` sequences from ``k0``
+        context tokens), its pieces found once: :meth:`Envelope.time` and :meth:`Envelope.steps_within`
+        give what :meth:`decode_time` and :meth:`decode_steps_within` give for that run (the same
+        floats), without finding them again at each call."""
+        return Envelope(self, n, k0, m)
+
     def decode_steps_within(self, n: int, k0: float, span: float, cap: int) -> int:
         """The most decode-only steps (at most ``cap``) that end within ``span`` seconds. The time of
         ``j`` steps only grows with ``j``: for a one-term model, the root of its quadratic gives the
@@ -112,13 +119,70 @@ class StepTime:
             a = a + b * n + c * k0
             s = c * n
             return one_term_steps_within(self.overhead + a, s, span, cap)
-        if self.decode_time(n, k0, 1) > span:
+        return Envelope(self, n, k0, cap).steps_within(span, cap)
+
+
+class Envelope:
+    """A decode-only run's upper envelope, for runs of up to ``m`` steps: its pieces ``(j, end, a, s)``
+    (steps ``j .. end - 1`` on the line ``a + s j``), as :meth:`StepTime.decode_time` finds them for
+    ``m`` steps. For ``j <= m`` steps, :meth:`time` adds up the same pieces cut at ``j``: the same sums
+    in the same order as ``decode_time(n, k0, j)`` (whose pieces are these, the last one cut at ``j``),
+    hence the same float."""
+
+    __slots__ = ("st", "n", "k0", "m", "o", "lines", "pieces")
+
+    def __init__(self, st: StepTime, n: int, k0: float, m: int):
+        self.st, self.n, self.k0, self.m = st, n, k0, m
+        self.o = st.overhead
+        lines = self.lines = st._lines(n, k0)
+        pieces = []
+        j = 0
+        while j < m:   # StepTime.decode_time's loop
+            a = s = top = 0.0
+            first_line = True
+            for a2, s2 in lines:
+                v = a2 + s2 * j
+                if first_line or v > top or (v == top and s2 > s):
+                    a, s, top = a2, s2, v
+                    first_line = False
+            end = m
+            for a2, s2 in lines:
+                if s2 > s:
+                    cross = (a - a2) / (s2 - s)
+                    first = int(cross) + 1 if cross >= j else j + 1
+                    end = min(end, max(first, j + 1))
+            pieces.append((j, end, a, s))
+            j = end
+        self.pieces = pieces
+
+    def time(self, m: int) -> float:
+        """``StepTime.decode_time(n, k0, m)``, for ``m`` up to the envelope's."""
+        if m <= 0:
+            return 0.0
+        if m > self.m or self.st._one is not None:   # (a one-term model's closed form is cheaper)
+            return self.st.decode_time(self.n, self.k0, m)
+        total = m * self.o
+        for j, end, a, s in self.pieces:
+            if end > m:
+                end = m
+            k = end - j
+            total += k * a + s * (j + end - 1) * k / 2.0
+            if end >= m:
+                break
+        return total
+
+    def steps_within(self, span: float, cap: int) -> int:
+        """``StepTime.decode_steps_within(n, k0, span, cap)`` (its search, on :meth:`time`)."""
+        if cap <= 0:
             return 0
-        # each term alone takes no longer than the envelope: the most steps of the fastest bounds the
-        # answer, which is usually the envelope's (checked on decode_time; else a bisection below it)
+        if self.st._one is not None:
+            return self.st.decode_steps_within(self.n, self.k0, span, cap)
+        time = self.time
+        if time(1) > span:
+            return 0
         hi = cap
-        o = self.overhead
-        for a, s in self._lines(n, k0):
+        o = self.o
+        for a, s in self.lines:
             a1 = o + a
             if s > 0.0:
                 g = ((s / 2.0 - a1) + sqrt((a1 - s / 2.0) ** 2 + 2.0 * s * span)) / s
@@ -130,18 +194,18 @@ class StepTime:
                 hi = int(g) + 1
         hi = max(hi, 1)
         if hi < cap:
-            if self.decode_time(n, k0, hi) <= span:
-                if self.decode_time(n, k0, hi + 1) > span:
+            if time(hi) <= span:
+                if time(hi + 1) > span:
                     return hi
                 hi = cap   # the bound was off (rounding): search all
-            elif self.decode_time(n, k0, hi - 1) <= span:
+            elif time(hi - 1) <= span:
                 return hi - 1
         lo = 1
-        if self.decode_time(n, k0, hi) <= span:
+        if time(hi) <= span:
             return hi
-        while hi - lo > 1:   # decode_time(lo) <= span < decode_time(hi)
+        while hi - lo > 1:   # time(lo) <= span < time(hi)
             mid = (lo + hi) // 2
-            if self.decode_time(n, k0, mid) <= span:
+            if time(mid) <= span:
                 lo = mid
             else:
                 hi = mid
