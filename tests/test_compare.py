@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import sim
 from sim.cli import main
 cmp_mod = importlib.import_module("sim.plan.compare")
+builders = importlib.import_module("sim.plan.builders")
 from sim.plan.compare import erlang_c, read_plans, units_needed
 from sim.scenario import ScenarioError
 
@@ -96,7 +97,7 @@ def test_large_models_ic_wins(large):
 
 
 def _estimate(plan, catalog) -> float:
-    return sum(catalog.instance(t).price_per_hour * n for t, n in cmp_mod._instances(plan.endpoints).items())
+    return sum(catalog.instance(t).price_per_hour * n for t, n in cmp_mod.instances(plan.endpoints).items())
 
 
 def test_sme_is_no_dearer_than_ic_where_a_single_gpu_type_holds_the_model():
@@ -113,7 +114,7 @@ def test_sme_is_no_dearer_than_ic_where_a_single_gpu_type_holds_the_model():
     mme = cmp_mod.build_mme(loads, types, slo)
     assert sme.feasible and ic.feasible and mme.feasible
     assert all(sc.catalog.instance(ep["instance_type"]).gpus == 1 for ep in sme.endpoints)
-    per_gpu = {t.name: t.price_per_hour / t.gpus for t in cmp_mod._gpu_types(types)}
+    per_gpu = {t.name: t.price_per_hour / t.gpus for t in builders.gpu_types(types)}
     assert per_gpu[sme.endpoints[0]["instance_type"]] < per_gpu[ic.endpoints[0]["instance_type"]]
     assert _estimate(sme, sc.catalog) < _estimate(ic, sc.catalog)
     assert _estimate(sme, sc.catalog) <= _estimate(mme, sc.catalog)
@@ -159,7 +160,7 @@ def test_replications_decide_slo_met_and_best(tmp_path, monkeypatch):
     # them: the verdict and the best plan must follow those figures, the ones compare.json reports.
     # A stand-in for "the replications disagree with replication 0": the MME plan's replicated P99
     # is made to miss the SLO.
-    real = cmp_mod._Runner.simulate
+    real = cmp_mod.Runner.simulate
 
     def simulate(self, plan, replications=1):
         res = real(self, plan, replications)
@@ -167,7 +168,7 @@ def test_replications_decide_slo_met_and_best(tmp_path, monkeypatch):
             res.summary["overall"]["p99_ms"] = 10 * 1000.0
         return res
 
-    monkeypatch.setattr(cmp_mod._Runner, "simulate", simulate)
+    monkeypatch.setattr(cmp_mod.Runner, "simulate", simulate)
     c = sim.compare(SMALL, ["sme", "mme"], overrides=["duration=2m", "warmup=1m", "replications=2"],
                     out=tmp_path)
     data = json.loads((tmp_path / "compare.json").read_text())
@@ -207,8 +208,9 @@ def test_compare_json_and_plan_files(small):
 def test_sizing_grows_a_plan_that_misses_the_slo(monkeypatch):
     # An optimistic estimate (servers fully busy, any wait allowed) misses the SLO:
     # the sizing loop adds capacity until the simulation meets it.
-    monkeypatch.setattr(cmp_mod, "MAX_UTILISATION", 1.0)
-    monkeypatch.setattr(cmp_mod, "TAIL", 1.0)
+    capacity = importlib.import_module("sim.plan.capacity")
+    monkeypatch.setattr(capacity, "MAX_UTILISATION", 1.0)
+    monkeypatch.setattr(capacity, "TAIL", 1.0)
     sc = sim.load_scenario(SMALL, ["models[0].traffic.rate=400/s", "endpoints[0].max_concurrency=1",
                                    "slo.p99=300ms", "duration=3m", "warmup=1m"])
     c = sim.compare(sc, ["sme", "ic"], rounds=4)
