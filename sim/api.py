@@ -127,20 +127,35 @@ def run(scenario: Scenario | str | Path, *, seed: int | None = None, replication
 
         check(scenario, replications=reps)
     seed = scenario.spec.seed if seed is None else seed
-    summaries, reqs, tls = [], [], []
+    outs = []
     for r in range(reps):
-        raw = simulate(scenario, seed=seed, replication=r)
-        finalize_status(raw)
-        summaries.append(summarize(raw))
-        req, tl = requests_frame(raw), timeline(raw)
-        if reps > 1:
-            req.insert(0, "replication", r)
-            tl.insert(0, "replication", r)
-        reqs.append(req)
-        tls.append(tl)
-        del raw
+        outs.append(run_replication(scenario, seed, r, reps))
         if progress:
             progress(r + 1, reps)
-    requests = reqs[0] if reps == 1 else pd.concat(reqs, ignore_index=True)
-    tline = tls[0] if reps == 1 else pd.concat(tls, ignore_index=True)
+    return assemble(scenario, outs)
+
+
+def run_replication(scenario: Scenario, seed: int, r: int, reps: int,
+                    frames: bool = True) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
+    """Replication ``r`` of ``reps``: its summary and (``frames``) its requests and timeline frames, with a
+    ``replication`` column when ``reps > 1``. :func:`run` is these, in order, then :func:`assemble`;
+    executors run them apart (sim.plan.parallel) and give the same result."""
+    raw = simulate(scenario, seed=seed, replication=r)
+    finalize_status(raw)
+    summary = summarize(raw)
+    if not frames:
+        return summary, None, None
+    req, tl = requests_frame(raw), timeline(raw)
+    if reps > 1:
+        req.insert(0, "replication", r)
+        tl.insert(0, "replication", r)
+    return summary, req, tl
+
+
+def assemble(scenario: Scenario, outs: list[tuple[dict, pd.DataFrame | None, pd.DataFrame | None]]) -> Result:
+    """The result of replications 0, 1, ... (:func:`run_replication`'s outputs, in order)."""
+    summaries = [o[0] for o in outs]
+    reqs, tls = [o[1] for o in outs], [o[2] for o in outs]
+    requests = reqs[0] if len(outs) == 1 else pd.concat(reqs, ignore_index=True)
+    tline = tls[0] if len(outs) == 1 else pd.concat(tls, ignore_index=True)
     return Result(scenario, combine(summaries), requests, tline, summaries)

@@ -425,10 +425,14 @@ def _print_sweep(table) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print optimize.json alone on stdout.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
               "results/<name>/optimize/): optimize.json, best.yaml, plans.csv, frontier.csv, frontier.png.")
+@click.option("--workers", type=click.IntRange(min=1), help="Local worker processes for the simulations "
+              "(default 1: one after the other); the results are the same.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run the simulations on this Dask distributed "
+              "scheduler; the results are the same.")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
 def optimize(scenario, instance_types, max_instances, min_instances, slo, max_failed, routing, endpoints,
-             modes, replications, overrides, as_json, out, force):
+             modes, replications, overrides, as_json, out, workers, scheduler, force):
     """The cheapest fixed fleet of SCENARIO whose P99 (upper end of its 95% CI) meets the SLO."""
     from .plan.optimize import optimize as run_optimize
     from .scenario import read_yaml
@@ -442,7 +446,7 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
                        min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
                        replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
                        modes=_csv_list(modes), overrides=overrides, out=out, log=(lambda m: None) if as_json else
-                       (lambda m: click.echo(m, err=True)), force=force)
+                       (lambda m: click.echo(m, err=True)), force=force, workers=workers, scheduler=scheduler)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, default=str))
         return
@@ -525,9 +529,13 @@ def print_comparison(summary: dict) -> None:
               help="Override a scenario key first, e.g. --set slo.p99=1s (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json alone on stdout.")
 @click.option("--report", "with_report", is_flag=True, help="Also write report.html (as capsim report DIR).")
+@click.option("--workers", type=click.IntRange(min=1), help="Local worker processes for the simulations "
+              "(default 1: one after the other); the results are the same.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run the simulations on this Dask distributed "
+              "scheduler; the results are the same.")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
-def compare(scenario, plans, out, seed, overrides, as_json, with_report, force):
+def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers, scheduler, force):
     """One plan per hosting mode for SCENARIO's fleet, each sized to meet its SLO, all on the same arrivals."""
     from .plan.compare import compare as run_compare
     from .scenario import read_yaml
@@ -538,7 +546,8 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, force):
 
     preflight(out, "compare")
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
-    cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say, force=force)
+    cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say, force=force,
+                      workers=workers, scheduler=scheduler)
     if with_report:
         from .report.html import write_report
 

@@ -59,7 +59,8 @@ from ..scenario.errors import suggest
 from .builders import BUILDERS, MODES, Plan, build_ic, build_mme, build_sme  # noqa: F401  (public API)
 from .capacity import erlang_c, units_needed  # noqa: F401  (public API)
 from .load import ModelLoad, fleet_load, served_concurrency  # noqa: F401  (public API)
-from .sizing import Progress, Runner, cost_per_hour, fleet, few, instances, judge, size  # noqa: F401
+from .parallel import planner_executor
+from .sizing import Progress, Runner, cost_per_hour, fleet, few, instances, judge, size, size_all  # noqa: F401
 from .slo import SLO
 
 ROUNDS = 4                   # simulations per plan at most (sizing rounds)
@@ -320,14 +321,17 @@ def relocate(d: dict, sc: Scenario, where: Path) -> dict:
 
 def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path | None = None, *,
             overrides: Iterable[str] = (), seed: int | None = None, rounds: int = ROUNDS,
-            out: str | Path | None = None, progress: Progress | None = None, force: bool = False) -> Comparison:
+            out: str | Path | None = None, progress: Progress | None = None, force: bool = False,
+            workers: int | None = None, scheduler: Any = None) -> Comparison:
     """Build, size and simulate one plan per hosting mode (``plans``: a subset of
     ``("sme", "mme", "ic")``, or a plans YAML file of hand-written plans) for the
     fleet and SLO of ``scenario``; with ``out``, also write the comparison there
     (:meth:`Comparison.save`). ``progress(message)`` reports each step. Before any simulation the
     size is estimated (:mod:`sim.volume`: each plan keeps its result, so the requests of every plan,
     and of the one being simulated, at once); one that would not fit in the memory available is
-    refused with the estimate unless ``force``.
+    refused with the estimate unless ``force``. ``workers`` (local processes) or ``scheduler`` (a Dask
+    scheduler's address) run the simulations of a sizing round, and the replications, in parallel
+    (:mod:`sim.plan.parallel`): the same results as one after the other.
 
         >>> cmp = sim.compare("scenarios/compare_small_models.yaml")   # doctest: +SKIP
         >>> cmp.table()[["cost_per_hour_usd", "p99_ms", "slo_met"]]     # doctest: +SKIP
@@ -360,38 +364,45 @@ def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path |
         check(sc, replications=sc.spec.replications, copies=plans_n + 1)   # each plan's result, and one more
     say(f"{sc.name}: estimating each model's traffic ({len(sc.models)} models, seed {seed})")
     loads = fleet_load(sc, seed)
-    runner = Runner(sc, data, seed, say)
+    executor = planner_executor(workers, scheduler)
+    runner = Runner(sc, data, seed, say, executor)
     types = list(sc.catalog.instance_types.values())
     groups = [(g.name, [sc.models[m].name for m in g.models]) for g in sc.groups]
     if not isinstance(which, Path):
         for mode in which:
             built[mode] = BUILDERS[mode].build(loads, types, slo.latency_s, groups)
     by_unit = {**{lm.name: lm for lm in loads}, **{f"sme-{lm.name}": lm for lm in loads}}
+    reps = sc.spec.replications
+    custom, auto = [], []
     for name, p in built.items():
         p.state.setdefault("loads", by_unit)
         if p.error:
             say(f"{name}: not built: {p.error}")
-            continue
-        reps = sc.spec.replications
-        if p.mode == "custom":
+        elif p.mode == "custom":
             say(f"{name}: simulating ({len(p.endpoints)} endpoint(s)"
                 + (f", {reps} replications)" if reps > 1 else ")"))
-            p.result = runner.simulate(p, replications=reps)
-            judge(p, slo, reps)
+            custom.append(p)
         else:
             fleet = instances(p.endpoints)
-            est = fleet_hourly(fleet, sc.catalog)
             say(f"{name}: {len(p.endpoints)} endpoint(s), estimate {few([f'{v} x {k}' for k, v in fleet.items()])}"
-                f" (${est:,.2f}/h); simulating")
-            size(p, runner, slo, rounds)
-            if reps > 1:
-                # The sizing ran replication 0 only; the figures reported (and so the verdict and the
-                # best plan) are those of all the replications.
-                say(f"{name}: {reps} replications of the final sizing")
-                p.result = runner.simulate(p, replications=reps)
-                judge(p, slo, reps)
+                f" (${fleet_hourly(fleet, sc.catalog):,.2f}/h); simulating")
+            auto.append(p)
+    # Plans are independent: each round simulates them together (on the executor, when there is one).
+    try:
+        size_all(auto, runner, slo, rounds)
+        if reps > 1 and auto:
+            # The sizing ran replication 0 only; the figures reported (and so the verdict and the
+            # best plan) are those of all the replications.
+            say(f"{few([p.name for p in auto])}: {reps} replications of the final sizing")
+        final = custom + (auto if reps > 1 else [])
+        for p, res in zip(final, runner.simulate_many(final, replications=reps)):
+            p.result = res
+            judge(p, slo, reps)
+    finally:
+        if executor is not None:
+            executor.close()
     for p in built.values():
-        warn = estimate_warning(sc.catalog.instance(t) for t in instances(p.endpoints)) if p.result else None
+        warn = estimate_warning(ep.instance_type for ep in p.result.scenario.endpoints) if p.result else None
         if warn:
             p.notes.append(warn)
     cmp = Comparison(sc, seed, slo, loads, built, data)

@@ -35,7 +35,7 @@ def parse_modes(modes: Iterable[str] | str) -> list[str]:
 def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], modes: list[str], *,
                    instance_types: Iterable[str] | None, max_instances: int, min_instances: int,
                    max_failed: float, replications: int, routing: Iterable[str] | None,
-                   log: Callable[[str], None], rounds: int = 4) -> OptimizeResult:
+                   log: Callable[[str], None], rounds: int = 4, executor: Any = None) -> OptimizeResult:
     """The cheapest feasible plan over hosting modes, for the fleet (models and traffic) of ``data``.
 
     Per mode, the endpoints are those of ``capsim compare``'s plan builders (sim.plan.compare: one SME
@@ -79,11 +79,12 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
         mdata["endpoints"] = copy.deepcopy(plan.endpoints)
         log(f"{mode}: {len(plan.endpoints)} endpoint(s) from compare's builder; searching")
         if mode == "ic":
-            r = size_ic(path, mdata, sc0, plan, slo, max_failed, replications, rounds, log)
+            r = size_ic(path, mdata, sc0, plan, slo, max_failed, replications, rounds, log, executor)
         else:
             opt = EndpointSearch(path, mdata, [], slo, max_failed, replications,
-                             list(instance_types) if instance_types else None, list(routing) if routing else None,
-                             min_instances, max_instances, None, log)
+                                 list(instance_types) if instance_types else None,
+                                 list(routing) if routing else None, min_instances, max_instances, None, log,
+                                 executor)
             r = opt.run()
             r.best_yaml = yaml.safe_dump(apply_overrides(mdata, r.best_overrides, source=f"{path} (plan)"),
                                          sort_keys=False)
@@ -126,10 +127,10 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
 
 
 def size_ic(path: Path, mdata: dict, sc0: Any, plan: Plan, slo: dict[str, float], max_failed: float,
-            replications: int, rounds: int, log: Callable[[str], None]) -> OptimizeResult:
+            replications: int, rounds: int, log: Callable[[str], None], executor: Any = None) -> OptimizeResult:
     """compare's sizing of an IC plan, then growth until each model's CI upper end meets the SLO."""
     cslo = SLO({m: v * 1e3 for m, v in slo.items()})
-    runner = Runner(sc0, mdata, sc0.spec.seed, log)
+    runner = Runner(sc0, mdata, sc0.spec.seed, log, executor)
     plan.state.setdefault("loads", {lm.name: lm for lm in plan.state["ic_loads"]})
     size(plan, runner, cslo, rounds)
     rows, n_sim = [], len(plan.sizing)

@@ -64,6 +64,7 @@ from ..scenario import ScenarioError, apply_overrides, parse_scenario, read_yaml
 from .capacity import erlang_c  # noqa: F401  (public API)
 from .frontier import OptimizeResult, pareto, plot_frontier  # noqa: F401  (public API)
 from .modes import optimize_modes, parse_modes
+from .parallel import planner_executor
 from .search import STALL_FRACTION, Choice, EndpointSearch  # noqa: F401  (public API)
 from .slo import SLO_METRICS, check_blocks, parse_slo  # noqa: F401  (public API)
 
@@ -89,7 +90,7 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
              endpoints: Iterable[str] | None = None, overrides: Iterable[str] = (),
              modes: Iterable[str] | str | None = None,
              out: str | Path | None = None, log: Callable[[str], None] | None = None,
-             force: bool = False) -> OptimizeResult:
+             force: bool = False, workers: int | None = None, scheduler: Any = None) -> OptimizeResult:
     """The cheapest plan (instance type, count and routing per endpoint) whose SLO figures' 95% CI upper
     ends meet ``slo`` (default: the scenario's ``slo``) with at most ``max_failed`` of requests failed.
 
@@ -103,7 +104,9 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     ``overrides``: ``--set`` strings applied first. ``out``: write optimize.json, best.yaml, plans.csv,
     frontier.csv and frontier.png there. See the module docstring for the search. Before any
     simulation a plan's size is estimated (:mod:`sim.volume`, with ``replications``): one that would
-    not fit in the memory available is refused with the estimate unless ``force``.
+    not fit in the memory available is refused with the estimate unless ``force``. ``workers`` (local
+    processes) or ``scheduler`` (a Dask scheduler's address) run each plan's replications in parallel
+    (:mod:`sim.plan.parallel`): the same results as one after the other.
     """
     path = Path(scenario_path)
     data = read_yaml(path)
@@ -126,19 +129,30 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
         if endpoints:
             raise ScenarioError("--endpoint and --modes do not go together: with --modes the plans replace "
                                 "every endpoint", source="--endpoint")
-        res = optimize_modes(path, data, sc0, targets, parse_modes(modes), instance_types=instance_types,
-                             max_instances=max_instances, min_instances=min_instances, max_failed=max_failed,
-                             replications=reps, routing=routing, log=log or (lambda m: None))
+        which = parse_modes(modes)
+    executor = planner_executor(workers, scheduler)
+    try:
+        if modes:
+            res = optimize_modes(path, data, sc0, targets, which, instance_types=instance_types,
+                                 max_instances=max_instances, min_instances=min_instances, max_failed=max_failed,
+                                 replications=reps, routing=routing, log=log or (lambda m: None), executor=executor)
+        else:
+            opt = EndpointSearch(path, data, [], targets, max_failed, reps,
+                                 list(instance_types) if instance_types else None, list(routing) if routing else None,
+                                 min_instances, max_instances, list(endpoints) if endpoints else None,
+                                 log or (lambda m: None), executor)
+            if reps == 1:
+                opt.notes.append("one replication per plan: no confidence interval, the SLO is checked on the "
+                                 "estimate")
+            res = opt.run()
+    finally:
+        if executor is not None:
+            executor.close()
+    if modes:
         price_note(res, sc0)
         if out is not None:
             res.save(out)
         return res
-    opt = EndpointSearch(path, data, [], targets, max_failed, reps,
-                     list(instance_types) if instance_types else None, list(routing) if routing else None,
-                     min_instances, max_instances, list(endpoints) if endpoints else None, log or (lambda m: None))
-    if reps == 1:
-        opt.notes.append("one replication per plan: no confidence interval, the SLO is checked on the estimate")
-    res = opt.run()
     price_note(res, sc0)
     # best.yaml: the original file with the --set overrides and the plan applied.
     res.best_overrides = overrides + res.best_overrides

@@ -18,6 +18,7 @@ from ..scenario import ScenarioError, apply_overrides, parse_scenario
 from ..scenario.schema import ROUTING_POLICIES
 from .capacity import mean_wait, wait_tail
 from .frontier import OptimizeResult, pareto
+from .parallel import run_one
 from .slo import LATENCY_METRICS, QUANTILE, check_blocks
 
 # Growing a fleet stops when, over two growth steps, no figure the plan misses improved by more than
@@ -40,7 +41,7 @@ class EndpointSearch:
     def __init__(self, path: Path, data: dict, base_overrides: list[str], slo: dict[str, float],
                  max_failed: float, replications: int, types: list[str] | None, routings: list[str] | None,
                  min_instances: int, max_instances: int, endpoints: list[str] | None,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], executor: Any = None):
         self.path, self.data, self.base_overrides = path, data, base_overrides
         self.source = str(path)
         self.base_dir = path.resolve().parent
@@ -48,6 +49,7 @@ class EndpointSearch:
         self.latency_slo = {m: v for m, v in slo.items() if m in LATENCY_METRICS}
         self.min_n, self.max_n = min_instances, max_instances
         self.log = log
+        self.executor = executor           # runs a plan's replications in parallel (sim.plan.parallel)
         self.notes: list[str] = []
         self.cache: dict[tuple, dict] = {}
         self.rows: list[dict] = []
@@ -103,12 +105,15 @@ class EndpointSearch:
 
     # -- plans ------------------------------------------------------------------
     def _load(self, overrides: list[str]):
+        return self._load_data(overrides)[0]
+
+    def _load_data(self, overrides: list[str]) -> tuple[Any, dict]:
         from ..scenario.loader import check_trace_files
 
         data = apply_overrides(self.data, overrides, source=f"{self.source} (plan)")
         sc = parse_scenario(data, source=self.source, base_dir=self.base_dir)
         check_trace_files(sc)
-        return sc
+        return sc, data
 
     def overrides(self, state: Mapping[int, Choice]) -> list[str]:
         out = []
@@ -136,21 +141,19 @@ class EndpointSearch:
 
     def evaluate(self, state: Mapping[int, Choice], searching: str = "") -> dict:
         """Simulate a plan (once: results are cached); its row of the plans table, or ``error``."""
-        from ..api import run
-
         ovs = self.overrides(state)
         key = tuple(ovs)
         if key in self.cache:
             return self.cache[key]
         try:
-            sc = self._load(self.base_overrides + ovs)
+            _, data = self._load_data(self.base_overrides + ovs)
         except ScenarioError as e:
             rec = {"error": str(e)}
             self.cache[key] = rec
             return rec
-        res = run(sc, replications=self.reps, force=True)   # sized once, before the search
+        # Sized once, before the search; the replications on the executor where there is one.
+        s = run_one(data, self.source, self.base_dir, self.reps, self.executor, frames=False)
         self.n_sim += 1
-        s = res.summary
         row: dict[str, Any] = {"simulation": self.n_sim, "searching": searching}
         for e in self.targets:
             name = self.base.spec.endpoints[e].name

@@ -11,10 +11,12 @@ import copy
 import time
 from typing import Callable
 
-from ..api import Result, run
-from ..scenario import Scenario, parse_scenario
+from ..api import Result
+from ..scenario import Scenario
 from .builders import BUILDERS, Plan
+from .executors import Executor
 from .load import ModelLoad
+from .parallel import Job, run_jobs
 from .slo import SLO
 
 Progress = Callable[[str], None]
@@ -23,8 +25,9 @@ Progress = Callable[[str], None]
 class Runner:
     """Simulates plans of one fleet: the scenario's data with a plan's endpoints, with the fleet's seed."""
 
-    def __init__(self, sc: Scenario, data: dict, seed: int, progress: Progress):
+    def __init__(self, sc: Scenario, data: dict, seed: int, progress: Progress, executor: Executor | None = None):
         self.sc, self.data, self.seed, self.progress = sc, data, seed, progress
+        self.executor = executor
 
     def scenario_data(self, plan: Plan) -> dict:
         d = copy.deepcopy(self.data)
@@ -36,16 +39,30 @@ class Runner:
                 + copy.deepcopy(plan.instance_types)
         return d
 
-    def simulate(self, plan: Plan, replications: int = 1) -> Result:
+    def job(self, plan: Plan, replications: int) -> Job:
         source = plan.state.get("source", f"{self.sc.source} (plan {plan.name})")
-        sc = parse_scenario(self.scenario_data(plan), source=source, base_dir=self.sc.base_dir)
+        return Job(self.scenario_data(plan), source, self.sc.base_dir, self.seed, replications)
+
+    def simulate(self, plan: Plan, replications: int = 1) -> Result:
         t = time.perf_counter()
-        res = run(sc, seed=self.seed, replications=replications, force=True)   # sized before the first plan
-        o = res.summary["overall"]
-        cph = cost_per_hour(res.summary)
-        self.progress(f"{plan.name}: ${cph:,.2f}/h, P99 {fmt_ms(o['p99_ms'])}, "
-                      f"{o['failed']} failed ({time.perf_counter() - t:.1f} s)")
+        res = run_jobs([self.job(plan, replications)], self.executor)[0]   # sized before the first plan
+        self.report(plan, res, time.perf_counter() - t)
         return res
+
+    def simulate_many(self, plans: list[Plan], replications: int = 1) -> list[Result]:
+        """Each plan simulated (``replications`` each): on the executor at once, or one after the other."""
+        if self.executor is None or self.executor.workers <= 1 or len(plans) * replications <= 1:
+            return [self.simulate(p, replications) for p in plans]
+        t = time.perf_counter()
+        out = run_jobs([self.job(p, replications) for p in plans], self.executor)
+        for p, res in zip(plans, out):
+            self.report(p, res, time.perf_counter() - t)
+        return out
+
+    def report(self, plan: Plan, res: Result, seconds: float) -> None:
+        o = res.summary["overall"]
+        self.progress(f"{plan.name}: ${cost_per_hour(res.summary):,.2f}/h, P99 {fmt_ms(o['p99_ms'])}, "
+                      f"{o['failed']} failed ({seconds:.1f} s)")
 
 
 def fmt_ms(v: float | None) -> str:
@@ -60,34 +77,50 @@ def cost_per_hour(summary: dict) -> float:
 def size(plan: Plan, runner: Runner, slo: SLO, rounds: int) -> None:
     """Simulate the plan; while its overall figures miss the SLO, grow what missed it
     (endpoints' instances, or components' copies), for at most ``rounds`` simulations."""
+    size_all([plan], runner, slo, rounds)
+
+
+def size_all(plans: list[Plan], runner: Runner, slo: SLO, rounds: int) -> None:
+    """:func:`size` for several plans, round by round: each round simulates the plans still growing
+    together (on the runner's executor), and each plan's rounds are those it would have alone."""
+    active = list(plans)
+    for r in range(rounds):
+        if not active:
+            break
+        results = runner.simulate_many(active)
+        active = [p for p, res in zip(active, results) if after_round(p, res, runner, slo, r, rounds)]
+    for plan in plans:
+        if plan.slo_met is False:
+            plan.notes.append(f"misses the SLO after {len(plan.sizing)} simulation(s); the last sizing is kept")
+
+
+def after_round(plan: Plan, res: Result, runner: Runner, slo: SLO, r: int, rounds: int) -> bool:
+    """Log round ``r``'s result; grow what missed the SLO. Whether the plan needs another round."""
     limit = slo.latency_s
     loads: dict[str, ModelLoad] = plan.state["loads"]
-    for r in range(rounds):
-        res = runner.simulate(plan)
-        plan.result = res
-        s = res.summary
-        ok = slo.met(s["overall"]) if slo.targets_ms else None
-        plan.sizing.append({"round": r + 1, "cost_per_hour_usd": cost_per_hour(s), "p99_ms": s["overall"]["p99_ms"],
-                            "slo_attainment": s["overall"]["slo_attainment"], "slo_met": ok,
-                            "instances": instances(plan.endpoints)})
-        plan.slo_met = ok
-        if ok is not False or r == rounds - 1:
-            break
-        # What can grow: an endpoint or a component, unless its service time alone misses the SLO.
-        builder = BUILDERS[plan.mode]
-        units = builder.units(plan, s)
-        hopeless = {n for n, _ in units if n in loads and limit is not None and loads[n].p99_s >= limit}
-        growable = [(n, b) for n, b in units if n not in hopeless]
-        if not growable:
-            plan.notes.append("the service times alone miss the SLO: more capacity cannot meet it")
-            break
-        missed = [n for n, b in growable if not slo.met(b)]
-        if not missed:   # the total misses although each part meets it: grow the part that fares worst
-            missed = [min(growable, key=lambda x: (x[1].get("slo_attainment") or 0.0))[0]]
-        added = builder.grow(plan, missed)
-        runner.progress(f"{plan.name}: SLO missed; {added} for {few(missed)}")
-    if plan.slo_met is False:
-        plan.notes.append(f"misses the SLO after {len(plan.sizing)} simulation(s); the last sizing is kept")
+    plan.result = res
+    s = res.summary
+    ok = slo.met(s["overall"]) if slo.targets_ms else None
+    plan.sizing.append({"round": r + 1, "cost_per_hour_usd": cost_per_hour(s), "p99_ms": s["overall"]["p99_ms"],
+                        "slo_attainment": s["overall"]["slo_attainment"], "slo_met": ok,
+                        "instances": instances(plan.endpoints)})
+    plan.slo_met = ok
+    if ok is not False or r == rounds - 1:
+        return False
+    # What can grow: an endpoint or a component, unless its service time alone misses the SLO.
+    builder = BUILDERS[plan.mode]
+    units = builder.units(plan, s)
+    hopeless = {n for n, _ in units if n in loads and limit is not None and loads[n].p99_s >= limit}
+    growable = [(n, b) for n, b in units if n not in hopeless]
+    if not growable:
+        plan.notes.append("the service times alone miss the SLO: more capacity cannot meet it")
+        return False
+    missed = [n for n, b in growable if not slo.met(b)]
+    if not missed:   # the total misses although each part meets it: grow the part that fares worst
+        missed = [min(growable, key=lambda x: (x[1].get("slo_attainment") or 0.0))[0]]
+    added = builder.grow(plan, missed)
+    runner.progress(f"{plan.name}: SLO missed; {added} for {few(missed)}")
+    return True
 
 
 def judge(plan: Plan, slo: SLO, replications: int) -> None:
