@@ -482,12 +482,16 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
 
 
 
-_COMPARE_ROWS = (("instances", "instances", None), ("cost per hour (USD)", "cost_per_hour_usd", 2),
+_COMPARE_ROWS = (("instances", "instances", None), ("execution models", "execution_models", None),
+                 ("cost per hour (USD)", "cost_per_hour_usd", 2),
                  ("cost per 1M requests (USD)", "cost_per_million_usd", 2), ("P50 latency (ms)", "p50_ms", 1),
-                 ("P99 latency (ms)", "p99_ms", 1), ("SLO attainment", "slo_attainment", 4),
+                 ("P99 latency (ms)", "p99_ms", 1), ("TTFT P99 (ms)", "ttft_p99_ms", 1),
+                 ("TPOT P99 (ms)", "tpot_p99_ms", 2), ("SLO attainment", "slo_attainment", 4),
                  ("SLO met", "slo_met", None), ("requests", "requests", 0), ("failed", "failed", 0),
                  ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
-                 ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU memory utilisation", "gpu_memory_utilization", 3),
+                 ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU utilisation", "gpu_utilization", 3),
+                 ("batch size (mean, busy device)", "batch_size_mean", 2),
+                 ("GPU memory utilisation", "gpu_memory_utilization", 3),
                  ("GPUs stranded (fraction)", "gpu_stranded_fraction", 3), ("simulations (sizing)", "simulations", 0))
 
 
@@ -504,6 +508,8 @@ def print_comparison(summary: dict) -> None:
     for name, b in plans.items():
         t.add_column(f"{name}{' (best)' if name == summary.get('best') else ''}", justify="right")
     for label, key, digits in _COMPARE_ROWS:
+        if key in ("ttft_p99_ms", "tpot_p99_ms") and all(b.get(key) is None for b in plans.values()):
+            continue   # no language model in the fleet
         cells = []
         for b in plans.values():
             v = len(b.get("sizing", [])) if key == "simulations" else b.get(key)
@@ -563,6 +569,8 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers
     for name, b in summary["plans"].items():
         for note in b["notes"]:
             click.echo(f"{name}: {note}", err=True)
+        for w in b.get("warnings", []):
+            click.echo(f"{name}: warning: {w}", err=True)
     best = summary["best"]
     click.echo((f"cheapest plan meeting the SLO: {best}" if best else "no plan meets the SLO")
                + f"; written to {out}/ (compare.json, plans/*.yaml to edit and re-run, runs/)", err=True)

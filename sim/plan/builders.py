@@ -25,7 +25,7 @@ from ..catalog import InstanceType
 from ..pricing import hourly
 from ..scenario.fit import IC_MIN_MEMORY_GB, disk_problem, ic_accelerators, ic_problem, mme_problem, sme_copies
 from ..scenario.schema import CacheSpec
-from .capacity import ESTIMATORS
+from .capacity import estimator_for
 from .load import ModelLoad
 
 MODES = ("sme", "mme", "ic")
@@ -37,7 +37,7 @@ NON_GPU_ACCELERATORS = ("Inferentia2", "Inferentia", "Trainium")
 
 def estimate(lm: ModelLoad, slots: int, slo_s: float | None) -> int:
     """Units of ``slots`` requests at once each that serve ``lm`` within ``slo_s`` (the capacity estimate)."""
-    return ESTIMATORS["slots"].units(lm, slots, slo_s, lm.concurrency)
+    return estimator_for(lm).units(lm, slots, slo_s, lm.concurrency)
 
 
 @dataclass

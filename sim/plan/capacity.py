@@ -144,15 +144,15 @@ class BatchingEstimator:
         u = max(1, math.ceil(rate / (dev_per_unit * full * MAX_UTILISATION)))
         while u < MAX_UNITS:
             d = u * dev_per_unit
-            occ = 1
-            for _ in range(3):   # the service P99 stretched at the chain's occupancy, to a fixed point
-                budget = (slo_s - p99_s * f(occ)) if slo_s is not None else 10 * mean_s
+            occ = 1.0
+            for _ in range(4):   # the service P99 stretched at the chain's mean occupancy, to a fixed point
+                budget = max((slo_s - p99_s * f(occ)) if slo_s is not None else 10 * mean_s, 0.0)
                 tail, per_dev = batching_wait(rate, mean_s, d, per, f, budget)
-                nxt = max(1, min(per, math.ceil(per_dev)))
-                if nxt == occ:
+                nxt = max(1.0, min(float(per), per_dev))
+                if abs(nxt - occ) < 1e-3:
                     break
                 occ = nxt
-            if budget >= 0 and tail <= TAIL:
+            if tail <= TAIL:
                 return u
             u += 1
         return u

@@ -59,6 +59,7 @@ from ..scenario.errors import suggest
 from .builders import BUILDERS, MODES, Plan, build_ic, build_mme, build_sme  # noqa: F401  (public API)
 from .capacity import erlang_c, units_needed  # noqa: F401  (public API)
 from .load import ModelLoad, fleet_load, served_concurrency  # noqa: F401  (public API)
+from .figures import device_figures, utilisation
 from .parallel import planner_executor
 from .sizing import Progress, Runner, cost_per_hour, fleet, few, instances, judge, size, size_all  # noqa: F401
 from .slo import SLO
@@ -148,6 +149,7 @@ class Comparison:
         out["slo_met"] = plan.slo_met
         out["instances"] = fleet(plan.result)
         out.update(utilisation(plan.result))
+        out.update(device_figures(plan.result))
         out["description"] = plan.description
         out["notes"] = list(plan.notes)
         out["sizing"] = list(plan.sizing)
@@ -241,59 +243,9 @@ def yaml_comment(lines: Iterable[str]) -> str:
     return "".join(out)
 
 
-TABLE_KEYS = ("cost_per_hour_usd", "cost_per_million_usd", "p50_ms", "p99_ms", "slo_attainment", "slo_met",
-              "requests", "failed", "cold_starts", "cache_hit_rate", "gpu_busy_fraction", "gpu_memory_utilization",
-              "gpu_stranded_fraction")
-
-
-def utilisation(res: Result) -> dict[str, float | None]:
-    """GPU figures of a run over the measured horizon, over the GPUs of the instances in service:
-
-    ``gpu_busy_fraction``: service seconds x the copy's accelerators / its max_concurrency
-    (a copy's GPUs are busy while it serves; concurrent requests share them);
-    ``gpu_memory_utilization``: share of GPU memory holding models (CloudWatch's
-    GPUMemoryUtilization, averaged); ``gpu_stranded_fraction``: share of GPUs no
-    copy reserves (inference components) or no copy can use (an SME whose model's
-    accelerators do not divide the instance's GPUs)."""
-    sc = res.scenario
-    s = res.summary
-    dur = s["simulated_seconds"]
-    acc = np.zeros(len(sc.models))
-    conc = np.ones(len(sc.models))
-    gpu_s = mem_w = mem_used = stranded = 0.0
-    for ep in sc.endpoints:
-        it = ep.instance_type
-        b = s["endpoints"][ep.name]
-        g_s = b["instances_mean"] * dur * it.gpus
-        gpu_s += g_s
-        util = b.get("cloudwatch", {}).get("GPUMemoryUtilization")
-        if util is not None and g_s > 0:
-            mem_w += g_s
-            mem_used += g_s * util / 100.0
-        if ep.components:
-            for c in ep.components:
-                acc[c.model], conc[c.model] = c.accelerators, c.max_concurrency
-            if b.get("gpu_stranded_fraction") is not None:
-                stranded += g_s * b["gpu_stranded_fraction"]
-        else:
-            for m in ep.models:
-                a = sc.models[m].accelerators if it.gpus > 0 else 0
-                acc[m], conc[m] = (1 if ep.mode == "mme" and it.gpus > 0 else a), ep.max_concurrency
-            if ep.mode == "sme" and it.gpus > 0 and g_s > 0:
-                used = ep.copies_per_instance * max(sc.models[ep.models[0]].accelerators, 1)
-                stranded += g_s * max(it.gpus - used, 0) / it.gpus
-    req = res.requests
-    if "replication" in req.columns:
-        req = req[req["replication"] == 0]
-    warm = sc.spec.warmup
-    sel = (req["status"] == "ok").to_numpy() & (req["arrival_s"] >= warm).to_numpy() \
-        & (req["arrival_s"] < sc.horizon).to_numpy()
-    codes = req["model"].cat.codes.to_numpy()[sel]
-    busy = float((req["service_ms"].to_numpy()[sel] / 1e3 * acc[codes] / conc[codes]).sum())
-    return {"gpu_busy_fraction": busy / gpu_s if gpu_s > 0 else None,
-            "gpu_memory_utilization": mem_used / mem_w if mem_w > 0 else None,
-            "gpu_stranded_fraction": stranded / gpu_s if gpu_s > 0 else None,
-            "gpus_mean": gpu_s / dur if dur > 0 else None}
+TABLE_KEYS = ("cost_per_hour_usd", "cost_per_million_usd", "p50_ms", "p99_ms", "ttft_p99_ms", "tpot_p99_ms",
+              "slo_attainment", "slo_met", "requests", "failed", "cold_starts", "cache_hit_rate", "gpu_busy_fraction",
+              "gpu_utilization", "batch_size_mean", "gpu_memory_utilization", "gpu_stranded_fraction")
 
 
 def relocate(d: dict, sc: Scenario, where: Path) -> dict:
