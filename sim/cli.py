@@ -409,7 +409,7 @@ def _print_sweep(table) -> None:
               help="Largest instance count per endpoint.")
 @click.option("--min-instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--slo", "slo", multiple=True, metavar="p99=500ms",
-              help="Target(s) to meet: p50, p90, p99 or mean (default: the scenario's slo).")
+              help="Target(s) to meet: p50, p90, p99, mean, ttft or tpot (default: the scenario's slo).")
 @click.option("--max-failed", type=click.FloatRange(min=0, max=1, max_open=True), default=0.001,
               show_default=True, help="Largest share of failed requests a feasible plan may have.")
 @click.option("--routing", metavar="A,B", help="Routing policies to consider (default: each endpoint's own).")
@@ -539,9 +539,13 @@ def print_comparison(summary: dict) -> None:
               "(default 1: one after the other); the results are the same.")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run the simulations on this Dask distributed "
               "scheduler; the results are the same.")
+@click.option("--slo", "slo", multiple=True, metavar="p99=500ms",
+              help="Target(s) to size for, replacing the scenario's slo: p50, p90, p99, mean, ttft or tpot.")
+@click.option("--instance-types", metavar="A,B,C", help="Instance types the plans may use (default: the catalog's).")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
-def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers, scheduler, force):
+def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers, scheduler, slo, instance_types,
+            force):
     """One plan per hosting mode for SCENARIO's fleet, each sized to meet its SLO, all on the same arrivals."""
     from .plan.compare import compare as run_compare
     from .scenario import read_yaml
@@ -553,7 +557,8 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers
     preflight(out, "compare")
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say, force=force,
-                      workers=workers, scheduler=scheduler)
+                      workers=workers, scheduler=scheduler, slo=list(slo) or None,
+                      instance_types=_csv_list(instance_types))
     if with_report:
         from .report.html import write_report
 

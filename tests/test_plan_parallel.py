@@ -58,3 +58,28 @@ def test_modes_with_two_workers_and_the_cli_option(tmp_path):
     for n in ("sme", "mme"):
         assert got["plans"][n]["cost_per_hour_usd"] == ref["plans"][n]["cost_per_hour_usd"]
         assert got["plans"][n]["p99_ms"] == ref["plans"][n]["p99_ms"]
+
+
+# -- compare takes --slo and --instance-types as optimize does; optimize and --modes search the same routing --
+def test_compare_slo_and_instance_types(tmp_path):
+    c = sim.compare(SMALL, ["sme", "mme", "ic"], overrides=["duration=2m"], slo="p99=200ms",
+                    instance_types=["ml.g5.xlarge", "ml.g6.xlarge"])
+    assert c.slo.targets_ms == {"p99": 200.0} and c.summary["slo"] == {"p99_ms": 200.0}
+    assert c.scenario.spec.slo.p99 == 0.2          # the simulations' attainment counts against it too
+    used = {ep["instance_type"] for p in c.plans.values() for ep in p.endpoints}
+    assert used and used <= {"ml.g5.xlarge", "ml.g6.xlarge"}
+    assert "ic" in c.summary["skipped"]             # no multi-GPU type among those
+    r = CliRunner().invoke(main, ["compare", str(SMALL), "--plans", "mme", "--slo", "p99=200ms", "--instance-types",
+                                  "ml.g9.nope", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "ml.g9.nope" in r.output and "Traceback" not in r.output
+
+
+def test_optimize_and_modes_agree_on_a_single_endpoint_fleet():
+    """optimize_demo: one SME endpoint with random routing. Over the same types, optimize and
+    optimize --modes sme search the same routing (the endpoint's) and find the same plan."""
+    kw = dict(instance_types=["ml.g5.xlarge", "ml.g6.xlarge"], max_instances=8, slo="p99=600ms", replications=2)
+    plain = optimize(DEMO, **kw)
+    modes = optimize(DEMO, modes="sme", **kw)
+    assert modes.mode == "sme" and plain.feasible and modes.feasible
+    assert modes.best_plan == plain.best_plan
+    assert modes.cost_per_hour_usd == plain.cost_per_hour_usd

@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ..api import Result
 from ..catalog import InstanceType
 from ..pricing import hourly
 from ..scenario.fit import IC_MIN_MEMORY_GB, disk_problem, ic_accelerators, ic_problem, mme_problem, sme_copies
 from ..scenario.schema import CacheSpec
-from .capacity import estimator_for
+from .capacity import MAX_UNITS, estimator_for
 from .load import ModelLoad
 
 MODES = ("sme", "mme", "ic")
@@ -35,9 +35,11 @@ ROUTING = "least_outstanding_requests"
 NON_GPU_ACCELERATORS = ("Inferentia2", "Inferentia", "Trainium")
 
 
-def estimate(lm: ModelLoad, slots: int, slo_s: float | None) -> int:
-    """Units of ``slots`` requests at once each that serve ``lm`` within ``slo_s`` (the capacity estimate)."""
-    return estimator_for(lm).units(lm, slots, slo_s, lm.concurrency)
+def estimate(lm: ModelLoad, slots: int, slo_s: float | None, it: InstanceType | None = None) -> int:
+    """Units of ``slots`` requests at once each (on instance type ``it``) that serve ``lm`` within
+    ``slo_s``: the capacity estimate of its execution model (a language model's depends on the type:
+    its KV cache and step time there)."""
+    return estimator_for(lm).units(lm, slots, slo_s, lm.concurrency, it)
 
 
 @dataclass
@@ -83,7 +85,9 @@ def size_sme(lm: ModelLoad, types: Sequence[InstanceType], slo_s: float | None) 
         copies = sme_copies(lm, it)
         if not copies:
             continue
-        n = estimate(lm, copies * lm.concurrency, slo_s)
+        n = estimate(lm, copies * lm.concurrency, slo_s, it)
+        if n >= MAX_UNITS:   # a language model's copy does not run there (no room for its KV cache)
+            continue
         key = (n * hourly(it), hourly(it), it.name)
         if best is None or key < best[0]:
             best = (key, it, n)
@@ -108,7 +112,7 @@ def mme_count(loads: Sequence[ModelLoad], it: InstanceType, cache: CacheSpec, sl
                conc: int) -> int:
     """Instances of ``it`` that hold every model's copies (of ``conc`` requests at once
     each) with MME_SLACK headroom."""
-    copies = [estimate(lm, conc, slo_s) for lm in loads]
+    copies = [estimate(lm, conc, slo_s, it) for lm in loads]
     on_gpu = it.gpus > 0
     gpu = sum(c * lm.memory_gb for c, lm in zip(copies, loads)) if on_gpu else 0.0
     host = sum(c * (lm.host_memory_gb + (0.0 if on_gpu else lm.memory_gb)) for c, lm in zip(copies, loads))
@@ -156,6 +160,8 @@ def build_mme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: 
     for it in cands:
         if all(mme_problem(lm, it, cache) is None for lm in shared):
             n = mme_count(shared, it, cache, slo_s, conc)
+            if n >= MAX_UNITS:
+                continue
             key = (n * hourly(it), hourly(it), it.name)
             if best is None or key < best[0]:
                 best = (key, it, n)
@@ -238,14 +244,46 @@ def build_ic(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: f
     if not cands:
         plan.error = "no multi-GPU instance type of the catalog holds a copy of every model"
         return plan
-    copies = [estimate(lm, lm.concurrency, slo_s) for lm in loads]
-    it, n = ic_choose(loads, copies, cands)
+    if any(lm.execution == "continuous" for lm in loads):
+        # A language model's copies depend on the type (its KV cache and step time there); a type where
+        # one does not run (no room for its KV cache) is no candidate, for the growth either.
+        cands = [t for t in cands if all(lm.llm is None or lm.llm.engine(t) is not None for lm in loads)]
+        best = None
+        for t in cands:
+            cp = [estimate(lm, lm.concurrency, slo_s, t) for lm in loads]
+            k = ic_pack(loads, cp, t)
+            key = (k * hourly(t), hourly(t), t.name)
+            if best is None or key < best[0]:
+                best = (key, t, k, cp)
+        if best is None:
+            plan.error = ("no multi-GPU instance type of the catalog runs a copy of every model (a language "
+                          "model's KV cache needs room beside its weights)")
+            return plan
+        _, it, n, copies = best
+    else:
+        copies = [estimate(lm, lm.concurrency, slo_s) for lm in loads]
+        it, n = ic_choose(loads, copies, cands)
     plan.endpoints.append(ic_endpoint(loads, copies, it, n))
     plan.state.update(ic_loads=list(loads), copies=copies, types=cands)
     plan.description = ("one inference-component endpoint, copies packed (binpack) on the multi-GPU type where "
                         "they cost least")
     return plan
 
+
+
+def checked_types(names: Iterable[str], catalog: Any) -> list[str]:
+    """``--instance-types``: names of the catalog (a ScenarioError naming the unknown one)."""
+    from ..scenario import ScenarioError
+
+    out = []
+    for t in names:
+        try:
+            catalog.instance(t)
+        except KeyError as err:
+            raise ScenarioError(str(err.args[0]) if err.args else f"unknown instance type {t!r}",
+                                source="--instance-types") from None
+        out.append(t)
+    return out
 
 
 def grow(n: int) -> int:

@@ -80,14 +80,16 @@ class Estimator(Protocol):
 
     name: str
 
-    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None) -> int: ...
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int: ...
 
 
 @dataclass(frozen=True)
 class SlotsEstimator:
     name: str = "slots"
 
-    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None) -> int:
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int:
         return units_needed(load.peak_rate, load.mean_s, load.p99_s, slo_s, slots)
 
 
@@ -131,7 +133,8 @@ def batching_wait(lam: float, mean_s: float, devices: int, per_device: int, slow
 class BatchingEstimator:
     name: str = "batching"
 
-    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None) -> int:
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int:
         from ..hosting.device import slowdown_table
 
         rate, mean_s, p99_s = load.peak_rate, load.mean_s, load.p99_s
@@ -203,10 +206,41 @@ class ContinuousEstimator:
         return u
 
 
-ESTIMATORS: dict[str, Any] = {"slots": SlotsEstimator(), "batching": BatchingEstimator()}
+@dataclass(frozen=True)
+class ContinuousSizing:
+    """The estimator of continuous-batching models: on instance type ``it``, the engine a copy gets
+    there (``load.llm.engine(it)``: its KV cache and step model) as a :class:`ContinuousEstimator`;
+    units of ``slots // per_device`` copies each (an instance's copies). A type where no copy runs
+    (no room for the KV cache) needs MAX_UNITS; without a type or an engine, slots of the service time."""
+
+    name: str = "continuous"
+
+    def copy_estimator(self, load: Any, it: Any) -> ContinuousEstimator | None:
+        llm = getattr(load, "llm", None)
+        eng = llm.engine(it) if llm is not None and it is not None else None
+        if eng is None:
+            return None
+        return ContinuousEstimator(eng.step, eng.max_num_seqs, max(llm.mean_input, 1.0), max(llm.mean_output, 1.0),
+                                   eng.kv_blocks * eng.block_size)
+
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int:
+        llm = getattr(load, "llm", None)
+        if llm is None or it is None:
+            return SlotsEstimator().units(load, slots, slo_s, per_device)
+        est = self.copy_estimator(load, it)
+        if est is None:
+            return MAX_UNITS
+        per = max(1, per_device or 1)
+        copies_per_unit = max(1, slots // per)
+        copies = est.units(load, 1, None, ttft_s=llm.ttft_s)
+        return max(1, math.ceil(copies / copies_per_unit))
+
+
+ESTIMATORS: dict[str, Any] = {"slots": SlotsEstimator(), "batching": BatchingEstimator(),
+                              "continuous": ContinuousSizing()}
 
 
 def estimator_for(load: Any) -> Estimator:
-    """The estimator of a model's execution model (``load.execution``); a continuous-batching model
-    without a step model at hand is sized as slots of its service time."""
+    """The estimator of a model's execution model (``load.execution``)."""
     return ESTIMATORS.get(getattr(load, "execution", "slots"), ESTIMATORS["slots"])

@@ -54,15 +54,15 @@ import pandas as pd
 from ..api import Result, atomic_write, json_default
 from ..output import safe_name
 from ..pricing import estimate_warning, fleet_hourly
-from ..scenario import Scenario, ScenarioError, apply_overrides, load_scenario, read_yaml
+from ..scenario import Scenario, ScenarioError, apply_overrides, load_scenario, parse_scenario, read_yaml
 from ..scenario.errors import suggest
-from .builders import BUILDERS, MODES, Plan, build_ic, build_mme, build_sme  # noqa: F401  (public API)
+from .builders import BUILDERS, MODES, Plan, build_ic, build_mme, build_sme, checked_types  # noqa: F401
 from .capacity import erlang_c, units_needed  # noqa: F401  (public API)
 from .load import ModelLoad, fleet_load, served_concurrency  # noqa: F401  (public API)
 from .figures import device_figures, utilisation
 from .parallel import planner_executor
 from .sizing import Progress, Runner, cost_per_hour, fleet, few, instances, judge, size, size_all  # noqa: F401
-from .slo import SLO
+from .slo import SLO, parse_slo
 
 ROUNDS = 4                   # simulations per plan at most (sizing rounds)
 
@@ -274,7 +274,8 @@ def relocate(d: dict, sc: Scenario, where: Path) -> dict:
 def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path | None = None, *,
             overrides: Iterable[str] = (), seed: int | None = None, rounds: int = ROUNDS,
             out: str | Path | None = None, progress: Progress | None = None, force: bool = False,
-            workers: int | None = None, scheduler: Any = None) -> Comparison:
+            workers: int | None = None, scheduler: Any = None, slo: Any = None,
+            instance_types: Iterable[str] | None = None) -> Comparison:
     """Build, size and simulate one plan per hosting mode (``plans``: a subset of
     ``("sme", "mme", "ic")``, or a plans YAML file of hand-written plans) for the
     fleet and SLO of ``scenario``; with ``out``, also write the comparison there
@@ -283,7 +284,9 @@ def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path |
     and of the one being simulated, at once); one that would not fit in the memory available is
     refused with the estimate unless ``force``. ``workers`` (local processes) or ``scheduler`` (a Dask
     scheduler's address) run the simulations of a sizing round, and the replications, in parallel
-    (:mod:`sim.plan.parallel`): the same results as one after the other.
+    (:mod:`sim.plan.parallel`): the same results as one after the other. ``slo`` (as ``optimize``'s:
+    ``"p99=500ms"``, a list or a mapping) replaces the scenario's ``slo`` block; ``instance_types``
+    restricts the types the plan builders weigh (hand-written plans keep theirs).
 
         >>> cmp = sim.compare("scenarios/compare_small_models.yaml")   # doctest: +SKIP
         >>> cmp.table()[["cost_per_hour_usd", "p99_ms", "slo_met"]]     # doctest: +SKIP
@@ -298,6 +301,9 @@ def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path |
     else:
         sc = load_scenario(scenario, overrides)
         data = apply_overrides(read_yaml(scenario), overrides, source=f"{scenario} (--set)")
+    if slo is not None:   # --slo replaces the scenario's slo block (the simulations' attainment too)
+        data = dict(data, slo=parse_slo(slo, None))
+        sc = parse_scenario(data, source=sc.source, base_dir=sc.base_dir)
     seed = sc.spec.seed if seed is None else seed
     slo = SLO.of(sc)
     which = parse_plan_option(plans) if not isinstance(plans, Path) else plans
@@ -319,6 +325,8 @@ def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path |
     executor = planner_executor(workers, scheduler)
     runner = Runner(sc, data, seed, say, executor)
     types = list(sc.catalog.instance_types.values())
+    if instance_types:
+        types = [sc.catalog.instance(t) for t in checked_types(instance_types, sc.catalog)]
     groups = [(g.name, [sc.models[m].name for m in g.models]) for g in sc.groups]
     if not isinstance(which, Path):
         for mode in which:

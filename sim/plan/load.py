@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ class ModelLoad:
     accelerators: int
     execution: str = "slots"             # the copy's execution model: slots | batching | continuous
     slowdown: tuple = ()                 # batching: the capacity function's points ((k, slowdown(k)), ...)
+    llm: "LLMSizing | None" = None       # continuous batching: its engine on each instance type
 
 
 def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
@@ -89,6 +91,11 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
         busiest = max(per_bin[k] - math.sqrt(per_bin[k] * w[k]) / w[k], mean)
         peak[g.index] = busiest / mean if mean > 0 else 1.0
     conc = served_concurrency(sc)
+    tokens = np.zeros((n, 2))
+    for m in range(n):
+        s = (wl.model == m) & win
+        if s.any():
+            tokens[m] = float(wl.input_tokens[s].mean()), float(wl.output_tokens[s].mean())
     out = []
     for m, mod in enumerate(sc.models):
         mean_s, p99_s = svc_mean[m], svc_p99[m]
@@ -101,9 +108,14 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
         if sus is not None and sus.factor > 1:
             mean_s, p99_s = mean_s * sus.factor, p99_s * sus.factor
         execution, slowdown = execution_model(sc, mod.group)
+        llm = None
+        if execution == "continuous":
+            spec = sc.spec.slo
+            llm = LLMSizing(mod, sc.catalog, sc.base_dir, sc.source, *tokens[m],
+                            spec.ttft if spec is not None else None)
         out.append(ModelLoad(m, mod.name, float(rate[m]), float(rate[m] * peak[mod.group]), float(mean_s),
                              float(p99_s), conc.get(m, 1), mod.memory_gb, mod.host_memory_gb, mod.size_gb,
-                             mod.accelerators, execution, slowdown))
+                             mod.accelerators, execution, slowdown, llm))
     return out
 
 
@@ -130,6 +142,34 @@ def served_concurrency(sc: Scenario) -> dict[int, int]:
             for m in ep.models:
                 out[m] = ep.max_concurrency
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class LLMSizing:
+    """A language model's continuous-batching engine as the planner weighs it on an instance type: the
+    KV cache that type's GPUs leave beside the weights and its step model (the scenario loader's own
+    resolution, sim.scenario.resolve.continuous_batching_on), with the fleet's mean token counts and
+    TTFT target."""
+
+    model: Any
+    catalog: Any
+    base_dir: Any
+    source: str
+    mean_input: float
+    mean_output: float
+    ttft_s: float | None = None
+
+    def engine(self, it: Any, accelerators: int | None = None) -> Any:
+        """The resolved engine (sim.scenario.resolve.ContinuousBatching) of a copy on ``it``, or None
+        where no copy runs there (no room for the KV cache, heads that the GPUs cannot share)."""
+        from ..scenario import ScenarioError
+        from ..scenario.resolve import continuous_batching_on
+
+        acc = self.model.accelerators if accelerators is None else accelerators
+        try:
+            return continuous_batching_on(self.model, it, acc, "sme", self.catalog, self.base_dir, self.source, [])
+        except ScenarioError:
+            return None
 
 
 def execution_model(sc: Scenario, group: int) -> tuple[str, tuple]:

@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 
 from ..scenario import ScenarioError, apply_overrides
-from .builders import BUILDERS, MODES, Plan
+from .builders import BUILDERS, MODES, Plan, checked_types
 from .frontier import OptimizeResult, pareto
 from .load import fleet_load
 from .search import EndpointSearch
@@ -43,7 +43,8 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
     endpoint packed on a multi-GPU type), restricted to ``instance_types`` when given. Then:
 
     - **sme, mme**: the search of :func:`optimize` (type among ``instance_types`` or the builder's
-      choice, count, routing) on every endpoint of the plan;
+      choice, count, routing among ``routing`` or the scenario's own endpoints' policies, as
+      :func:`optimize` without modes searches) on every endpoint of the plan;
     - **ic**: compare's sizing (copies from the queueing estimate, grown where the simulation of
       replication 0 misses the SLO, repacked on the cheapest type), then checked over ``replications``
       with the optimizer's rule (each model's CI upper end within the target); where that check fails
@@ -54,16 +55,14 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
     loads = fleet_load(sc0)
     types = list(sc0.catalog.instance_types.values())
     if instance_types:
-        wanted = list(instance_types)
-        for t in wanted:
-            try:
-                sc0.catalog.instance(t)
-            except KeyError as err:
-                raise ScenarioError(str(err.args[0]) if err.args else f"unknown instance type {t!r}",
-                                    source="--instance-types") from None
+        wanted = checked_types(instance_types, sc0.catalog)
         types = [t for t in types if t.name in wanted]
     slo_s = SLO({m: v * 1e3 for m, v in slo.items()}).latency_s
     groups = [(g.name, [sc0.models[m].name for m in g.models]) for g in sc0.groups]
+    # The routing policies searched: --routing, else those of the scenario's own endpoints, as optimize
+    # without --modes searches (one fleet, one answer).
+    routings = list(routing) if routing else \
+        list(dict.fromkeys(es.routing for es in sc0.spec.endpoints if es.mode != "ic")) or None
     outcomes: dict[str, dict] = {}
     results: dict[str, OptimizeResult] = {}
     yamls: dict[str, str] = {}
@@ -83,7 +82,7 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
         else:
             opt = EndpointSearch(path, mdata, [], slo, max_failed, replications,
                                  list(instance_types) if instance_types else None,
-                                 list(routing) if routing else None, min_instances, max_instances, None, log,
+                                 routings, min_instances, max_instances, None, log,
                                  executor)
             r = opt.run()
             r.best_yaml = yaml.safe_dump(apply_overrides(mdata, r.best_overrides, source=f"{path} (plan)"),

@@ -405,16 +405,22 @@ def _resolve_llm(model: Model, ep: Endpoint, catalog: Catalog, base_dir: Path, s
     """The continuous-batching parameters of ``model`` as ``ep`` serves it (see ContinuousBatching):
     the KV cache that ``gpu_memory_utilization`` of the copy's memory leaves beside the weights, and
     the step model; a ScenarioError naming the key where they cannot be had."""
+    acc = model.accelerators
+    if ep.mode == "ic":
+        acc = next(c.accelerators for c in ep.components if c.model == model.index)
+    return continuous_batching_on(model, ep.instance_type, acc, ep.mode, catalog, base_dir, source, warnings)
+
+
+def continuous_batching_on(model: Model, it: InstanceType, acc: int, mode: str, catalog: Catalog, base_dir: Path,
+                           source: str, warnings: list[str]) -> ContinuousBatching:
+    """:func:`_resolve_llm` for a copy of ``acc`` accelerators on ``it`` in an endpoint of ``mode``; the
+    planner asks it of each instance type it weighs (a ScenarioError: no copy runs there)."""
     from ..hosting.roofline import roofline   # pure: no simulation state
 
     g = model.group
     where = f"models[{g}].service.continuous_batching"
     cb = model.service.continuous_batching
     arch = model.architecture
-    it = ep.instance_type
-    acc = model.accelerators
-    if ep.mode == "ic":
-        acc = next(c.accelerators for c in ep.components if c.model == model.index)
     tp = acc if it.gpus > 0 else 0
     gpu = catalog.gpus.get(it.gpu) if tp and it.gpu is not None else None
     kind = cb.step.kind
@@ -423,7 +429,7 @@ def _resolve_llm(model: Model, ep: Endpoint, catalog: Catalog, base_dir: Path, s
         raise ScenarioError(f"{arch.name} has {arch.heads} attention heads, which {tp} tensor-parallel GPUs "
                             "cannot share evenly; choose accelerators that divide the heads",
                             source=source, path=f"models[{g}].accelerators")
-    if ep.mode == "mme":
+    if mode == "mme":
         warnings.append(f"{where}: in an mme endpoint the KV cache is sized as if {model.name!r} had its copy's "
                         "GPUs to itself")
 

@@ -11,7 +11,9 @@ named ``...-nobatch`` is a shipped scenario with every ``service.batching`` remo
 (the case the refactor must leave alone whatever the sizing of batched models
 becomes); the other cases are the shipped scenarios as they are.
 
-Regenerate only for a change meant to move plans or costs, and say why in the commit.
+Regenerate only for a change meant to move plans or costs, and say why in the commit and in the
+file's ``changes`` list (one case so far: ``optimize_demo-modes``, when ``optimize --modes`` came to
+search the routing policies of the scenario's own endpoints).
 """
 from __future__ import annotations
 
