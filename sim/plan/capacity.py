@@ -10,9 +10,11 @@ One estimator per execution model of a copy (:mod:`sim.hosting.device`), behind 
   the devices of the pool with the requests spread evenly (least-outstanding routing); the
   chance of waiting is the chain's mass at or above the pool's slots and the wait's tail decays
   at the full pool's rate (:class:`BatchingEstimator`). Without a curve it is Erlang C exactly;
-- ``continuous`` (a language model's continuous batching): the step model's saturation
-  throughput of a copy (``max_num_seqs`` sequences, or as many as the KV cache holds) with a
-  queueing estimate on copies of that rate (:class:`ContinuousEstimator`).
+- ``continuous`` (a language model's continuous batching): on each instance type, the engine a
+  copy gets there (its KV cache beside the weights, its step model: sim.scenario.resolve's own
+  resolution); the step model's saturation throughput of a copy (``max_num_seqs`` sequences, or
+  as many of the mean length as the KV cache holds) with an Erlang C wait on copies of that rate
+  against the TTFT target (:class:`ContinuousEstimator`, :class:`ContinuousSizing`).
 
 Estimates start the planner's sizing; the simulation checks them.
 """

@@ -397,7 +397,8 @@ class EndpointSearch:
             lo, hi = info["n_lower"], self.max_n
             if best is not None:
                 if info["lower_cost_per_hour"] >= best[0] - 1e-9:
-                    info.update(status="pruned", reason=f"its lowest count ({lo}) costs ${info['lower_cost_per_hour']:.2f}/h, "
+                    info.update(status="pruned",
+                                reason=f"its lowest count ({lo}) costs ${info['lower_cost_per_hour']:.2f}/h, "
                                 f"no less than the best plan found (${best[0]:.2f}/h)")
                     continue
                 hi = min(hi, math.ceil((best[0] - 1e-9) / unit) - 1)
