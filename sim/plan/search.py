@@ -19,7 +19,7 @@ from ..scenario.schema import ROUTING_POLICIES
 from .capacity import mean_wait, wait_tail
 from .frontier import OptimizeResult, pareto
 from .parallel import run_one
-from .slo import LATENCY_METRICS, QUANTILE, check_blocks
+from .slo import LATENCY_METRICS, QUANTILE, check_blocks, summary_key
 
 # Growing a fleet stops when, over two growth steps, no figure the plan misses improved by more than
 # this fraction (relative): more instances no longer move it.
@@ -165,8 +165,9 @@ class EndpointSearch:
         ov = s["overall"]
         row["cost_usd"] = ov.get("cost_usd")
         for m in self.slo:
-            row[f"{m}_ms"] = ov.get(f"{m}_ms")
-            row[f"{m}_ms_ci95"] = ov.get(f"{m}_ms_ci95", 0.0 if self.reps == 1 else None)
+            figure = summary_key(m)   # ttft and tpot: their P99
+            row[f"{m}_ms"] = ov.get(figure)
+            row[f"{m}_ms_ci95"] = ov.get(f"{figure}_ci95", 0.0 if self.reps == 1 else None)
         row["failed_share"] = (ov.get("failed") or 0.0) / ov["requests"] if ov.get("requests") else 0.0
         ep_ok = {}
         for e in self.targets:
