@@ -16,10 +16,12 @@ Sizing, per mode (an estimate, then checked by simulation):
 - **SME**: each model on its own endpoint, on the instance type of the catalog
   that serves its traffic at the lowest estimated cost (for a lightly used
   model: the cheapest type that fits it); GPU types only, unless the model has
-  ``accelerators: 0``. The instance count comes from a queueing estimate
-  (Erlang C on ``copies x max_concurrency`` servers per instance at the
-  model's busiest-window rate); an endpoint whose P99 misses the SLO in the
-  simulation gets more instances, for a few rounds.
+  ``accelerators: 0``. The instance count comes from the capacity estimate of
+  the model's execution model at its busiest-window rate (:mod:`sim.plan.capacity`:
+  Erlang C on ``copies x max_concurrency`` slots per instance; the batching
+  chain for a slowdown curve; a language model's engine on that type); an
+  endpoint whose P99 misses the SLO in the simulation gets more instances, for
+  a few rounds.
 - **MME**: models with at most one accelerator share one multi-model endpoint
   on a single-GPU instance type (GPU MMEs run on single-GPU types); the count
   holds the working set (every model's GPU memory, host memory and artifact,
