@@ -153,8 +153,6 @@ def run(scenario: Scenario | str | Path, *, seed: int | None = None, replication
     would need more memory than the machine has available is refused with a ScenarioError that
     gives the estimate, the key that drives it and what would fit; ``force=True`` tries anyway.
     """
-    import pandas as pd
-
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, overrides)
     reps = replications or scenario.spec.replications
@@ -163,21 +161,40 @@ def run(scenario: Scenario | str | Path, *, seed: int | None = None, replication
 
         check(scenario, replications=reps)
     seed = scenario.spec.seed if seed is None else seed
-    summaries, reqs, tls = [], [], []
+    outs = []
     for r in range(reps):
         tick = None if progress_time is None else (lambda f, r=r: progress_time((r + f) / reps))
-        raw = simulate(scenario, seed=seed, replication=r, progress=tick)
-        finalize_status(raw)
-        summaries.append(summarize(raw))
-        req, tl = requests_frame(raw), timeline(raw)
-        if reps > 1:
-            req.insert(0, "replication", r)
-            tl.insert(0, "replication", r)
-        reqs.append(req)
-        tls.append(tl)
-        del raw
+        outs.append(run_replication(scenario, seed, r, reps, progress=tick))
         if progress:
             progress(r + 1, reps)
-    requests = reqs[0] if reps == 1 else pd.concat(reqs, ignore_index=True)
-    tline = tls[0] if reps == 1 else pd.concat(tls, ignore_index=True)
+    return assemble(scenario, outs)
+
+
+def run_replication(scenario: Scenario, seed: int, r: int, reps: int, frames: bool = True,
+                    progress: Callable[[float], None] | None = None
+                    ) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
+    """Replication ``r`` of ``reps``: its summary and (``frames``) its requests and timeline frames, with a
+    ``replication`` column when ``reps > 1``. :func:`run` is these, in order, then :func:`assemble`;
+    executors run them apart (sim.plan.parallel) and give the same result. ``progress``: called with the
+    fraction of the horizon simulated (sim.core.engine.Engine.run)."""
+    raw = simulate(scenario, seed=seed, replication=r, progress=progress)
+    finalize_status(raw)
+    summary = summarize(raw)
+    if not frames:
+        return summary, None, None
+    req, tl = requests_frame(raw), timeline(raw)
+    if reps > 1:
+        req.insert(0, "replication", r)
+        tl.insert(0, "replication", r)
+    return summary, req, tl
+
+
+def assemble(scenario: Scenario, outs: list[tuple[dict, pd.DataFrame | None, pd.DataFrame | None]]) -> Result:
+    """The result of replications 0, 1, ... (:func:`run_replication`'s outputs, in order)."""
+    import pandas as pd
+
+    summaries = [o[0] for o in outs]
+    reqs, tls = [o[1] for o in outs], [o[2] for o in outs]
+    requests = reqs[0] if len(outs) == 1 else pd.concat(reqs, ignore_index=True)
+    tline = tls[0] if len(outs) == 1 else pd.concat(tls, ignore_index=True)
     return Result(scenario, combine(summaries), requests, tline, summaries)

@@ -492,7 +492,7 @@ def _print_sweep(table) -> None:
               help="Largest instance count per endpoint.")
 @click.option("--min-instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--slo", "slo", multiple=True, metavar="p99=500ms",
-              help="Target(s) to meet: p50, p90, p99 or mean (default: the scenario's slo).")
+              help="Target(s) to meet: p50, p90, p99, mean, ttft or tpot (default: the scenario's slo).")
 @click.option("--max-failed", type=click.FloatRange(min=0, max=1, max_open=True), default=0.001,
               show_default=True, help="Largest share of failed requests a feasible plan may have.")
 @click.option("--routing", metavar="A,B", help="Routing policies to consider (default: each endpoint's own).")
@@ -508,10 +508,14 @@ def _print_sweep(table) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print optimize.json alone on stdout.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
               "results/<name>/optimize/): optimize.json, best.yaml, plans.csv, frontier.csv, frontier.png.")
+@click.option("--workers", type=click.IntRange(min=1), help="Local worker processes for the simulations "
+              "(default 1: one after the other); the results are the same.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run the simulations on this Dask distributed "
+              "scheduler; the results are the same.")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
 def optimize(scenario, instance_types, max_instances, min_instances, slo, max_failed, routing, endpoints,
-             modes, replications, overrides, as_json, out, force):
+             modes, replications, overrides, as_json, out, workers, scheduler, force):
     """The cheapest fixed fleet of SCENARIO whose P99 (upper end of its 95% CI) meets the SLO."""
     from .plan.optimize import optimize as run_optimize
     from .scenario import read_yaml
@@ -525,7 +529,7 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
                        min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
                        replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
                        modes=_csv_list(modes), overrides=overrides, out=out, log=(lambda m: None) if as_json else
-                       (lambda m: click.echo(m, err=True)), force=force)
+                       (lambda m: click.echo(m, err=True)), force=force, workers=workers, scheduler=scheduler)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, default=str))
         return
@@ -561,12 +565,16 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
 
 
 
-_COMPARE_ROWS = (("instances", "instances", None), ("cost per hour (USD)", "cost_per_hour_usd", 2),
+_COMPARE_ROWS = (("instances", "instances", None), ("execution models", "execution_models", None),
+                 ("cost per hour (USD)", "cost_per_hour_usd", 2),
                  ("cost per 1M requests (USD)", "cost_per_million_usd", 2), ("P50 latency (ms)", "p50_ms", 1),
-                 ("P99 latency (ms)", "p99_ms", 1), ("SLO attainment", "slo_attainment", 4),
+                 ("P99 latency (ms)", "p99_ms", 1), ("TTFT P99 (ms)", "ttft_p99_ms", 1),
+                 ("TPOT P99 (ms)", "tpot_p99_ms", 2), ("SLO attainment", "slo_attainment", 4),
                  ("SLO met", "slo_met", None), ("requests", "requests", 0), ("failed", "failed", 0),
                  ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
-                 ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU memory utilisation", "gpu_memory_utilization", 3),
+                 ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU utilisation", "gpu_utilization", 3),
+                 ("batch size (mean, busy device)", "batch_size_mean", 2),
+                 ("GPU memory utilisation", "gpu_memory_utilization", 3),
                  ("GPUs stranded (fraction)", "gpu_stranded_fraction", 3), ("simulations (sizing)", "simulations", 0))
 
 
@@ -583,6 +591,8 @@ def print_comparison(summary: dict) -> None:
     for name, b in plans.items():
         t.add_column(f"{name}{' (best)' if name == summary.get('best') else ''}", justify="right")
     for label, key, digits in _COMPARE_ROWS:
+        if key in ("ttft_p99_ms", "tpot_p99_ms") and all(b.get(key) is None for b in plans.values()):
+            continue   # no language model in the fleet
         cells = []
         for b in plans.values():
             v = len(b.get("sizing", [])) if key == "simulations" else b.get(key)
@@ -608,9 +618,17 @@ def print_comparison(summary: dict) -> None:
               help="Override a scenario key first, e.g. --set slo.p99=1s (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json alone on stdout.")
 @click.option("--report", "with_report", is_flag=True, help="Also write report.html (as capsim report DIR).")
+@click.option("--workers", type=click.IntRange(min=1), help="Local worker processes for the simulations "
+              "(default 1: one after the other); the results are the same.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run the simulations on this Dask distributed "
+              "scheduler; the results are the same.")
+@click.option("--slo", "slo", multiple=True, metavar="p99=500ms",
+              help="Target(s) to size for, replacing the scenario's slo: p50, p90, p99, mean, ttft or tpot.")
+@click.option("--instance-types", metavar="A,B,C", help="Instance types the plans may use (default: the catalog's).")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
-def compare(scenario, plans, out, seed, overrides, as_json, with_report, force):
+def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers, scheduler, slo, instance_types,
+            force):
     """One plan per hosting mode for SCENARIO's fleet, each sized to meet its SLO, all on the same arrivals."""
     from .plan.compare import compare as run_compare
     from .scenario import read_yaml
@@ -621,7 +639,9 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, force):
 
     preflight(out, "compare")
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
-    cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say, force=force)
+    cmp = run_compare(scenario, plans, overrides=overrides, seed=seed, out=out, progress=say, force=force,
+                      workers=workers, scheduler=scheduler, slo=list(slo) or None,
+                      instance_types=_csv_list(instance_types))
     if with_report:
         from .report.html import write_report
 
@@ -643,6 +663,8 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, force):
     for name, b in summary["plans"].items():
         for note in b["notes"]:
             click.echo(f"{name}: {note}", err=True)
+        for w in b.get("warnings", []):
+            click.echo(f"{name}: warning: {w}", err=True)
     best = summary["best"]
     click.echo((f"cheapest plan meeting the SLO: {best}" if best else "no plan meets the SLO")
                + f"; written to {out}/ (compare.json, plans/*.yaml to edit and re-run, runs/)", err=True)

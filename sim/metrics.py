@@ -13,6 +13,7 @@ import numpy as np
 from .core.engine import IN_FLIGHT, OK, STATUS_NAMES, TIMEOUT
 from .hosting.base import EndpointLog
 from .simulate import RawRun
+from . import pricing
 
 MINUTE = 60.0
 # Figures of a summary block that are averaged over replications (with a CI).
@@ -431,7 +432,7 @@ def summarize(run: RawRun) -> dict[str, Any]:
     model_loads = np.zeros(len(sc.models), dtype=np.int64)
     for ep, log in zip(sc.endpoints, run.logs):
         serving_s, billed_s, peak = _fleet_integrals(log.fleet, t0, t1)
-        ep_cost.append(billed_s * ep.instance_type.price_per_hour / 3600.0)
+        ep_cost.append(pricing.cost(ep.instance_type, billed_s))
         ep_extra.append({"instance_hours": billed_s / 3600.0, "instances_mean": serving_s / duration,
                          "instances_max": peak})
         for rec in log.loads:
@@ -581,7 +582,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "loaded_models": mem["loaded"] / width,
             "gpu_memory_utilization": ratio(mem["gpu"], gcap * serving_s),
             "model_cache_hit": ratio(hits, tot),
-            "cost_usd": billed * it.price_per_hour / 3600.0,
+            "cost_usd": pricing.cost(it, billed),
             "cold_starts": n_loads,
             "failures": failures,
             "failed_requests": np.histogram(c["end"][sel & (c["status"] > TIMEOUT)], bins=edges)[0],

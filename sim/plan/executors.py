@@ -84,7 +84,7 @@ class SerialExecutor(Executor):
         return gen()
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -189,7 +189,7 @@ class LocalExecutor(Executor):
     name = "local"
 
     def __init__(self, workers: int | None = None):
-        self.workers = max(1, workers or _cpu_count())
+        self.workers = max(1, workers or cpu_count())
         self._live: list[_Worker] = []
         self._busy = False
 

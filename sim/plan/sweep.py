@@ -41,7 +41,7 @@ import yaml
 from ..api import atomic_write, atomic_write_frame, json_default
 from ..output import remove_stale_temporaries
 from ..scenario import ScenarioError, apply_overrides, parse_scenario, read_yaml
-from .executors import DaskExecutor, Executor, LocalExecutor, SerialExecutor, _cpu_count, make_executor
+from .executors import DaskExecutor, Executor, LocalExecutor, SerialExecutor, cpu_count, make_executor
 
 POINT_SCHEMA = "capsim.sweep-point/1"
 # Columns that measure the machine, not the simulated system: left out when comparing tables.
@@ -223,7 +223,7 @@ def run_point(task: PointTask) -> dict[str, Any]:
     refused by the size estimate (:mod:`sim.volume`) also has ``retry: true``: that depends on the
     machine, not the point, and such records are not kept (a rerun, or ``--force``, tries again)."""
     from ..api import run
-    from ..scenario.loader import _check_trace_files
+    from ..scenario.loader import check_trace_files
     from ..volume import check as check_size
     from ..workload.traces import TraceError
 
@@ -234,7 +234,7 @@ def run_point(task: PointTask) -> dict[str, Any]:
     try:
         data = apply_overrides(task.data, task.overrides, source=f"{task.source} (--grid)")
         sc = parse_scenario(data, source=task.source, base_dir=Path(task.base_dir))
-        _check_trace_files(sc)
+        check_trace_files(sc)
         if not task.force:
             try:
                 check_size(sc, replications=task.replications, share=task.share)
@@ -526,7 +526,7 @@ def bench_parallel(points: int = 16, workers: int | None = None, duration: float
             t_par.append(time.perf_counter() - t0)
             same = same and comparable(serial).equals(comparable(parallel))
             requests = int(serial["requests"].iloc[0])
-    return {"points": points, "workers": n_workers, "cores": _cpu_count(), "requests_per_point": requests,
+    return {"points": points, "workers": n_workers, "cores": cpu_count(), "requests_per_point": requests,
             "serial_seconds": round(min(t_serial), 3), "parallel_seconds": round(min(t_par), 3),
             "speedup": round(min(t_serial) / min(t_par), 3), "runs": {"serial": [round(x, 3) for x in t_serial],
                                                                     "parallel": [round(x, 3) for x in t_par]},

@@ -307,7 +307,9 @@ _ROWS = (("cost per hour (USD)", "cost_per_hour_usd", 2), ("cost (USD)", "cost_u
          ("SLO attainment", "slo_attainment", 4), ("SLO met", "slo_met", None), ("throughput (req/s)",
          "throughput_per_s", 2), ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
          ("instances (mean)", "instances_mean", 2), ("instances (max)", "instances_max", 0),
-         ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU memory utilisation", "gpu_memory_utilization", 3),
+         ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU utilisation", "gpu_utilization_fraction", 3),
+         ("batch size (mean, busy device)", "batch_size_mean", 2),
+         ("GPU memory utilisation", "gpu_memory_utilization", 3),
          ("GPUs stranded (fraction)", "gpu_stranded_fraction", 3), ("copies (mean)", "copies_mean", 2))
 
 
@@ -412,7 +414,9 @@ def _compare_page(d: Path) -> tuple[str, list[Figure]]:
     body = "<h2>Plans side by side</h2>"
     body += (f"<p class=\"best\">Cheapest plan that meets the SLO: {html.escape(best)}</p>" if best
              else "<p class=\"best\">No plan meets the SLO.</p>")
-    body += _table(list(plans.items()), (("instances", "instances", None), ("mode", "mode", None)))
+    shown = [(p, {**b, "gpu_utilization_fraction": b.get("gpu_utilization")}) for p, b in plans.items()]
+    body += _table(shown, (("instances", "instances", None), ("mode", "mode", None),
+                           ("execution models", "execution_models", None)))
     notes = [f"{p}: {n}" for p, b in plans.items() for n in ([b["description"]] if b.get("description") else [])
              + b.get("notes", [])]
     notes += [f"{p}: not built: {why}" for p, why in (cmp.get("skipped") or {}).items()]

@@ -325,11 +325,11 @@ def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
     data = read_yaml(path)
     data = apply_overrides(data, overrides, source=f"{path} (--set)")
     scenario = parse_scenario(data, source=str(path), base_dir=Path(path).resolve().parent)
-    _check_trace_files(scenario)
+    check_trace_files(scenario)
     return scenario
 
 
-def _check_trace_files(scenario: Scenario) -> None:
+def check_trace_files(scenario: Scenario) -> None:
     """A trace that is not there fails here (``validate``), not minutes into a run."""
     for g in scenario.groups:
         tr = g.traffic

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..catalog import Architecture, Catalog, InstanceType, load_catalog
 from ..hosting.steps import StepTime
 from .errors import ScenarioError, suggest
+from .fit import ic_problem, mme_problem, sme_fit
 from .schema import CacheSpec, EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
 from .schema import AutoscalingSpec, BatchingSpec, ScaleFromZeroSpec, SustainedSpec
 
@@ -213,31 +214,11 @@ def _catalog_for(spec: ScenarioSpec, source: str) -> Catalog:
 
 
 def _check_fit(model: Model, it: InstanceType, where: str, source: str) -> int:
-    """Copies of ``model`` one instance of ``it`` holds; a ScenarioError if none fits."""
-    if it.gpus > 0 and model.accelerators > 0:
-        if model.accelerators > it.gpus:
-            raise ScenarioError(
-                f"model {model.name!r} needs {model.accelerators} accelerators but {it.name} has {it.gpus}",
-                source=source, path=where,
-            )
-        room = model.accelerators * it.gpu_memory_gb
-        if model.memory_gb > room + 1e-9:
-            raise ScenarioError(
-                f"model {model.name!r} needs {model.memory_gb:g} GB of GPU memory but {model.accelerators} "
-                f"GPU(s) of {it.name} offer {room:g} GB; choose a larger instance type or more accelerators",
-                source=source, path=where,
-            )
-        copies = it.gpus // model.accelerators
-        host_needed = model.host_memory_gb
-    else:
-        copies = 1
-        host_needed = model.memory_gb + model.host_memory_gb
-    if host_needed > it.memory_gb + 1e-9:
-        raise ScenarioError(
-            f"model {model.name!r} needs {host_needed:g} GB of host memory but {it.name} has {it.memory_gb:g} GB",
-            source=source, path=where,
-        )
-    return copies
+    """Copies of ``model`` one instance of ``it`` holds; a ScenarioError if none fits (sim.scenario.fit)."""
+    f = sme_fit(model, it)
+    if f.problem is not None:
+        raise ScenarioError(f.problem, source=source, path=where)
+    return f.copies
 
 
 def _profile(path: str, base_dir: Path, source: str, where: str) -> dict:
@@ -424,16 +405,22 @@ def _resolve_llm(model: Model, ep: Endpoint, catalog: Catalog, base_dir: Path, s
     """The continuous-batching parameters of ``model`` as ``ep`` serves it (see ContinuousBatching):
     the KV cache that ``gpu_memory_utilization`` of the copy's memory leaves beside the weights, and
     the step model; a ScenarioError naming the key where they cannot be had."""
+    acc = model.accelerators
+    if ep.mode == "ic":
+        acc = next(c.accelerators for c in ep.components if c.model == model.index)
+    return continuous_batching_on(model, ep.instance_type, acc, ep.mode, catalog, base_dir, source, warnings)
+
+
+def continuous_batching_on(model: Model, it: InstanceType, acc: int, mode: str, catalog: Catalog, base_dir: Path,
+                           source: str, warnings: list[str]) -> ContinuousBatching:
+    """:func:`_resolve_llm` for a copy of ``acc`` accelerators on ``it`` in an endpoint of ``mode``; the
+    planner asks it of each instance type it weighs (a ScenarioError: no copy runs there)."""
     from ..hosting.roofline import roofline   # pure: no simulation state
 
     g = model.group
     where = f"models[{g}].service.continuous_batching"
     cb = model.service.continuous_batching
     arch = model.architecture
-    it = ep.instance_type
-    acc = model.accelerators
-    if ep.mode == "ic":
-        acc = next(c.accelerators for c in ep.components if c.model == model.index)
     tp = acc if it.gpus > 0 else 0
     gpu = catalog.gpus.get(it.gpu) if tp and it.gpu is not None else None
     kind = cb.step.kind
@@ -442,7 +429,7 @@ def _resolve_llm(model: Model, ep: Endpoint, catalog: Catalog, base_dir: Path, s
         raise ScenarioError(f"{arch.name} has {arch.heads} attention heads, which {tp} tensor-parallel GPUs "
                             "cannot share evenly; choose accelerators that divide the heads",
                             source=source, path=f"models[{g}].accelerators")
-    if ep.mode == "mme":
+    if mode == "mme":
         warnings.append(f"{where}: in an mme endpoint the KV cache is sized as if {model.name!r} had its copy's "
                         "GPUs to itself")
 
@@ -618,18 +605,10 @@ def _check_autoscaling(es: EndpointSpec, where: str, source: str) -> None:
 def _check_cache_fit(models: list[Model], es: EndpointSpec, it: InstanceType, where: str, source: str) -> None:
     """Each model of a multi-model endpoint must fit, alone, in every memory tier of one instance."""
     cache = es.cache or CacheSpec()
-    gpu_cap = it.total_gpu_memory_gb * cache.memory_fraction
-    host_cap = it.memory_gb - cache.host_reserve
-    disk_cap = cache.disk if cache.disk is not None else it.storage_gb
     for mod in models:
-        gpu, host = (mod.memory_gb, mod.host_memory_gb) if it.gpus > 0 else (0.0, mod.memory_gb + mod.host_memory_gb)
-        for need, cap, tier in ((gpu, gpu_cap, "GPU memory for models (memory_fraction of the GPU memory)"),
-                                (host, host_cap, "host memory above cache.host_reserve"),
-                                (mod.size_gb, disk_cap, "disk for artifacts")):
-            if need > cap + 1e-9:
-                raise ScenarioError(
-                    f"model {mod.name!r} needs {need:g} GB but one {it.name} offers {max(cap, 0):g} GB of {tier}; "
-                    "choose a larger instance type", source=source, path=f"{where}.instance_type")
+        problem = mme_problem(mod, it, cache)
+        if problem is not None:
+            raise ScenarioError(problem, source=source, path=f"{where}.instance_type")
 
 
 def _check_service(ms: ModelSpec, g: int, source: str) -> None:
@@ -687,25 +666,9 @@ def _resolve_ic(es: EndpointSpec, e: int, index: int, models: list[Model], catal
             served_by[m] = es.name
             acc = mod.accelerators if cs.accelerators is None else cs.accelerators
             mem = cs.memory_gb if cs.memory_gb is not None else max(mod.memory_gb, 0.128)
-            if it.gpus > 0:
-                if acc < 1:
-                    raise ScenarioError(f"a copy on {it.name} (a GPU instance type) needs at least 1 accelerator "
-                                        "(NumberOfAcceleratorDevicesRequired >= 1)", source=source,
-                                        path=f"{cw}.accelerators")
-                if acc > it.gpus:
-                    raise ScenarioError(f"a copy of {mod.name!r} asks for {acc} accelerators but {it.name} has "
-                                        f"{it.gpus}", source=source, path=f"{cw}.accelerators")
-                if mod.memory_gb > acc * it.gpu_memory_gb + 1e-9:
-                    raise ScenarioError(
-                        f"model {mod.name!r} needs {mod.memory_gb:g} GB of GPU memory but {acc} GPU(s) of {it.name} "
-                        f"offer {acc * it.gpu_memory_gb:g} GB; give each copy more accelerators or choose a larger "
-                        "instance type", source=source, path=f"{cw}.accelerators")
-            elif acc > 0:
-                raise ScenarioError(f"{it.name} has no GPUs: set accelerators: 0", source=source,
-                                    path=f"{cw}.accelerators")
-            if mem > it.memory_gb + 1e-9:
-                raise ScenarioError(f"a copy of {mod.name!r} reserves {mem:g} GB of memory but {it.name} has "
-                                    f"{it.memory_gb:g} GB", source=source, path=f"{cw}.memory_gb")
+            problem = ic_problem(mod, it, acc, mem)
+            if problem is not None:
+                raise ScenarioError(problem[1], source=source, path=f"{cw}.{problem[0]}")
             if cs.cpus > it.vcpus + 1e-9:
                 raise ScenarioError(f"a copy reserves {cs.cpus:g} vCPUs but {it.name} has {it.vcpus}",
                                     source=source, path=f"{cw}.cpus")

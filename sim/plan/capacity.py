@@ -1,0 +1,248 @@
+"""Capacity estimators: how many units (instances, or copies) serve a model's traffic within its SLO.
+
+One estimator per execution model of a copy (:mod:`sim.hosting.device`), behind one interface,
+:class:`Estimator`; :data:`ESTIMATORS` is their registry by execution model:
+
+- ``slots`` (no ``batching``: each request in service runs at full speed): Erlang C on
+  ``units x slots`` pooled servers (:func:`units_needed`);
+- ``batching`` (processor sharing with a capacity function): the birth-death chain whose death
+  rate with ``k`` requests in service on a device is ``k / (slowdown(k) x mean)``, summed over
+  the devices of the pool with the requests spread evenly (least-outstanding routing); the
+  chance of waiting is the chain's mass at or above the pool's slots and the wait's tail decays
+  at the full pool's rate (:class:`BatchingEstimator`). Without a curve it is Erlang C exactly;
+- ``continuous`` (a language model's continuous batching): on each instance type, the engine a
+  copy gets there (its KV cache beside the weights, its step model: sim.scenario.resolve's own
+  resolution); the step model's saturation throughput of a copy (``max_num_seqs`` sequences, or
+  as many of the mean length as the KV cache holds) with an Erlang C wait on copies of that rate
+  against the TTFT target (:class:`ContinuousEstimator`, :class:`ContinuousSizing`).
+
+Estimates start the planner's sizing; the simulation checks them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+TAIL = 0.002                 # queueing estimate: P(wait > SLO - service P99) allowed
+MAX_UTILISATION = 0.9        # queueing estimate: busy fraction of the servers at most
+MAX_UNITS = 100_000
+
+
+def erlang_c(servers: int, load: float) -> float:
+    """Probability that an arrival waits in an M/M/``servers`` queue offered ``load`` Erlangs."""
+    if load <= 0:
+        return 0.0
+    if servers <= load:
+        return 1.0
+    b = 1.0
+    for k in range(1, servers + 1):   # Erlang B by its stable recursion
+        b = load * b / (k + load * b)
+    return servers * b / (servers - load * (1.0 - b))
+
+def units_needed(rate: float, mean_s: float, p99_s: float, slo_s: float | None, slots: int) -> int:
+    """Units (instances, or copies) of ``slots`` servers each that serve ``rate`` requests
+    per second of mean service ``mean_s`` with waits short enough for the SLO:
+    offered load ``rate x mean_s / (units x slots)`` at most MAX_UTILISATION, and
+    (M/M/c, pooled by least-outstanding-requests routing) the chance of waiting
+    longer than ``slo - service P99`` at most TAIL."""
+    if rate <= 0 or mean_s <= 0:
+        return 1
+    a = rate * mean_s
+    mu = 1.0 / mean_s
+    budget = max((slo_s - p99_s) if slo_s is not None else 10 * mean_s, 0.0)
+    u = max(1, math.ceil(a / (slots * MAX_UTILISATION)))
+    while u < 100_000:
+        n = u * slots
+        if n > a and erlang_c(n, a) * math.exp(-(n * mu - rate) * budget) <= TAIL:
+            return u
+        u += 1
+    return u
+
+def wait_tail(c: int, lam: float, mean_s: float, t: float, cv: float = 1.0) -> float:
+    """P(wait > t) in M/M/c with arrival rate ``lam`` and mean service ``mean_s``; for service times
+    of coefficient of variation ``cv``, the wait scaled by (1 + cv^2) / 2 (Allen-Cunneen, M/G/c)."""
+    a = lam * mean_s
+    if a >= c:
+        return 1.0
+    scale = (1.0 + cv * cv) / 2.0
+    return erlang_c(c, a) * math.exp(-(c / mean_s - lam) * max(t, 0.0) / max(scale, 1e-9))
+
+def mean_wait(c: int, lam: float, mean_s: float, cv: float = 1.0) -> float:
+    a = lam * mean_s
+    if a >= c:
+        return math.inf
+    return erlang_c(c, a) / (c / mean_s - lam) * (1.0 + cv * cv) / 2.0
+
+
+class Estimator(Protocol):
+    """Units of ``slots`` requests in service at once each (``per_device`` of them on one device)
+    that serve ``load`` (a :class:`~sim.plan.load.ModelLoad`: ``peak_rate``, ``mean_s``, ``p99_s``)
+    within ``slo_s`` (seconds; None: no target, a budget of ten mean service times)."""
+
+    name: str
+
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int: ...
+
+
+@dataclass(frozen=True)
+class SlotsEstimator:
+    name: str = "slots"
+
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int:
+        return units_needed(load.peak_rate, load.mean_s, load.p99_s, slo_s, slots)
+
+
+def pool_rate(k: int, devices: int, per_device: int, slowdown) -> float:
+    """Requests per mean service time that ``devices`` devices of ``per_device`` slots complete with
+    ``k`` requests in service, spread evenly (``slowdown(n)``: the factor with ``n`` on one device)."""
+    k = min(k, devices * per_device)
+    if k <= 0:
+        return 0.0
+    base, extra = divmod(k, devices)
+    r = 0.0
+    if base > 0:
+        r += (devices - extra) * base / slowdown(base)
+    if extra:
+        r += extra * (base + 1) / slowdown(base + 1)
+    return r
+
+
+def batching_wait(lam: float, mean_s: float, devices: int, per_device: int, slowdown,
+                  budget: float) -> tuple[float, float]:
+    """(P(wait > budget), mean requests in service per device) of the pool's birth-death chain."""
+    n = devices * per_device
+    mu = [pool_rate(k, devices, per_device, slowdown) / mean_s for k in range(n + 1)]
+    if lam >= mu[n]:
+        return 1.0, float(per_device)
+    # Unnormalised stationary weights, in logs (the chain's products can overflow).
+    logp = [0.0]
+    for k in range(1, n + 1):
+        logp.append(logp[-1] + math.log(lam) - math.log(mu[k]))
+    top = max(logp)
+    w = [math.exp(x - top) for x in logp]
+    rho = lam / mu[n]
+    tail = w[n] / (1.0 - rho)                    # states n, n+1, ... (geometric beyond the full pool)
+    total = sum(w[:n]) + tail
+    p_wait = tail / total
+    in_service = (sum(k * w[k] for k in range(n)) + n * tail) / total
+    return p_wait * math.exp(-(mu[n] - lam) * max(budget, 0.0)), in_service / devices
+
+
+@dataclass(frozen=True)
+class BatchingEstimator:
+    name: str = "batching"
+
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int:
+        from ..hosting.device import slowdown_table
+
+        rate, mean_s, p99_s = load.peak_rate, load.mean_s, load.p99_s
+        if rate <= 0 or mean_s <= 0:
+            return 1
+        per = max(1, min(per_device or getattr(load, "concurrency", slots) or 1, slots))
+        dev_per_unit = max(1, slots // per)
+        f = slowdown_table(dict(load.slowdown)) if getattr(load, "slowdown", ()) else (lambda k: 1.0)
+        full = pool_rate(per, 1, per, f) / mean_s       # one full device's requests per second
+        u = max(1, math.ceil(rate / (dev_per_unit * full * MAX_UTILISATION)))
+        while u < MAX_UNITS:
+            d = u * dev_per_unit
+            occ = 1.0
+            for _ in range(4):   # the service P99 stretched at the chain's mean occupancy, to a fixed point
+                budget = max((slo_s - p99_s * f(occ)) if slo_s is not None else 10 * mean_s, 0.0)
+                tail, per_dev = batching_wait(rate, mean_s, d, per, f, budget)
+                nxt = max(1.0, min(float(per), per_dev))
+                if abs(nxt - occ) < 1e-3:
+                    break
+                occ = nxt
+            if tail <= TAIL:
+                return u
+            u += 1
+        return u
+
+
+@dataclass(frozen=True)
+class ContinuousEstimator:
+    """A continuous-batching copy at saturation: ``B`` sequences (``max_num_seqs``, or as many as
+    ``kv_tokens`` hold at the mean length), each step giving each one token and prefilling the
+    prompts that arrive meanwhile (``B x input / output`` tokens a step). Its throughput is
+    ``B / (output x step)`` requests per second; copies are counted as Erlang C servers of that
+    rate against the TTFT budget (or the latency's, without a TTFT target)."""
+
+    step: Any                     # sim.hosting.steps.StepTime
+    max_num_seqs: int
+    mean_input: float
+    mean_output: float
+    kv_tokens: int | None = None
+    name: str = "continuous"
+
+    def batch(self) -> int:
+        b = self.max_num_seqs
+        if self.kv_tokens:
+            b = min(b, max(1, int(self.kv_tokens // max(self.mean_input + self.mean_output, 1.0))))
+        return b
+
+    def step_seconds(self) -> float:
+        b = self.batch()
+        kv = b * (self.mean_input + self.mean_output / 2.0)
+        return self.step.time(b, kv, b * self.mean_input / max(self.mean_output, 1.0))
+
+    def throughput(self) -> float:
+        """Requests per second of one copy at saturation."""
+        return self.batch() / (max(self.mean_output, 1.0) * self.step_seconds())
+
+    def units(self, load: Any, slots: int = 1, slo_s: float | None = None, per_device: int | None = None,
+              ttft_s: float | None = None) -> int:
+        x = self.throughput()
+        rate = load.peak_rate
+        if rate <= 0:
+            return 1
+        u = max(1, math.ceil(rate / (x * MAX_UTILISATION)))
+        budget = ttft_s if ttft_s is not None else slo_s
+        while u < MAX_UNITS:
+            if budget is None or wait_tail(u, rate, 1.0 / x, budget) <= TAIL:
+                return u
+            u += 1
+        return u
+
+
+@dataclass(frozen=True)
+class ContinuousSizing:
+    """The estimator of continuous-batching models: on instance type ``it``, the engine a copy gets
+    there (``load.llm.engine(it)``: its KV cache and step model) as a :class:`ContinuousEstimator`;
+    units of ``slots // per_device`` copies each (an instance's copies). A type where no copy runs
+    (no room for the KV cache) needs MAX_UNITS; without a type or an engine, slots of the service time."""
+
+    name: str = "continuous"
+
+    def copy_estimator(self, load: Any, it: Any) -> ContinuousEstimator | None:
+        llm = getattr(load, "llm", None)
+        eng = llm.engine(it) if llm is not None and it is not None else None
+        if eng is None:
+            return None
+        return ContinuousEstimator(eng.step, eng.max_num_seqs, max(llm.mean_input, 1.0), max(llm.mean_output, 1.0),
+                                   eng.kv_blocks * eng.block_size)
+
+    def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
+              it: Any = None) -> int:
+        llm = getattr(load, "llm", None)
+        if llm is None or it is None:
+            return SlotsEstimator().units(load, slots, slo_s, per_device)
+        est = self.copy_estimator(load, it)
+        if est is None:
+            return MAX_UNITS
+        per = max(1, per_device or 1)
+        copies_per_unit = max(1, slots // per)
+        copies = est.units(load, 1, None, ttft_s=llm.ttft_s)
+        return max(1, math.ceil(copies / copies_per_unit))
+
+
+ESTIMATORS: dict[str, Any] = {"slots": SlotsEstimator(), "batching": BatchingEstimator(),
+                              "continuous": ContinuousSizing()}
+
+
+def estimator_for(load: Any) -> Estimator:
+    """The estimator of a model's execution model (``load.execution``)."""
+    return ESTIMATORS.get(getattr(load, "execution", "slots"), ESTIMATORS["slots"])

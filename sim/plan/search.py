@@ -1,0 +1,486 @@
+"""The optimizer's search over the endpoints of a scenario (instance type, count, routing).
+
+See :mod:`sim.plan.optimize` for the method.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ..pricing import hourly
+from ..scenario import ScenarioError, apply_overrides, parse_scenario
+from ..scenario.schema import ROUTING_POLICIES
+from .capacity import mean_wait, wait_tail
+from .frontier import OptimizeResult, pareto
+from .parallel import run_one
+from .slo import LATENCY_METRICS, QUANTILE, check_blocks, summary_key
+
+# Growing a fleet stops when, over two growth steps, no figure the plan misses improved by more than
+# this fraction (relative): more instances no longer move it.
+STALL_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class Choice:
+    instance_type: str
+    instances: int
+    routing: str
+
+
+class EndpointSearch:
+    """The search of :func:`sim.plan.optimize.optimize` (see its module docstring) over the sme and
+    mme endpoints of one scenario: per endpoint, type and routing candidates pruned by bounds, an
+    Erlang-C guess, gallop and bisect on the count; endpoints one at a time (coordinate descent)."""
+
+    def __init__(self, path: Path, data: dict, base_overrides: list[str], slo: dict[str, float],
+                 max_failed: float, replications: int, types: list[str] | None, routings: list[str] | None,
+                 min_instances: int, max_instances: int, endpoints: list[str] | None,
+                 log: Callable[[str], None], executor: Any = None):
+        self.path, self.data, self.base_overrides = path, data, base_overrides
+        self.source = str(path)
+        self.base_dir = path.resolve().parent
+        self.slo, self.max_failed, self.reps = slo, max_failed, replications
+        self.latency_slo = {m: v for m, v in slo.items() if m in LATENCY_METRICS}
+        self.min_n, self.max_n = min_instances, max_instances
+        self.log = log
+        self.executor = executor           # runs a plan's replications in parallel (sim.plan.parallel)
+        self.notes: list[str] = []
+        self.cache: dict[tuple, dict] = {}
+        self.rows: list[dict] = []
+        self.candidates: list[dict] = []
+        self.n_sim = 0
+        self._workloads: dict[tuple, Any] = {}
+        self.stalled: dict[tuple, str] = {}     # (endpoint, type, routing) -> why growing stopped early
+
+        base = self._load([])
+        self.base = base
+        specs = base.spec.endpoints
+        names = [es.name for es in specs]
+        if endpoints:
+            for n in endpoints:
+                if n not in names:
+                    from ..scenario.errors import suggest
+
+                    raise ScenarioError(f"no endpoint named {n!r}{suggest(n, names)}; expected one of "
+                                        f"{', '.join(names)}", source="--endpoint")
+        self.targets: list[int] = []
+        for e, es in enumerate(specs):
+            if endpoints and es.name not in endpoints:
+                continue
+            if es.mode == "ic":
+                self.notes.append(f"endpoint {es.name}: inference components are not optimised (kept as is)")
+                continue
+            self.targets.append(e)
+        if not self.targets:
+            raise ScenarioError("no endpoint to optimise (only sme and mme endpoints are sized)", source=self.source)
+        for e in self.targets:
+            if specs[e].autoscaling is not None:
+                self.notes.append(f"endpoint {specs[e].name}: plans are fixed fleets; its autoscaling policy is "
+                                  "dropped in every plan")
+        self.types = {e: list(types) if types else [specs[e].instance_type] for e in self.targets}
+        self.routings = {e: list(routings) if routings else [specs[e].routing] for e in self.targets}
+        self.rt_names = {e: [rt.name for rt in base.endpoints if rt.spec_index == e] for e in self.targets}
+        if types:
+            for t in types:
+                try:
+                    base.catalog.instance(t)
+                except KeyError as err:
+                    raise ScenarioError(str(err.args[0]) if err.args else f"unknown instance type {t!r}",
+                                        source="--instance-types") from None
+        if routings:
+            for r in routings:
+                if r not in ROUTING_POLICIES:
+                    from ..scenario.errors import suggest
+
+                    raise ScenarioError(f"unknown routing policy {r!r}{suggest(r, ROUTING_POLICIES)}; expected one "
+                                        f"of {', '.join(ROUTING_POLICIES)}", source="--routing")
+        self.state = {e: Choice(specs[e].instance_type, max(specs[e].instances.start, 1), specs[e].routing)
+                      for e in self.targets}
+
+    # -- plans ------------------------------------------------------------------
+    def _load(self, overrides: list[str]):
+        return self._load_data(overrides)[0]
+
+    def _load_data(self, overrides: list[str]) -> tuple[Any, dict]:
+        from ..scenario.loader import check_trace_files
+
+        data = apply_overrides(self.data, overrides, source=f"{self.source} (plan)")
+        sc = parse_scenario(data, source=self.source, base_dir=self.base_dir)
+        check_trace_files(sc)
+        return sc, data
+
+    def overrides(self, state: Mapping[int, Choice]) -> list[str]:
+        out = []
+        for e in self.targets:
+            c = state[e]
+            out += [f"endpoints[{e}].instance_type={json.dumps(c.instance_type)}",
+                    f"endpoints[{e}].instances={c.instances}"]
+            if c.routing != self.base.spec.endpoints[e].routing:
+                out.append(f"endpoints[{e}].routing={json.dumps(c.routing)}")
+            if self.base.spec.endpoints[e].autoscaling is not None:
+                out.append(f"endpoints[{e}].autoscaling=null")
+        return out
+
+    def price(self, t: str) -> float:
+        return hourly(self.base.catalog.instance(t))
+
+    def ep_cost(self, e: int, c: Choice) -> float:
+        return c.instances * self.price(c.instance_type) * len(self.rt_names[e])
+
+    def cost(self, state: Mapping[int, Choice]) -> float:
+        return float(sum(self.ep_cost(e, state[e]) for e in self.targets))
+
+    def check(self, blocks: list[dict]) -> tuple[bool, dict[str, float], float]:
+        return check_blocks(blocks, self.slo, self.max_failed)
+
+    def evaluate(self, state: Mapping[int, Choice], searching: str = "") -> dict:
+        """Simulate a plan (once: results are cached); its row of the plans table, or ``error``."""
+        ovs = self.overrides(state)
+        key = tuple(ovs)
+        if key in self.cache:
+            return self.cache[key]
+        try:
+            _, data = self._load_data(self.base_overrides + ovs)
+        except ScenarioError as e:
+            rec = {"error": str(e)}
+            self.cache[key] = rec
+            return rec
+        # Sized once, before the search; the replications on the executor where there is one.
+        s = run_one(data, self.source, self.base_dir, self.reps, self.executor, frames=False)
+        self.n_sim += 1
+        row: dict[str, Any] = {"simulation": self.n_sim, "searching": searching}
+        for e in self.targets:
+            name = self.base.spec.endpoints[e].name
+            c = state[e]
+            row[f"{name}.instance_type"] = c.instance_type
+            row[f"{name}.instances"] = c.instances
+            row[f"{name}.routing"] = c.routing
+        row["cost_per_hour_usd"] = self.cost(state)
+        ov = s["overall"]
+        row["cost_usd"] = ov.get("cost_usd")
+        for m in self.slo:
+            figure = summary_key(m)   # ttft and tpot: their P99
+            row[f"{m}_ms"] = ov.get(figure)
+            row[f"{m}_ms_ci95"] = ov.get(f"{figure}_ci95", 0.0 if self.reps == 1 else None)
+        row["failed_share"] = (ov.get("failed") or 0.0) / ov["requests"] if ov.get("requests") else 0.0
+        ep_ok = {}
+        for e in self.targets:
+            name = self.base.spec.endpoints[e].name
+            ok, upper, failed = self.check([s["endpoints"][n] for n in self.rt_names[e]])
+            ep_ok[e] = ok
+            for m in self.slo:
+                row[f"{name}.{m}_upper_ms"] = upper[m]
+            row[f"{name}.failed_share"] = failed
+            row[f"{name}.feasible"] = ok
+        overall_ok, upper, _ = self.check([ov])
+        row["overall_feasible"] = overall_ok
+        row["feasible"] = all(ep_ok.values())
+        rec = {"row": row, "ep_ok": ep_ok, "summary": s, "upper": {
+            e: row[f"{self.base.spec.endpoints[e].name}.{next(iter(self.slo))}_upper_ms"] for e in self.targets}}
+        self.cache[key] = rec
+        self.rows.append(row)
+        m0 = next(iter(self.slo))
+        desc = ", ".join(f"{self.base.spec.endpoints[e].name}: {state[e].instances} x {state[e].instance_type}"
+                         f" {state[e].routing}" for e in self.targets)
+        p, ci = row.get(f"{m0}_ms"), row.get(f"{m0}_ms_ci95") or 0.0
+        self.log(f"simulation {self.n_sim}: {desc}: {m0} {'-' if p is None else f'{p:,.0f}'} ± {ci:,.0f} ms, "
+                 f"${row['cost_per_hour_usd']:.2f}/h -> {'meets' if row['feasible'] else 'misses'} the SLO")
+        return rec
+
+    # -- bounds -----------------------------------------------------------------
+    def _workload(self, sc, e: int, t: str):
+        from ..core.rng import Streams
+        from ..workload.build import build_workload
+
+        key = (e, t)   # a calibrated service depends on the GPU of the endpoint that serves it
+        if key not in self._workloads:
+            self._workloads[key] = build_workload(sc, Streams(sc.spec.seed, 0))
+        return self._workloads[key]
+
+    def bounds(self, e: int, t: str, r: str) -> dict:
+        """Prune (type, routing) for endpoint ``e`` before simulating: memory fit, service time alone,
+        utilisation < 1 (the lowest count) and the Erlang-C guess."""
+        probe = dict(self.state)
+        probe[e] = Choice(t, max(self.min_n, 1), r)
+        info: dict[str, Any] = {"endpoint": self.base.spec.endpoints[e].name, "instance_type": t, "routing": r}
+        try:
+            sc = self._load(self.base_overrides + self.overrides(probe))
+        except ScenarioError as err:
+            info.update(status="skipped", reason=str(err))
+            return info
+        wl = self._workload(sc, e, t)
+        horizon = sc.horizon
+        rts = [rt for rt in sc.endpoints if rt.spec_index == e]
+        n_lo = max(self.min_n, 1)
+        guess = n_lo
+        reasons = []
+        for rt in rts:
+            sel = np.isin(wl.model, np.asarray(rt.models))
+            svc = wl.service[sel]
+            if not len(svc):
+                continue
+            rate = len(svc) / horizon
+            mean_s = float(svc.mean())
+            load = float(svc.sum()) / horizon
+            # Requests one instance serves at once.
+            if rt.mode == "mme":
+                mem = sorted(sc.models[m].memory_gb if rt.instance_type.gpus > 0 else
+                             sc.models[m].memory_gb + sc.models[m].host_memory_gb for m in rt.models)
+                cache = rt.cache
+                room = (rt.instance_type.total_gpu_memory_gb * cache.memory_fraction if rt.instance_type.gpus > 0
+                        else rt.instance_type.memory_gb - cache.host_reserve)
+                k = int(np.searchsorted(np.cumsum(mem), room + 1e-9, side="right"))
+                cap = max(1, k) * rt.max_concurrency
+                per_model = max((float(wl.service[wl.model == m].sum()) / horizon for m in rt.models), default=0.0)
+                n_lo = max(n_lo, math.floor(per_model / rt.max_concurrency) + 1)
+            else:
+                cap = rt.copies_per_instance * rt.max_concurrency
+            n_lo = max(n_lo, math.floor(load / cap) + 1)
+            # Service time alone against each latency target (TTFT and TPOT are checked by simulation).
+            for m, target in self.latency_slo.items():
+                s_q = float(np.quantile(svc, QUANTILE[m])) if m in QUANTILE else mean_s
+                if s_q > target:
+                    reasons.append(f"{rt.name}: the service time alone has {m} {s_q * 1e3:,.0f} ms > "
+                                   f"{target * 1e3:,.0f} ms")
+            guess = max(guess, self._erlang_guess(rate, mean_s, cap, r, svc, n_lo))
+        if reasons:
+            info.update(status="pruned", reason="; ".join(reasons))
+            return info
+        info.update(status="candidate", n_lower=n_lo, guess=max(guess, n_lo),
+                    lower_cost_per_hour=self.ep_cost(e, Choice(t, n_lo, r)))
+        return info
+
+    def _erlang_guess(self, rate: float, mean_s: float, cap: int, routing: str, svc: np.ndarray, n_lo: int) -> int:
+        cv = float(svc.std() / mean_s) if mean_s > 0 and len(svc) > 1 else 1.0
+        for n in range(n_lo, self.max_n + 1):
+            fine = True
+            for m, target in self.latency_slo.items():
+                if routing == "random":   # n independent queues, each with rate / n
+                    c, lam = cap, rate / n
+                else:                     # one pooled queue
+                    c, lam = n * cap, rate
+                if m in QUANTILE:
+                    q = QUANTILE[m]
+                    slack = target - float(np.quantile(svc, q))
+                    fine &= wait_tail(c, lam, mean_s, slack, cv) <= 1.0 - q
+                else:
+                    fine &= mean_wait(c, lam, mean_s, cv) <= target - mean_s
+            if fine:
+                return n
+        return self.max_n
+
+    # -- per endpoint ---------------------------------------------------------------
+    def _feasible(self, e: int, c: Choice, searching: str) -> bool | None:
+        st = dict(self.state)
+        st[e] = c
+        rec = self.evaluate(st, searching)
+        if "error" in rec:
+            return None
+        return rec["ep_ok"][e]
+
+    def _missed(self, e: int, c: Choice) -> dict[str, float] | None:
+        """What the simulated plan with ``c`` on endpoint ``e`` misses, as figures where lower is better:
+        each SLO figure's CI upper end (ms) above its target, and the share of requests that failed
+        above ``max_failed`` (as ``-ok share``, so that a relative change reads the same for a share
+        near 1). None where the plan was not simulated (an error)."""
+        st = dict(self.state)
+        st[e] = c
+        rec = self.cache.get(tuple(self.overrides(st)))
+        if rec is None or "row" not in rec:
+            return None
+        row = rec["row"]
+        name = self.base.spec.endpoints[e].name
+        out = {}
+        for m, target in self.slo.items():
+            u = row.get(f"{name}.{m}_upper_ms")
+            if u is None or u > target * 1e3 + 1e-9:
+                out[m] = math.inf if u is None else float(u)
+        failed = row.get(f"{name}.failed_share") or 0.0
+        if failed > self.max_failed + 1e-12:
+            out["failed"] = -(1.0 - failed)
+        return out
+
+    @staticmethod
+    def _moved(before: dict[str, float], after: dict[str, float]) -> bool:
+        """Whether some figure ``before`` missed got better by more than STALL_FRACTION in ``after``."""
+        for k, b in before.items():
+            a = after.get(k)
+            if a is None:                  # met now
+                return True
+            if math.isinf(b):
+                if not math.isinf(a):
+                    return True
+                continue
+            if a < b - STALL_FRACTION * abs(b):
+                return True
+        return False
+
+    def _stall_reason(self, before: tuple[int, dict], after: tuple[int, dict]) -> str:
+        (n0, m0), (n1, m1) = before, after
+
+        def show(k: str, v: float) -> str:
+            if k == "failed":
+                return f"{1.0 + v:.2%} failed"
+            return f"{k} {'-' if math.isinf(v) else f'{v:,.0f}'} ms"
+
+        figs = ", ".join(f"{show(k, m0[k])} at {n0} and {show(k, m1[k])} at {n1} instances" for k in m0 if k in m1)
+        return (f"more instances no longer move what it misses ({figs}: no better by more than "
+                f"{STALL_FRACTION:.0%} over two growth steps); the SLO is missed for a reason capacity does not "
+                "cure (service or load times, timeouts, failures)")
+
+    def _smallest(self, e: int, t: str, r: str, lo: int, hi: int, guess: int, label: str) -> int | None:
+        """The smallest feasible count in [lo, hi] (feasibility is monotone in the count), or None
+        (then ``self.stalled[(e, t, r)]`` says why, where growing stopped short of ``hi``)."""
+        f = lambda n: bool(self._feasible(e, Choice(t, n, r), label))  # noqa: E731
+        g = min(max(guess, lo), hi)
+        no, yes = lo - 1, None       # largest count known infeasible, smallest known feasible
+        if f(g):
+            yes = g
+            step = 1
+            while True:               # gallop down
+                n = max(g - step, no + 1)
+                if n >= yes:
+                    break
+                if f(n):
+                    yes = n
+                    step *= 2
+                else:
+                    no = n
+                    break
+        else:
+            no = g
+            step = 1
+            trail = [(g, self._missed(e, Choice(t, g, r)))]   # what each count tried misses
+            while no < hi:             # gallop up, while more instances move what it misses
+                n = min(g + step, hi)
+                if f(n):
+                    yes = n
+                    break
+                no = n
+                step *= 2
+                trail.append((n, self._missed(e, Choice(t, n, r))))
+                (n0, m0), (n1, m1) = trail[-3] if len(trail) >= 3 else (None, None), trail[-1]
+                if m0 and m1 is not None and not self._moved(m0, m1) and no < hi:
+                    self.stalled[(e, t, r)] = self._stall_reason((n0, m0), (n1, m1))
+                    return None
+            if yes is None:
+                return None
+        while yes - no > 1:            # bisect
+            mid = (yes + no) // 2
+            if f(mid):
+                yes = mid
+            else:
+                no = mid
+        return yes
+
+    def search_endpoint(self, e: int) -> tuple[Choice, bool]:
+        name = self.base.spec.endpoints[e].name
+        cands = []
+        for t in self.types[e]:
+            for r in self.routings[e]:
+                info = self.bounds(e, t, r)
+                self.candidates.append(info)
+                if info["status"] == "candidate":
+                    cands.append(info)
+                else:
+                    self.log(f"{name}: {t} {r} {info['status']}: {info['reason']}")
+        cands.sort(key=lambda i: i["lower_cost_per_hour"])   # stable: the given order breaks ties
+        best: tuple[float, Choice] | None = None
+        for info in cands:
+            t, r = info["instance_type"], info["routing"]
+            unit = self.ep_cost(e, Choice(t, 1, r))
+            lo, hi = info["n_lower"], self.max_n
+            if best is not None:
+                if info["lower_cost_per_hour"] >= best[0] - 1e-9:
+                    info.update(status="pruned",
+                                reason=f"its lowest count ({lo}) costs ${info['lower_cost_per_hour']:.2f}/h, "
+                                f"no less than the best plan found (${best[0]:.2f}/h)")
+                    continue
+                hi = min(hi, math.ceil((best[0] - 1e-9) / unit) - 1)
+            if lo > hi:
+                info.update(status="pruned", reason=f"needs at least {lo} instances (utilisation < 1), more than "
+                            f"{'--max-instances' if best is None else 'a plan cheaper than the best'} allows")
+                continue
+            n = self._smallest(e, t, r, lo, hi, info["guess"], f"{name}:{t}:{r}")
+            info["found"] = n
+            if n is None:
+                stalled = self.stalled.get((e, t, r))
+                if stalled:
+                    info.update(status="infeasible", reason=f"no count in [{lo}, {hi}] tried meets the SLO: "
+                                f"{stalled}")
+                    self.notes.append(f"endpoint {name}: {t} {r}: stopped growing the fleet: {stalled}")
+                    self.log(f"{name}: {t} {r}: stopped growing: {stalled}")
+                else:
+                    info.update(status="infeasible", reason=f"no count in [{lo}, {hi}] meets the SLO")
+                continue
+            info.update(status="feasible")
+            c = Choice(t, n, r)
+            best = (self.ep_cost(e, c), c)
+        if best is not None:
+            return best[1], True
+        # Nothing meets the SLO: keep the simulated plan of this endpoint with the lowest P99.
+        evaluated = [(rec["upper"][e], self.ep_cost(e, st[e]), st[e]) for st, rec in self._states_for(e)]
+        if evaluated:
+            evaluated.sort(key=lambda x: (x[0], x[1]))
+            return evaluated[0][2], False
+        return self.state[e], False
+
+    def _states_for(self, e: int):
+        """(state, record) of every simulated plan that matches the current state outside endpoint ``e``."""
+        for key, rec in self.cache.items():
+            if "row" not in rec:
+                continue
+            row = rec["row"]
+            st = {}
+            match = True
+            for j in self.targets:
+                nm = self.base.spec.endpoints[j].name
+                c = Choice(row[f"{nm}.instance_type"], row[f"{nm}.instances"], row[f"{nm}.routing"])
+                if j != e and c != self.state[j]:
+                    match = False
+                st[j] = c
+            if match:
+                yield st, rec
+
+    def run(self, max_passes: int = 3) -> OptimizeResult:
+        feasible = {e: False for e in self.targets}
+        final = None
+        for _ in range(max_passes):
+            changed = False
+            for e in self.targets:
+                c, ok = self.search_endpoint(e)
+                feasible[e] = ok
+                if c != self.state[e]:
+                    self.state[e] = c
+                    changed = True
+            final = self.evaluate(self.state, "combined plan")
+            if "error" in final or all(final["ep_ok"].values()) or not changed:
+                break
+            self.notes.append("the combined plan missed the SLO on an endpoint: another pass with the others fixed")
+        ok = final is not None and "error" not in final and all(final["ep_ok"].values())
+        ovs = self.overrides(self.state)
+        plans = pd.DataFrame(self.rows)
+        m0 = next(iter(self.slo))
+        frontier = pareto(plans, "cost_per_hour_usd", f"{m0}_ms") if len(plans) else plans
+        best_plan = {self.base.spec.endpoints[e].name: {"instance_type": self.state[e].instance_type,
+                                                        "instances": self.state[e].instances,
+                                                        "routing": self.state[e].routing} for e in self.targets}
+        for e in self.targets:
+            if not feasible[e]:
+                sooner = (" (growing stopped sooner where more instances no longer helped)"
+                          if any(k[0] == e for k in self.stalled) else "")
+                self.notes.append(f"endpoint {self.base.spec.endpoints[e].name}: no plan meets the SLO within "
+                                  f"{self.max_n} instances (--max-instances) of {', '.join(self.types[e])}{sooner}; "
+                                  "the plan shown has the lowest P99 simulated")
+        return OptimizeResult(
+            scenario=self.base.name, slo={m: v * 1e3 for m, v in self.slo.items()}, max_failed=self.max_failed,
+            replications=self.reps, best_plan=best_plan, best_overrides=ovs,
+            best_summary=None if final is None or "error" in final else final["summary"], best_yaml="",
+            feasible=ok, cost_per_hour_usd=self.cost(self.state), frontier=frontier, plans=plans,
+            n_simulations=self.n_sim, candidates=self.candidates, notes=self.notes)

@@ -1,0 +1,158 @@
+"""One SLO type for the planner: parse, check a simulated block (point estimates, or the upper ends
+of the replications' confidence intervals), describe.
+
+Metrics: ``p50``, ``p90``, ``p99``, ``mean`` (latency) and, for language models, ``ttft`` and
+``tpot``, checked against the P99 of the time to first token and of the time per output token
+(summary keys ``ttft_p99_ms``, ``tpot_p99_ms``); a block without language-model requests has
+nothing to meet for those.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..scenario import Scenario, ScenarioError
+
+LATENCY_METRICS = ("p50", "p90", "p99", "mean")
+TOKEN_METRICS = ("ttft", "tpot")
+SLO_METRICS = LATENCY_METRICS + TOKEN_METRICS
+QUANTILE = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
+
+
+def summary_key(metric: str) -> str:
+    """The summary figure (ms) a target is checked against."""
+    return f"{metric}_p99_ms" if metric in TOKEN_METRICS else f"{metric}_ms"
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Targets in ms by metric."""
+
+    targets_ms: dict[str, float]
+
+    @classmethod
+    def of(cls, sc: Scenario) -> "SLO":
+        """The scenario's ``slo`` block (no targets when it has none)."""
+        s = sc.spec.slo
+        return cls({} if s is None else {k: getattr(s, k) * 1e3 for k in SLO_METRICS if getattr(s, k) is not None})
+
+    @classmethod
+    def parse(cls, value: Any, scenario_slo: Any = None, source: str = "--slo") -> "SLO":
+        """``--slo``'s value (see :func:`parse_slo`); None: the scenario's ``slo`` block."""
+        return cls({k: v * 1e3 for k, v in parse_slo(value, scenario_slo, source).items()})
+
+    @property
+    def targets_s(self) -> dict[str, float]:
+        return {k: v / 1e3 for k, v in self.targets_ms.items()}
+
+    @property
+    def latency_s(self) -> float | None:
+        """The latency target the sizing aims at: P99's, else the tightest latency target."""
+        lat = {k: v for k, v in self.targets_ms.items() if k in LATENCY_METRICS}
+        v = lat.get("p99", min(lat.values()) if lat else None)
+        return None if v is None else v / 1e3
+
+    def met(self, block: dict) -> bool:
+        """Whether a summary block meets every target (point estimates); failed requests count as misses."""
+        if block.get("requests", 0) == 0:
+            return True
+        for k, target in self.targets_ms.items():
+            v = block.get(summary_key(k))
+            if v is None and k in TOKEN_METRICS:
+                continue
+            if v is None or v > target + 1e-9:
+                return False
+        finished = block["requests"] - block.get("in_flight", 0)
+        if "p99" in self.targets_ms and block.get("slo_attainment") is not None:
+            return block["slo_attainment"] >= 0.99 - 1e-9
+        return finished <= 0 or block.get("failed", 0) <= 0.01 * finished
+
+    def check(self, blocks: list[dict], max_failed: float) -> tuple[bool, dict[str, float], float]:
+        """The confidence rule of :func:`check_blocks`."""
+        return check_blocks(blocks, self.targets_s, max_failed)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} <= {fmt_target(v)}" for k, v in self.targets_ms.items())
+
+
+def fmt_target(v: float) -> str:
+    """A target in ms, as a duration to read."""
+    return f"{v / 1e3:g}s" if v >= 1000 else f"{v:g}ms"
+
+
+def parse_slo(slo: Any, scenario_slo: Any = None, source: str = "--slo") -> dict[str, float]:
+    """SLO targets in seconds by metric (``p50``, ``p90``, ``p99``, ``mean``, ``ttft``, ``tpot``).
+
+    ``slo``: ``"p99=500ms"``, ``"p99=500ms,p50=100ms"``, a list of those, or a
+    mapping ``{"p99": "500ms"}``; None: the scenario's ``slo`` block.
+    """
+    from ..scenario.units import parse_duration
+
+    items: list[tuple[str, Any]] = []
+    if slo is None or (not isinstance(slo, Mapping) and not slo):
+        if scenario_slo is not None:
+            items = [(m, getattr(scenario_slo, m)) for m in SLO_METRICS if getattr(scenario_slo, m) is not None]
+        if not items:
+            raise ScenarioError("no SLO to meet: give --slo p99=500ms or add slo: {p99: 500ms} to the scenario",
+                                source=source)
+    elif isinstance(slo, Mapping):
+        items = list(slo.items())
+    else:
+        specs = [slo] if isinstance(slo, str) else list(slo)
+        for spec in specs:
+            for part in str(spec).split(","):
+                part = part.strip()
+                if not part:
+                    continue
+                if "=" not in part:
+                    raise ScenarioError(f"expected metric=target such as p99=500ms, got {part!r}", source=source)
+                k, v = part.split("=", 1)
+                items.append((k.strip(), v.strip()))
+    out: dict[str, float] = {}
+    for k, v in items:
+        if k not in SLO_METRICS:
+            from ..scenario.errors import suggest
+
+            raise ScenarioError(f"unknown SLO metric {k!r}{suggest(k, SLO_METRICS)}; expected one of "
+                                f"{', '.join(SLO_METRICS)}", source=source)
+        try:
+            secs = parse_duration(v)
+        except ValueError as e:
+            raise ScenarioError(str(e), source=source, path=k) from None
+        if secs <= 0:
+            raise ScenarioError(f"the target must be > 0, got {v!r}", source=source, path=k)
+        out[k] = secs
+    return out
+
+
+def check_blocks(blocks: list[dict], slo: Mapping[str, float], max_failed: float
+                 ) -> tuple[bool, dict[str, float], float]:
+    """(feasible, upper end of each SLO figure's CI in ms (worst block), failed share (worst block)) of
+    summary blocks against ``slo`` (seconds by metric): every block's ``<m>_ms + <m>_ms_ci95`` within
+    its target and at most ``max_failed`` of its requests failed."""
+    ok = True
+    upper = {m: 0.0 for m in slo}
+    worst_failed = 0.0
+    for b in blocks:
+        n = b.get("requests") or 0
+        if n <= 0:
+            continue
+        share = (b.get("failed") or 0.0) / n
+        worst_failed = max(worst_failed, share)
+        if share > max_failed + 1e-12:
+            ok = False
+        for m, target in slo.items():
+            key = summary_key(m)
+            v = b.get(key)
+            if v is None:
+                if m in TOKEN_METRICS:   # no language-model request in this block: nothing to meet
+                    continue
+                upper[m] = math.inf
+                ok = False
+                continue
+            u = v + (b.get(f"{key}_ci95") or 0.0)
+            upper[m] = max(upper[m], u)
+            if u > target * 1e3 + 1e-9:
+                ok = False
+    return ok, upper, worst_failed
