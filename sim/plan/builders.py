@@ -292,10 +292,23 @@ def grow(n: int) -> int:
 
 
 def grow_endpoints(plan: Plan, missed: list[str]) -> str:
+    """More instances for the endpoints named; an autoscaled one (instances ``{initial, min, max}``)
+    gets a larger ``min`` and a lower target (it scales out sooner), within its ``max``."""
+    what = "more instances"
     for ep in plan.endpoints:
-        if ep["name"] in missed:
-            ep["instances"] = grow(ep["instances"])
-    return "more instances"
+        if ep["name"] not in missed:
+            continue
+        n = ep["instances"]
+        if isinstance(n, dict):
+            n["min"] = min(grow(n["min"]), n["max"])
+            ep["autoscaling"]["target"] = round(ep["autoscaling"]["target"] * 0.8, 1)
+            block = plan.state.get("autoscaling", {}).get(ep["name"])
+            if block is not None:
+                block.update(min=n["min"], target=ep["autoscaling"]["target"])
+            what = "a larger min and a lower target"
+        else:
+            ep["instances"] = grow(n)
+    return what
 
 
 def grow_ic(plan: Plan, missed: list[str]) -> str:

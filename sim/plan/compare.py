@@ -58,6 +58,7 @@ from ..output import safe_name
 from ..pricing import estimate_warning, fleet_hourly
 from ..scenario import Scenario, ScenarioError, apply_overrides, load_scenario, parse_scenario, read_yaml
 from ..scenario.errors import suggest
+from .autoscaled import autoscaled_plans
 from .builders import BUILDERS, MODES, Plan, build_ic, build_mme, build_sme, checked_types  # noqa: F401
 from .capacity import erlang_c, units_needed  # noqa: F401  (public API)
 from .load import ModelLoad, fleet_load, served_concurrency  # noqa: F401  (public API)
@@ -159,6 +160,9 @@ class Comparison:
         out["run_dir"] = f"runs/{safe_name(plan.name, 'plan')}"
         out["endpoints"] = s["endpoints"]
         out["warnings"] = s.get("warnings", [])
+        if "autoscaling" in plan.state:   # an autoscaled plan: per endpoint min, max, metric, target
+            out["autoscaling"] = plan.state["autoscaling"]
+            out["fixed_plan"] = plan.state["fixed_plan"]
         return out
 
     @property
@@ -352,6 +356,14 @@ def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path |
     # Plans are independent: each round simulates them together (on the executor, when there is one).
     try:
         size_all(auto, runner, slo, rounds)
+        # Traffic that varies: each sized fixed plan's autoscaled twin, sized (simulated) in turn.
+        twins = autoscaled_plans(auto, loads, sc.catalog, slo.latency_s, sc.horizon - sc.spec.warmup)
+        if twins:
+            say(f"{few([p.name for p in twins])}: the traffic varies; simulating autoscaled plans")
+            size_all(twins, runner, slo, rounds)
+            built = {k: v for n, p in built.items()
+                     for k, v in [(n, p)] + [(a.name, a) for a in twins if a.state["fixed_plan"] == n]}
+            auto += twins
         if reps > 1 and auto:
             # The sizing ran replication 0 only; the figures reported (and so the verdict and the
             # best plan) are those of all the replications.

@@ -13,6 +13,8 @@ from ..service import sample_tokens, service_times
 from ..workload.build import build_workload, group_weights
 
 PEAK_WINDOW = 300.0          # seconds: the busiest window's rate sizes fixed fleets
+# Processes whose rate moves over the horizon by design: autoscaled plans are weighed for them.
+VARYING_PROCESSES = ("diurnal", "trace", "mmpp")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class ModelLoad:
     execution: str = "slots"             # the copy's execution model: slots | batching | continuous
     slowdown: tuple = ()                 # batching: the capacity function's points ((k, slowdown(k)), ...)
     llm: "LLMSizing | None" = None       # continuous batching: its engine on each instance type
+    # requests per second in the quietest window, for traffic that varies by design (a diurnal
+    # process, a trace, on/off bursts); None: a steady process (its quiet windows are noise)
+    trough_rate: float | None = None
 
 
 def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
@@ -56,6 +61,7 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
         if len(s) >= 50:
             svc_mean[m], svc_p99[m] = float(s.mean()), float(np.percentile(s, 99))
     peak = np.ones(len(sc.groups))
+    trough: dict[int, float] = {}          # group -> the quietest window's rate over the mean
     width = min(PEAK_WINDOW, dur)
     edges = np.arange(t0, t1 + 1e-9, width)
     if len(edges) < 2 or edges[-1] < t1 - 1e-9:
@@ -90,6 +96,10 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
         k = int(np.argmax(per_bin))
         busiest = max(per_bin[k] - math.sqrt(per_bin[k] * w[k]) / w[k], mean)
         peak[g.index] = busiest / mean if mean > 0 else 1.0
+        if tr.process in VARYING_PROCESSES and mean > 0:
+            # The quietest window, plus one Poisson standard deviation (noise alone does not deflate it).
+            q = int(np.argmin(per_bin))
+            trough[g.index] = min(per_bin[q] + math.sqrt(max(per_bin[q] * w[q], 1.0)) / w[q], mean) / mean
     conc = served_concurrency(sc)
     tokens = np.zeros((n, 2))
     for m in range(n):
@@ -115,7 +125,8 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
                             spec.ttft if spec is not None else None)
         out.append(ModelLoad(m, mod.name, float(rate[m]), float(rate[m] * peak[mod.group]), float(mean_s),
                              float(p99_s), conc.get(m, 1), mod.memory_gb, mod.host_memory_gb, mod.size_gb,
-                             mod.accelerators, execution, slowdown, llm))
+                             mod.accelerators, execution, slowdown, llm,
+                             trough_rate=(float(rate[m] * trough[mod.group]) if mod.group in trough else None)))
     return out
 
 
