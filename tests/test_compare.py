@@ -108,7 +108,8 @@ def _estimate(plan, catalog) -> float:
 
 def test_sme_is_no_dearer_than_ic_where_a_single_gpu_type_holds_the_model():
     # The control of the case above: 20 GB one-GPU models fit a 24 GB L4 or A10G, sold as single-GPU
-    # instances, which cost less per GPU than the 4- and 8-GPU types inference components pack onto.
+    # instances, which cost less per GPU than the types inference components pack onto (single-GPU
+    # types too, but each copy reserves host memory and vCPUs: here ml.g6.2xlarge).
     # So the plans' estimates rank SME first; an MME holds one such model per GPU and needs memory
     # slack on top, so it cannot be cheaper either. Nothing in the sizing favours a mode.
     sc = sim.load_scenario(LARGE, ["models[0].memory_gb=20", "models[0].size_gb=16", "models[1].memory_gb=20",

@@ -68,7 +68,8 @@ def test_compare_slo_and_instance_types(tmp_path):
     assert c.scenario.spec.slo.p99 == 0.2          # the simulations' attainment counts against it too
     used = {ep["instance_type"] for p in c.plans.values() for ep in p.endpoints}
     assert used and used <= {"ml.g5.xlarge", "ml.g6.xlarge"}
-    assert "ic" in c.summary["skipped"]             # no multi-GPU type among those
+    # no multi-GPU type among those: the IC plan packs its copies on a single-GPU one
+    assert "ic" in c.summary["plans"] and c.plans["ic"].endpoints[0]["instance_type"] in used
     r = CliRunner().invoke(main, ["compare", str(SMALL), "--plans", "mme", "--slo", "p99=200ms", "--instance-types",
                                   "ml.g9.nope", "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "ml.g9.nope" in r.output and "Traceback" not in r.output

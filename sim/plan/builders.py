@@ -10,8 +10,9 @@ simulation (:mod:`sim.plan.sizing` calls it). Model fit on an instance type: :mo
 - **mme**: models with at most one accelerator share one multi-model endpoint on a single-GPU
   type sized to hold the working set with MME_SLACK headroom; multi-GPU models keep SMEs (a
   hybrid, noted); grows instances.
-- **ic**: one inference-component endpoint, copies packed (binpack) on the multi-GPU type where
-  they need the fewest dollars; grows the copies that missed and packs them again.
+- **ic**: one inference-component endpoint, copies packed (binpack) on the GPU type (single- or
+  multi-GPU: inference components run on both) where they need the fewest dollars; grows the copies
+  that missed and packs them again.
 """
 from __future__ import annotations
 
@@ -192,9 +193,9 @@ def build_mme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: 
 
 
 def ic_candidates(loads: Sequence[ModelLoad], types: Sequence[InstanceType]) -> list[InstanceType]:
-    """Instance types on which every model's copy fits as a component: multi-GPU types
-    (CPU types too when no model needs an accelerator)."""
-    cands = [t for t in gpu_types(types) if t.gpus >= 2]
+    """Instance types on which every model's copy fits as a component: GPU types, single-GPU ones
+    included (inference components run on them), and CPU types too when no model needs an accelerator."""
+    cands = gpu_types(types)
     if all(lm.accelerators == 0 for lm in loads):
         cands += [t for t in types if t.gpus == 0]
     return [it for it in cands
@@ -242,7 +243,7 @@ def build_ic(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: f
     plan = Plan("ic", "ic")
     cands = ic_candidates(loads, types)
     if not cands:
-        plan.error = "no multi-GPU instance type of the catalog holds a copy of every model"
+        plan.error = "no GPU instance type of the catalog holds a copy of every model"
         return plan
     if any(lm.execution == "continuous" for lm in loads):
         # A language model's copies depend on the type (its KV cache and step time there); a type where
@@ -256,7 +257,7 @@ def build_ic(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: f
             if best is None or key < best[0]:
                 best = (key, t, k, cp)
         if best is None:
-            plan.error = ("no multi-GPU instance type of the catalog runs a copy of every model (a language "
+            plan.error = ("no GPU instance type of the catalog runs a copy of every model (a language "
                           "model's KV cache needs room beside its weights)")
             return plan
         _, it, n, copies = best
@@ -265,8 +266,8 @@ def build_ic(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: f
         it, n = ic_choose(loads, copies, cands)
     plan.endpoints.append(ic_endpoint(loads, copies, it, n))
     plan.state.update(ic_loads=list(loads), copies=copies, types=cands)
-    plan.description = ("one inference-component endpoint, copies packed (binpack) on the multi-GPU type where "
-                        "they cost least")
+    plan.description = ("one inference-component endpoint, copies packed (binpack) on the GPU type where they "
+                        "cost least")
     return plan
 
 

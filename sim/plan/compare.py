@@ -31,9 +31,12 @@ Sizing, per mode (an estimate, then checked by simulation):
   keep SME endpoints inside the MME plan (a hybrid, noted). An endpoint that
   misses the SLO gets more instances.
 - **IC**: one ``mode: ic`` endpoint whose components each get the copies of
-  the queueing estimate, packed (binpack) on the multi-GPU instance type where
+  the queueing estimate, packed (binpack) on the GPU instance type (single-GPU ones too) where
   they need the fewest dollars; components that miss the SLO get more copies
   and the copies are packed again (on whichever type is then cheapest).
+- **autoscaled** (where the traffic varies by design, :mod:`sim.plan.autoscaled`): beside each
+  sized fixed SME and MME plan, its endpoints with target tracking between the count at the
+  quietest window's rate and the fixed count, simulated and sized in turn.
 
 Every plan runs with the scenario's seed: capsim's random streams are keyed
 by model group, so every plan sees the same arrivals, request sizes and

@@ -40,7 +40,7 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
 
     Per mode, the endpoints are those of ``capsim compare``'s plan builders (sim.plan.compare: one SME
     per model on its cheapest type; one MME on a single-GPU type, multi-GPU models on SMEs; one IC
-    endpoint packed on a multi-GPU type), restricted to ``instance_types`` when given. Then:
+    endpoint packed on a GPU type, single-GPU ones too), restricted to ``instance_types`` when given. Then:
 
     - **sme, mme**: the search of :func:`optimize` (type among ``instance_types`` or the builder's
       choice, count, routing among ``routing`` or the scenario's own endpoints' policies, as

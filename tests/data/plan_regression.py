@@ -12,8 +12,9 @@ named ``...-nobatch`` is a shipped scenario with every ``service.batching`` remo
 becomes); the other cases are the shipped scenarios as they are.
 
 Regenerate only for a change meant to move plans or costs, and say why in the commit and in the
-file's ``changes`` list (one case so far: ``optimize_demo-modes``, when ``optimize --modes`` came to
-search the routing policies of the scenario's own endpoints).
+file's ``changes`` list (so far: ``optimize_demo-modes``, when ``optimize --modes`` came to
+search the routing policies of the scenario's own endpoints; the cases whose IC plan moved when IC
+plans came to weigh single-GPU instance types).
 """
 from __future__ import annotations
 
