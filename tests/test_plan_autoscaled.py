@@ -79,3 +79,21 @@ def test_an_autoscaled_plan_that_misses_grows_its_min_and_lowers_its_target():
     grow_endpoints(p, ["a"])
     assert p.endpoints[0]["instances"]["min"] == 3 and math.isclose(p.endpoints[0]["autoscaling"]["target"], 320.0)
     assert p.state["autoscaling"]["a"]["min"] == 3
+
+
+def test_the_report_and_the_printed_table_show_both_plans(diurnal, tmp_path, monkeypatch):
+    import contextlib
+    import io
+
+    from sim.cli import print_comparison
+    from sim.report.html import write_report
+
+    cmp, out = diurnal
+    page = write_report(out, tmp_path / "r.html").read_text()
+    assert "sme-autoscaled" in page and "sme" in page
+    monkeypatch.setenv("COLUMNS", "200")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_comparison(cmp.summary)
+    text = buf.getvalue()
+    assert "sme-autoscaled" in text
