@@ -22,7 +22,7 @@ TYPES = ["ml.g5.xlarge", "ml.g6.xlarge"]
 @pytest.fixture(scope="module")
 def diurnal(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
-    return sim.compare(DIURNAL, plans="sme", instance_types=TYPES, out=out), out
+    return sim.compare(DIURNAL, plans="sme,mme", instance_types=TYPES, out=out), out
 
 
 def test_the_trough_and_peak_of_a_diurnal_fleet():
@@ -44,6 +44,10 @@ def test_compare_proposes_an_autoscaled_plan_cheaper_than_the_fixed_one_with_the
     # The fleet log prices the autoscaled fleet over the horizon: at least 10% cheaper here.
     assert s["sme-autoscaled"]["cost_per_hour_usd"] < 0.9 * s["sme"]["cost_per_hour_usd"]
     assert cmp.best == "sme-autoscaled"
+    # the MME plan gets its twin too, cheaper and meeting the SLO; the plans come in that order
+    assert list(cmp.plans) == ["sme", "sme-autoscaled", "mme", "mme-autoscaled"]
+    assert cmp.plans["mme-autoscaled"].slo_met
+    assert s["mme-autoscaled"]["cost_per_hour_usd"] < 0.9 * s["mme"]["cost_per_hour_usd"]
     ep = auto.endpoints[0]
     n = fixed.endpoints[0]["instances"]
     assert ep["instance_type"] == fixed.endpoints[0]["instance_type"]
