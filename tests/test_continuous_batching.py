@@ -288,8 +288,12 @@ def test_bench_reports_the_language_model_figures():
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     cb = doc["continuous_batching"]
-    for k in ("requests_per_s", "output_tokens_per_s", "us_per_request_100_tokens", "us_per_request_2000_tokens"):
+    for k in ("requests_per_s", "output_tokens_per_s", "us_per_request_100_tokens", "us_per_request_2000_tokens",
+              "cpu_requests_per_s"):
         assert cb[k] > 0, k
+    # the shares of the SME path's rate are the ratios of the rates reported (wall and CPU time)
+    assert cb["share_of_sme_rate"] == cb["requests_per_s"] / doc["requests_per_s"]
+    assert cb["cpu_share_of_sme_rate"] == cb["cpu_requests_per_s"] / doc["cpu_requests_per_s"]
     assert doc["continuous_batching_day_s"] > 0
     for tokens in (100, 2000):
         c = doc["cases"][f"continuous_batching_{tokens}_tokens"]

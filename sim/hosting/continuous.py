@@ -76,7 +76,7 @@ class ContinuousBatching(Device):
     (``_cnt``: a sequence whose cache holds a multiple of ``block_size`` tokens needs a block for its
     next token)."""
 
-    # whether a prefill step composed ahead may have its end done at once (_end_prefill_ahead); off, every
+    # whether a prefill step composed ahead may have its end done at once (_cut_run); off, every
     # step's end is an event (the same results: tests compare the two)
     prefill_ahead = True
 
@@ -133,7 +133,7 @@ class ContinuousBatching(Device):
         self._ahead = -1.0
         self._ahead_open = False
         self._undo: tuple | None = None
-        # a prefill step composed ahead whose end is done already (_end_prefill_ahead): when it ends, and
+        # a prefill step composed ahead whose end is done already (_cut_run): when it ends, and
         # what taking it back needs
         self._t1 = -1.0
         self._eager: tuple | None = None
@@ -269,7 +269,6 @@ class ContinuousBatching(Device):
                 free -= need
                 q.blocks = need
                 du += need
-                self._prefill.append(q)
                 i = q.i
                 startc = self._startc
                 old = startc[i]
@@ -279,8 +278,6 @@ class ContinuousBatching(Device):
                 self._free = free
                 row = (end, 1, -1, du, 0)
                 llm.append(row)
-                self._chunks = [(q, c)]
-                self._p = c
                 k = self._sum + n * D
                 one = self._one
                 if one is None:
@@ -298,9 +295,64 @@ class ContinuousBatching(Device):
                         heappop(heap)
                         top = heap[0]
                     # none finishes at its end, and the next step's blocks fit: its end is known now
-                    if top[0] > D + 1 and self._cnt[(D + 1) % bs] + (c % bs == 0) <= free:
-                        self._end_prefill_ahead(q, c, at, free)
+                    D1 = D + 1
+                    cnt = self._cnt
+                    top0 = top[0]
+                    if top0 > D1 and cnt[D1 % bs] + (c % bs == 0) <= free:
+                        # Its end is known now: done at once (_end_step's work at ``at``, written out
+                        # for this case), with no event at ``at``. A start or a stop before ``at`` takes
+                        # it back (_undo_prefill_ahead): the step's end is then an event again. (``q``
+                        # leaves the prefill and the step's chunks as soon as it enters them.)
+                        self._D = D1
+                        q.ctx = c
+                        first = self._first
+                        own_first = i not in first
+                        if own_first:
+                            first[i] = at
+                        left = q.left = q.left - 1
+                        base = q.base = c - D1
+                        key = q.key = self._key = self._key + 1
+                        fin = q.fin = D1 + left
+                        running[q] = None
+                        heappush(heap, (fin, key, q))
+                        k = self._sum = self._sum + base
+                        cnt[-base % bs] += 1
+                        more = cnt[D1 % bs]
+                        row = None
+                        if more:
+                            free -= more
+                            self._free = free
+                            row = (at, 0, 0, more, 0)
+                            llm.append(row)
+                        self._t1 = at
+                        self._eager = (q, c, more, row, own_first)
+                        # the decode run from ``at`` (_decode, written out: the heap's top is ``top`` or q)
+                        n += 1
+                        m = (top0 if top0 <= fin else fin) - D1
+                        if m > 1 and n * (-(-(m - 1) // bs)) > free:
+                            m = self._steps_in_cache(m, free)
+                        k += n * D1
+                        if one is None:
+                            ev = self._step_time.envelope(n, float(k), m)
+                            self._run = (at, n, float(k), m, ev, 0.0)
+                            t = at + ev.time(m)
+                        else:
+                            a1 = self._ov + (a + b * n + c_ * k)
+                            s = c_ * n
+                            self._run = (at, n, float(k), m, a1, s)
+                            t = at + (m * a1 + s * m * (m - 1) / 2.0)
+                        call = self._spare   # self._schedule(t), inlined
+                        if call is None:
+                            call = Call(self._cbs)
+                        else:
+                            self._spare = None
+                            call.callbacks = self._cbs
+                        self._pending = call
+                        heappush(self._queue, (t, NORMAL, next(self._eid), call))
                         return
+                self._prefill.append(q)
+                self._chunks = [(q, c)]
+                self._p = c
                 call = self._spare   # self._schedule(at), inlined
                 if call is None:
                     call = Call(self._cbs)
@@ -325,47 +377,8 @@ class ContinuousBatching(Device):
                             and self._budget - len(running) - self._p > 0
                             and len(running) + len(self._prefill) < self._max_seqs)
 
-    def _end_prefill_ahead(self, q: _Seq, c: int, t1: float, free: int) -> None:
-        """The step composed ahead (_cut_run) prefills all of ``q``'s prompt (``c`` tokens) and ends at
-        ``t1``; none finishes then, nothing waits, and the decode step that follows fits the cache. Until
-        ``t1`` nothing on the device changes but starts (and a stop), so its end is done now, as
-        _end_step would do it at ``t1``: ``q`` gets its first token and decodes, and the decode run from
-        ``t1`` is composed and its end scheduled, with no event at ``t1``. A start or a stop before
-        ``t1`` takes this back first (:meth:`_undo_prefill_ahead`): the step's end is then an event again."""
-        D = self._D = self._D + 1
-        bs = self._bs
-        self._prefill.pop()   # q, the only one in prefill
-        q.ctx = c
-        i = q.i
-        first = self._first
-        own_first = i not in first
-        if own_first:
-            first[i] = t1
-        left = q.left = q.left - 1
-        base = q.base = c - D
-        key = q.key = self._key = self._key + 1
-        q.fin = D + left
-        running = self._running
-        running[q] = None
-        heappush(self._heap, (D + left, key, q))
-        self._sum += base
-        cnt = self._cnt
-        cnt[-base % bs] += 1
-        self._chunks = ()
-        self._p = 0
-        more = cnt[D % bs]
-        row = None
-        if more:
-            free -= more
-            self._free = free
-            row = (t1, 0, 0, more, 0)
-            self._llm.append(row)
-        self._decode(t1, len(running), free)
-        self._t1 = t1
-        self._eager = (q, c, more, row, own_first)
-
     def _undo_prefill_ahead(self) -> None:
-        """Take back :meth:`_end_prefill_ahead`: the prefill step composed ahead ends at ``_t1`` again,
+        """Take back a prefill step's end done at once (:meth:`_cut_run`): the prefill step composed ahead ends at ``_t1`` again,
         an event."""
         t1 = self._t1
         self._t1 = -1.0
@@ -743,4 +756,31 @@ class ContinuousBatching(Device):
         self._free = free
         if hit:
             self._llm.append((now, dr, dw, du, 0))
-        self._decode(now, n, free)
+        # the decode run from now (_decode, written out; the step's chunks are cleared already)
+        top = heap[0]
+        while top[2].key != top[1]:
+            heappop(heap)
+            top = heap[0]
+        m = top[0] - D
+        if m > 1 and n * (-(-(m - 1) // bs)) > free:
+            m = self._steps_in_cache(m, free)
+        k = self._sum + n * D
+        one = self._one
+        if one is None:
+            ev = self._step_time.envelope(n, float(k), m)
+            self._run = (now, n, float(k), m, ev, 0.0)
+            at = now + ev.time(m)
+        else:
+            a, b, c, d = one
+            a1 = self._ov + (a + b * n + c * k)
+            s = c * n
+            self._run = (now, n, float(k), m, a1, s)
+            at = now + (m * a1 + s * m * (m - 1) / 2.0)
+        call = self._spare   # self._schedule(at), inlined
+        if call is None:
+            call = Call(self._cbs)
+        else:
+            self._spare = None
+            call.callbacks = self._cbs
+        self._pending = call
+        heappush(self._queue, (at, NORMAL, next(self._eid), call))
