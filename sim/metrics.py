@@ -89,13 +89,29 @@ def _weighted_count_integral(times: np.ndarray, weights: np.ndarray, edges: np.n
     return np.diff(cw[k] * edges - cwt[k])
 
 
-def device_series(run: RawRun, e: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rows_by_endpoint(endpoint_of_row: np.ndarray, n_endpoints: int) -> list[np.ndarray]:
+    """Per endpoint, the indices of the rows whose endpoint it is, in ascending order (the rows a boolean
+    filter ``endpoint_of_row == e`` selects, in the same order, so figures summed over them are the same
+    to the last bit): one stable sort of the table instead of a pass over it per endpoint."""
+    key = np.asarray(endpoint_of_row)
+    if n_endpoints < 2 ** 15 and key.dtype != np.int16:
+        key = key.astype(np.int16)   # a radix sort
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], np.arange(n_endpoints + 1))
+    return [order[bounds[e]:bounds[e + 1]] for e in range(n_endpoints)]
+
+
+def device_series(run: RawRun, e: int, edges: np.ndarray,
+                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
     while it has a request in service; it counts its GPUs), the request-seconds in service and the
     device-seconds busy. From the request table: each request served is in service on its device over
-    [start, the end of its service) (the horizon while in flight)."""
+    [start, the end of its service) (the horizon while in flight). ``rows``: the endpoint's rows of the
+    table in ascending order (:func:`rows_by_endpoint`), found here when not given."""
     c = run.columns
-    sel = (run.endpoint_of_model[c["model"]] == e) & np.isfinite(c["start"]) & (c["device"] >= 0)
+    if rows is None:
+        rows = np.flatnonzero(run.endpoint_of_model[c["model"]] == e)
+    sel = rows[np.isfinite(c["start"][rows]) & (c["device"][rows] >= 0)]
     start = c["start"][sel]
     served = c["served_end"][sel]
     end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
@@ -122,11 +138,12 @@ def device_series(run: RawRun, e: int, edges: np.ndarray) -> tuple[np.ndarray, n
     return busy_gpu, in_service, busy
 
 
-def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray) -> dict[str, np.ndarray]:
+def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray,
+                   rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per bin: ``gpu_utilization`` (CloudWatch's GPUUtilization: the busy share of each GPU, summed over
     an instance's GPUs, 0-100 x GPUs, averaged over the instances in service) and ``batch_size_mean``
-    (requests in service per busy device); NaN where undefined."""
-    busy_gpu, in_service, busy = device_series(run, e, edges)
+    (requests in service per busy device); NaN where undefined. ``rows``: as :func:`device_series`."""
+    busy_gpu, in_service, busy = device_series(run, e, edges, rows)
     gpus = run.scenario.endpoints[e].instance_type.gpus
     util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
     return {"gpu_utilization": util if gpus > 0 else np.full(len(util), np.nan),
@@ -311,16 +328,15 @@ def _nan_none(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, sel: np.ndarray, win: np.ndarray) -> dict[str, Any]:
-    """The endpoint's CloudWatch-named figures over the measured horizon."""
+def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, cold_wait: np.ndarray) -> dict[str, Any]:
+    """The endpoint's CloudWatch-named figures over the measured horizon; ``cold_wait``: the model loading
+    waits (s) of its measured requests that waited for one."""
     sc = run.scenario
     ep = sc.endpoints[e]
     log = run.logs[e]
-    c = run.columns
     loads = _loads_frame(log)
     lw = loads[(loads["queued"] >= t0) & (loads["queued"] < t1)]
     done = lw.dropna(subset=["end"])
-    cold_wait = c["load"][win][sel & c["cold"][win]]
     edges = np.array([t0, t1])
     serving_s, _, _ = _fleet_integrals(log.fleet, t0, t1)
     mem = _memory_series(log, edges)
@@ -424,8 +440,11 @@ def summarize(run: RawRun) -> dict[str, Any]:
     met = _attained(sc.spec.slo, ok, lat, ttft, tpot)
     tok = lambda m: (ttft[m], tpot[m], out_tok[m])  # noqa: E731
     model = c["model"][win]
-    ep_of = run.endpoint_of_model[model]
     service = c["service"][win]
+    load_s = c["load"][win]
+    # Each endpoint's rows of the table, and of its measured part (one sort, not a pass per endpoint).
+    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
+    pos = np.cumsum(win) - 1    # a row's position among the measured rows
 
     ep_cost, ep_extra = [], []
     model_loads = np.zeros(len(sc.models), dtype=np.int64)
@@ -463,25 +482,27 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "warnings": list(sc.warnings),
     }
     for e, ep in enumerate(sc.endpoints):
-        sel = ep_of == e
+        sel = pos[rows[e][win[rows[e]]]]   # its measured rows, ascending
+        sel_ok = sel[ok[sel]]
         loads_e = int(sum(model_loads[m] for m in ep.models))
-        blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], None if met is None else met[sel],
-                     loads_e, tok(sel & ok))
+        blk = _block(lat[sel_ok], status[sel], cold[sel], duration, ep_cost[e], None if met is None else met[sel],
+                     loads_e, tok(sel_ok))
         blk.update(ep_extra[e])
-        dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]))
+        dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]),
+                             rows[e])
         blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
         if run.logs[e].llm:   # continuous batching: its sequences, its cache, its preemptions
             blk.update({k: _nan_none(v[0]) for k, v in llm_series(run.logs[e], np.array([t0, t1])).items()})
             blk["preemptions"] = int(sum(1 for t in run.logs[e].preempted if t0 <= t < t1))
         if hasattr(run.logs[e], "summary_block"):
             blk.update(run.logs[e].summary_block(t0, t1))
-        cw = _cloudwatch(run, e, t0, t1, sel, win)
+        cw = _cloudwatch(run, e, t0, t1, load_s[sel[cold[sel]]])
         cw["ModelCacheHit"] = blk["cache_hit_rate"]
         cw["GPUUtilization"] = blk["gpu_utilization"]
         blk["cloudwatch"] = cw
         blk["thrashing_index"] = cw["thrashing_index"]
-        blk["failed_by_status"] = {STATUS_NAMES[k]: int((status[sel] == k).sum())
-                                   for k in range(TIMEOUT, len(STATUS_NAMES))}
+        by_status = np.bincount(status[sel], minlength=len(STATUS_NAMES))
+        blk["failed_by_status"] = {STATUS_NAMES[k]: int(by_status[k]) for k in range(TIMEOUT, len(STATUS_NAMES))}
         out["endpoints"][ep.name] = blk
         if ep.mode == "mme" and loads_e and cw["thrashing_index"] > ep.cache.thrash_warning:
             out["warnings"].append(
@@ -534,13 +555,14 @@ def timeline(run: RawRun) -> pd.DataFrame:
     edges = np.arange(0.0, horizon, MINUTE)
     edges = np.append(edges, horizon)
     width = np.diff(edges)
-    ep_of = run.endpoint_of_model[c["model"]]
+    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
     frames = []
     for e, (ep, log) in enumerate(zip(sc.endpoints, run.logs)):
-        sel = ep_of == e
+        sel = rows[e]        # its rows, ascending: the same figures as a filter over the table, in one sort
         arr = c["arrival"][sel]
         end = c["end"][sel]
-        served = sel & ((c["status"] == OK) | (c["status"] == TIMEOUT)) & ~np.isnan(c["start"])
+        st = c["status"][sel]
+        served = sel[((st == OK) | (st == TIMEOUT)) & ~np.isnan(c["start"][sel])]
         t = np.array([x[0] for x in log.fleet])
         serving_s = step_integral(t, [x[1] for x in log.fleet], edges)
         serving = serving_s / width
@@ -584,7 +606,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "cost_usd": billed * it.price_per_hour / 3600.0,
             "cold_starts": n_loads,
             "failures": failures,
-            "failed_requests": np.histogram(c["end"][sel & (c["status"] > TIMEOUT)], bins=edges)[0],
+            "failed_requests": np.histogram(end[st > TIMEOUT], bins=edges)[0],
             "ModelCacheHit": ratio(hits, tot),
             "ModelLoadingWaitTime_ms": ratio(wait_sum, wait_n, 1e3),
             "ModelDownloadingTime_ms": ratio(dl_sum, dl_n, 1e3),
@@ -595,7 +617,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
             "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
         }
-        dev = device_figures(run, e, edges, serving_s)
+        dev = device_figures(run, e, edges, serving_s, sel)
         cols["gpu_utilization"] = cols["GPUUtilization"] = dev["gpu_utilization"]
         cols["batch_size_mean"] = dev["batch_size_mean"]
         cols.update(llm_series(log, edges))
