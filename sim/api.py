@@ -117,8 +117,9 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 
 
 def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
-    """A DataFrame as parquet (``.parquet``) or CSV (anything else), written as :func:`atomic_write`."""
-    from .output import file_mode, temporary_prefix
+    """A DataFrame as parquet (``.parquet``) or CSV (anything else: ``to_csv(index=False)``'s text, written
+    by :func:`sim.output.csv_text`), written as :func:`atomic_write`."""
+    from .output import csv_text, file_mode, temporary_prefix
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
@@ -128,7 +129,8 @@ def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
-            df.to_csv(tmp, index=False)
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(csv_text(df))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
