@@ -126,7 +126,10 @@ def device_series(run: RawRun, e: int, edges: np.ndarray,
     t = np.concatenate([start, end])
     d = np.concatenate([dev, dev])
     step = np.concatenate([np.ones(len(start)), -np.ones(len(end))])
-    order = np.lexsort((-step, t, d))
+    # By device, then time, then starts first: the starts come first in ``t``, and both sorts are stable
+    # (the order of np.lexsort((-step, t, d))); a device number of 16 bits sorts by radix.
+    order = np.argsort(t, kind="stable")
+    order = order[np.argsort(d[order].astype(np.int16) if d.max() < 2 ** 15 else d[order], kind="stable")]
     t, d, step = t[order], d[order], step[order]
     count = np.cumsum(step)
     before = count - step
