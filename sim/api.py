@@ -170,8 +170,10 @@ def run(scenario: Scenario | str | Path, *, seed: int | None = None, replication
         tick = None if progress_time is None else (lambda f, r=r: progress_time((r + f) / reps))
         raw = simulate(scenario, seed=seed, replication=r, progress=tick)
         finalize_status(raw)
-        summaries.append(summarize(raw))
-        req, tl = requests_frame(raw), timeline(raw)
+        memo: dict = {}     # each endpoint's busy periods, sorted once for the summary and the timeline
+        summaries.append(summarize(raw, memo))
+        req, tl = requests_frame(raw), timeline(raw, memo)
+        del memo
         if reps > 1:
             req.insert(0, "replication", r)
             tl.insert(0, "replication", r)

@@ -306,13 +306,14 @@ def bench_fleet(share: float = 1 / 24, plots: bool = True) -> dict[str, Any]:
     out["requests"] = int(len(raw.columns["arrival"]))
     t = time.perf_counter()
     finalize_status(raw)
-    summary = summarize(raw)
+    memo: dict = {}     # as sim.api.run
+    summary = summarize(raw, memo)
     out["summary_s"] = time.perf_counter() - t
     t = time.perf_counter()
     requests = requests_frame(raw)
     out["requests_frame_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    tl = timeline(raw)
+    tl = timeline(raw, memo)
     out["timeline_s"] = time.perf_counter() - t
     del raw
     with tempfile.TemporaryDirectory() as tmp:

@@ -101,13 +101,26 @@ def rows_by_endpoint(endpoint_of_row: np.ndarray, n_endpoints: int) -> list[np.n
     return [order[bounds[e]:bounds[e + 1]] for e in range(n_endpoints)]
 
 
-def device_series(run: RawRun, e: int, edges: np.ndarray,
-                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
-    while it has a request in service; it counts its GPUs), the request-seconds in service and the
-    device-seconds busy. From the request table: each request served is in service on its device over
-    [start, the end of its service) (the horizon while in flight). ``rows``: the endpoint's rows of the
-    table in ascending order (:func:`rows_by_endpoint`), found here when not given."""
+def _sorted_steps(times: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``times`` sorted (stably) and ``weights`` in their order: what :func:`_steps_integrals` integrates."""
+    order = np.argsort(times, kind="stable")
+    return times[order], weights[order]
+
+
+def _steps_integrals(t: np.ndarray, w: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For times ``t`` sorted with weights ``w`` (:func:`_sorted_steps`): integrals over each bin of the
+    sum of the weights, and of the number, of the times <= t (:func:`_weighted_count_integral` and
+    :func:`_count_integral`, the same to the last bit)."""
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cwt = np.concatenate([[0.0], np.cumsum(w * t)])
+    k = np.searchsorted(t, edges, side="right")
+    return np.diff(cw[k] * edges - cwt[k]), _count_integral(t, edges)
+
+
+def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndarray, ...] | None:
+    """What :func:`device_series` integrates for endpoint ``e``, whatever the bins: its requests' start and
+    end times of service, sorted, and the times (sorted) and GPUs of its devices' busy periods' starts and
+    ends; None when none of its requests was served on a device."""
     c = run.columns
     if rows is None:
         rows = np.flatnonzero(run.endpoint_of_model[c["model"]] == e)
@@ -117,10 +130,8 @@ def device_series(run: RawRun, e: int, edges: np.ndarray,
     end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
     end = np.maximum(end, start)
     dev = c["device"][sel].astype(np.int64)
-    in_service = _count_integral(np.sort(start), edges) - _count_integral(np.sort(end), edges)
     if not len(dev):
-        zero = np.zeros(len(edges) - 1)
-        return zero, in_service, zero
+        return None
     # Busy periods per device: a sweep over its starts (+1) and ends (-1), in time order (starts first on a
     # tie, so back-to-back requests make one period); a device's count returns to 0 at its last end.
     t = np.concatenate([start, end])
@@ -136,17 +147,42 @@ def device_series(run: RawRun, e: int, edges: np.ndarray,
     up = (before == 0) & (step > 0)
     down = (count == 0) & (step < 0)
     gpus = run.device_gpus[d].astype(float) if len(run.device_gpus) else np.zeros(len(d))
-    busy_gpu = _weighted_count_integral(t[up], gpus[up], edges) - _weighted_count_integral(t[down], gpus[down], edges)
-    busy = _count_integral(np.sort(t[up]), edges) - _count_integral(np.sort(t[down]), edges)
-    return busy_gpu, in_service, busy
+    return (np.sort(start), np.sort(end), *_sorted_steps(t[up], gpus[up]), *_sorted_steps(t[down], gpus[down]))
+
+
+def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | None = None,
+                  memo: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
+    while it has a request in service; it counts its GPUs), the request-seconds in service and the
+    device-seconds busy. From the request table: each request served is in service on its device over
+    [start, the end of its service) (the horizon while in flight). ``rows``: the endpoint's rows of the
+    table in ascending order (:func:`rows_by_endpoint`), found here when not given; ``memo``: a dict that
+    keeps each endpoint's sorted busy periods for the next call on the same run (:func:`summarize` and
+    :func:`timeline` share one in :func:`sim.api.run`)."""
+    key = ("busy_periods", e)
+    if memo is not None and key in memo:
+        periods = memo[key]
+    else:
+        periods = _busy_periods(run, e, rows)
+        if memo is not None:
+            memo[key] = periods
+    if periods is None:
+        zero = np.zeros(len(edges) - 1)
+        return zero, zero.copy(), zero.copy()
+    s_start, s_end, t_up, w_up, t_down, w_down = periods
+    in_service = _count_integral(s_start, edges) - _count_integral(s_end, edges)
+    gpu_up, n_up = _steps_integrals(t_up, w_up, edges)
+    gpu_down, n_down = _steps_integrals(t_down, w_down, edges)
+    return gpu_up - gpu_down, in_service, n_up - n_down
 
 
 def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray,
-                   rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   rows: np.ndarray | None = None, memo: dict | None = None) -> dict[str, np.ndarray]:
     """Per bin: ``gpu_utilization`` (CloudWatch's GPUUtilization: the busy share of each GPU, summed over
     an instance's GPUs, 0-100 x GPUs, averaged over the instances in service) and ``batch_size_mean``
-    (requests in service per busy device); NaN where undefined. ``rows``: as :func:`device_series`."""
-    busy_gpu, in_service, busy = device_series(run, e, edges, rows)
+    (requests in service per busy device); NaN where undefined. ``rows``, ``memo``: as
+    :func:`device_series`."""
+    busy_gpu, in_service, busy = device_series(run, e, edges, rows, memo)
     gpus = run.scenario.endpoints[e].instance_type.gpus
     util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
     return {"gpu_utilization": util if gpus > 0 else np.full(len(util), np.nan),
@@ -427,8 +463,10 @@ def _attained(slo, ok: np.ndarray, lat: np.ndarray, ttft: np.ndarray, tpot: np.n
     return met
 
 
-def summarize(run: RawRun) -> dict[str, Any]:
-    """summary.json's figures (README, Outputs) for one run, over the measured horizon."""
+def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
+    """summary.json's figures (README, Outputs) for one run, over the measured horizon. ``memo``: a dict
+    shared with :func:`timeline` on the same run, which then finds each endpoint's sorted busy periods
+    here (:func:`device_series`)."""
     sc = run.scenario
     c = run.columns
     t0, t1 = sc.spec.warmup, sc.horizon
@@ -492,7 +530,7 @@ def summarize(run: RawRun) -> dict[str, Any]:
                      loads_e, tok(sel_ok))
         blk.update(ep_extra[e])
         dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]),
-                             rows[e])
+                             rows[e], memo)
         blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
         if run.logs[e].llm:   # continuous batching: its sequences, its cache, its preemptions
             blk.update({k: _nan_none(v[0]) for k, v in llm_series(run.logs[e], np.array([t0, t1])).items()})
@@ -547,9 +585,10 @@ def outcome_warnings(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def timeline(run: RawRun) -> pd.DataFrame:
+def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
     """One row per minute and endpoint (README, Outputs: timeline.csv), with the
-    CloudWatch-named metrics of multi-model endpoints."""
+    CloudWatch-named metrics of multi-model endpoints. ``memo``: as :func:`summarize`'s (each endpoint's
+    entry is dropped once used)."""
     import pandas as pd
 
     sc = run.scenario
@@ -620,7 +659,9 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
             "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
         }
-        dev = device_figures(run, e, edges, serving_s, sel)
+        dev = device_figures(run, e, edges, serving_s, sel, memo)
+        if memo is not None:
+            memo.pop(("busy_periods", e), None)
         cols["gpu_utilization"] = cols["GPUUtilization"] = dev["gpu_utilization"]
         cols["batch_size_mean"] = dev["batch_size_mean"]
         cols.update(llm_series(log, edges))
