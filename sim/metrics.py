@@ -89,6 +89,11 @@ def _weighted_count_integral(times: np.ndarray, weights: np.ndarray, edges: np.n
     return np.diff(cw[k] * edges - cwt[k])
 
 
+def _is_sorted(x: np.ndarray) -> bool:
+    """Whether ``x`` is in ascending order already (arrival times usually are): then it needs no sort."""
+    return bool(np.all(x[1:] >= x[:-1]))
+
+
 def rows_by_endpoint(endpoint_of_row: np.ndarray, n_endpoints: int) -> list[np.ndarray]:
     """Per endpoint, the indices of the rows whose endpoint it is, in ascending order (the rows a boolean
     filter ``endpoint_of_row == e`` selects, in the same order, so figures summed over them are the same
@@ -479,7 +484,11 @@ def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
     ttft, tpot = (x[win] for x in token_times(c))
     out_tok = c["output_tokens"][win]
     met = _attained(sc.spec.slo, ok, lat, ttft, tpot)
-    tok = lambda m: (ttft[m], tpot[m], out_tok[m])  # noqa: E731
+    if np.isfinite(ttft).any():
+        tok = lambda m: (ttft[m], tpot[m], out_tok[m])  # noqa: E731
+    else:   # no request has a first token (no language model): every block's token figures are None
+        none = np.zeros(0)
+        tok = lambda m: (none, none, none)  # noqa: E731
     model = c["model"][win]
     service = c["service"][win]
     load_s = c["load"][win]
@@ -609,7 +618,7 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
         serving_s = step_integral(t, [x[1] for x in log.fleet], edges)
         serving = serving_s / width
         billed = step_integral(t, [x[2] for x in log.fleet], edges)
-        in_flight = (_count_integral(np.sort(arr), edges)
+        in_flight = (_count_integral(arr if _is_sorted(arr) else np.sort(arr), edges)
                      - _count_integral(np.sort(end[np.isfinite(end)]), edges)) / width
         inv = np.histogram(arr, bins=edges)[0]
         starts = c["start"][served]
