@@ -79,16 +79,6 @@ def _count_integral(sorted_times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.diff(F)
 
 
-def _weighted_count_integral(times: np.ndarray, weights: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Integral over each bin of sum of ``weights[j]`` over the ``times[j]`` <= t."""
-    order = np.argsort(times, kind="stable")
-    t, w = times[order], weights[order]
-    cw = np.concatenate([[0.0], np.cumsum(w)])
-    cwt = np.concatenate([[0.0], np.cumsum(w * t)])
-    k = np.searchsorted(t, edges, side="right")
-    return np.diff(cw[k] * edges - cwt[k])
-
-
 def _is_sorted(x: np.ndarray) -> bool:
     """Whether ``x`` is in ascending order already (arrival times usually are): then it needs no sort."""
     return bool(np.all(x[1:] >= x[:-1]))
@@ -114,8 +104,7 @@ def _sorted_steps(times: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, n
 
 def _steps_integrals(t: np.ndarray, w: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For times ``t`` sorted with weights ``w`` (:func:`_sorted_steps`): integrals over each bin of the
-    sum of the weights, and of the number, of the times <= t (:func:`_weighted_count_integral` and
-    :func:`_count_integral`, the same to the last bit)."""
+    sum of the weights, and of the number (:func:`_count_integral`), of the times <= t."""
     cw = np.concatenate([[0.0], np.cumsum(w)])
     cwt = np.concatenate([[0.0], np.cumsum(w * t)])
     k = np.searchsorted(t, edges, side="right")
