@@ -117,8 +117,9 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 
 
 def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
-    """A DataFrame as parquet (``.parquet``) or CSV (anything else), written as :func:`atomic_write`."""
-    from .output import file_mode, temporary_prefix
+    """A DataFrame as parquet (``.parquet``) or CSV (anything else: ``to_csv(index=False)``'s text, written
+    by :func:`sim.output.csv_text`), written as :func:`atomic_write`."""
+    from .output import csv_text, file_mode, temporary_prefix
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
@@ -128,7 +129,8 @@ def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> None:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
-            df.to_csv(tmp, index=False)
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(csv_text(df))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -179,10 +181,11 @@ def run_replication(scenario: Scenario, seed: int, r: int, reps: int, frames: bo
     fraction of the horizon simulated (sim.core.engine.Engine.run)."""
     raw = simulate(scenario, seed=seed, replication=r, progress=progress)
     finalize_status(raw)
-    summary = summarize(raw)
+    memo: dict = {}     # each endpoint's busy periods, sorted once for the summary and the timeline
+    summary = summarize(raw, memo)
     if not frames:
         return summary, None, None
-    req, tl = requests_frame(raw), timeline(raw)
+    req, tl = requests_frame(raw), timeline(raw, memo)
     if reps > 1:
         req.insert(0, "replication", r)
         tl.insert(0, "replication", r)

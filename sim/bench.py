@@ -7,6 +7,7 @@ routing draws, to measure what requests-as-data buys.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -279,6 +280,52 @@ def bench_sweep(points: int = 16, scale: float = 1.0, workers: int | None = None
             "sweep_speedup": r["speedup"]}
 
 
+# A day of a 100-model fleet (SME, MME and IC endpoints, autoscaled; about 8.6 million requests).
+FLEET_SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "fleet_100_models_day.yaml"
+
+
+def bench_fleet(share: float = 1 / 24, plots: bool = True) -> dict[str, Any]:
+    """``capsim run`` of :data:`FLEET_SCENARIO`, its whole day (63 endpoints, 1,470 minutes of timeline)
+    with every model's traffic scaled by ``share`` (1/24: about 360,000 requests), phase by phase:
+    wall seconds of the simulation, the summary, the request table, the timeline and the save (summary.json,
+    requests.parquet, timeline.csv and, with ``plots``, plots/), and their total."""
+    import tempfile
+
+    import yaml
+
+    from .api import Result
+    from .metrics import finalize_status, requests_frame, summarize, timeline
+    from .scenario.units import parse_rate
+
+    d = yaml.safe_load(FLEET_SCENARIO.read_text())
+    for m in d["models"]:
+        m["traffic"]["rate"] = parse_rate(m["traffic"]["rate"]) * share
+    sc = parse_scenario(d, source=str(FLEET_SCENARIO))
+    out: dict[str, Any] = {"share": share, "endpoints": len(sc.endpoints), "models": len(sc.models)}
+    t = time.perf_counter()
+    raw = simulate(sc)
+    out["simulate_s"] = time.perf_counter() - t
+    out["requests"] = int(len(raw.columns["arrival"]))
+    t = time.perf_counter()
+    finalize_status(raw)
+    memo: dict = {}     # as sim.api.run
+    summary = summarize(raw, memo)
+    out["summary_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    requests = requests_frame(raw)
+    out["requests_frame_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tl = timeline(raw, memo)
+    out["timeline_s"] = time.perf_counter() - t
+    del raw
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        Result(sc, summary, requests, tl, [summary]).save(Path(tmp) / "run", plots=plots)
+        out["save_s"] = time.perf_counter() - t
+    out["total_s"] = sum(out[k] for k in ("simulate_s", "summary_s", "requests_frame_s", "timeline_s", "save_s"))
+    return out
+
+
 def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day"),
               scale: float = 1.0) -> dict[str, Any]:
     """All benchmark cases (``"sweep"``: :func:`bench_sweep`); the SME case's figures are also at
@@ -287,8 +334,9 @@ def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_ba
     us_per_request_100_tokens, us_per_request_2000_tokens}`` (the shares: its rate over the SME case's, by
     wall time and by the process's CPU time, which other work on the machine disturbs less; the last two:
     :func:`bench_output_length`), the simulated day of :func:`day_scenario` as
-    ``continuous_batching_day_s`` (its wall seconds; a ``scale`` below 1 simulates that share of the day), and the sweep's as
-    ``sweep_serial_s``, ``sweep_parallel_s``, ``sweep_speedup``."""
+    ``continuous_batching_day_s`` (its wall seconds; a ``scale`` below 1 simulates that share of the day), the
+    fleet's (``"fleet"``: :func:`bench_fleet` at 1/24 of its traffic x ``scale``) as ``fleet_run_s``, and the
+    sweep's as ``sweep_serial_s``, ``sweep_parallel_s``, ``sweep_speedup``."""
     out: dict[str, Any] = {"cases": {}}
     if "sme" in cases:
         sme = bench_sme(1.0e6 * scale, 2.0e5 * scale)
@@ -320,6 +368,9 @@ def run_bench(cases: tuple[str, ...] = ("sme", "mme", "batching", "continuous_ba
         lor = out["cases"]["routing_lor"] = bench_routing_lor(1.0e5 * scale)
         out["routing_lor"] = {"us_per_request": lor["lor_us_per_request"],
                               "random_us_per_request": lor["random_us_per_request"]}
+    if "fleet" in cases:
+        f = out["cases"]["fleet"] = bench_fleet(min(scale, 1.0) / 24)
+        out["fleet_run_s"] = f["total_s"]
     if "sweep" in cases:
         sw = bench_sweep(scale=scale)
         out["cases"]["sweep"] = sw

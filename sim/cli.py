@@ -307,14 +307,17 @@ def _catalog_models(cat, fmt: str | None) -> None:
               "5 x 10^4 for each of its output lengths; below 1, that share of the simulated day).")
 @click.option("--parallel", is_flag=True, help="Also time a 16-point sweep serially and on a local process "
               "pool (sweep_serial_s, sweep_parallel_s, sweep_speedup; about half a minute more).")
-def bench(as_json, scale, parallel):
+@click.option("--fleet", is_flag=True, help="Also time capsim run of scenarios/fleet_100_models_day.yaml (63 "
+              "endpoints, a day) at 1/24 of its traffic, about 360,000 requests, phase by phase (fleet_run_s; "
+              "about 10 s more).")
+def bench(as_json, scale, parallel, fleet):
     """Simulated requests per wall second, and the speed-up over a process-per-request SimPy model."""
     from .bench import run_bench
 
     if not as_json:
         click.echo("benchmarking (about a minute)...", err=True)
     cases = ("sme", "mme", "batching", "continuous_batching", "continuous_batching_day", "routing_lor")
-    res = run_bench(cases + ("sweep",) if parallel else cases, scale=scale)
+    res = run_bench(cases + (("fleet",) if fleet else ()) + (("sweep",) if parallel else ()), scale=scale)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -329,6 +332,12 @@ def bench(as_json, scale, parallel):
             for n, us in c["lor_us_per_request"].items():
                 click.echo(f"routing_lor: {n:,} instance{'s' if n != 1 else ''}: {us:.1f} us per request "
                            f"(random routing: {c['random_us_per_request'][n]:.1f} us)")
+            continue
+        if name == "fleet":
+            click.echo(f"fleet: capsim run of a day of {c['models']} models on {c['endpoints']} endpoints at "
+                       f"{c['share']:.3g} of their traffic ({c['requests']:,} requests): {c['total_s']:.1f} s "
+                       f"(simulation {c['simulate_s']:.1f}, summary {c['summary_s']:.1f}, request table "
+                       f"{c['requests_frame_s']:.1f}, timeline {c['timeline_s']:.1f}, save {c['save_s']:.1f})")
             continue
         if name == "continuous_batching_day":
             click.echo(f"{name}: {c['simulated_seconds'] / 3600:.3g} simulated hours ({c['requests']:,} requests, "

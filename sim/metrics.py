@@ -80,54 +80,104 @@ def _count_integral(sorted_times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.diff(F)
 
 
-def _weighted_count_integral(times: np.ndarray, weights: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Integral over each bin of sum of ``weights[j]`` over the ``times[j]`` <= t."""
+def _is_sorted(x: np.ndarray) -> bool:
+    """Whether ``x`` is in ascending order already (arrival times usually are): then it needs no sort."""
+    return bool(np.all(x[1:] >= x[:-1]))
+
+
+def rows_by_endpoint(endpoint_of_row: np.ndarray, n_endpoints: int) -> list[np.ndarray]:
+    """Per endpoint, the indices of the rows whose endpoint it is, in ascending order (the rows a boolean
+    filter ``endpoint_of_row == e`` selects, in the same order, so figures summed over them are the same
+    to the last bit): one stable sort of the table instead of a pass over it per endpoint."""
+    key = np.asarray(endpoint_of_row)
+    if n_endpoints < 2 ** 15 and key.dtype != np.int16:
+        key = key.astype(np.int16)   # a radix sort
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], np.arange(n_endpoints + 1))
+    return [order[bounds[e]:bounds[e + 1]] for e in range(n_endpoints)]
+
+
+def _sorted_steps(times: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``times`` sorted (stably) and ``weights`` in their order: what :func:`_steps_integrals` integrates."""
     order = np.argsort(times, kind="stable")
-    t, w = times[order], weights[order]
+    return times[order], weights[order]
+
+
+def _steps_integrals(t: np.ndarray, w: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For times ``t`` sorted with weights ``w`` (:func:`_sorted_steps`): integrals over each bin of the
+    sum of the weights, and of the number (:func:`_count_integral`), of the times <= t."""
     cw = np.concatenate([[0.0], np.cumsum(w)])
     cwt = np.concatenate([[0.0], np.cumsum(w * t)])
     k = np.searchsorted(t, edges, side="right")
-    return np.diff(cw[k] * edges - cwt[k])
+    return np.diff(cw[k] * edges - cwt[k]), _count_integral(t, edges)
 
 
-def device_series(run: RawRun, e: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
-    while it has a request in service; it counts its GPUs), the request-seconds in service and the
-    device-seconds busy. From the request table: each request served is in service on its device over
-    [start, the end of its service) (the horizon while in flight)."""
+def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndarray, ...] | None:
+    """What :func:`device_series` integrates for endpoint ``e``, whatever the bins: its requests' start and
+    end times of service, sorted, and the times (sorted) and GPUs of its devices' busy periods' starts and
+    ends; None when none of its requests was served on a device."""
     c = run.columns
-    sel = (run.endpoint_of_model[c["model"]] == e) & np.isfinite(c["start"]) & (c["device"] >= 0)
+    if rows is None:
+        rows = np.flatnonzero(run.endpoint_of_model[c["model"]] == e)
+    sel = rows[np.isfinite(c["start"][rows]) & (c["device"][rows] >= 0)]
     start = c["start"][sel]
     served = c["served_end"][sel]
     end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
     end = np.maximum(end, start)
     dev = c["device"][sel].astype(np.int64)
-    in_service = _count_integral(np.sort(start), edges) - _count_integral(np.sort(end), edges)
     if not len(dev):
-        zero = np.zeros(len(edges) - 1)
-        return zero, in_service, zero
+        return None
     # Busy periods per device: a sweep over its starts (+1) and ends (-1), in time order (starts first on a
     # tie, so back-to-back requests make one period); a device's count returns to 0 at its last end.
     t = np.concatenate([start, end])
     d = np.concatenate([dev, dev])
     step = np.concatenate([np.ones(len(start)), -np.ones(len(end))])
-    order = np.lexsort((-step, t, d))
+    # By device, then time, then starts first: the starts come first in ``t``, and both sorts are stable
+    # (the order of np.lexsort((-step, t, d))); a device number of 16 bits sorts by radix.
+    order = np.argsort(t, kind="stable")
+    order = order[np.argsort(d[order].astype(np.int16) if d.max() < 2 ** 15 else d[order], kind="stable")]
     t, d, step = t[order], d[order], step[order]
     count = np.cumsum(step)
     before = count - step
     up = (before == 0) & (step > 0)
     down = (count == 0) & (step < 0)
     gpus = run.device_gpus[d].astype(float) if len(run.device_gpus) else np.zeros(len(d))
-    busy_gpu = _weighted_count_integral(t[up], gpus[up], edges) - _weighted_count_integral(t[down], gpus[down], edges)
-    busy = _count_integral(np.sort(t[up]), edges) - _count_integral(np.sort(t[down]), edges)
-    return busy_gpu, in_service, busy
+    return (np.sort(start), np.sort(end), *_sorted_steps(t[up], gpus[up]), *_sorted_steps(t[down], gpus[down]))
 
 
-def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray) -> dict[str, np.ndarray]:
+def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | None = None,
+                  memo: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
+    while it has a request in service; it counts its GPUs), the request-seconds in service and the
+    device-seconds busy. From the request table: each request served is in service on its device over
+    [start, the end of its service) (the horizon while in flight). ``rows``: the endpoint's rows of the
+    table in ascending order (:func:`rows_by_endpoint`), found here when not given; ``memo``: a dict that
+    keeps each endpoint's sorted busy periods for the next call on the same run (:func:`summarize` and
+    :func:`timeline` share one in :func:`sim.api.run`)."""
+    key = ("busy_periods", e)
+    if memo is not None and key in memo:
+        periods = memo[key]
+    else:
+        periods = _busy_periods(run, e, rows)
+        if memo is not None:
+            memo[key] = periods
+    if periods is None:
+        zero = np.zeros(len(edges) - 1)
+        return zero, zero.copy(), zero.copy()
+    s_start, s_end, t_up, w_up, t_down, w_down = periods
+    in_service = _count_integral(s_start, edges) - _count_integral(s_end, edges)
+    gpu_up, n_up = _steps_integrals(t_up, w_up, edges)
+    gpu_down, n_down = _steps_integrals(t_down, w_down, edges)
+    return gpu_up - gpu_down, in_service, n_up - n_down
+
+
+def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray,
+                   rows: np.ndarray | None = None, memo: dict | None = None) -> dict[str, np.ndarray]:
     """Per bin: ``gpu_utilization`` (CloudWatch's GPUUtilization: the busy share of each GPU, summed over
     an instance's GPUs, 0-100 x GPUs, averaged over the instances in service) and ``batch_size_mean``
-    (requests in service per busy device); NaN where undefined."""
-    busy_gpu, in_service, busy = device_series(run, e, edges)
+    (requests in service per busy device); NaN where undefined. ``rows``, ``memo``: as
+    :func:`device_series`."""
+    busy_gpu, in_service, busy = device_series(run, e, edges, rows, memo)
     gpus = run.scenario.endpoints[e].instance_type.gpus
     util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
     return {"gpu_utilization": util if gpus > 0 else np.full(len(util), np.nan),
@@ -312,16 +362,15 @@ def _nan_none(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, sel: np.ndarray, win: np.ndarray) -> dict[str, Any]:
-    """The endpoint's CloudWatch-named figures over the measured horizon."""
+def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, cold_wait: np.ndarray) -> dict[str, Any]:
+    """The endpoint's CloudWatch-named figures over the measured horizon; ``cold_wait``: the model loading
+    waits (s) of its measured requests that waited for one."""
     sc = run.scenario
     ep = sc.endpoints[e]
     log = run.logs[e]
-    c = run.columns
     loads = _loads_frame(log)
     lw = loads[(loads["queued"] >= t0) & (loads["queued"] < t1)]
     done = lw.dropna(subset=["end"])
-    cold_wait = c["load"][win][sel & c["cold"][win]]
     edges = np.array([t0, t1])
     serving_s, _, _ = _fleet_integrals(log.fleet, t0, t1)
     mem = _memory_series(log, edges)
@@ -409,8 +458,10 @@ def _attained(slo, ok: np.ndarray, lat: np.ndarray, ttft: np.ndarray, tpot: np.n
     return met
 
 
-def summarize(run: RawRun) -> dict[str, Any]:
-    """summary.json's figures (README, Outputs) for one run, over the measured horizon."""
+def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
+    """summary.json's figures (README, Outputs) for one run, over the measured horizon. ``memo``: a dict
+    shared with :func:`timeline` on the same run, which then finds each endpoint's sorted busy periods
+    here (:func:`device_series`)."""
     sc = run.scenario
     c = run.columns
     t0, t1 = sc.spec.warmup, sc.horizon
@@ -423,10 +474,17 @@ def summarize(run: RawRun) -> dict[str, Any]:
     ttft, tpot = (x[win] for x in token_times(c))
     out_tok = c["output_tokens"][win]
     met = _attained(sc.spec.slo, ok, lat, ttft, tpot)
-    tok = lambda m: (ttft[m], tpot[m], out_tok[m])  # noqa: E731
+    if np.isfinite(ttft).any():
+        tok = lambda m: (ttft[m], tpot[m], out_tok[m])  # noqa: E731
+    else:   # no request has a first token (no language model): every block's token figures are None
+        none = np.zeros(0)
+        tok = lambda m: (none, none, none)  # noqa: E731
     model = c["model"][win]
-    ep_of = run.endpoint_of_model[model]
     service = c["service"][win]
+    load_s = c["load"][win]
+    # Each endpoint's rows of the table, and of its measured part (one sort, not a pass per endpoint).
+    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
+    pos = np.cumsum(win) - 1    # a row's position among the measured rows
 
     ep_cost, ep_extra = [], []
     model_loads = np.zeros(len(sc.models), dtype=np.int64)
@@ -464,25 +522,27 @@ def summarize(run: RawRun) -> dict[str, Any]:
         "warnings": list(sc.warnings),
     }
     for e, ep in enumerate(sc.endpoints):
-        sel = ep_of == e
+        sel = pos[rows[e][win[rows[e]]]]   # its measured rows, ascending
+        sel_ok = sel[ok[sel]]
         loads_e = int(sum(model_loads[m] for m in ep.models))
-        blk = _block(lat[sel & ok], status[sel], cold[sel], duration, ep_cost[e], None if met is None else met[sel],
-                     loads_e, tok(sel & ok))
+        blk = _block(lat[sel_ok], status[sel], cold[sel], duration, ep_cost[e], None if met is None else met[sel],
+                     loads_e, tok(sel_ok))
         blk.update(ep_extra[e])
-        dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]))
+        dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]),
+                             rows[e], memo)
         blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
         if run.logs[e].llm:   # continuous batching: its sequences, its cache, its preemptions
             blk.update({k: _nan_none(v[0]) for k, v in llm_series(run.logs[e], np.array([t0, t1])).items()})
             blk["preemptions"] = int(sum(1 for t in run.logs[e].preempted if t0 <= t < t1))
         if hasattr(run.logs[e], "summary_block"):
             blk.update(run.logs[e].summary_block(t0, t1))
-        cw = _cloudwatch(run, e, t0, t1, sel, win)
+        cw = _cloudwatch(run, e, t0, t1, load_s[sel[cold[sel]]])
         cw["ModelCacheHit"] = blk["cache_hit_rate"]
         cw["GPUUtilization"] = blk["gpu_utilization"]
         blk["cloudwatch"] = cw
         blk["thrashing_index"] = cw["thrashing_index"]
-        blk["failed_by_status"] = {STATUS_NAMES[k]: int((status[sel] == k).sum())
-                                   for k in range(TIMEOUT, len(STATUS_NAMES))}
+        by_status = np.bincount(status[sel], minlength=len(STATUS_NAMES))
+        blk["failed_by_status"] = {STATUS_NAMES[k]: int(by_status[k]) for k in range(TIMEOUT, len(STATUS_NAMES))}
         out["endpoints"][ep.name] = blk
         if ep.mode == "mme" and loads_e and cw["thrashing_index"] > ep.cache.thrash_warning:
             out["warnings"].append(
@@ -524,9 +584,10 @@ def outcome_warnings(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def timeline(run: RawRun) -> pd.DataFrame:
+def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
     """One row per minute and endpoint (README, Outputs: timeline.csv), with the
-    CloudWatch-named metrics of multi-model endpoints."""
+    CloudWatch-named metrics of multi-model endpoints. ``memo``: as :func:`summarize`'s (each endpoint's
+    entry is dropped once used)."""
     import pandas as pd
 
     sc = run.scenario
@@ -535,18 +596,19 @@ def timeline(run: RawRun) -> pd.DataFrame:
     edges = np.arange(0.0, horizon, MINUTE)
     edges = np.append(edges, horizon)
     width = np.diff(edges)
-    ep_of = run.endpoint_of_model[c["model"]]
+    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
     frames = []
     for e, (ep, log) in enumerate(zip(sc.endpoints, run.logs)):
-        sel = ep_of == e
+        sel = rows[e]        # its rows, ascending: the same figures as a filter over the table, in one sort
         arr = c["arrival"][sel]
         end = c["end"][sel]
-        served = sel & ((c["status"] == OK) | (c["status"] == TIMEOUT)) & ~np.isnan(c["start"])
+        st = c["status"][sel]
+        served = sel[((st == OK) | (st == TIMEOUT)) & ~np.isnan(c["start"][sel])]
         t = np.array([x[0] for x in log.fleet])
         serving_s = step_integral(t, [x[1] for x in log.fleet], edges)
         serving = serving_s / width
         billed = step_integral(t, [x[2] for x in log.fleet], edges)
-        in_flight = (_count_integral(np.sort(arr), edges)
+        in_flight = (_count_integral(arr if _is_sorted(arr) else np.sort(arr), edges)
                      - _count_integral(np.sort(end[np.isfinite(end)]), edges)) / width
         inv = np.histogram(arr, bins=edges)[0]
         starts = c["start"][served]
@@ -585,7 +647,7 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "cost_usd": pricing.cost(it, billed),
             "cold_starts": n_loads,
             "failures": failures,
-            "failed_requests": np.histogram(c["end"][sel & (c["status"] > TIMEOUT)], bins=edges)[0],
+            "failed_requests": np.histogram(end[st > TIMEOUT], bins=edges)[0],
             "ModelCacheHit": ratio(hits, tot),
             "ModelLoadingWaitTime_ms": ratio(wait_sum, wait_n, 1e3),
             "ModelDownloadingTime_ms": ratio(dl_sum, dl_n, 1e3),
@@ -596,7 +658,9 @@ def timeline(run: RawRun) -> pd.DataFrame:
             "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
             "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
         }
-        dev = device_figures(run, e, edges, serving_s)
+        dev = device_figures(run, e, edges, serving_s, sel, memo)
+        if memo is not None:
+            memo.pop(("busy_periods", e), None)
         cols["gpu_utilization"] = cols["GPUUtilization"] = dev["gpu_utilization"]
         cols["batch_size_mean"] = dev["batch_size_mean"]
         cols.update(llm_series(log, edges))

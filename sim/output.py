@@ -83,6 +83,49 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+# -- CSV --------------------------------------------------------------------------------------------
+_CSV_SPECIAL = (",", '"', "\n", "\r")
+
+
+def _csv_column(s) -> list | None:
+    """A column's fields as ``DataFrame.to_csv`` writes them (floats as ``repr``, NaN empty), or None
+    where the fast path does not apply (a field that would need quoting, another type)."""
+    import numpy as np
+
+    v = s.to_numpy()
+    if v.dtype == np.float64:
+        # each distinct value formatted once; by its bits, so that -0.0 stays apart from 0.0
+        _, first, inv = np.unique(v.view(np.int64), return_index=True, return_inverse=True)
+        text = np.array(["" if x != x else repr(x) for x in v[first].tolist()], dtype=object)
+        return text[inv.ravel()]
+    if v.dtype.kind in "iub":
+        _, first, inv = np.unique(v, return_index=True, return_inverse=True)
+        return np.array([str(x) for x in v[first].tolist()], dtype=object)[inv.ravel()]
+    vals = s.tolist()
+    if all(type(x) is str and x and not any(c in x for c in _CSV_SPECIAL) for x in set(vals)):
+        return vals
+    return None
+
+
+def csv_text(df) -> str:
+    """``df.to_csv(index=False)``'s text, the same to the byte, about five times faster on a frame of
+    numbers and plain names (timeline.csv): each distinct value is formatted once. Frames it does not
+    cover (a field that needs quoting, a column of objects, a single column) go to ``to_csv``."""
+    cols = []
+    names = [str(c) for c in df.columns]
+    if len(names) < 2 or any(not n or any(ch in n for ch in _CSV_SPECIAL) for n in names) \
+            or len(set(names)) != len(names):
+        return df.to_csv(index=False)
+    for n in df.columns:
+        col = _csv_column(df[n])
+        if col is None:
+            return df.to_csv(index=False)
+        cols.append(col)
+    lines = [",".join(names)]
+    lines.extend(map(",".join, zip(*cols)))
+    return "\n".join(lines) + "\n"
+
+
 # -- publishing ------------------------------------------------------------------------------------
 def _describe(e: OSError) -> str:
     if e.errno == errno.ENOSPC:

@@ -204,3 +204,34 @@ def test_a_name_with_a_newline_cannot_inject_keys_into_a_plan_file(tmp_path):
     assert plan["seed"] == d["seed"] and plan["duration"] == d["duration"]
     assert plan["name"].startswith(d["name"])
     assert cmp.summary["plans"]["sme"]["scenario_file"] == "plans/sme.yaml"
+
+
+def test_csv_text_is_to_csv_to_the_byte():
+    """timeline.csv's fast writer gives pandas' to_csv text exactly: floats as their shortest repr, -0.0
+    apart from 0.0, NaN empty, inf, subnormals and huge values, integers, booleans, names; frames it does
+    not cover (a field that needs quoting, one column, objects) go to to_csv itself."""
+    import numpy as np
+
+    from sim.output import csv_text
+
+    rng = np.random.default_rng(7)
+    edge = [0.1, 1e-5, 1e-4, 9.99e-5, 1e16, 1e15, 1.2345678901234568e17, -0.0, 0.0, np.inf, -np.inf, np.nan,
+            1 / 3, 2.5e-310, 5e-324, 1.7976931348623157e308, 60.0]
+    x = np.concatenate([edge, rng.standard_normal(5000) * 10.0 ** rng.integers(-20, 20, 5000)])
+    n = len(x)
+    df = pd.DataFrame({"t_s": np.arange(n) * 60.0, "endpoint": pd.array(["ep-a"] * (n - 5) + ["b"] * 5, "string"),
+                       "x": x, "k": rng.integers(-5, 5, n), "on": x > 0,
+                       "cat": pd.Categorical(rng.choice(["p", "q"], n)), "u": np.full(n, np.nan)})
+    assert csv_text(df) == df.to_csv(index=False)
+    assert csv_text(df[["x"]]) == df[["x"]].to_csv(index=False)            # one column: to_csv
+    quoted = df.assign(endpoint=["a,b"] * n)
+    assert csv_text(quoted) == quoted.to_csv(index=False)                  # needs quoting: to_csv
+    objects = df.assign(endpoint=[None] + ["a"] * (n - 1))
+    assert csv_text(objects) == objects.to_csv(index=False)
+
+
+def test_timeline_csv_is_the_timeline_frame(tmp_path):
+    """timeline.csv as written is Result.timeline as to_csv writes it."""
+    res = run_dict(sme(duration=600.0))
+    out = res.save(tmp_path / "r", plots=False)
+    assert (out / "timeline.csv").read_text() == res.timeline.to_csv(index=False)
