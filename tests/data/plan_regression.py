@@ -12,8 +12,9 @@ named ``...-nobatch`` is a shipped scenario with every ``service.batching`` remo
 becomes); the other cases are the shipped scenarios as they are.
 
 Regenerate only for a change meant to move plans or costs, and say why in the commit and in the
-file's ``changes`` list (one case so far: ``optimize_demo-modes``, when ``optimize --modes`` came to
-search the routing policies of the scenario's own endpoints).
+file's ``changes`` list (two cases so far: ``optimize_demo-modes``, when ``optimize --modes`` came to
+search the routing policies of the scenario's own endpoints; ``quickstart-nobatch``, when compare came
+to stop growing a plan that more capacity no longer moves, whose MME plan misses the SLO either way).
 """
 from __future__ import annotations
 
