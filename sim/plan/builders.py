@@ -259,8 +259,9 @@ def build_ic(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: f
             if best is None or key < best[0]:
                 best = (key, t, k, cp)
         if best is None:
-            plan.error = ("no multi-GPU instance type of the catalog runs a copy of every model (a language "
-                          "model's KV cache needs room beside its weights)")
+            plan.error = ("no multi-GPU instance type of the catalog runs a copy of every model within the TTFT "
+                          "target (a language model's KV cache needs room beside its weights, and its P99 "
+                          "prompt's prefill must fit the target)")
             return plan
         _, it, n, copies = best
     else:

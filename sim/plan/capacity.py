@@ -14,7 +14,8 @@ One estimator per execution model of a copy (:mod:`sim.hosting.device`), behind 
   copy gets there (its KV cache beside the weights, its step model: sim.scenario.resolve's own
   resolution); the step model's saturation throughput of a copy (``max_num_seqs`` sequences, or
   as many as the KV cache holds once grown to the mean prompt plus output) with an Erlang C wait on
-  copies of that rate against the TTFT target less the P99 prompt's prefill (:class:`ContinuousEstimator`, :class:`ContinuousSizing`).
+  copies of that rate against the TTFT target less the P99 prompt's prefill
+  (:class:`ContinuousEstimator`, :class:`ContinuousSizing`).
 
 Estimates start the planner's sizing; the simulation checks them.
 """
