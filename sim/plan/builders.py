@@ -250,15 +250,19 @@ def build_ic(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: f
         # one does not run (no room for its KV cache) is no candidate, for the growth either.
         cands = [t for t in cands if all(lm.llm is None or lm.llm.engine(t) is not None for lm in loads)]
         best = None
+        est = {t.name: [estimate(lm, lm.concurrency, slo_s, t) for lm in loads] for t in cands}
+        # Nor is a type where no count meets the TTFT target (the P99 prompt's prefill alone misses it).
+        cands = [t for t in cands if max(est[t.name], default=0) < MAX_UNITS]
         for t in cands:
-            cp = [estimate(lm, lm.concurrency, slo_s, t) for lm in loads]
+            cp = est[t.name]
             k = ic_pack(loads, cp, t)
             key = (k * hourly(t), hourly(t), t.name)
             if best is None or key < best[0]:
                 best = (key, t, k, cp)
         if best is None:
-            plan.error = ("no GPU instance type of the catalog runs a copy of every model (a language "
-                          "model's KV cache needs room beside its weights)")
+            plan.error = ("no GPU instance type of the catalog runs a copy of every model within the TTFT target "
+                          "(a language model's KV cache needs room beside its weights, and its P99 prompt's "
+                          "prefill must fit the target)")
             return plan
         _, it, n, copies = best
     else:

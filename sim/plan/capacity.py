@@ -13,8 +13,9 @@ One estimator per execution model of a copy (:mod:`sim.hosting.device`), behind 
 - ``continuous`` (a language model's continuous batching): on each instance type, the engine a
   copy gets there (its KV cache beside the weights, its step model: sim.scenario.resolve's own
   resolution); the step model's saturation throughput of a copy (``max_num_seqs`` sequences, or
-  as many of the mean length as the KV cache holds) with an Erlang C wait on copies of that rate
-  against the TTFT target (:class:`ContinuousEstimator`, :class:`ContinuousSizing`).
+  as many as the KV cache holds once grown to the mean prompt plus output) with an Erlang C wait on
+  copies of that rate against the TTFT target less the P99 prompt's prefill
+  (:class:`ContinuousEstimator`, :class:`ContinuousSizing`).
 
 Estimates start the planner's sizing; the simulation checks them.
 """
@@ -166,22 +167,32 @@ class BatchingEstimator:
 @dataclass(frozen=True)
 class ContinuousEstimator:
     """A continuous-batching copy at saturation: ``B`` sequences (``max_num_seqs``, or as many as
-    ``kv_tokens`` hold at the mean length), each step giving each one token and prefilling the
-    prompts that arrive meanwhile (``B x input / output`` tokens a step). Its throughput is
-    ``B / (output x step)`` requests per second; copies are counted as Erlang C servers of that
-    rate against the TTFT budget (or the latency's, without a TTFT target)."""
+    ``kv_tokens`` hold when each has grown to the mean prompt plus output, in whole blocks of
+    ``block_size``: the cache must hold a sequence's context at its end, or the engine preempts
+    and recomputes), each step giving each one token and prefilling the prompts that arrive
+    meanwhile (``B x input / output`` tokens a step). Its throughput is ``B / (output x step)``
+    requests per second; copies are counted as Erlang C servers of that rate against the TTFT
+    budget (or the latency's, without a TTFT target) less the prefill of the P99 prompt
+    (``p99_input`` tokens, in chunks of what ``max_batched_tokens`` leaves beside the batch's
+    decode tokens, each a step with the full batch). Where that prefill alone takes the whole
+    budget, no count meets the target there: MAX_UNITS (as a type with no room for the cache)."""
 
     step: Any                     # sim.hosting.steps.StepTime
     max_num_seqs: int
     mean_input: float
     mean_output: float
     kv_tokens: int | None = None
+    block_size: int = 1
+    p99_input: float | None = None
+    max_batched_tokens: int | None = None
     name: str = "continuous"
 
     def batch(self) -> int:
         b = self.max_num_seqs
         if self.kv_tokens:
-            b = min(b, max(1, int(self.kv_tokens // max(self.mean_input + self.mean_output, 1.0))))
+            bs = max(1, self.block_size)
+            held = math.ceil(max(self.mean_input + self.mean_output, 1.0) / bs) * bs
+            b = min(b, max(1, int(self.kv_tokens // held)))
         return b
 
     def step_seconds(self) -> float:
@@ -193,6 +204,18 @@ class ContinuousEstimator:
         """Requests per second of one copy at saturation."""
         return self.batch() / (max(self.mean_output, 1.0) * self.step_seconds())
 
+    def prefill_seconds(self, tokens: float | None = None) -> float:
+        """Seconds to prefill a prompt of ``tokens`` (default: the P99 prompt) beside a full batch."""
+        p = float(tokens if tokens is not None else (self.p99_input or self.mean_input))
+        b = self.batch()
+        kv = b * (self.mean_input + self.mean_output / 2.0)
+        chunk = max(1, (self.max_batched_tokens or int(math.ceil(p)) + b) - b)
+        t = 0.0
+        while p > 0:
+            t += self.step.time(b, kv, int(min(chunk, math.ceil(p))))
+            p -= chunk
+        return t
+
     def units(self, load: Any, slots: int = 1, slo_s: float | None = None, per_device: int | None = None,
               ttft_s: float | None = None) -> int:
         x = self.throughput()
@@ -201,6 +224,10 @@ class ContinuousEstimator:
             return 1
         u = max(1, math.ceil(rate / (x * MAX_UTILISATION)))
         budget = ttft_s if ttft_s is not None else slo_s
+        if budget is not None:
+            budget -= self.prefill_seconds()
+            if budget <= 0:          # the P99 prompt's prefill alone misses the target: no count meets it
+                return MAX_UNITS
         while u < MAX_UNITS:
             if budget is None or wait_tail(u, rate, 1.0 / x, budget) <= TAIL:
                 return u
@@ -223,7 +250,8 @@ class ContinuousSizing:
         if eng is None:
             return None
         return ContinuousEstimator(eng.step, eng.max_num_seqs, max(llm.mean_input, 1.0), max(llm.mean_output, 1.0),
-                                   eng.kv_blocks * eng.block_size)
+                                   eng.kv_blocks * eng.block_size, eng.block_size, getattr(llm, "p99_input", None),
+                                   eng.max_num_batched_tokens)
 
     def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
               it: Any = None) -> int:
@@ -236,6 +264,8 @@ class ContinuousSizing:
         per = max(1, per_device or 1)
         copies_per_unit = max(1, slots // per)
         copies = est.units(load, 1, None, ttft_s=llm.ttft_s)
+        if copies >= MAX_UNITS:
+            return MAX_UNITS
         return max(1, math.ceil(copies / copies_per_unit))
 
 
@@ -246,3 +276,33 @@ ESTIMATORS: dict[str, Any] = {"slots": SlotsEstimator(), "batching": BatchingEst
 def estimator_for(load: Any) -> Estimator:
     """The estimator of a model's execution model (``load.execution``)."""
     return ESTIMATORS.get(getattr(load, "execution", "slots"), ESTIMATORS["slots"])
+
+
+def instances_needed(loads: Any, it: Any, copies_per_instance: int, concurrency: int, slo_s: float | None,
+                     models_per_instance: int = 1, ttft_s: float | None = None) -> int:
+    """Instances of type ``it`` that serve ``loads`` (:class:`~sim.plan.load.ModelLoad`, the models of
+    one endpoint) by each model's execution model (:func:`estimator_for`): an instance holds
+    ``copies_per_instance`` copies of ``concurrency`` requests at once (one model's, on a single-model
+    endpoint), or copies of up to ``models_per_instance`` models at once (a multi-model endpoint: the
+    copies every model needs, ``models_per_instance`` to an instance). ``ttft_s`` replaces a language
+    model's TTFT target. MAX_UNITS where a model's copy does not run on ``it``."""
+    from dataclasses import replace
+
+    loads = list(loads)
+    if not loads:
+        return 1
+    copies = 0
+    units = 1
+    for lm in loads:
+        if ttft_s is not None and getattr(lm, "llm", None) is not None:
+            lm = replace(lm, llm=replace(lm.llm, ttft_s=ttft_s))
+        if len(loads) == 1:
+            units = estimator_for(lm).units(lm, copies_per_instance * concurrency, slo_s, concurrency, it)
+        else:
+            c = estimator_for(lm).units(lm, concurrency, slo_s, concurrency, it)
+            if c >= MAX_UNITS:
+                return MAX_UNITS
+            copies += c
+    if len(loads) > 1:
+        units = max(1, math.ceil(copies / max(1, models_per_instance)))
+    return min(units, MAX_UNITS)

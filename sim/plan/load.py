@@ -101,11 +101,12 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
             q = int(np.argmin(per_bin))
             trough[g.index] = min(per_bin[q] + math.sqrt(max(per_bin[q] * w[q], 1.0)) / w[q], mean) / mean
     conc = served_concurrency(sc)
-    tokens = np.zeros((n, 2))
+    tokens = np.zeros((n, 3))
     for m in range(n):
         s = (wl.model == m) & win
         if s.any():
-            tokens[m] = float(wl.input_tokens[s].mean()), float(wl.output_tokens[s].mean())
+            tokens[m] = (float(wl.input_tokens[s].mean()), float(wl.output_tokens[s].mean()),
+                         float(np.percentile(wl.input_tokens[s], 99)))
     out = []
     for m, mod in enumerate(sc.models):
         mean_s, p99_s = svc_mean[m], svc_p99[m]
@@ -121,8 +122,8 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
         llm = None
         if execution == "continuous":
             spec = sc.spec.slo
-            llm = LLMSizing(mod, sc.catalog, sc.base_dir, sc.source, *tokens[m],
-                            spec.ttft if spec is not None else None)
+            llm = LLMSizing(mod, sc.catalog, sc.base_dir, sc.source, *tokens[m, :2],
+                            spec.ttft if spec is not None else None, float(tokens[m, 2]))
         out.append(ModelLoad(m, mod.name, float(rate[m]), float(rate[m] * peak[mod.group]), float(mean_s),
                              float(p99_s), conc.get(m, 1), mod.memory_gb, mod.host_memory_gb, mod.size_gb,
                              mod.accelerators, execution, slowdown, llm,
@@ -159,8 +160,8 @@ def served_concurrency(sc: Scenario) -> dict[int, int]:
 class LLMSizing:
     """A language model's continuous-batching engine as the planner weighs it on an instance type: the
     KV cache that type's GPUs leave beside the weights and its step model (the scenario loader's own
-    resolution, sim.scenario.resolve.continuous_batching_on), with the fleet's mean token counts and
-    TTFT target."""
+    resolution, sim.scenario.resolve.continuous_batching_on), with the fleet's mean token counts, its
+    prompts' P99 and TTFT target."""
 
     model: Any
     catalog: Any
@@ -169,6 +170,7 @@ class LLMSizing:
     mean_input: float
     mean_output: float
     ttft_s: float | None = None
+    p99_input: float | None = None      # the prompts' 99th percentile (tokens): its prefill counts against TTFT
 
     def engine(self, it: Any, accelerators: int | None = None) -> Any:
         """The resolved engine (sim.scenario.resolve.ContinuousBatching) of a copy on ``it``, or None

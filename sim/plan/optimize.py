@@ -18,11 +18,16 @@ requests failed. The search, per endpoint:
    taken cheapest lower bound first, and one whose lower bound costs as much
    as the best plan found so far is not simulated at all; the others are
    searched only below the best cost.
-2. **Start from an Erlang-C estimate** of the waiting time (M/M/c, its wait
-   scaled by (1 + cv^2) / 2 for the service times' spread; pooled over the
-   fleet for least-outstanding, round-robin and power-of-two routing, per
-   instance for random routing): the smallest count whose estimated P99
-   (wait beyond the service time's own P99) meets the target.
+2. **Start from the capacity estimate of the models' execution model.** For
+   models without batching, an Erlang-C estimate of the waiting time (M/M/c,
+   its wait scaled by (1 + cv^2) / 2 for the service times' spread; pooled
+   over the fleet for least-outstanding, round-robin and power-of-two
+   routing, per instance for random routing): the smallest count whose
+   estimated P99 (wait beyond the service time's own P99) meets the target.
+   For batching (a capacity function) and continuous batching (a language
+   model's engine on the type: its KV-limited batch and step model), the
+   estimator compare sizes with (:func:`sim.plan.capacity.instances_needed`)
+   at the busiest window's rate, against the P99 and TTFT targets.
 3. **Gallop, then bisect** on the count from that guess: P99 does not grow
    with the instance count for a fixed type, so the feasible counts are an
    interval ``[n*, max]`` and n* takes a few simulations. Growing stops at

@@ -16,15 +16,11 @@ import pandas as pd
 from ..pricing import hourly
 from ..scenario import ScenarioError, apply_overrides, parse_scenario
 from ..scenario.schema import ROUTING_POLICIES
-from .capacity import mean_wait, wait_tail
+from .capacity import instances_needed, mean_wait, wait_tail
 from .frontier import OptimizeResult, pareto
+from .load import fleet_load
 from .parallel import run_one
-from .slo import LATENCY_METRICS, QUANTILE, check_blocks, summary_key
-
-# Growing a fleet stops when, over two growth steps, no figure the plan misses improved by more than
-# this fraction (relative): more instances no longer move it.
-STALL_FRACTION = 0.01
-
+from .slo import LATENCY_METRICS, QUANTILE, STALL_FRACTION, check_blocks, moved, summary_key
 
 @dataclass(frozen=True)
 class Choice:
@@ -36,7 +32,7 @@ class Choice:
 class EndpointSearch:
     """The search of :func:`sim.plan.optimize.optimize` (see its module docstring) over the sme and
     mme endpoints of one scenario: per endpoint, type and routing candidates pruned by bounds, an
-    Erlang-C guess, gallop and bisect on the count; endpoints one at a time (coordinate descent)."""
+    execution model's capacity guess, gallop and bisect on the count; endpoints one at a time (coordinate descent)."""
 
     def __init__(self, path: Path, data: dict, base_overrides: list[str], slo: dict[str, float],
                  max_failed: float, replications: int, types: list[str] | None, routings: list[str] | None,
@@ -56,6 +52,7 @@ class EndpointSearch:
         self.candidates: list[dict] = []
         self.n_sim = 0
         self._workloads: dict[tuple, Any] = {}
+        self._loads: dict[tuple, dict] = {}
         self.stalled: dict[tuple, str] = {}     # (endpoint, type, routing) -> why growing stopped early
 
         base = self._load([])
@@ -203,9 +200,16 @@ class EndpointSearch:
             self._workloads[key] = build_workload(sc, Streams(sc.spec.seed, 0))
         return self._workloads[key]
 
+    def _fleet_loads(self, sc, e: int, t: str) -> dict:
+        """Each model's load as compare sizes it (sim.plan.load.fleet_load), by model index."""
+        key = (e, t)
+        if key not in self._loads:
+            self._loads[key] = {lm.index: lm for lm in fleet_load(sc)}
+        return self._loads[key]
+
     def bounds(self, e: int, t: str, r: str) -> dict:
         """Prune (type, routing) for endpoint ``e`` before simulating: memory fit, service time alone,
-        utilisation < 1 (the lowest count) and the Erlang-C guess."""
+        utilisation < 1 (the lowest count) and the guess (Erlang C, or the execution model's estimate)."""
         probe = dict(self.state)
         probe[e] = Choice(t, max(self.min_n, 1), r)
         info: dict[str, Any] = {"endpoint": self.base.spec.endpoints[e].name, "instance_type": t, "routing": r}
@@ -248,7 +252,15 @@ class EndpointSearch:
                 if s_q > target:
                     reasons.append(f"{rt.name}: the service time alone has {m} {s_q * 1e3:,.0f} ms > "
                                    f"{target * 1e3:,.0f} ms")
-            guess = max(guess, self._erlang_guess(rate, mean_s, cap, r, svc, n_lo))
+            lms = [lm for m, lm in self._fleet_loads(sc, e, t).items() if m in set(rt.models)]
+            if any(lm.execution != "slots" for lm in lms):
+                # Batching or continuous batching: the execution model's estimate (as compare's).
+                k = cap // rt.max_concurrency if rt.mode == "mme" else 1
+                g = instances_needed(lms, rt.instance_type, rt.copies_per_instance, rt.max_concurrency,
+                                     self.slo.get("p99"), k, self.slo.get("ttft"))
+                guess = max(guess, min(g, self.max_n))
+            else:
+                guess = max(guess, self._erlang_guess(rate, mean_s, cap, r, svc, n_lo))
         if reasons:
             info.update(status="pruned", reason="; ".join(reasons))
             return info
@@ -308,18 +320,9 @@ class EndpointSearch:
 
     @staticmethod
     def _moved(before: dict[str, float], after: dict[str, float]) -> bool:
-        """Whether some figure ``before`` missed got better by more than STALL_FRACTION in ``after``."""
-        for k, b in before.items():
-            a = after.get(k)
-            if a is None:                  # met now
-                return True
-            if math.isinf(b):
-                if not math.isinf(a):
-                    return True
-                continue
-            if a < b - STALL_FRACTION * abs(b):
-                return True
-        return False
+        """Whether some figure ``before`` missed got better by more than STALL_FRACTION in ``after``
+        (:func:`sim.plan.slo.moved`: the rule compare's sizing shares)."""
+        return moved(before, after)
 
     def _stall_reason(self, before: tuple[int, dict], after: tuple[int, dict]) -> str:
         (n0, m0), (n1, m1) = before, after

@@ -17,7 +17,7 @@ from .builders import BUILDERS, Plan
 from .executors import Executor
 from .load import ModelLoad
 from .parallel import Job, run_jobs
-from .slo import SLO
+from .slo import SLO, STALL_FRACTION, moved
 
 Progress = Callable[[str], None]
 
@@ -118,6 +118,19 @@ def after_round(plan: Plan, res: Result, runner: Runner, slo: SLO, r: int, round
     missed = [n for n, b in growable if not slo.met(b)]
     if not missed:   # the total misses although each part meets it: grow the part that fares worst
         missed = [min(growable, key=lambda x: (x[1].get("slo_attainment") or 0.0))[0]]
+    # Stop where, over two growth steps, more capacity moved nothing the plan misses (the rule
+    # optimize's search uses): the SLO is missed for a reason capacity does not cure.
+    trail = plan.state.setdefault("missed_trail", [])
+    trail.append((sum(instances(plan.endpoints).values()), slo.missed(s["overall"])))
+    if len(trail) >= 3 and trail[-3][1] and not moved(trail[-3][1], trail[-1][1]):
+        (n0, m0), (n1, m1) = trail[-3], trail[-1]
+        figs = ", ".join(f"{k} {show_missed(k, m0[k])} at {n0} and {show_missed(k, m1[k])} at {n1} instances"
+                         for k in m0 if k in m1)
+        plan.notes.append(f"stopped growing: more capacity no longer moves what it misses ({figs}: no better by "
+                          f"more than {STALL_FRACTION:.0%} over two growth steps); the SLO is missed for a reason "
+                          "capacity does not cure")
+        runner.progress(f"{plan.name}: stopped growing (more capacity no longer moves what it misses)")
+        return False
     added = builder.grow(plan, missed)
     runner.progress(f"{plan.name}: SLO missed; {added} for {few(missed)}")
     return True
@@ -135,6 +148,15 @@ def judge(plan: Plan, slo: SLO, replications: int) -> None:
         plan.notes.append(f"over {replications} replications the plan {'meets' if ok else 'misses'} the SLO "
                           f"(replication 0 alone: {'met' if plan.slo_met else 'missed'} it)")
     plan.slo_met = ok
+
+
+def show_missed(k: str, v: float) -> str:
+    """A figure of :meth:`SLO.missed`, to read."""
+    if k == "slo_attainment":
+        return f"{-v:.2%}"
+    if k == "failed":
+        return f"{1.0 + v:.2%} failed"
+    return "-" if v == float("inf") else f"{v:,.0f} ms"
 
 
 def few(names: list[str], k: int = 4) -> str:

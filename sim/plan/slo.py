@@ -68,12 +68,54 @@ class SLO:
             return block["slo_attainment"] >= 0.99 - 1e-9
         return finished <= 0 or block.get("failed", 0) <= 0.01 * finished
 
+    def missed(self, block: dict) -> dict[str, float]:
+        """What a summary block misses of :meth:`met`, as figures where lower is better (for
+        :func:`moved`): each target's figure (ms) above it, the SLO attainment below 0.99 (as
+        ``-attainment``) and a failed share above 1% (as ``-ok share``)."""
+        out: dict[str, float] = {}
+        if block.get("requests", 0) == 0:
+            return out
+        for k, target in self.targets_ms.items():
+            v = block.get(summary_key(k))
+            if v is None and k in TOKEN_METRICS:
+                continue
+            if v is None or v > target + 1e-9:
+                out[k] = math.inf if v is None else float(v)
+        finished = block["requests"] - block.get("in_flight", 0)
+        if "p99" in self.targets_ms and block.get("slo_attainment") is not None:
+            if block["slo_attainment"] < 0.99 - 1e-9:
+                out["slo_attainment"] = -float(block["slo_attainment"])
+        elif finished > 0 and block.get("failed", 0) > 0.01 * finished:
+            out["failed"] = -(1.0 - block["failed"] / finished)
+        return out
+
     def check(self, blocks: list[dict], max_failed: float) -> tuple[bool, dict[str, float], float]:
         """The confidence rule of :func:`check_blocks`."""
         return check_blocks(blocks, self.targets_s, max_failed)
 
     def describe(self) -> str:
         return ", ".join(f"{k} <= {fmt_target(v)}" for k, v in self.targets_ms.items())
+
+
+# Growing a plan stops when, over two growth steps, no figure it misses improved by more than this
+# fraction (relative): more capacity no longer moves it (compare's sizing and optimize's search).
+STALL_FRACTION = 0.01
+
+
+def moved(before: Mapping[str, float], after: Mapping[str, float]) -> bool:
+    """Whether some figure ``before`` missed (lower is better) got better by more than STALL_FRACTION
+    in ``after``, or is met there (absent)."""
+    for k, b in before.items():
+        a = after.get(k)
+        if a is None:                  # met now
+            return True
+        if math.isinf(b):
+            if not math.isinf(a):
+                return True
+            continue
+        if a < b - STALL_FRACTION * abs(b):
+            return True
+    return False
 
 
 def fmt_target(v: float) -> str:

@@ -14,7 +14,8 @@ becomes); the other cases are the shipped scenarios as they are.
 Regenerate only for a change meant to move plans or costs, and say why in the commit and in the
 file's ``changes`` list (so far: ``optimize_demo-modes``, when ``optimize --modes`` came to
 search the routing policies of the scenario's own endpoints; the cases whose IC plan moved when IC
-plans came to weigh single-GPU instance types).
+plans came to weigh single-GPU instance types; ``quickstart-nobatch``, when compare came to stop
+growing a plan that more capacity no longer moves, whose MME plan misses the SLO either way).
 """
 from __future__ import annotations
 
