@@ -581,7 +581,7 @@ _COMPARE_ROWS = (("instances", "instances", None), ("execution models", "executi
                  ("TPOT P99 (ms)", "tpot_p99_ms", 2), ("SLO attainment", "slo_attainment", 4),
                  ("SLO met", "slo_met", None), ("requests", "requests", 0), ("failed", "failed", 0),
                  ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
-                 ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU utilisation", "gpu_utilization", 3),
+                 ("GPU utilisation", "gpu_utilization", 3),
                  ("batch size (mean, busy device)", "batch_size_mean", 2),
                  ("GPU memory utilisation", "gpu_memory_utilization", 3),
                  ("GPUs stranded (fraction)", "gpu_stranded_fraction", 3), ("simulations (sizing)", "simulations", 0))

@@ -13,8 +13,10 @@ from .load import execution_model
 def utilisation(res: Result) -> dict[str, float | None]:
     """GPU figures of a run over the measured horizon, over the GPUs of the instances in service:
 
-    ``gpu_busy_fraction``: service seconds x the copy's accelerators / its max_concurrency
-    (a copy's GPUs are busy while it serves; concurrent requests share them);
+    ``gpu_busy_fraction``: service seconds x the copy's accelerators / its max_concurrency (an
+    estimate from the requests alone, kept in compare.json; the tables show the devices' measured
+    ``gpu_utilization`` of :func:`device_figures`, which counts a batch once however many requests
+    share it);
     ``gpu_memory_utilization``: share of GPU memory holding models (CloudWatch's
     GPUMemoryUtilization, averaged); ``gpu_stranded_fraction``: share of GPUs no
     copy reserves (inference components) or no copy can use (an SME whose model's

@@ -307,7 +307,7 @@ _ROWS = (("cost per hour (USD)", "cost_per_hour_usd", 2), ("cost (USD)", "cost_u
          ("SLO attainment", "slo_attainment", 4), ("SLO met", "slo_met", None), ("throughput (req/s)",
          "throughput_per_s", 2), ("cold starts", "cold_starts", 0), ("cache hit rate", "cache_hit_rate", 4),
          ("instances (mean)", "instances_mean", 2), ("instances (max)", "instances_max", 0),
-         ("GPU busy fraction", "gpu_busy_fraction", 3), ("GPU utilisation", "gpu_utilization_fraction", 3),
+         ("GPU utilisation", "gpu_utilization_fraction", 3),
          ("batch size (mean, busy device)", "batch_size_mean", 2),
          ("GPU memory utilisation", "gpu_memory_utilization", 3),
          ("GPUs stranded (fraction)", "gpu_stranded_fraction", 3), ("copies (mean)", "copies_mean", 2))
