@@ -74,29 +74,7 @@ class StepTime:
             a = a + b * n + c * k0
             s = c * n
             return m * (self.overhead + a) + s * m * (m - 1) / 2.0
-        lines = self._lines(n, k0)
-        total = m * self.overhead
-        j = 0
-        while j < m:
-            # the line on top at step j (ties: the steeper, which stays on top; then the first), and where
-            # it is overtaken
-            a = s = top = 0.0
-            first_line = True
-            for a2, s2 in lines:
-                v = a2 + s2 * j
-                if first_line or v > top or (v == top and s2 > s):
-                    a, s, top = a2, s2, v
-                    first_line = False
-            end = m
-            for a2, s2 in lines:
-                if s2 > s:   # a steeper line overtakes this one at j* = (a - a2) / (s2 - s)
-                    cross = (a - a2) / (s2 - s)
-                    first = int(cross) + 1 if cross >= j else j + 1   # first whole step strictly past
-                    end = min(end, max(first, j + 1))
-            k = end - j   # steps j .. end-1 on this line
-            total += k * a + s * (j + end - 1) * k / 2.0
-            j = end
-        return total
+        return Envelope(self, n, k0, m).time(m)
 
     def envelope(self, n: int, k0: float, m: int) -> "Envelope":
         """The upper envelope of a decode-only run of at most ``m`` steps (``n`` sequences from ``k0``
@@ -124,10 +102,9 @@ class StepTime:
 
 class Envelope:
     """A decode-only run's upper envelope, for runs of up to ``m`` steps: its pieces ``(j, end, a, s)``
-    (steps ``j .. end - 1`` on the line ``a + s j``), as :meth:`StepTime.decode_time` finds them for
-    ``m`` steps. For ``j <= m`` steps, :meth:`time` adds up the same pieces cut at ``j``: the same sums
-    in the same order as ``decode_time(n, k0, j)`` (whose pieces are these, the last one cut at ``j``),
-    hence the same float."""
+    (steps ``j .. end - 1`` on the line ``a + s j``). For ``j <= m`` steps, :meth:`time` adds up the
+    pieces cut at ``j``: :meth:`StepTime.decode_time` of a model of several terms is this sum for its
+    own ``m``, and the pieces of ``j`` steps are these, the last one cut at ``j``: the same float."""
 
     __slots__ = ("st", "n", "k0", "m", "o", "lines", "pieces")
 
@@ -137,7 +114,9 @@ class Envelope:
         lines = self.lines = st._lines(n, k0)
         pieces = []
         j = 0
-        while j < m:   # StepTime.decode_time's loop
+        while j < m:
+            # the line on top at step j (ties: the steeper, which stays on top; then the first), and where
+            # it is overtaken
             a = s = top = 0.0
             first_line = True
             for a2, s2 in lines:
@@ -147,9 +126,9 @@ class Envelope:
                     first_line = False
             end = m
             for a2, s2 in lines:
-                if s2 > s:
+                if s2 > s:   # a steeper line overtakes this one at j* = (a - a2) / (s2 - s)
                     cross = (a - a2) / (s2 - s)
-                    first = int(cross) + 1 if cross >= j else j + 1
+                    first = int(cross) + 1 if cross >= j else j + 1   # first whole step strictly past
                     end = min(end, max(first, j + 1))
             pieces.append((j, end, a, s))
             j = end
