@@ -58,14 +58,15 @@ def strip_batching(data: dict) -> dict:
 
 
 def scenario_file(name: str, strip: bool, tmp: Path) -> Path:
-    """The scenario to run: the shipped file, or a copy without batching beside it (same base dir)."""
+    """The scenario to run: the shipped file, or a copy without batching in ``tmp`` (the stripped
+    scenarios name no file of their own, so their base directory does not matter)."""
     import yaml
 
     src = SCENARIOS / name
     if not strip:
         return src
     data = strip_batching(yaml.safe_load(src.read_text()))
-    out = SCENARIOS / f".regression-{tmp.name}-{name}"
+    out = tmp / name
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
 
@@ -77,12 +78,7 @@ def compare_record(case: str) -> dict:
 
     name, strip, ovs = COMPARE_CASES[case]
     with tempfile.TemporaryDirectory() as t:
-        path = scenario_file(name, strip, Path(t))
-        try:
-            c = sim.compare(path, overrides=ovs)
-        finally:
-            if path != SCENARIOS / name:
-                path.unlink()
+        c = sim.compare(scenario_file(name, strip, Path(t)), overrides=ovs)
     s = c.summary
     out = {"best": s["best"], "plans": {}, "skipped": s["skipped"]}
     for n, b in s["plans"].items():
@@ -100,12 +96,7 @@ def optimize_record(case: str) -> dict:
 
     name, strip, kw = OPTIMIZE_CASES[case]
     with tempfile.TemporaryDirectory() as t:
-        path = scenario_file(name, strip, Path(t))
-        try:
-            r = optimize(path, **kw)
-        finally:
-            if path != SCENARIOS / name:
-                path.unlink()
+        r = optimize(scenario_file(name, strip, Path(t)), **kw)
     ov = (r.best_summary or {}).get("overall") or {}
     return {"feasible": r.feasible, "best_plan": r.best_plan, "cost_per_hour_usd": r.cost_per_hour_usd,
             "mode": r.mode, "n_simulations": r.n_simulations, "p99_ms": ov.get("p99_ms"),
