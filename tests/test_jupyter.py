@@ -40,7 +40,8 @@ def test_import_sim_loads_neither_pandas_nor_scipy_nor_matplotlib():
 @pytest.mark.parametrize("chosen", ["pdf", None], ids=["backend-chosen", "no-backend-yet"])
 def test_backend_unchanged_by_import_run_save_and_report(chosen, tmp_path):
     # A notebook has its backend (inline); any backend a user chose stays chosen, and one not chosen yet is
-    # still not chosen (so that Jupyter's default applies) after import, run, save with plots and the report.
+    # still not chosen (so that Jupyter's default applies) after import, run, save with plots, the report and
+    # optimize's frontier.
     code = f"""
 import sys, matplotlib
 chosen = {chosen!r}
@@ -55,6 +56,10 @@ write_report(out)
 fig = sim.report.plots.latency_cdf(res)
 names = {{p.name for p in (out / "plots").glob("*.png")}}
 assert {{"latency_cdf.png", "timeline.png", "report_latency_cdf.png", "report_timeline.png"}} <= names, names
+from sim.plan import optimize
+opt = optimize({str(SCENARIOS / 'optimize_demo.yaml')!r}, instance_types=["ml.g6.xlarge"], max_instances=4,
+               slo="p99=600ms", replications=1)
+assert (opt.save({str(tmp_path / 'opt')!r}) / "frontier.png").stat().st_size > 0
 print(repr(before), repr(matplotlib.rcParams._get_backend_or_none()), "matplotlib.pyplot" in sys.modules)
 """
     before, after, pyplot = _python(code).split()

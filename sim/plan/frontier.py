@@ -63,15 +63,13 @@ class OptimizeResult:
 
 
 def plot_frontier(res: OptimizeResult, path: Path) -> None:
-    """Cost per hour against P99 of every simulated plan; the Pareto frontier, the SLO and the best plan."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Cost per hour against P99 of every simulated plan; the Pareto frontier, the SLO and the best plan
+    (matplotlib's object API: the backend is left as it is)."""
+    from ..report.plots import new_figure
 
     metric = next(iter(res.slo))
     col = f"{metric}_ms"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure((7, 4.5))
     df = res.plans.dropna(subset=[col]) if len(res.plans) else res.plans
     if len(df):
         ok = df["feasible"].astype(bool)
@@ -95,9 +93,7 @@ def plot_frontier(res: OptimizeResult, path: Path) -> None:
     ax.set_ylabel(f"{metric} latency (ms), 95% CI")
     ax.set_title(f"{res.scenario}: {res.n_simulations} plans simulated x {res.replications} replications")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def pareto(df: pd.DataFrame, cost: str, value: str) -> pd.DataFrame:
