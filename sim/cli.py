@@ -103,15 +103,18 @@ def _ms(v: float) -> str:
     return f"{v / 1e3:g} s" if v >= 1000 else f"{v:g} ms"
 
 
-def slo_lines(summary: dict, blocks: dict[str, dict]) -> list[str]:
+def slo_lines(summary: dict, blocks: dict[str, dict], most: int | None = None) -> list[str]:
     """Per block (named as it is to be shown), whether it met the summary's SLO and why not
-    (:func:`sim.metrics.slo_verdict`), as lines to print."""
+    (:func:`sim.metrics.slo_verdict`), as lines to print. With more than ``most`` blocks, those that
+    met it are one line (how many, and the worst figure's block); the others each keep theirs."""
     from .metrics import SLO_FIGURES, SLO_LABELS, slo_verdict
 
     slo = summary.get("slo") or {}
     if not slo:
         return ["no SLO set (add e.g. slo: {p99: 500ms} to the scenario): no verdict"]
     out = ["SLO " + ", ".join(f"{SLO_LABELS[SLO_FIGURES[k]]} <= {_ms(v)}" for k, v in slo.items()) + ":"]
+    fold = most is not None and len(blocks) > most
+    met_names = []
     for name, b in blocks.items():
         met, why = slo_verdict(b, slo)
         if met is None:
@@ -120,11 +123,22 @@ def slo_lines(summary: dict, blocks: dict[str, dict]) -> list[str]:
         if not met:
             out.append(f"  {name}: MISSED ({'; '.join(why)})")
             continue
+        if fold:
+            met_names.append(name)
+            continue
         figs = [f"{SLO_LABELS[SLO_FIGURES[k]]} {_fmt(b[SLO_FIGURES[k]])} ms" for k in slo
                 if b.get(SLO_FIGURES[k]) is not None]
         if b.get("slo_attainment") is not None:
             figs.append(f"attainment {b['slo_attainment']:.1%}")
         out.append(f"  {name}: met ({', '.join(figs)})")
+    if met_names:
+        k = next(iter(slo))
+        fig = SLO_FIGURES[k]
+        have = [n for n in met_names if blocks[n].get(fig) is not None]
+        worst = max(have, key=lambda n: blocks[n][fig]) if have else None
+        tail = (f" (the closest: {worst}, {SLO_LABELS[fig]} {_fmt(blocks[worst][fig])} ms)" if worst else "")
+        n = len(met_names)
+        out.append(f"  {'all' if n == len(blocks) else 'the other'} {n} met it{tail}")
     return out
 
 
@@ -663,10 +677,8 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers
     print_comparison(summary)
     for name, b in summary["plans"].items():   # each plan's verdict per endpoint, and its run's warnings
         eps = {f"endpoint {e}": blk for e, blk in (b.get("endpoints") or {}).items()}
-        for line in slo_lines(summary, eps):
+        for line in slo_lines(summary, eps, most=8):
             click.echo(line if line.startswith("  ") else f"{name}: {line}")
-        for w in b.get("warnings", []):
-            click.echo(f"{name}: warning: {w}", err=True)
     for name, why in summary["skipped"].items():
         click.echo(f"{name}: not built: {why}", err=True)
     for name, b in summary["plans"].items():

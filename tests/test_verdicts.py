@@ -129,3 +129,17 @@ def test_compare_prints_each_plans_verdicts_and_warnings(tmp_path):
         for w in b["warnings"]:
             assert f"{plan}: warning: {w}" in err
     assert any(b["warnings"] for b in cmp["plans"].values())    # the MME plan's full-speed warning
+
+
+def test_many_endpoints_that_met_the_slo_fold_into_one_line():
+    from sim.cli import slo_lines
+
+    summary = {"slo": {"p99_ms": 1000.0}}
+    blocks = {f"endpoint e{i}": {"requests": 100, "p99_ms": 100.0 + i, "slo_attainment": 1.0} for i in range(12)}
+    blocks["endpoint slow"] = {"requests": 100, "p99_ms": 1500.0, "slo_attainment": 0.9}
+    lines = slo_lines(summary, blocks, most=8)
+    assert lines[0] == "SLO P99 <= 1 s:"
+    assert lines[1].startswith("  endpoint slow: MISSED (P99 1,500.0 ms > 1,000 ms")
+    assert lines[2] == "  the other 12 met it (the closest: endpoint e11, P99 111.0 ms)"
+    assert len(lines) == 3
+    assert len(slo_lines(summary, blocks)) == 14          # unfolded without ``most``
