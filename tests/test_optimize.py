@@ -215,3 +215,13 @@ def test_bad_modes_are_one_paragraph(tmp_path):
     assert r.exit_code == 2, r.output
     out = r.output.strip()
     assert out.startswith("error: ") and "unknown hosting mode 'icc' (did you mean ic?)" in out and "\n" not in out
+
+
+def test_a_bare_slo_target_far_beyond_seconds_gets_a_note():
+    from sim.plan.slo import unit_hints
+
+    assert unit_hints("p99=2000") == ["--slo slo.p99: 2000 is 33.3 minutes for a latency target (a bare number is "
+                                      "in seconds); did you mean 2000ms?"]
+    assert unit_hints("p99=2000ms,p50=2s") == unit_hints(None) == []
+    res = optimize(DEMO, instance_types=["ml.g6.xlarge"], max_instances=2, slo="p99=2000", replications=1)
+    assert any(n.startswith("--slo slo.p99: 2000 is") for n in res.notes)

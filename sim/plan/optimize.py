@@ -71,7 +71,7 @@ from .frontier import OptimizeResult, pareto, plot_frontier  # noqa: F401  (publ
 from .modes import optimize_modes, parse_modes
 from .parallel import planner_executor
 from .search import STALL_FRACTION, Choice, EndpointSearch  # noqa: F401  (public API)
-from .slo import SLO_METRICS, check_blocks, parse_slo  # noqa: F401  (public API)
+from .slo import SLO_METRICS, check_blocks, parse_slo, unit_hints  # noqa: F401  (public API)
 
 DEFAULT_REPLICATIONS = 5
 
@@ -153,6 +153,7 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     finally:
         if executor is not None:
             executor.close()
+    res.notes += unit_hints(slo)
     if modes:
         price_note(res, sc0)
         if out is not None:

@@ -123,6 +123,34 @@ def fmt_target(v: float) -> str:
     return f"{v / 1e3:g}s" if v >= 1000 else f"{v:g}ms"
 
 
+def given_items(slo: Any, source: str = "--slo") -> list[tuple[str, Any]]:
+    """The (metric, target as written) pairs of ``--slo``'s value: ``"p99=500ms,p50=100ms"``, a list of
+    those, or a mapping."""
+    if isinstance(slo, Mapping):
+        return list(slo.items())
+    items = []
+    for spec in [slo] if isinstance(slo, str) else list(slo):
+        for part in str(spec).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ScenarioError(f"expected metric=target such as p99=500ms, got {part!r}", source=source)
+            k, v = part.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    return items
+
+
+def unit_hints(slo: Any) -> list[str]:
+    """Warnings for ``--slo`` targets written as bare numbers far beyond seconds (``p99=2000``: did you
+    mean 2000ms?), as the scenario's own ``slo`` block gets (sim.scenario.units.bare_number_warnings)."""
+    from ..scenario.units import bare_number_warnings
+
+    if slo is None or (not isinstance(slo, Mapping) and not slo):
+        return []
+    return [f"--slo {w}" for w in bare_number_warnings({"slo": dict(given_items(slo))})]
+
+
 def parse_slo(slo: Any, scenario_slo: Any = None, source: str = "--slo") -> dict[str, float]:
     """SLO targets in seconds by metric (``p50``, ``p90``, ``p99``, ``mean``, ``ttft``, ``tpot``).
 
@@ -138,19 +166,8 @@ def parse_slo(slo: Any, scenario_slo: Any = None, source: str = "--slo") -> dict
         if not items:
             raise ScenarioError("no SLO to meet: give --slo p99=500ms or add slo: {p99: 500ms} to the scenario",
                                 source=source)
-    elif isinstance(slo, Mapping):
-        items = list(slo.items())
     else:
-        specs = [slo] if isinstance(slo, str) else list(slo)
-        for spec in specs:
-            for part in str(spec).split(","):
-                part = part.strip()
-                if not part:
-                    continue
-                if "=" not in part:
-                    raise ScenarioError(f"expected metric=target such as p99=500ms, got {part!r}", source=source)
-                k, v = part.split("=", 1)
-                items.append((k.strip(), v.strip()))
+        items = given_items(slo, source)
     out: dict[str, float] = {}
     for k, v in items:
         if k not in SLO_METRICS:
