@@ -769,6 +769,12 @@ def fidelity(measured, device, quick, cases, out, runs, profile, prepare, as_jso
                       f"{spread[fig]:.1%}" if spread else "")
     Console().print(t)
     for name, row in res["cases"].items():
+        st = row.get("settled")
+        if st and row["measured"].get("cold_starts"):
+            click.echo(f"{name}: P99 from {st['from_s']:.1f} s on (the first loads done): measured "
+                       f"{st['measured_p99_ms']:.1f} ms, simulated {st['simulated_p99_ms']:.1f} ms "
+                       f"({st['p99_err']:+.1%})")
+    for name, row in res["cases"].items():
         noisy = [r["noise"]["why"] for r in row["runs"] if (r.get("noise") or {}).get("noisy")]
         if row.get("verdict") == "too noisy":
             click.echo(f"{name}: outside the tolerance, on a machine too noisy to measure ({'; '.join(noisy)})")

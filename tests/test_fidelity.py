@@ -493,3 +493,29 @@ def test_neighbours_measure_other_processes_cpu_not_ours():
         pass
     cores = n.cores()
     assert cores is None or 0.0 <= cores <= (__import__("os").cpu_count() or 1)
+
+
+def test_the_settled_p99_starts_after_the_first_second_and_the_loads_begun_in_it():
+    # loads begun in the first second push the start out to their end; a later load does not
+    loads = [{"start_s": 0.1, "end_s": 0.4}, {"start_s": 0.9, "end_s": 1.3}, {"start_s": 5.0, "end_s": 9.0}]
+    assert fid.settled_from({"loads": loads}) == 1.3
+    assert fid.settled_from({"loads": []}) == fid.SETTLE_S
+    # 100 requests from 1 s on at 1..100 ms, and slow ones before: only the later count
+    arrival = np.r_[np.full(50, 0.5), 1.0 + np.arange(100) / 100]
+    lat = np.r_[np.full(50, 500.0), np.arange(1.0, 101.0)]
+    ok = np.ones(lat.size, dtype=bool)
+    assert fid.p99_from(lat, ok, arrival, 1.0) == pytest.approx(np.percentile(np.arange(1.0, 101.0), 99))
+    ok[-1] = False          # a failed request does not count
+    assert fid.p99_from(lat, ok, arrival, 1.0) == pytest.approx(np.percentile(np.arange(1.0, 100.0), 99))
+    assert np.isnan(fid.p99_from(lat, ok, arrival, 10.0))
+
+
+def test_runs_pool_their_settled_p99():
+    base = {"requests": 100, "completed": 100, "p50_ms": 10.0, "p90_ms": 20.0, "p99_ms": 40.0, "mean_ms": 12.0,
+            "throughput_per_s": 5.0, "cold_starts": 4, "hit_rate": 1.0}
+    runs = [{**fid.errors(base, base), "measured": base, "simulated": base, "unfinished": 0,
+             "settled": {"from_s": t0, "measured_p99_ms": m, "simulated_p99_ms": s, "p99_err": s / m - 1}}
+            for t0, m, s in ((1.0, 30.0, 27.0), (1.2, 50.0, 45.0))]
+    st = fid.pooled(runs)["settled"]
+    assert st["measured_p99_ms"] == 40.0 and st["simulated_p99_ms"] == 36.0
+    assert st["p99_err"] == pytest.approx(-0.1) and st["from_s"] == pytest.approx(1.1)
