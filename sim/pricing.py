@@ -3,7 +3,8 @@
 Prices are the catalog's ``price_per_hour`` (SageMaker real-time inference, on demand, us-east-1,
 USD; ``sim/catalog/instances.yaml`` gives each its source and date) or a scenario's own
 ``instance_types``. A price the catalog marks as an estimate (its ``source`` starts with
-``ESTIMATE``) is one: :func:`estimate_warning` says so where a plan uses it.
+``ESTIMATE``) or as listed before AWS's June 2025 P4/P5 price cut (``PRE-CUT``) is one a user
+should check: :func:`price_warning` says so where a plan uses it.
 """
 from __future__ import annotations
 
@@ -32,10 +33,24 @@ def is_estimate(it: Any) -> bool:
     return str(getattr(it, "source", "") or "").lstrip().upper().startswith("ESTIMATE")
 
 
-def estimate_warning(types: Iterable[Any]) -> str | None:
-    """A sentence naming the types whose price is an estimate (None: none is)."""
+def is_pre_cut(it: Any) -> bool:
+    """Whether the type's price is one listed before AWS's June 2025 P4/P5 price cut."""
+    return str(getattr(it, "source", "") or "").lstrip().upper().startswith("PRE-CUT")
+
+
+def price_warning(types: Iterable[Any]) -> str | None:
+    """A sentence naming the types whose price is an estimate or from before the June 2025 P4/P5
+    price cut (None: no such type)."""
+    types = list(types)
     est = sorted({it.name for it in types if is_estimate(it)})
-    if not est:
+    old = sorted({it.name for it in types if is_pre_cut(it)})
+    said = []
+    if est:
+        said.append(f"the price of {', '.join(est)} is an estimate, not a listed SageMaker price")
+    if old:
+        said.append(f"the price of {', '.join(old)} is as listed before AWS's June 2025 P4/P5 price cut "
+                    "(EC2 on demand up to 45% lower); the cost may be lower now")
+    if not said:
         return None
-    return (f"the price of {', '.join(est)} is an estimate, not a listed SageMaker price (see its source in "
-            "capsim catalog); check https://aws.amazon.com/sagemaker/pricing/ before relying on the cost")
+    return ("; ".join(said) + " (see the source in capsim catalog); check https://aws.amazon.com/sagemaker/pricing/ "
+            "before relying on the cost")

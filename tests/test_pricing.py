@@ -1,4 +1,4 @@
-"""sim.pricing: one place prices an instance-hour and a fleet log; estimated prices are said to be."""
+"""sim.pricing: one place prices an instance-hour and a fleet log; estimated and pre-cut prices are said to be."""
 from __future__ import annotations
 
 import pytest
@@ -17,8 +17,13 @@ def test_prices_and_estimates():
         3 * it.price_per_hour + 2 * cat.instance("ml.g4dn.xlarge").price_per_hour)
     assert pricing.is_estimate(cat.instance("ml.p5en.48xlarge"))
     assert not pricing.is_estimate(cat.instance("ml.p5.48xlarge"))
-    assert pricing.estimate_warning([cat.instance("ml.p5.48xlarge")]) is None
-    assert "ml.p5en.48xlarge" in pricing.estimate_warning([cat.instance("ml.p5en.48xlarge"), it])
+    assert pricing.price_warning([it, cat.instance("ml.g6e.xlarge")]) is None
+    assert "ml.p5en.48xlarge is an estimate" in pricing.price_warning([cat.instance("ml.p5en.48xlarge"), it])
+    # The P4 and P5 prices are listed ones from before the June 2025 cut, and a plan using them says so.
+    for name in ("ml.p4d.24xlarge", "ml.p5.48xlarge"):
+        assert pricing.is_pre_cut(cat.instance(name)) and not pricing.is_estimate(cat.instance(name))
+        assert f"{name} is as listed before" in pricing.price_warning([cat.instance(name), it])
+    assert not any(pricing.is_pre_cut(t) for t in cat.instance_types.values() if not t.name.startswith("ml.p"))
     # Every catalog price has a source and a date.
     for t in cat.instance_types.values():
         assert t.source and t.date, t.name

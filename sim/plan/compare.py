@@ -58,7 +58,7 @@ import pandas as pd
 
 from ..api import Result, atomic_write, json_default
 from ..output import safe_name
-from ..pricing import estimate_warning, fleet_hourly
+from ..pricing import price_warning, fleet_hourly
 from ..scenario import Scenario, ScenarioError, apply_overrides, load_scenario, parse_scenario, read_yaml
 from ..scenario.errors import suggest
 from .autoscaled import autoscaled_plans
@@ -379,7 +379,7 @@ def compare(scenario: Scenario | str | Path, plans: Sequence[str] | str | Path |
         if executor is not None:
             executor.close()
     for p in built.values():
-        warn = estimate_warning(ep.instance_type for ep in p.result.scenario.endpoints) if p.result else None
+        warn = price_warning(ep.instance_type for ep in p.result.scenario.endpoints) if p.result else None
         if warn:
             p.notes.append(warn)
     cmp = Comparison(sc, seed, slo, loads, built, data)

@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from ..pricing import estimate_warning
+from ..pricing import price_warning
 from ..scenario import ScenarioError, apply_overrides, parse_scenario, read_yaml
 from .capacity import erlang_c  # noqa: F401  (public API)
 from .frontier import OptimizeResult, pareto, plot_frontier  # noqa: F401  (public API)
@@ -84,7 +84,7 @@ def price_note(res: OptimizeResult, sc: Any) -> None:
             types.append(sc.catalog.instance(p["instance_type"]))
         except KeyError:
             continue
-    warn = estimate_warning(types)
+    warn = price_warning(types)
     if warn:
         res.notes.append(warn)
 
