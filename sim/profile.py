@@ -175,13 +175,17 @@ def device_gpu(profile: dict, catalog: Catalog) -> GPUSpec | None:
     if meta.get("device") != "cuda":
         return None
     name = str(meta.get("device_name") or "").upper().replace(" ", "")
-    best = None
-    for key, spec in catalog.gpus.items():
-        k = key.upper().replace(" ", "")
-        stem = k.split("-")[0]
-        if stem and stem in name and (best is None or len(key) > len(best.name)):
-            best = spec
-    return best
+    mem = meta.get("gpu_memory_gb")
+
+    def rank(spec: GPUSpec) -> tuple:
+        # the GPUs whose name's stem the device name holds; first those whose every part it holds
+        # ("A100-SXM4-80GB" holds A100-80GB's), then the nearest memory, then the longest name
+        # (L40S before L4)
+        parts = spec.name.upper().replace(" ", "").split("-")
+        return (all(p in name for p in parts), -abs(spec.memory_gb - float(mem)) if mem else 0.0, len(spec.name))
+
+    found = [spec for key, spec in catalog.gpus.items() if key.upper().replace(" ", "").split("-")[0] in name]
+    return max(found, key=rank) if found else None
 
 
 def service_model(profile: dict, family: str, params: str | int | float, *, catalog: Catalog,

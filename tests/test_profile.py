@@ -137,3 +137,23 @@ def test_the_shipped_cpu_profile_drives_a_scenario():
     res = sim.run(sc)
     assert res.requests["service_ms"].mean() == pytest.approx(expect, rel=0.05)
     assert sc.models[0].host_memory_gb == pytest.approx(prof["fits"]["runtime"]["host_memory_gb"])
+
+
+@pytest.mark.parametrize("device_name, memory_gb, gpu", [
+    ("NVIDIA A100-SXM4-80GB", 85.1, "A100-80GB"),
+    ("NVIDIA A100-SXM4-40GB", 42.4, "A100-40GB"),
+    ("NVIDIA A100-PCIE", 85.1, "A100-80GB"),      # no memory in the name: the nearest memory
+    ("NVIDIA A100-PCIE", None, "A100-40GB"),      # nothing to tell them apart: the first listed
+    ("NVIDIA L40S", 48.3, "L40S"),
+    ("NVIDIA L4", 23.7, "L4"),
+    ("Tesla T4", 15.8, "T4"),
+    ("NVIDIA H100 80GB HBM3", 85.0, "H100"),
+    ("NVIDIA GeForce RTX 4090", 25.4, None),
+])
+def test_a_cuda_profile_names_the_catalog_gpu_it_was_measured_on(device_name, memory_gb, gpu):
+    from sim.catalog import load_catalog
+    from sim.profile import device_gpu
+
+    meta = {"device": "cuda", "device_name": device_name, "gpu_memory_gb": memory_gb}
+    got = device_gpu({"metadata": meta}, load_catalog())
+    assert (got.name if got else None) == gpu
