@@ -22,11 +22,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 import sim
 from conftest import print_table as _table
 from sim.plan.autoscaled import at_trough
 from sim.plan.builders import build_ic, build_mme, build_sme, estimate, mme_count
 from sim.plan.load import fleet_load
+from sim.plan.sizing import instances
 from sim.plan.slo import SLO
 from sim.pricing import fleet_hourly
 
@@ -258,3 +261,91 @@ def test_forethought_autocomplete_savings_from_planned_plans():
     assert per_type == {"ml.g4dn.xlarge": 7, "ml.g4dn.2xlarge": 4} and floor == 4
     assert abs(saved - 0.660) <= 0.005
     assert 0.66 - 0.005 <= saved <= 0.74                  # within the source's range, at its low end
+
+
+def _one_copy_bound(lm, it, slo_s: float) -> float:
+    """Requests per second one copy of ``lm`` serves within the SLO (the capacity estimate)."""
+    lo, hi = 0.0, 100.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if estimate(replace(lm, peak_rate=mid), lm.concurrency, slo_s, it) <= 1:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def test_salesforce_ic_against_sme_from_planned_plans(tmp_path):
+    """Salesforce: inference components cut cost "up to 8x" against SMEs (the source).
+
+    The plans compare builds and sizes for the fleet of salesforce_ic.yaml (6 large models with a
+    few requests a minute, 2 medium ones whose traffic follows the day; SLO P99 20 s; seed 11) on
+    the source's ml.p4d.24xlarge:
+
+    - SME: each model on its own p4d (8 copies, one per A100): 8 instances, 301.50 USD/h;
+    - IC: a copy per GPU, packed: 6 large copies and, at the noon peak (the busiest window, in the
+      simulated 00:00-12:30), 4 copies of codegen-inline and 2 of texteval (the batching estimate
+      on the A100 curve): 12 GPUs, 2 instances. Simulated: both meet the SLO, SME cost / IC cost
+      4.0x (the hand-written IC plan of tests/test_seeds.py, with managed instance scaling over the
+      day, 4.02x);
+    - the same builders at the day's quietest window (``at_trough``, the floor compare gives its
+      autoscaled plans): one copy of each medium model, 8 GPUs, one instance: 8.0x, the source's
+      figure, and its simulation from 00:30 to 01:30 meets the SLO (P99 ~15 s of 20 s).
+
+    So the planner reaches 8x only at the bottom of the night: one codegen-inline copy serves up
+    to ~1.59 requests per second within the SLO (the estimate, under the slowdown curve), and the
+    scenario's night is 1.6/s at its lowest (4/s mean, peak_to_trough 4; the quietest 5-minute
+    window read 1.51/s). Anywhere else in the day a second copy, and so a second instance, is
+    needed: 4x. The source's "up to" is its best case; its traffic is not stated.
+
+    On the whole catalog (builders only, not simulated) the planner's SMEs move to single-GPU
+    ml.g6e.xlarge (L40S 48 GB) and ml.g6.xlarge (L4 24 GB) instances, 22.42 USD/h: 0.30x the IC
+    plan's cost, which stays on 2 p4d (an IC copy reserves its model's memory_gb of host memory:
+    the 36 GB xgen copy fits no single-GPU type's host memory). The source's 8x compares hosting
+    modes on the same P4d hardware, which is what the figures above hold fixed.
+
+    Tolerances: 0.05 on the ratios (fixed fleets: counts x prices), 0.05/s on the one-copy bound.
+    """
+    path = SCENARIOS / "salesforce_ic.yaml"
+    p4d = "ml.p4d.24xlarge"
+    c = sim.compare(path, ["sme", "ic"], overrides=["duration=750m"], instance_types=[p4d])
+    s = c.summary["plans"]
+    for name, b in s.items():
+        assert b["slo_met"] and b["failed"] == 0, name
+    assert s["sme"]["requests"] == s["ic"]["requests"] and [len(p.sizing) for p in c.plans.values()] == [1, 1]
+    peak_ratio = s["sme"]["cost_per_hour_usd"] / s["ic"]["cost_per_hour_usd"]
+
+    # The day's quietest window: the builders at the rates compare's autoscaled plans take as their floor.
+    sc = sim.load_scenario(path)
+    slo_s, cat = SLO.of(sc).latency_s, sc.catalog
+    day = fleet_load(sc)
+    night = [at_trough(lm) for lm in day]
+    it = cat.instance(p4d)
+    sme_night, ic_night = build_sme(night, [it], slo_s), build_ic(night, [it], slo_s)
+    night_ratio = fleet_hourly(instances(sme_night.endpoints), cat) / fleet_hourly(instances(ic_night.endpoints), cat)
+    (tmp_path / "night.yaml").write_text(yaml.safe_dump({"ic-night": ic_night.endpoints}))
+    n = sim.compare(path, tmp_path / "night.yaml", overrides=["duration=90m"]).summary["plans"]["ic-night"]
+    assert n["slo_met"] and n["failed"] == 0
+    inline = next(lm for lm in day if lm.name == "codegen-inline")
+    bound = _one_copy_bound(inline, it, slo_s)
+
+    # The whole catalog, for reference: the builders' choice of types.
+    types = list(cat.instance_types.values())
+    sme_all, ic_all = build_sme(day, types, slo_s), build_ic(day, types, slo_s)
+    all_sme, all_ic = instances(sme_all.endpoints), instances(ic_all.endpoints)
+    all_ratio = fleet_hourly(all_sme, cat) / fleet_hourly(all_ic, cat)
+    copies = dict(zip((lm.name for lm in day), c.plans["ic"].state["copies"]))
+    _table("Salesforce: SME cost / IC cost of the plans the planner sizes (reported: up to 8x)",
+           ("window", "SME", "IC", "SME / IC", "how"),
+           [("busiest (noon)", _fleet(s["sme"]["instances"]), _fleet(s["ic"]["instances"]), f"{peak_ratio:.2f}x",
+             f"simulated; IC copies inline {copies['codegen-inline']}, texteval {copies['texteval']}"),
+            ("quietest (night)", _fleet(instances(sme_night.endpoints)), _fleet(instances(ic_night.endpoints)),
+             f"{night_ratio:.2f}x", f"estimate; IC simulated 00:30-01:30, P99 {n['p99_ms']:,.0f} ms"),
+            ("busiest, whole catalog", _fleet(all_sme), _fleet(all_ic), f"{all_ratio:.2f}x", "estimate")])
+    print(f"one codegen-inline copy serves up to {bound:.2f}/s within the SLO; its quietest window "
+          f"{inline.trough_rate:.2f}/s, its busiest {inline.peak_rate:.2f}/s")
+    assert s["sme"]["instances"] == {p4d: 8} and s["ic"]["instances"] == {p4d: 2}
+    assert abs(peak_ratio - 4.0) <= 0.05
+    assert instances(ic_night.endpoints) == {p4d: 1} and abs(night_ratio - 8.0) <= 0.05
+    assert abs(bound - 1.59) <= 0.05 and inline.trough_rate < bound < 1.6
+    assert all(t != p4d for t in all_sme) and abs(all_ratio - 0.30) <= 0.05
