@@ -42,6 +42,12 @@ def _fleet(counts: dict) -> str:
     return ", ".join(f"{v} x {k}" for k, v in counts.items())
 
 
+def _typical(loads: list):
+    """A model of the fleet (all have the same sizes and service) at the fleet's mean rates."""
+    return replace(loads[0], rate=sum(lm.rate for lm in loads) / len(loads),
+                   peak_rate=sum(lm.peak_rate for lm in loads) / len(loads))
+
+
 def _copies(lm, k: int) -> list:
     """``k`` models of ``lm``'s sizes and traffic (names of their own)."""
     return [replace(lm, index=i, name=f"{lm.name}-{i}") for i in range(k)]
@@ -94,6 +100,8 @@ def test_forethought_models_per_instance_from_memory_and_compute():
       source's. GPU memory binds the embeddings (0.8 x 16 GB / 1.04 GB = 12.3), host memory the
       autocomplete models (12 GB / 2.7 GB = 4.4, 28 GB / 2.7 GB = 10.4; their 2.7 GB is an
       assumption taken in the range the source's 4 and 10 imply, so this checks the mechanism).
+    Each count is for models of the fleet's sizes at its mean rate per model.
+
     - The planner's MME builder as compare runs it (default cache: memory_fraction 0.9,
       host_reserve 2 GB, and 20% headroom over the working set, MME_SLACK): 11, 4 and 9. Its
       headroom is for cold-start churn; the source pre-warms every model and its 80% target is
@@ -104,7 +112,8 @@ def test_forethought_models_per_instance_from_memory_and_compute():
       concurrent requests) one device serves 12 embedding models up to ~2.9 requests per second
       each (the scenario's traffic: 0.67/s at its peak), 10 autocomplete models up to ~2.0/s each
       (the day's peak: 0.53/s). The source gives no per-model traffic, so these bounds are what
-      capsim can say: below them memory, not the GPU's time, sets the count.
+      capsim can say: below them memory, not the GPU's time, sets the count. (The bound is the
+      pooled estimate the MME builder counts, ``pooled``: the test at the end of this file.)
 
     Tolerances: the counts are integers and exact; the compute bounds to 10%.
     """
@@ -115,7 +124,8 @@ def test_forethought_models_per_instance_from_memory_and_compute():
                                          ("autocomplete", ac, "ml.g4dn.2xlarge", 10)):
         sc = sim.load_scenario(path)
         slo_s = SLO.of(sc).latency_s
-        lm = fleet_load(sc)[0]
+        loads = fleet_load(sc)
+        lm = _typical(loads)
         it = sc.catalog.instance(itype)
         held = _held(path, itype)
         planner = _planner_per_instance(lm, it, slo_s)
@@ -124,11 +134,10 @@ def test_forethought_models_per_instance_from_memory_and_compute():
         rows.append((label, itype, reported, held, planner, packed))
     day = sim.load_scenario(SCENARIOS / "forethought_autocomplete_day.yaml")
     e_sc = sim.load_scenario(emb)
-    e_lm, d_loads = fleet_load(e_sc)[0], fleet_load(day)
-    e_peak = sum(lm.peak_rate for lm in fleet_load(e_sc)) / len(e_sc.models)
-    d_peak = sum(lm.peak_rate for lm in d_loads) / len(d_loads)
+    e_lm, d_lm = _typical(fleet_load(e_sc)), _typical(fleet_load(day))
+    e_peak, d_peak = e_lm.peak_rate, d_lm.peak_rate
     e_bound = _compute_bound(e_lm, e_sc.catalog.instance("ml.g4dn.xlarge"), 12, SLO.of(e_sc).latency_s)
-    d_bound = _compute_bound(d_loads[0], day.catalog.instance("ml.g4dn.2xlarge"), 10, SLO.of(day).latency_s)
+    d_bound = _compute_bound(d_lm, day.catalog.instance("ml.g4dn.2xlarge"), 10, SLO.of(day).latency_s)
     _table("Forethought: models per MME instance (reported / simulated cache / compare's MME builder / "
            "the builder's packing with the scenario's cache)",
            ("models", "instance type", "reported", "simulated", "planner", "planner, scenario cache"), rows)
@@ -349,3 +358,32 @@ def test_salesforce_ic_against_sme_from_planned_plans(tmp_path):
     assert instances(ic_night.endpoints) == {p4d: 1} and abs(night_ratio - 8.0) <= 0.05
     assert abs(bound - 1.59) <= 0.05 and inline.trough_rate < bound < 1.6
     assert all(t != p4d for t in all_sme) and abs(all_ratio - 0.30) <= 0.05
+
+
+def test_mme_builder_counts_the_shared_gpu_time_of_all_its_models():
+    """An MME instance's one GPU serves every model loaded there, and the slowdown curve counts all
+    their requests in service: the MME builder sizes the pooled traffic of its batching models on
+    the device (``pooled``), beside each model's own estimate and the memory tiers. Here 10 small
+    models at 10 requests/s each: each alone needs one instance and their memory fits one
+    ml.g4dn.xlarge, but one T4 under the curve {5: 4.0} completes at most 5 / (4.0 x 30 ms) =
+    42 requests/s, not the 100 offered; the builder's count serves them and the simulation meets
+    the SLO in its first round (seed 3, 3 simulated minutes)."""
+    d = {"name": "pooled", "seed": 3, "duration": "3m", "warmup": "30s", "slo": {"p99": "1s"},
+         "models": [{"name": "m-{i}", "count": 10, "size_gb": 0.88, "memory_gb": 1.04, "host_memory_gb": 0.25,
+                     "service": {"dist": "lognormal", "mean": "30ms", "cv": 0.4,
+                                 "batching": {"slowdown": {1: 1.0, 5: 4.0}}},
+                     "traffic": {"process": "poisson", "rate": "100/s", "popularity": "uniform"}}],
+         "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g4dn.xlarge", "instances": 1,
+                        "max_concurrency": 4, "models": ["m-*"]}]}
+    from sim.scenario import parse_scenario
+
+    sc = parse_scenario(d, source="pooled")
+    it = sc.catalog.instance("ml.g4dn.xlarge")
+    c = sim.compare(sc, ["mme"], instance_types=[it.name])
+    plan = c.plans["mme"]
+    n = plan.endpoints[0]["instances"]
+    assert max(estimate(lm, 4, c.slo.latency_s, it) for lm in c.loads) == 1    # each model alone: 1
+    assert sum(lm.peak_rate for lm in c.loads) > 5 / (4.0 * 0.030)              # more than one T4 completes
+    print(f"pooled: {n} x {it.name}, P99 {c.summary['plans']['mme']['p99_ms']:,.0f} ms")
+    assert n >= 3 and len(plan.sizing) == 1 and plan.slo_met
+    assert c.summary["plans"]["mme"]["failed"] == 0
