@@ -27,7 +27,7 @@ import yaml
 import sim
 from conftest import print_table as _table
 from sim.plan.autoscaled import at_trough
-from sim.plan.builders import build_ic, build_mme, build_sme, estimate, mme_count
+from sim.plan.builders import build_ic, build_mme, build_sme, estimate, mme_count, pooled
 from sim.plan.load import fleet_load
 from sim.plan.sizing import instances
 from sim.plan.slo import SLO
@@ -79,12 +79,13 @@ def _held(path: Path, itype: str) -> int:
 
 def _compute_bound(lm, it, k: int, slo_s: float) -> float:
     """Requests per second each of ``k`` models of ``lm``'s kind may get before their pooled traffic
-    needs a second device (the capacity estimate of their execution model: the batching chain on the
-    slowdown curve, ``max_concurrency`` requests in service on the one GPU)."""
+    (``pooled``, as the MME builder counts it) needs a second device (the capacity estimate of their
+    execution model: the batching chain on the slowdown curve, ``max_concurrency`` requests in
+    service on the one GPU)."""
     lo, hi = 0.0, 1000.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if estimate(replace(lm, peak_rate=k * mid), lm.concurrency, slo_s, it) <= 1:
+        if estimate(pooled(_copies(replace(lm, peak_rate=mid), k), lm.concurrency), lm.concurrency, slo_s, it) <= 1:
             lo = mid
         else:
             hi = mid
