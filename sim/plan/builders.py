@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 from ..api import Result
@@ -109,16 +109,37 @@ def build_sme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: 
     return plan
 
 
+def pooled(loads: Sequence[ModelLoad], conc: int) -> ModelLoad | None:
+    """The batching models of ``loads`` as one load on a shared device (an MME instance's GPU runs the
+    requests of every model loaded there: the slowdown counts them all): their peak rates summed,
+    the rate-weighted mean service time, the largest P99, and the curve that slows most at ``conc``
+    requests in service (None: no batching model, or no traffic)."""
+    from ..hosting.device import slowdown_table
+
+    shared = [lm for lm in loads if lm.execution == "batching" and lm.peak_rate > 0]
+    if not shared:
+        return None
+    rate = sum(lm.peak_rate for lm in shared)
+    worst = max(shared, key=lambda lm: slowdown_table(dict(lm.slowdown))(max(conc, 1)))
+    return replace(worst, name="+".join(lm.name for lm in shared[:3]), peak_rate=rate,
+                   mean_s=sum(lm.peak_rate * lm.mean_s for lm in shared) / rate,
+                   p99_s=max(lm.p99_s for lm in shared), concurrency=conc)
+
+
 def mme_count(loads: Sequence[ModelLoad], it: InstanceType, cache: CacheSpec, slo_s: float | None,
                conc: int) -> int:
     """Instances of ``it`` that hold every model's copies (of ``conc`` requests at once
-    each) with MME_SLACK headroom."""
+    each) with MME_SLACK headroom, and whose GPUs serve the batching models' pooled traffic
+    (:func:`pooled`: every model of an instance shares its one GPU's time)."""
     copies = [estimate(lm, conc, slo_s, it) for lm in loads]
     on_gpu = it.gpus > 0
     gpu = sum(c * lm.memory_gb for c, lm in zip(copies, loads)) if on_gpu else 0.0
     host = sum(c * (lm.host_memory_gb + (0.0 if on_gpu else lm.memory_gb)) for c, lm in zip(copies, loads))
     disk = sum(c * lm.size_gb for c, lm in zip(copies, loads))
     n = max(copies)
+    pool = pooled(loads, conc) if on_gpu else None
+    if pool is not None:
+        n = max(n, estimate(pool, conc, slo_s, it))
     for used, cap in ((gpu, it.total_gpu_memory_gb * cache.memory_fraction),
                       (host, it.memory_gb - cache.host_reserve), (disk, it.storage_gb)):
         if used > 0 and cap > 0:
