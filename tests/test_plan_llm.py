@@ -153,3 +153,23 @@ def test_compare_stops_growing_a_plan_that_more_capacity_does_not_move():
     first, last = (slo.missed({"requests": 1, "ttft_p99_ms": r["ttft"], "tpot_p99_ms": 50.0})
                    for r in ({"ttft": 40764.0}, {"ttft": 40749.0}))
     assert not moved(first, last) and moved(first, {})
+
+
+def test_a_closed_loop_of_a_language_model_is_sized_at_its_users_rate_bound():
+    """Closed-loop users of a language model with no think time (the routing benchmark's): each user
+    sends at most one request per request-time alone on the engine, so the planner's rate is that
+    bound: 4 users over the mean time alone, derived here from the step model (the planner once
+    divided by a zero service time)."""
+    from sim.plan.load import alone_seconds
+
+    sc = sim.load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / "routing_codegen2_llm.yaml", OVS)
+    lm = fleet_load(sc, 0)[0]
+    eng = sc.models[0].llm
+    step = eng.step
+    # a request alone: its prompt's prefill step (the first token), then one decode step per further token
+    p, o = 1200, 60
+    assert alone_seconds(eng, p, o) == pytest.approx(
+        step.time(0, 0, p) + sum(step.time(1, p + j, 0) for j in range(o - 1)), rel=1e-9)
+    users = sc.spec.models[0].traffic.users
+    assert 0 < lm.rate <= users / alone_seconds(eng, 1, 1)
+    assert lm.rate == pytest.approx(users / lm.mean_s, rel=0.05)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..core.rng import Streams
-from ..scenario import Scenario
+from ..scenario import Scenario, ScenarioError
 from ..service import sample_tokens, service_times
 from ..workload.build import build_workload, group_weights
 
@@ -80,8 +80,20 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
             k = 4096
             tin = sample_tokens(rng, spec.tokens.input, k) if spec.tokens else None
             tout = sample_tokens(rng, spec.tokens.output, k) if spec.tokens else None
-            s = service_times(rng, g.service, tin, tout, k)
-            total = tr.users / (tr.think_time + float(s.mean()))
+            llm = sc.models[g.models[0]].llm if g.models else None
+            if llm is not None and tin is not None and tout is not None:
+                # A language model's request takes at least its time alone on its engine (its prompt's
+                # prefill, then a step for each further token): a bound on the latency, so the users'
+                # rate is one the loop cannot exceed.
+                s = np.array([alone_seconds(llm, int(i), int(o)) for i, o in zip(tin[:256], tout[:256])])
+            else:
+                s = service_times(rng, g.service, tin, tout, k)
+            cycle = tr.think_time + float(s.mean())
+            if cycle <= 0:
+                raise ScenarioError(f"models[{g.index}] ({g.name}): a closed loop with no think time and no "
+                                    "service time sends without bound; give traffic.think_time or a service "
+                                    "time", source=sc.source)
+            total = tr.users / cycle
             for local, m in enumerate(g.models):
                 rate[m] = total * group_weights(g)[local]
                 svc_mean[m], svc_p99[m] = float(s.mean()), float(np.percentile(s, 99))
@@ -129,6 +141,18 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
                              mod.accelerators, execution, slowdown, llm,
                              trough_rate=(float(rate[m] * trough[mod.group]) if mod.group in trough else None)))
     return out
+
+
+def alone_seconds(llm: Any, input_tokens: int, output_tokens: int) -> float:
+    """Seconds of a language model's request alone on its engine (``Model.llm``): its prompt's
+    prefill in steps of ``max_num_batched_tokens``, then one decode step per further output token."""
+    t, p, budget = 0.0, max(int(input_tokens), 1), max(1, int(llm.max_num_batched_tokens))
+    done = 0
+    while done < p:
+        chunk = min(budget, p - done)
+        t += llm.step.time(0, done, chunk)
+        done += chunk
+    return t + llm.step.decode_time(1, p, max(int(output_tokens) - 1, 0))
 
 
 def spec_service(sc: Scenario, group: int) -> tuple[float, float]:
