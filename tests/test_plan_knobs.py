@@ -153,3 +153,19 @@ def test_language_model_the_knob_search_finds_the_brute_force_optimum():
                  & (brute["models[0].service.continuous_batching.max_num_seqs"] == p["max_num_seqs"])]
     assert len(mine) == 1 and bool(mine["feasible"].iloc[0])
     assert res.n_simulations < len(brute)
+
+
+def test_the_printed_table_gives_the_knob_and_no_knobs_keeps_the_scenario_s(tmp_path):
+    from click.testing import CliRunner
+
+    from sim.cli import main
+
+    args = ["optimize", str(BATCHING), "--instance-types", "ml.g6.xlarge", "--max-instances", "8",
+            "--replications", "2"]
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "per copy" in r.output and "max_concurrency 8" in r.output
+    r = CliRunner().invoke(main, args + ["--no-knobs", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert "per copy" not in r.output
+    assert yaml.safe_load((tmp_path / "b" / "best.yaml").read_text())["endpoints"][0]["max_concurrency"] == 1

@@ -45,7 +45,8 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
 
     - **sme, mme**: the search of :func:`optimize` (type among ``instance_types`` or the builder's
       choice, count, routing among ``routing`` or the scenario's own endpoints' policies, as
-      :func:`optimize` without modes searches) on every endpoint of the plan;
+      :func:`optimize` without modes searches) on every endpoint of the plan, with its per-copy
+      concurrency knob where ``knobs`` and its models charge for concurrency (:mod:`sim.plan.knobs`);
     - **ic**: compare's sizing (copies from the queueing estimate, grown where the simulation of
       replication 0 misses the SLO, repacked on the cheapest type), then checked over ``replications``
       with the optimizer's rule (each model's CI upper end within the target); where that check fails
