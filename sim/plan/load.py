@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -187,8 +187,6 @@ class LLMSizing:
         if self.max_num_seqs is not None:
             # The batch alone: a mixture-of-experts roofline's weights read per step keep the model's own
             # max_num_seqs (an estimate; the simulation resolves the engine with the value given).
-            from dataclasses import replace
-
             eng = replace(eng, max_num_seqs=int(self.max_num_seqs))
         return eng
 

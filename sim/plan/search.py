@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,6 +20,7 @@ from ..scenario.schema import ROUTING_POLICIES
 from .capacity import MAX_UNITS, instances_needed, mean_wait, wait_tail
 from .frontier import OptimizeResult, pareto
 from .knobs import Knob, endpoint_knob, promising, values
+from .knobs import cap as knob_cap
 from .load import execution_model, fleet_load
 from .parallel import run_one
 from .slo import LATENCY_METRICS, QUANTILE, STALL_FRACTION, check_blocks, moved, summary_key
@@ -281,8 +282,6 @@ class EndpointSearch:
                 cap = rt.copies_per_instance * conc
             lms = [lm for m, lm in self._fleet_loads(sc, e, t).items() if m in set(rt.models)]
             if knob is not None and kn.kind == "max_num_seqs":
-                from dataclasses import replace
-
                 lms = [replace(lm, llm=replace(lm.llm, max_num_seqs=int(knob))) if lm.llm is not None else lm
                        for lm in lms]
             all_lms += lms
@@ -315,8 +314,6 @@ class EndpointSearch:
         if kn is not None:
             info["estimate"] = max(estimate, n_lo) if estimate < MAX_UNITS else None
             if knob is None and rts:
-                from .knobs import cap as knob_cap
-
                 info["knob_cap"] = knob_cap(kn, all_lms, rts[0].instance_type)
         return info
 
@@ -334,7 +331,8 @@ class EndpointSearch:
         for i in infos:
             n = i.get("estimate") if i["status"] == "candidate" else None
             i["estimated_cost_per_hour"] = None if n is None or n > self.max_n else n * unit
-            est[i["knob_value"]] = math.inf if i["estimated_cost_per_hour"] is None else i["estimated_cost_per_hour"]
+            cost = i["estimated_cost_per_hour"]
+            est[i["knob_value"]] = math.inf if cost is None else cost
         keep = promising(est)
         best = min((v for v in est if v is not None), key=lambda v: (est[v], -v), default=None)
         for i in infos:
