@@ -173,3 +173,18 @@ def test_the_printed_table_gives_the_knob_and_no_knobs_keeps_the_scenario_s(tmp_
     assert r.exit_code == 0, r.output
     assert "per copy" not in r.output
     assert yaml.safe_load((tmp_path / "b" / "best.yaml").read_text())["endpoints"][0]["max_concurrency"] == 1
+
+
+def test_a_knob_s_overrides_set_what_the_simulation_reads():
+    """max_num_seqs is the model's (its ``models`` entry); the endpoint's max_concurrency, left unset,
+    follows it; max_concurrency is the endpoint's."""
+    sc = sim.load_scenario(LLM, LLM_OVS)
+    ex = {g.index: execution_model(sc, g.index)[0] for g in sc.groups}
+    kn, _ = endpoint_knob(sc, 0, ex)
+    assert kn.overrides(None) == []
+    sc32 = sim.load_scenario(LLM, LLM_OVS + kn.overrides(32))
+    assert sc32.groups[0].service.continuous_batching.max_num_seqs == 32
+    assert sc32.endpoints[0].max_concurrency == 32
+    sc = sim.load_scenario(BATCHING)
+    kn, _ = endpoint_knob(sc, 0, {g.index: execution_model(sc, g.index)[0] for g in sc.groups})
+    assert sim.load_scenario(BATCHING, kn.overrides(4)).endpoints[0].max_concurrency == 4
