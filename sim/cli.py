@@ -537,8 +537,11 @@ def _print_sweep(table) -> None:
               "scheduler; the results are the same.")
 @click.option("--force", is_flag=True, help="Run even where the size estimate says the requests will not fit in "
               "the memory available.")
+@click.option("--knobs/--no-knobs", default=True, show_default=True, help="Also search each endpoint's per-copy "
+              "concurrency where it changes the cost: max_concurrency of models with a batching curve, "
+              "max_num_seqs of language models (--no-knobs: keep the scenario's).")
 def optimize(scenario, instance_types, max_instances, min_instances, slo, max_failed, routing, endpoints,
-             modes, replications, overrides, as_json, out, workers, scheduler, force):
+             modes, replications, overrides, as_json, out, workers, scheduler, force, knobs):
     """The cheapest fixed fleet of SCENARIO whose P99 (upper end of its 95% CI) meets the SLO."""
     from .plan.optimize import optimize as run_optimize
     from .scenario import read_yaml
@@ -552,7 +555,8 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
                        min_instances=min_instances, slo=list(slo) or None, max_failed=max_failed,
                        replications=replications, routing=_csv_list(routing), endpoints=list(endpoints) or None,
                        modes=_csv_list(modes), overrides=overrides, out=out, log=(lambda m: None) if as_json else
-                       (lambda m: click.echo(m, err=True)), force=force, workers=workers, scheduler=scheduler)
+                       (lambda m: click.echo(m, err=True)), force=force, workers=workers, scheduler=scheduler,
+                       knobs=knobs)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, default=str))
         return
@@ -571,8 +575,15 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
         Console().print(m)
     for c in ("endpoint", "instance type", "instances", "routing"):
         t.add_column(c)
+    knob_keys = ("max_concurrency", "max_num_seqs")
+    per_copy = any(k in p for p in res.best_plan.values() for k in knob_keys)
+    if per_copy:
+        t.add_column("per copy")
     for name, p in res.best_plan.items():
-        t.add_row(name, p["instance_type"], str(p["instances"]), str(p.get("routing")))
+        cells = [name, p["instance_type"], str(p["instances"]), str(p.get("routing"))]
+        if per_copy:
+            cells.append(", ".join(f"{k} {p[k]}" for k in knob_keys if k in p) or "-")
+        t.add_row(*cells)
     Console().print(t)
     ov = (res.best_summary or {}).get("overall") or {}
     for m in res.slo:

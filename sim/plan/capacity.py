@@ -187,13 +187,17 @@ class ContinuousEstimator:
     max_batched_tokens: int | None = None
     name: str = "continuous"
 
+    def kv_batch(self) -> int:
+        """Sequences the KV cache holds once each has grown to the mean prompt plus output, in whole
+        blocks (``max_num_seqs`` aside; without a cache size: ``max_num_seqs``)."""
+        if not self.kv_tokens:
+            return self.max_num_seqs
+        bs = max(1, self.block_size)
+        held = math.ceil(max(self.mean_input + self.mean_output, 1.0) / bs) * bs
+        return max(1, int(self.kv_tokens // held))
+
     def batch(self) -> int:
-        b = self.max_num_seqs
-        if self.kv_tokens:
-            bs = max(1, self.block_size)
-            held = math.ceil(max(self.mean_input + self.mean_output, 1.0) / bs) * bs
-            b = min(b, max(1, int(self.kv_tokens // held)))
-        return b
+        return min(self.max_num_seqs, self.kv_batch())
 
     def step_seconds(self) -> float:
         b = self.batch()

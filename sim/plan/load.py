@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -195,6 +195,7 @@ class LLMSizing:
     mean_output: float
     ttft_s: float | None = None
     p99_input: float | None = None      # the prompts' 99th percentile (tokens): its prefill counts against TTFT
+    max_num_seqs: int | None = None     # the batch weighed instead of the model's own (optimize's knob)
 
     def engine(self, it: Any, accelerators: int | None = None) -> Any:
         """The resolved engine (sim.scenario.resolve.ContinuousBatching) of a copy on ``it``, or None
@@ -204,9 +205,14 @@ class LLMSizing:
 
         acc = self.model.accelerators if accelerators is None else accelerators
         try:
-            return continuous_batching_on(self.model, it, acc, "sme", self.catalog, self.base_dir, self.source, [])
+            eng = continuous_batching_on(self.model, it, acc, "sme", self.catalog, self.base_dir, self.source, [])
         except ScenarioError:
             return None
+        if self.max_num_seqs is not None:
+            # The batch alone: a mixture-of-experts roofline's weights read per step keep the model's own
+            # max_num_seqs (an estimate; the simulation resolves the engine with the value given).
+            eng = replace(eng, max_num_seqs=int(self.max_num_seqs))
+        return eng
 
 
 def execution_model(sc: Scenario, group: int) -> tuple[str, tuple]:

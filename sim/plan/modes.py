@@ -35,7 +35,8 @@ def parse_modes(modes: Iterable[str] | str) -> list[str]:
 def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], modes: list[str], *,
                    instance_types: Iterable[str] | None, max_instances: int, min_instances: int,
                    max_failed: float, replications: int, routing: Iterable[str] | None,
-                   log: Callable[[str], None], rounds: int = 4, executor: Any = None) -> OptimizeResult:
+                   log: Callable[[str], None], rounds: int = 4, executor: Any = None,
+                   knobs: bool = True) -> OptimizeResult:
     """The cheapest feasible plan over hosting modes, for the fleet (models and traffic) of ``data``.
 
     Per mode, the endpoints are those of ``capsim compare``'s plan builders (sim.plan.compare: one SME
@@ -44,7 +45,8 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
 
     - **sme, mme**: the search of :func:`optimize` (type among ``instance_types`` or the builder's
       choice, count, routing among ``routing`` or the scenario's own endpoints' policies, as
-      :func:`optimize` without modes searches) on every endpoint of the plan;
+      :func:`optimize` without modes searches) on every endpoint of the plan, with its per-copy
+      concurrency knob where ``knobs`` and its models charge for concurrency (:mod:`sim.plan.knobs`);
     - **ic**: compare's sizing (copies from the queueing estimate, grown where the simulation of
       replication 0 misses the SLO, repacked on the cheapest type), then checked over ``replications``
       with the optimizer's rule (each model's CI upper end within the target); where that check fails
@@ -83,7 +85,7 @@ def optimize_modes(path: Path, data: dict, sc0: Any, slo: dict[str, float], mode
             opt = EndpointSearch(path, mdata, [], slo, max_failed, replications,
                                  list(instance_types) if instance_types else None,
                                  routings, min_instances, max_instances, None, log,
-                                 executor)
+                                 executor, knobs)
             r = opt.run()
             r.best_yaml = yaml.safe_dump(apply_overrides(mdata, r.best_overrides, source=f"{path} (plan)"),
                                          sort_keys=False)

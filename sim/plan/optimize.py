@@ -28,7 +28,13 @@ requests failed. The search, per endpoint:
    model's engine on the type: its KV-limited batch and step model), the
    estimator compare sizes with (:func:`sim.plan.capacity.instances_needed`)
    at the busiest window's rate, against the P99 and TTFT targets.
-3. **Gallop, then bisect** on the count from that guess: P99 does not grow
+3. **Knobs** (:mod:`sim.plan.knobs`): where an endpoint's models charge for concurrency (a batching
+   slowdown curve; a language model's continuous batching), its per-copy knob (``max_concurrency``;
+   ``max_num_seqs``) is searched too: the candidates are powers of two up to a cap (the curve's last
+   point; what the KV cache holds on the type), the cap and the scenario's value; the estimator's
+   count for each ranks them, and only the two cheapest estimates and the scenario's own value are
+   simulated (cheapest estimate first), each as a (type, routing) candidate of its own.
+4. **Gallop, then bisect** on the count from that guess: P99 does not grow
    with the instance count for a fixed type, so the feasible counts are an
    interval ``[n*, max]`` and n* takes a few simulations. Growing stops at
    ``max_instances``, and sooner when more instances no longer move what the
@@ -95,7 +101,8 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
              endpoints: Iterable[str] | None = None, overrides: Iterable[str] = (),
              modes: Iterable[str] | str | None = None,
              out: str | Path | None = None, log: Callable[[str], None] | None = None,
-             force: bool = False, workers: int | None = None, scheduler: Any = None) -> OptimizeResult:
+             force: bool = False, workers: int | None = None, scheduler: Any = None,
+             knobs: bool = True) -> OptimizeResult:
     """The cheapest plan (instance type, count and routing per endpoint) whose SLO figures' 95% CI upper
     ends meet ``slo`` (default: the scenario's ``slo``) with at most ``max_failed`` of requests failed.
 
@@ -111,7 +118,10 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
     simulation a plan's size is estimated (:mod:`sim.volume`, with ``replications``): one that would
     not fit in the memory available is refused with the estimate unless ``force``. ``workers`` (local
     processes) or ``scheduler`` (a Dask scheduler's address) run each plan's replications in parallel
-    (:mod:`sim.plan.parallel`): the same results as one after the other.
+    (:mod:`sim.plan.parallel`): the same results as one after the other. ``knobs``: also search each
+    endpoint's per-copy concurrency knob where it changes the cost (:mod:`sim.plan.knobs`:
+    ``max_concurrency`` of batching models, ``max_num_seqs`` of language models); False keeps the
+    scenario's values.
     """
     path = Path(scenario_path)
     data = read_yaml(path)
@@ -140,12 +150,13 @@ def optimize(scenario_path: str | Path, *, instance_types: Iterable[str] | None 
         if modes:
             res = optimize_modes(path, data, sc0, targets, which, instance_types=instance_types,
                                  max_instances=max_instances, min_instances=min_instances, max_failed=max_failed,
-                                 replications=reps, routing=routing, log=log or (lambda m: None), executor=executor)
+                                 replications=reps, routing=routing, log=log or (lambda m: None), executor=executor,
+                                 knobs=knobs)
         else:
             opt = EndpointSearch(path, data, [], targets, max_failed, reps,
                                  list(instance_types) if instance_types else None, list(routing) if routing else None,
                                  min_instances, max_instances, list(endpoints) if endpoints else None,
-                                 log or (lambda m: None), executor)
+                                 log or (lambda m: None), executor, knobs)
             if reps == 1:
                 opt.notes.append("one replication per plan: no confidence interval, the SLO is checked on the "
                                  "estimate")

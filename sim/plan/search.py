@@ -1,4 +1,5 @@
-"""The optimizer's search over the endpoints of a scenario (instance type, count, routing).
+"""The optimizer's search over the endpoints of a scenario (instance type, count, routing, and where
+it changes the cost a per-copy concurrency knob: :mod:`sim.plan.knobs`).
 
 See :mod:`sim.plan.optimize` for the method.
 """
@@ -6,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,9 +17,11 @@ import pandas as pd
 from ..pricing import hourly
 from ..scenario import ScenarioError, apply_overrides, parse_scenario
 from ..scenario.schema import ROUTING_POLICIES
-from .capacity import instances_needed, mean_wait, wait_tail
+from .capacity import MAX_UNITS, instances_needed, mean_wait, wait_tail
 from .frontier import OptimizeResult, pareto
-from .load import fleet_load
+from .knobs import Knob, endpoint_knob, promising, values
+from .knobs import cap as knob_cap
+from .load import execution_model, fleet_load
 from .parallel import run_one
 from .slo import LATENCY_METRICS, QUANTILE, STALL_FRACTION, check_blocks, moved, summary_key
 
@@ -27,6 +30,7 @@ class Choice:
     instance_type: str
     instances: int
     routing: str
+    knob: int | None = None     # the endpoint's knob (sim.plan.knobs) where searched; None: the scenario's
 
 
 class EndpointSearch:
@@ -37,7 +41,7 @@ class EndpointSearch:
     def __init__(self, path: Path, data: dict, base_overrides: list[str], slo: dict[str, float],
                  max_failed: float, replications: int, types: list[str] | None, routings: list[str] | None,
                  min_instances: int, max_instances: int, endpoints: list[str] | None,
-                 log: Callable[[str], None], executor: Any = None):
+                 log: Callable[[str], None], executor: Any = None, knobs: bool = True):
         self.path, self.data, self.base_overrides = path, data, base_overrides
         self.source = str(path)
         self.base_dir = path.resolve().parent
@@ -53,7 +57,7 @@ class EndpointSearch:
         self.n_sim = 0
         self._workloads: dict[tuple, Any] = {}
         self._loads: dict[tuple, dict] = {}
-        self.stalled: dict[tuple, str] = {}     # (endpoint, type, routing) -> why growing stopped early
+        self.stalled: dict[tuple, str] = {}     # (endpoint, type, routing, knob) -> why growing stopped early
 
         base = self._load([])
         self.base = base
@@ -99,6 +103,16 @@ class EndpointSearch:
                                         f"of {', '.join(ROUTING_POLICIES)}", source="--routing")
         self.state = {e: Choice(specs[e].instance_type, max(specs[e].instances.start, 1), specs[e].routing)
                       for e in self.targets}
+        # The per-copy concurrency knob of each endpoint whose models charge for concurrency.
+        self.knobs: dict[int, Knob] = {}
+        if knobs:
+            execution = {g.index: execution_model(base, g.index)[0] for g in base.groups}
+            for e in self.targets:
+                kn, why = endpoint_knob(base, e, execution)
+                if kn is not None:
+                    self.knobs[e] = kn
+                elif why:
+                    self.notes.append(why)
 
     # -- plans ------------------------------------------------------------------
     def _load(self, overrides: list[str]):
@@ -122,6 +136,8 @@ class EndpointSearch:
                 out.append(f"endpoints[{e}].routing={json.dumps(c.routing)}")
             if self.base.spec.endpoints[e].autoscaling is not None:
                 out.append(f"endpoints[{e}].autoscaling=null")
+            if c.knob is not None and e in self.knobs:
+                out += self.knobs[e].overrides(c.knob)
         return out
 
     def price(self, t: str) -> float:
@@ -158,6 +174,8 @@ class EndpointSearch:
             row[f"{name}.instance_type"] = c.instance_type
             row[f"{name}.instances"] = c.instances
             row[f"{name}.routing"] = c.routing
+            if e in self.knobs:
+                row[f"{name}.{self.knobs[e].kind}"] = self.knobs[e].shown(c.knob)
         row["cost_per_hour_usd"] = self.cost(state)
         ov = s["overall"]
         row["cost_usd"] = ov.get("cost_usd")
@@ -184,11 +202,15 @@ class EndpointSearch:
         self.rows.append(row)
         m0 = next(iter(self.slo))
         desc = ", ".join(f"{self.base.spec.endpoints[e].name}: {state[e].instances} x {state[e].instance_type}"
-                         f" {state[e].routing}" for e in self.targets)
+                         f" {state[e].routing}{self._knob_text(e, state[e])}" for e in self.targets)
         p, ci = row.get(f"{m0}_ms"), row.get(f"{m0}_ms_ci95") or 0.0
         self.log(f"simulation {self.n_sim}: {desc}: {m0} {'-' if p is None else f'{p:,.0f}'} ± {ci:,.0f} ms, "
                  f"${row['cost_per_hour_usd']:.2f}/h -> {'meets' if row['feasible'] else 'misses'} the SLO")
         return rec
+
+    def _knob_text(self, e: int, c: Choice) -> str:
+        kn = self.knobs.get(e)
+        return "" if kn is None else f" {kn.kind} {kn.shown(c.knob)}"
 
     # -- bounds -----------------------------------------------------------------
     def _workload(self, sc, e: int, t: str):
@@ -207,12 +229,18 @@ class EndpointSearch:
             self._loads[key] = {lm.index: lm for lm in fleet_load(sc)}
         return self._loads[key]
 
-    def bounds(self, e: int, t: str, r: str) -> dict:
+    def bounds(self, e: int, t: str, r: str, knob: int | None = None) -> dict:
         """Prune (type, routing) for endpoint ``e`` before simulating: memory fit, service time alone,
-        utilisation < 1 (the lowest count) and the guess (Erlang C, or the execution model's estimate)."""
+        utilisation < 1 (the lowest count) and the guess (Erlang C, or the execution model's estimate).
+        ``knob``: the value of the endpoint's knob (sim.plan.knobs) weighed, None for the scenario's own;
+        where the endpoint has a knob, ``estimate`` is the execution model's count (not capped at
+        --max-instances) and ``knob_cap`` the largest value worth weighing on ``t``."""
         probe = dict(self.state)
         probe[e] = Choice(t, max(self.min_n, 1), r)
+        kn = self.knobs.get(e)
         info: dict[str, Any] = {"endpoint": self.base.spec.endpoints[e].name, "instance_type": t, "routing": r}
+        if kn is not None:
+            info.update(knob=kn.kind, knob_value=knob, value=kn.shown(knob))
         try:
             sc = self._load(self.base_overrides + self.overrides(probe))
         except ScenarioError as err:
@@ -223,8 +251,15 @@ class EndpointSearch:
         rts = [rt for rt in sc.endpoints if rt.spec_index == e]
         n_lo = max(self.min_n, 1)
         guess = n_lo
+        estimate = 0
         reasons = []
+        all_lms = []
         for rt in rts:
+            conc = rt.max_concurrency
+            if knob is not None and kn.kind == "max_concurrency":
+                conc = int(knob)
+            elif knob is not None:        # max_num_seqs: the engine's batch, and the copy's concurrency with it
+                conc = int(knob) if kn.explicit_concurrency is None else min(int(knob), kn.explicit_concurrency)
             sel = np.isin(wl.model, np.asarray(rt.models))
             svc = wl.service[sel]
             if not len(svc):
@@ -240,11 +275,21 @@ class EndpointSearch:
                 room = (rt.instance_type.total_gpu_memory_gb * cache.memory_fraction if rt.instance_type.gpus > 0
                         else rt.instance_type.memory_gb - cache.host_reserve)
                 k = int(np.searchsorted(np.cumsum(mem), room + 1e-9, side="right"))
-                cap = max(1, k) * rt.max_concurrency
+                cap = max(1, k) * conc
                 per_model = max((float(wl.service[wl.model == m].sum()) / horizon for m in rt.models), default=0.0)
-                n_lo = max(n_lo, math.floor(per_model / rt.max_concurrency) + 1)
+                n_lo = max(n_lo, math.floor(per_model / conc) + 1)
             else:
-                cap = rt.copies_per_instance * rt.max_concurrency
+                cap = rt.copies_per_instance * conc
+            lms = [lm for m, lm in self._fleet_loads(sc, e, t).items() if m in set(rt.models)]
+            if knob is not None and kn.kind == "max_num_seqs":
+                lms = [replace(lm, llm=replace(lm.llm, max_num_seqs=int(knob))) if lm.llm is not None else lm
+                       for lm in lms]
+            all_lms += lms
+            if knob is not None and kn.kind == "max_concurrency" and rt.mode == "sme" and lms:
+                # A device of a batching model completes at most max_{j <= conc} j / slowdown(j) requests
+                # per mean service time: the utilisation bound of this value.
+                n_lo = max(n_lo, math.floor(load / (rt.copies_per_instance * device_erlangs(lms[0].slowdown,
+                                                                                            conc))) + 1)
             n_lo = max(n_lo, math.floor(load / cap) + 1)
             # Service time alone against each latency target (TTFT and TPOT are checked by simulation).
             for m, target in self.latency_slo.items():
@@ -252,13 +297,13 @@ class EndpointSearch:
                 if s_q > target:
                     reasons.append(f"{rt.name}: the service time alone has {m} {s_q * 1e3:,.0f} ms > "
                                    f"{target * 1e3:,.0f} ms")
-            lms = [lm for m, lm in self._fleet_loads(sc, e, t).items() if m in set(rt.models)]
             if any(lm.execution != "slots" for lm in lms):
                 # Batching or continuous batching: the execution model's estimate (as compare's).
-                k = cap // rt.max_concurrency if rt.mode == "mme" else 1
-                g = instances_needed(lms, rt.instance_type, rt.copies_per_instance, rt.max_concurrency,
+                k = cap // conc if rt.mode == "mme" else 1
+                g = instances_needed(lms, rt.instance_type, rt.copies_per_instance, conc,
                                      self.slo.get("p99"), k, self.slo.get("ttft"))
                 guess = max(guess, min(g, self.max_n))
+                estimate = max(estimate, g)
             else:
                 guess = max(guess, self._erlang_guess(rate, mean_s, cap, r, svc, n_lo))
         if reasons:
@@ -266,7 +311,38 @@ class EndpointSearch:
             return info
         info.update(status="candidate", n_lower=n_lo, guess=max(guess, n_lo),
                     lower_cost_per_hour=self.ep_cost(e, Choice(t, n_lo, r)))
+        if kn is not None:
+            info["estimate"] = max(estimate, n_lo) if estimate < MAX_UNITS else None
+            if knob is None and rts:
+                info["knob_cap"] = knob_cap(kn, all_lms, rts[0].instance_type)
         return info
+
+    def knob_bounds(self, e: int, t: str, r: str) -> list[dict]:
+        """:meth:`bounds` of (type, routing) at the scenario's knob value and at each value of
+        :func:`sim.plan.knobs.values` up to the cap on ``t``; the values whose capacity estimate is not
+        among the cheapest (:func:`sim.plan.knobs.promising`) are pruned without simulating."""
+        kn = self.knobs[e]
+        own = self.bounds(e, t, r)
+        if own["status"] != "candidate" or not own.get("knob_cap"):
+            return [own]     # the type does not fit, or its service times alone miss: whatever the value
+        infos = [own] + [self.bounds(e, t, r, v) for v in values(kn.own, own["knob_cap"]) if v != kn.own]
+        unit = self.ep_cost(e, Choice(t, 1, r))
+        est = {}
+        for i in infos:
+            n = i.get("estimate") if i["status"] == "candidate" else None
+            i["estimated_cost_per_hour"] = None if n is None or n > self.max_n else n * unit
+            cost = i["estimated_cost_per_hour"]
+            est[i["knob_value"]] = math.inf if cost is None else cost
+        keep = promising(est)
+        best = min((v for v in est if v is not None), key=lambda v: (est[v], -v), default=None)
+        for i in infos:
+            if i["status"] == "candidate" and i["knob_value"] not in keep:
+                what = ("no count within --max-instances" if i["estimated_cost_per_hour"] is None else
+                        f"{i['estimate']} instances (${i['estimated_cost_per_hour']:.2f}/h)")
+                than = (f"against ${est[best]:.2f}/h at {best}: not among the cheapest estimates"
+                        if math.isfinite(est[best]) else "as at every value weighed: the scenario's own is simulated")
+                i.update(status="pruned", reason=f"the capacity estimate at {kn.kind} {i['value']} is {what}, {than}")
+        return infos
 
     def _erlang_guess(self, rate: float, mean_s: float, cap: int, routing: str, svc: np.ndarray, n_lo: int) -> int:
         cv = float(svc.std() / mean_s) if mean_s > 0 and len(svc) > 1 else 1.0
@@ -337,10 +413,11 @@ class EndpointSearch:
                 f"{STALL_FRACTION:.0%} over two growth steps); the SLO is missed for a reason capacity does not "
                 "cure (service or load times, timeouts, failures)")
 
-    def _smallest(self, e: int, t: str, r: str, lo: int, hi: int, guess: int, label: str) -> int | None:
+    def _smallest(self, e: int, t: str, r: str, lo: int, hi: int, guess: int, label: str,
+                  knob: int | None = None) -> int | None:
         """The smallest feasible count in [lo, hi] (feasibility is monotone in the count), or None
-        (then ``self.stalled[(e, t, r)]`` says why, where growing stopped short of ``hi``)."""
-        f = lambda n: bool(self._feasible(e, Choice(t, n, r), label))  # noqa: E731
+        (then ``self.stalled[(e, t, r, knob)]`` says why, where growing stopped short of ``hi``)."""
+        f = lambda n: bool(self._feasible(e, Choice(t, n, r, knob), label))  # noqa: E731
         g = min(max(guess, lo), hi)
         no, yes = lo - 1, None       # largest count known infeasible, smallest known feasible
         if f(g):
@@ -359,7 +436,7 @@ class EndpointSearch:
         else:
             no = g
             step = 1
-            trail = [(g, self._missed(e, Choice(t, g, r)))]   # what each count tried misses
+            trail = [(g, self._missed(e, Choice(t, g, r, knob)))]   # what each count tried misses
             while no < hi:             # gallop up, while more instances move what it misses
                 n = min(g + step, hi)
                 if f(n):
@@ -367,10 +444,10 @@ class EndpointSearch:
                     break
                 no = n
                 step *= 2
-                trail.append((n, self._missed(e, Choice(t, n, r))))
+                trail.append((n, self._missed(e, Choice(t, n, r, knob))))
                 (n0, m0), (n1, m1) = trail[-3] if len(trail) >= 3 else (None, None), trail[-1]
                 if m0 and m1 is not None and not self._moved(m0, m1) and no < hi:
-                    self.stalled[(e, t, r)] = self._stall_reason((n0, m0), (n1, m1))
+                    self.stalled[(e, t, r, knob)] = self._stall_reason((n0, m0), (n1, m1))
                     return None
             if yes is None:
                 return None
@@ -385,18 +462,24 @@ class EndpointSearch:
     def search_endpoint(self, e: int) -> tuple[Choice, bool]:
         name = self.base.spec.endpoints[e].name
         cands = []
+        kn = self.knobs.get(e)
         for t in self.types[e]:
             for r in self.routings[e]:
-                info = self.bounds(e, t, r)
-                self.candidates.append(info)
-                if info["status"] == "candidate":
-                    cands.append(info)
-                else:
-                    self.log(f"{name}: {t} {r} {info['status']}: {info['reason']}")
-        cands.sort(key=lambda i: i["lower_cost_per_hour"])   # stable: the given order breaks ties
+                for info in (self.knob_bounds(e, t, r) if kn is not None else [self.bounds(e, t, r)]):
+                    self.candidates.append(info)
+                    if info["status"] == "candidate":
+                        cands.append(info)
+                    else:
+                        at = "" if kn is None else f" {kn.kind} {info.get('value')}"
+                        self.log(f"{name}: {t} {r}{at} {info['status']}: {info['reason']}")
+        if kn is None:
+            cands.sort(key=lambda i: i["lower_cost_per_hour"])   # stable: the given order breaks ties
+        else:   # the cheapest estimate first, so that the others are searched below its cost
+            cands.sort(key=lambda i: (math.inf if i["estimated_cost_per_hour"] is None else
+                                      i["estimated_cost_per_hour"], i["lower_cost_per_hour"]))
         best: tuple[float, Choice] | None = None
         for info in cands:
-            t, r = info["instance_type"], info["routing"]
+            t, r, v = info["instance_type"], info["routing"], info.get("knob_value")
             unit = self.ep_cost(e, Choice(t, 1, r))
             lo, hi = info["n_lower"], self.max_n
             if best is not None:
@@ -410,20 +493,22 @@ class EndpointSearch:
                 info.update(status="pruned", reason=f"needs at least {lo} instances (utilisation < 1), more than "
                             f"{'--max-instances' if best is None else 'a plan cheaper than the best'} allows")
                 continue
-            n = self._smallest(e, t, r, lo, hi, info["guess"], f"{name}:{t}:{r}")
+            label = f"{name}:{t}:{r}" + ("" if kn is None else f":{kn.kind}={kn.shown(v)}")
+            n = self._smallest(e, t, r, lo, hi, info["guess"], label, v)
             info["found"] = n
             if n is None:
-                stalled = self.stalled.get((e, t, r))
+                stalled = self.stalled.get((e, t, r, v))
                 if stalled:
                     info.update(status="infeasible", reason=f"no count in [{lo}, {hi}] tried meets the SLO: "
                                 f"{stalled}")
-                    self.notes.append(f"endpoint {name}: {t} {r}: stopped growing the fleet: {stalled}")
-                    self.log(f"{name}: {t} {r}: stopped growing: {stalled}")
+                    at = "" if kn is None else f" {kn.kind} {kn.shown(v)}"
+                    self.notes.append(f"endpoint {name}: {t} {r}{at}: stopped growing the fleet: {stalled}")
+                    self.log(f"{name}: {t} {r}{at}: stopped growing: {stalled}")
                 else:
                     info.update(status="infeasible", reason=f"no count in [{lo}, {hi}] meets the SLO")
                 continue
             info.update(status="feasible")
-            c = Choice(t, n, r)
+            c = Choice(t, n, r, v)
             best = (self.ep_cost(e, c), c)
         if best is not None:
             return best[1], True
@@ -444,7 +529,10 @@ class EndpointSearch:
             match = True
             for j in self.targets:
                 nm = self.base.spec.endpoints[j].name
-                c = Choice(row[f"{nm}.instance_type"], row[f"{nm}.instances"], row[f"{nm}.routing"])
+                kn = self.knobs.get(j)
+                v = None if kn is None else row.get(f"{nm}.{kn.kind}")
+                c = Choice(row[f"{nm}.instance_type"], row[f"{nm}.instances"], row[f"{nm}.routing"],
+                           None if v is None or v == kn.own else int(v))
                 if j != e and c != self.state[j]:
                     match = False
                 st[j] = c
@@ -474,6 +562,8 @@ class EndpointSearch:
         best_plan = {self.base.spec.endpoints[e].name: {"instance_type": self.state[e].instance_type,
                                                         "instances": self.state[e].instances,
                                                         "routing": self.state[e].routing} for e in self.targets}
+        for e, kn in self.knobs.items():   # the knob's value, where searched
+            best_plan[self.base.spec.endpoints[e].name][kn.kind] = kn.shown(self.state[e].knob)
         for e in self.targets:
             if not feasible[e]:
                 sooner = (" (growing stopped sooner where more instances no longer helped)"
@@ -487,3 +577,12 @@ class EndpointSearch:
             best_summary=None if final is None or "error" in final else final["summary"], best_yaml="",
             feasible=ok, cost_per_hour_usd=self.cost(self.state), frontier=frontier, plans=plans,
             n_simulations=self.n_sim, candidates=self.candidates, notes=self.notes)
+
+
+def device_erlangs(slowdown: tuple, conc: int) -> float:
+    """Requests per mean service time that one device of a batching model completes at most with up to
+    ``conc`` requests in service (``slowdown``: the curve's points)."""
+    from ..hosting.device import slowdown_table
+
+    f = slowdown_table(dict(slowdown)) if slowdown else (lambda k: 1.0)
+    return max(j / f(j) for j in range(1, max(1, conc) + 1))
