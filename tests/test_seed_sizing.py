@@ -388,3 +388,27 @@ def test_mme_builder_counts_the_shared_gpu_time_of_all_its_models():
     print(f"pooled: {n} x {it.name}, P99 {c.summary['plans']['mme']['p99_ms']:,.0f} ms")
     assert n >= 3 and len(plan.sizing) == 1 and plan.slo_met
     assert c.summary["plans"]["mme"]["failed"] == 0
+
+
+def test_optimize_s_estimate_counts_the_shared_gpu_time_as_the_builder_does():
+    """optimize's estimate of an MME endpoint (``capacity.instances_needed``, models_per_instance > 1 on a
+    GPU type) counts the pooled traffic of the models an instance holds, as the MME builder does: the
+    fleet above needs at least 3 ml.g4dn.xlarge, where each model's own estimate gave 1."""
+    from sim.plan.capacity import instances_needed, pooled
+    from sim.plan.load import fleet_load
+    from sim.scenario import parse_scenario
+
+    d = {"name": "pooled", "seed": 3, "duration": "3m", "warmup": "30s", "slo": {"p99": "1s"},
+         "models": [{"name": "m-{i}", "count": 10, "size_gb": 0.88, "memory_gb": 1.04, "host_memory_gb": 0.25,
+                     "service": {"dist": "lognormal", "mean": "30ms", "cv": 0.4,
+                                 "batching": {"slowdown": {1: 1.0, 5: 4.0}}},
+                     "traffic": {"process": "poisson", "rate": "100/s", "popularity": "uniform"}}],
+         "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g4dn.xlarge", "instances": 1,
+                        "max_concurrency": 4, "models": ["m-*"]}]}
+    sc = parse_scenario(d, source="pooled")
+    it = sc.catalog.instance("ml.g4dn.xlarge")
+    loads = fleet_load(sc)
+    n = instances_needed(loads, it, 1, 4, 1.0, models_per_instance=10)
+    assert n == estimate(pooled(loads, 4), 4, 1.0, it) and n >= 3
+    # one model an instance (no sharing) or a CPU type: the models' own estimates, as before
+    assert instances_needed(loads, it, 1, 4, 1.0, models_per_instance=1) == 10

@@ -26,7 +26,7 @@ from ..catalog import InstanceType
 from ..pricing import hourly
 from ..scenario.fit import IC_MIN_MEMORY_GB, disk_problem, ic_accelerators, ic_problem, mme_problem, sme_copies
 from ..scenario.schema import CacheSpec
-from .capacity import MAX_UNITS, estimator_for
+from .capacity import MAX_UNITS, estimator_for, pooled
 from .load import ModelLoad
 
 MODES = ("sme", "mme", "ic")
@@ -107,23 +107,6 @@ def build_sme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: 
         plan.endpoints.append(sme_endpoint(lm, *got))
     plan.description = "one endpoint per model, on the instance type that serves it at the lowest estimated cost"
     return plan
-
-
-def pooled(loads: Sequence[ModelLoad], conc: int) -> ModelLoad | None:
-    """The batching models of ``loads`` as one load on a shared device (an MME instance's GPU runs the
-    requests of every model loaded there: the slowdown counts them all): their peak rates summed,
-    the rate-weighted mean service time, the largest P99, and the curve that slows most at ``conc``
-    requests in service (None: no batching model, or no traffic)."""
-    from ..hosting.device import slowdown_table
-
-    shared = [lm for lm in loads if lm.execution == "batching" and lm.peak_rate > 0]
-    if not shared:
-        return None
-    rate = sum(lm.peak_rate for lm in shared)
-    worst = max(shared, key=lambda lm: slowdown_table(dict(lm.slowdown))(max(conc, 1)))
-    return replace(worst, name="+".join(lm.name for lm in shared[:3]), peak_rate=rate,
-                   mean_s=sum(lm.peak_rate * lm.mean_s for lm in shared) / rate,
-                   p99_s=max(lm.p99_s for lm in shared), concurrency=conc)
 
 
 def mme_count(loads: Sequence[ModelLoad], it: InstanceType, cache: CacheSpec, slo_s: float | None,

@@ -282,6 +282,25 @@ def estimator_for(load: Any) -> Estimator:
     return ESTIMATORS.get(getattr(load, "execution", "slots"), ESTIMATORS["slots"])
 
 
+def pooled(loads: Any, conc: int) -> Any:
+    """The batching models of ``loads`` as one load on a shared device (an MME instance's GPU runs the
+    requests of every model loaded there: the slowdown counts them all): their peak rates summed,
+    the rate-weighted mean service time, the largest P99, and the curve that slows most at ``conc``
+    requests in service (None: no batching model, or no traffic)."""
+    from dataclasses import replace
+
+    from ..hosting.device import slowdown_table
+
+    shared = [lm for lm in loads if lm.execution == "batching" and lm.peak_rate > 0]
+    if not shared:
+        return None
+    rate = sum(lm.peak_rate for lm in shared)
+    worst = max(shared, key=lambda lm: slowdown_table(dict(lm.slowdown))(max(conc, 1)))
+    return replace(worst, name="+".join(lm.name for lm in shared[:3]), peak_rate=rate,
+                   mean_s=sum(lm.peak_rate * lm.mean_s for lm in shared) / rate,
+                   p99_s=max(lm.p99_s for lm in shared), concurrency=conc)
+
+
 def instances_needed(loads: Any, it: Any, copies_per_instance: int, concurrency: int, slo_s: float | None,
                      models_per_instance: int = 1, ttft_s: float | None = None) -> int:
     """Instances of type ``it`` that serve ``loads`` (:class:`~sim.plan.load.ModelLoad`, the models of
@@ -289,7 +308,9 @@ def instances_needed(loads: Any, it: Any, copies_per_instance: int, concurrency:
     ``copies_per_instance`` copies of ``concurrency`` requests at once (one model's, on a single-model
     endpoint), or copies of up to ``models_per_instance`` models at once (a multi-model endpoint: the
     copies every model needs, ``models_per_instance`` to an instance). ``ttft_s`` replaces a language
-    model's TTFT target. MAX_UNITS where a model's copy does not run on ``it``."""
+    model's TTFT target. MAX_UNITS where a model's copy does not run on ``it``. On a GPU type, a
+    multi-model endpoint's instances also serve their batching models' pooled traffic
+    (:func:`pooled`: the models an instance holds share its GPU)."""
     from dataclasses import replace
 
     loads = list(loads)
@@ -309,4 +330,7 @@ def instances_needed(loads: Any, it: Any, copies_per_instance: int, concurrency:
             copies += c
     if len(loads) > 1:
         units = max(1, math.ceil(copies / max(1, models_per_instance)))
+        pool = pooled(loads, concurrency) if models_per_instance > 1 and it is not None and it.gpus > 0 else None
+        if pool is not None:    # the models an instance holds share its GPU's time
+            units = max(units, estimator_for(pool).units(pool, concurrency, slo_s, concurrency, it))
     return min(units, MAX_UNITS)
