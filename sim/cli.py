@@ -586,9 +586,13 @@ def optimize(scenario, instance_types, max_instances, min_instances, slo, max_fa
         t.add_row(*cells)
     Console().print(t)
     ov = (res.best_summary or {}).get("overall") or {}
-    for m in res.slo:
-        v, ci = ov.get(f"{m}_ms"), ov.get(f"{m}_ms_ci95")
-        click.echo(f"{m}: {_fmt(v)}" + (f" ± {_fmt(ci)}" if ci is not None else "") + " ms (95% CI)")
+    from .plan.slo import summary_key
+
+    for m in res.slo:     # ttft and tpot: their P99
+        key = summary_key(m)
+        v, ci = ov.get(key), ov.get(f"{key}_ci95")
+        label = f"{m} P99" if key != f"{m}_ms" else m
+        click.echo(f"{label}: {_fmt(v)}" + (f" ± {_fmt(ci)}" if ci is not None else "") + " ms (95% CI)")
     click.echo(f"cost: ${res.cost_per_hour_usd:,.2f}/h")
     for note in res.notes:
         click.echo(f"note: {note}", err=True)

@@ -176,3 +176,38 @@ def test_a_closed_loop_of_a_language_model_is_sized_at_its_users_rate_bound():
     users = sc.spec.models[0].traffic.users
     assert 0 < lm.rate <= users / alone_seconds(eng, 1, 1)
     assert lm.rate == pytest.approx(users / lm.mean_s, rel=0.05)
+
+
+def test_a_tpot_target_caps_the_batch_a_copy_runs(llm):
+    """A sequence's time per output token is the step time of the batch it runs in: with a TPOT target
+    the estimator's batch is the largest whose step (at the fleet's mean context, with the prompts
+    arriving meanwhile) is within it, the throughput falls with it, and where one sequence's step
+    alone takes longer no count meets the target (on an L40S, 24 ms a step alone)."""
+    from dataclasses import replace
+
+    sc, lm = llm
+    cs = ESTIMATORS["continuous"]
+    it = sc.catalog.instance("ml.g6e.xlarge")
+    free = cs.copy_estimator(replace(lm, llm=replace(lm.llm, tpot_s=None)), it)
+    for tpot in (0.060, 0.040, 0.030):
+        est = cs.copy_estimator(replace(lm, llm=replace(lm.llm, tpot_s=tpot)), it)
+        b = est.batch()
+        assert 1 <= b <= free.batch()
+        assert est.step_seconds(b) <= tpot < (est.step_seconds(b + 1) if b < free.batch() else float("inf"))
+        assert est.throughput() <= free.throughput()
+    tight = replace(lm, llm=replace(lm.llm, tpot_s=0.5 * free.step_seconds(1)))
+    assert cs.copy_estimator(tight, it).batch() == 0 and cs.units(tight, 1, None, 1, it) == MAX_UNITS
+    counts = [cs.units(replace(lm, llm=replace(lm.llm, tpot_s=t)), 1, None, 1, it) for t in (None, 0.06, 0.04, 0.03)]
+    assert counts == sorted(counts) and counts[-1] > counts[0]
+
+
+def test_optimize_meets_a_tpot_target():
+    """optimize with a TPOT target on the language model: the plan it returns meets TTFT and TPOT
+    (the P99s' 95% CI upper ends) in the simulation, and the table shows both figures."""
+    from sim.plan import optimize
+
+    res = optimize(LLM, instance_types=["ml.g6e.xlarge"], max_instances=8, replications=2,
+                   overrides=["duration=3m", "warmup=1m"], slo="ttft=1s,tpot=55ms")
+    assert res.feasible
+    ov = res.best_summary["overall"]
+    assert ov["tpot_p99_ms"] + ov["tpot_p99_ms_ci95"] <= 55.0 and ov["ttft_p99_ms"] <= 1000.0

@@ -175,7 +175,12 @@ class ContinuousEstimator:
     budget (or the latency's, without a TTFT target) less the prefill of the P99 prompt
     (``p99_input`` tokens, in chunks of what ``max_batched_tokens`` leaves beside the batch's
     decode tokens, each a step with the full batch). Where that prefill alone takes the whole
-    budget, no count meets the target there: MAX_UNITS (as a type with no room for the cache)."""
+    budget, no count meets the target there: MAX_UNITS (as a type with no room for the cache).
+
+    With a TPOT target (``tpot_s``) the batch is also at most the largest whose step takes no
+    longer than the target (a sequence's time per output token is the step time of the batch it
+    runs in): a copy runs its batch that short, or its tokens come too slowly. Where a step of one
+    sequence alone takes longer, no count meets the target: MAX_UNITS."""
 
     step: Any                     # sim.hosting.steps.StepTime
     max_num_seqs: int
@@ -185,6 +190,7 @@ class ContinuousEstimator:
     block_size: int = 1
     p99_input: float | None = None
     max_batched_tokens: int | None = None
+    tpot_s: float | None = None
     name: str = "continuous"
 
     def kv_batch(self) -> int:
@@ -197,21 +203,33 @@ class ContinuousEstimator:
         return max(1, int(self.kv_tokens // held))
 
     def batch(self) -> int:
-        return min(self.max_num_seqs, self.kv_batch())
+        """The sequences a saturated copy runs: ``max_num_seqs``, at most what the KV cache holds and
+        what the TPOT target allows (0: not even one sequence meets it)."""
+        b = min(self.max_num_seqs, self.kv_batch())
+        if self.tpot_s is None or self.step_seconds(b) <= self.tpot_s:
+            return b
+        lo, hi = 0, b            # step_seconds grows with the batch: the largest within the target
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.step_seconds(mid) <= self.tpot_s else (lo, mid)
+        return lo
 
-    def step_seconds(self) -> float:
-        b = self.batch()
+    def step_seconds(self, b: int | None = None) -> float:
+        """Seconds of a step of ``b`` sequences (default: :meth:`batch`) at the mean context, with
+        the prompts that arrive meanwhile."""
+        b = self.batch() if b is None else b
         kv = b * (self.mean_input + self.mean_output / 2.0)
         return self.step.time(b, kv, b * self.mean_input / max(self.mean_output, 1.0))
 
     def throughput(self) -> float:
-        """Requests per second of one copy at saturation."""
-        return self.batch() / (max(self.mean_output, 1.0) * self.step_seconds())
+        """Requests per second of one copy at saturation (0: the TPOT target is out of reach)."""
+        b = self.batch()
+        return b / (max(self.mean_output, 1.0) * self.step_seconds(b)) if b else 0.0
 
     def prefill_seconds(self, tokens: float | None = None) -> float:
         """Seconds to prefill a prompt of ``tokens`` (default: the P99 prompt) beside a full batch."""
         p = float(tokens if tokens is not None else (self.p99_input or self.mean_input))
-        b = self.batch()
+        b = max(1, self.batch())
         kv = b * (self.mean_input + self.mean_output / 2.0)
         chunk = max(1, (self.max_batched_tokens or int(math.ceil(p)) + b) - b)
         t = 0.0
@@ -226,6 +244,8 @@ class ContinuousEstimator:
         rate = load.peak_rate
         if rate <= 0:
             return 1
+        if x <= 0:                   # a step of one sequence alone misses the TPOT target
+            return MAX_UNITS
         u = max(1, math.ceil(rate / (x * MAX_UTILISATION)))
         budget = ttft_s if ttft_s is not None else slo_s
         if budget is not None:
@@ -255,7 +275,7 @@ class ContinuousSizing:
             return None
         return ContinuousEstimator(eng.step, eng.max_num_seqs, max(llm.mean_input, 1.0), max(llm.mean_output, 1.0),
                                    eng.kv_blocks * eng.block_size, eng.block_size, getattr(llm, "p99_input", None),
-                                   eng.max_num_batched_tokens)
+                                   eng.max_num_batched_tokens, getattr(llm, "tpot_s", None))
 
     def units(self, load: Any, slots: int, slo_s: float | None, per_device: int | None = None,
               it: Any = None) -> int:
@@ -302,13 +322,14 @@ def pooled(loads: Any, conc: int) -> Any:
 
 
 def instances_needed(loads: Any, it: Any, copies_per_instance: int, concurrency: int, slo_s: float | None,
-                     models_per_instance: int = 1, ttft_s: float | None = None) -> int:
+                     models_per_instance: int = 1, ttft_s: float | None = None,
+                     tpot_s: float | None = None) -> int:
     """Instances of type ``it`` that serve ``loads`` (:class:`~sim.plan.load.ModelLoad`, the models of
     one endpoint) by each model's execution model (:func:`estimator_for`): an instance holds
     ``copies_per_instance`` copies of ``concurrency`` requests at once (one model's, on a single-model
     endpoint), or copies of up to ``models_per_instance`` models at once (a multi-model endpoint: the
-    copies every model needs, ``models_per_instance`` to an instance). ``ttft_s`` replaces a language
-    model's TTFT target. MAX_UNITS where a model's copy does not run on ``it``. On a GPU type, a
+    copies every model needs, ``models_per_instance`` to an instance). ``ttft_s`` and ``tpot_s`` replace
+    a language model's TTFT and TPOT targets. MAX_UNITS where a model's copy does not run on ``it``. On a GPU type, a
     multi-model endpoint's instances also serve their batching models' pooled traffic
     (:func:`pooled`: the models an instance holds share its GPU)."""
     from dataclasses import replace
@@ -319,8 +340,11 @@ def instances_needed(loads: Any, it: Any, copies_per_instance: int, concurrency:
     copies = 0
     units = 1
     for lm in loads:
-        if ttft_s is not None and getattr(lm, "llm", None) is not None:
-            lm = replace(lm, llm=replace(lm.llm, ttft_s=ttft_s))
+        if getattr(lm, "llm", None) is not None:
+            if ttft_s is not None:
+                lm = replace(lm, llm=replace(lm.llm, ttft_s=ttft_s))
+            if tpot_s is not None:
+                lm = replace(lm, llm=replace(lm.llm, tpot_s=tpot_s))
         if len(loads) == 1:
             units = estimator_for(lm).units(lm, copies_per_instance * concurrency, slo_s, concurrency, it)
         else:

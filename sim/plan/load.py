@@ -135,7 +135,8 @@ def fleet_load(sc: Scenario, seed: int | None = None) -> list[ModelLoad]:
         if execution == "continuous":
             spec = sc.spec.slo
             llm = LLMSizing(mod, sc.catalog, sc.base_dir, sc.source, *tokens[m, :2],
-                            spec.ttft if spec is not None else None, float(tokens[m, 2]))
+                            spec.ttft if spec is not None else None, float(tokens[m, 2]),
+                            tpot_s=spec.tpot if spec is not None else None)
         out.append(ModelLoad(m, mod.name, float(rate[m]), float(rate[m] * peak[mod.group]), float(mean_s),
                              float(p99_s), conc.get(m, 1), mod.memory_gb, mod.host_memory_gb, mod.size_gb,
                              mod.accelerators, execution, slowdown, llm,
@@ -185,7 +186,7 @@ class LLMSizing:
     """A language model's continuous-batching engine as the planner weighs it on an instance type: the
     KV cache that type's GPUs leave beside the weights and its step model (the scenario loader's own
     resolution, sim.scenario.resolve.continuous_batching_on), with the fleet's mean token counts, its
-    prompts' P99 and TTFT target."""
+    prompts' P99 and TTFT and TPOT targets."""
 
     model: Any
     catalog: Any
@@ -195,6 +196,7 @@ class LLMSizing:
     mean_output: float
     ttft_s: float | None = None
     p99_input: float | None = None      # the prompts' 99th percentile (tokens): its prefill counts against TTFT
+    tpot_s: float | None = None         # the TPOT target: it caps the batch a copy may run
     max_num_seqs: int | None = None     # the batch weighed instead of the model's own (optimize's knob)
 
     def engine(self, it: Any, accelerators: int | None = None) -> Any:

@@ -200,11 +200,11 @@ class EndpointSearch:
             e: row[f"{self.base.spec.endpoints[e].name}.{next(iter(self.slo))}_upper_ms"] for e in self.targets}}
         self.cache[key] = rec
         self.rows.append(row)
-        m0 = next(iter(self.slo))
         desc = ", ".join(f"{self.base.spec.endpoints[e].name}: {state[e].instances} x {state[e].instance_type}"
                          f" {state[e].routing}{self._knob_text(e, state[e])}" for e in self.targets)
-        p, ci = row.get(f"{m0}_ms"), row.get(f"{m0}_ms_ci95") or 0.0
-        self.log(f"simulation {self.n_sim}: {desc}: {m0} {'-' if p is None else f'{p:,.0f}'} ± {ci:,.0f} ms, "
+        figs = ", ".join(f"{m} {'-' if row.get(f'{m}_ms') is None else format(row[f'{m}_ms'], ',.0f')} ± "
+                         f"{row.get(f'{m}_ms_ci95') or 0.0:,.0f} ms" for m in self.slo)
+        self.log(f"simulation {self.n_sim}: {desc}: {figs}, "
                  f"${row['cost_per_hour_usd']:.2f}/h -> {'meets' if row['feasible'] else 'misses'} the SLO")
         return rec
 
@@ -301,7 +301,7 @@ class EndpointSearch:
                 # Batching or continuous batching: the execution model's estimate (as compare's).
                 k = cap // conc if rt.mode == "mme" else 1
                 g = instances_needed(lms, rt.instance_type, rt.copies_per_instance, conc,
-                                     self.slo.get("p99"), k, self.slo.get("ttft"))
+                                     self.slo.get("p99"), k, self.slo.get("ttft"), self.slo.get("tpot"))
                 guess = max(guess, min(g, self.max_n))
                 estimate = max(estimate, g)
             else:
