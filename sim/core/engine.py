@@ -9,12 +9,12 @@ ordinary SimPy processes on the same environment.
 from __future__ import annotations
 
 import gc
-from heapq import heappush
+from heapq import heappop, heappush
 from typing import Callable
 
 import numpy as np
 import simpy
-from simpy.core import NORMAL
+from simpy.core import NORMAL, URGENT, EmptySchedule, StopSimulation
 
 # Request status codes (the ``status`` column); STATUS_NAMES maps them to the
 # strings of requests.parquet.
@@ -225,13 +225,65 @@ class Engine:
         gc.disable()
         try:
             if progress is None or horizon <= 0:
-                self.env.run(until=horizon)
+                self._run_until(horizon)
                 return
             for k in range(1, steps + 1):
                 t = horizon if k == steps else horizon * k / steps
                 if t > self.env.now:
-                    self.env.run(until=t)
+                    self._run_until(t)
                 progress(k / steps)
         finally:
             if enabled:
                 gc.enable()
+
+    def _run_until(self, until: float) -> None:
+        """``env.run(until=until)``, with SimPy's ``run`` and ``step`` in one loop here: the same events in
+        the same order (the same stop event, the same handling of a stop and of a failed event), without a
+        call of ``step`` per event, and the arrival cursor's entry served inline (what :meth:`_on_arrival`
+        does). Hot: once per event."""
+        env = self.env
+        at = until if isinstance(until, int) else float(until)
+        if at <= env._now:
+            raise ValueError(f"until ({at}) must be greater than the current simulation time")
+        stop = simpy.Event(env)
+        stop._ok = True
+        stop._value = None
+        env.schedule(stop, URGENT, at - env._now)
+        stop.callbacks.append(StopSimulation.callback)
+        q = env._queue
+        eid = env._eid
+        cursor = self._cursor_call
+        r = self.requests
+        arrival, model, n_open = r.arrival, r.model, r.n_open
+        arrive = self.arrive_of_model
+        try:
+            while True:
+                try:
+                    env._now, _, _, event = heappop(q)
+                except IndexError:
+                    raise EmptySchedule from None
+                if event is cursor:   # the next open-loop arrival: _on_arrival inlined
+                    i = self._cursor
+                    self._cursor = i + 1
+                    arrive[model[i]](i)
+                    i += 1
+                    if i < n_open:
+                        heappush(q, (arrival[i], NORMAL, next(eid), event))
+                    continue
+                callbacks, event.callbacks = event.callbacks, None
+                try:
+                    for callback in callbacks:
+                        callback(event)
+                except StopSimulation:
+                    # As SimPy's step: the event's remaining callbacks run when the simulation resumes.
+                    event.callbacks = callbacks[callbacks.index(callback) + 1:]
+                    env.schedule(event, -1)
+                    raise
+                if not event._ok and not hasattr(event, "_defused"):
+                    exc = type(event._value)(*event._value.args)
+                    exc.__cause__ = event._value
+                    raise exc
+        except StopSimulation:
+            return
+        except EmptySchedule:
+            raise RuntimeError(f'No scheduled events left but "until" event was not triggered: {stop}') from None
