@@ -230,6 +230,8 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
     load_ms = c["load"] * 1e3
     wait = (c["start"] - c["arrival"]) * 1e3 - load_ms
     ttft, tpot = token_times(c)
+    # copy=False: a column per array, not copied into pandas' 2-D blocks (2 s for 8.7 million rows); the
+    # frame shares the run's columns, which nothing changes after the run.
     return pd.DataFrame({
         "request_id": np.arange(len(c["arrival"]), dtype=np.int64),
         "model": model_names,
@@ -250,7 +252,7 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
         "tpot_ms": tpot,
         # the rows summary.json's figures cover: arrived after warmup, before the horizon
         "measured": (c["arrival"] >= sc.spec.warmup) & (c["arrival"] < sc.horizon),
-    })
+    }, copy=False)
 
 
 def token_times(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

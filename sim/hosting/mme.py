@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from ..core.engine import NO_CAPACITY, THROTTLED, TIMEOUT, Engine
+from ..core.engine import NO_CAPACITY, OK, THROTTLED, TIMEOUT, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -233,7 +233,8 @@ class MMEEndpoint(EndpointRuntime):
         slot.busy += 1
         inst.serving += 1
         self.requests.start[i] = now
-        self._device(inst, slot.model).start(i, now)
+        m = slot.model
+        (inst.devices[0] if m not in self.devices.llm else self._device(inst, m)).start(i, now)
 
     def _device(self, inst: MMEInstance, m: int):
         """Where a request of model ``m`` runs on ``inst``: the instance's shared device, or for a
@@ -266,7 +267,11 @@ class MMEEndpoint(EndpointRuntime):
             inst.n -= 1
             slot.busy -= 1
             inst.serving -= 1
-        self._served(i, now)
+        if now - r.arrival[i] <= self.timeout and not self.engine.closed_loop:   # _served's usual case
+            r.status[i] = OK
+            r.end[i] = now
+        else:
+            self._served(i, now)
         if slot.busy == 0 and not q:
             if not self.cache.enabled:
                 self._unload(inst, slot)
