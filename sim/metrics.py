@@ -137,26 +137,29 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
     served = c["served_end"][sel]
     end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
     end = np.maximum(end, start)
-    dev = c["device"][sel].astype(np.int64)
+    dev = c["device"][sel]
     if not len(dev):
         return None
+    dev = dev.astype(np.int16) if dev.max() < 2 ** 15 else dev.astype(np.int64)   # 16 bits: a radix sort
     # Busy periods per device: a sweep over its starts (+1) and ends (-1), in time order (starts first on a
     # tie, so back-to-back requests make one period); a device's count returns to 0 at its last end.
     t = np.concatenate([start, end])
     d = np.concatenate([dev, dev])
-    step = np.concatenate([np.ones(len(start)), -np.ones(len(end))])
+    step = np.concatenate([np.ones(len(start), dtype=np.int8), np.full(len(end), -1, dtype=np.int8)])
     # By device, then time, then starts first: the starts come first in ``t``, and both sorts are stable
-    # (the order of np.lexsort((-step, t, d))); a device number of 16 bits sorts by radix.
+    # (the order of np.lexsort((-step, t, d))).
     order = np.argsort(t, kind="stable")
-    order = order[np.argsort(d[order].astype(np.int16) if d.max() < 2 ** 15 else d[order], kind="stable")]
+    order = order[np.argsort(d[order], kind="stable")]
     t, d, step = t[order], d[order], step[order]
-    count = np.cumsum(step)
+    count = np.cumsum(step, dtype=np.int64)
     before = count - step
     up = (before == 0) & (step > 0)
     down = (count == 0) & (step < 0)
-    gpus = run.device_gpus[d].astype(float) if len(run.device_gpus) else np.zeros(len(d))
-    return (np.sort(start, kind="stable"), np.sort(end, kind="stable"), *_sorted_steps(t[up], gpus[up]),
-            *_sorted_steps(t[down], gpus[down]))
+    gpus = run.device_gpus if len(run.device_gpus) else np.zeros(int(d.max()) + 1)
+    t_up, g_up = t[up], gpus[d[up]].astype(float)
+    t_down, g_down = t[down], gpus[d[down]].astype(float)
+    return (np.sort(start, kind="stable"), np.sort(end, kind="stable"), *_sorted_steps(t_up, g_up),
+            *_sorted_steps(t_down, g_down))
 
 
 def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | None = None,
@@ -305,10 +308,11 @@ def _loads_frame(log: EndpointLog) -> pd.DataFrame:
     })
 
 
-def thrashing(log: EndpointLog, window: float) -> np.ndarray:
+def thrashing(log: EndpointLog, window: float, loads: pd.DataFrame | None = None) -> np.ndarray:
     """For each load, whether the same model was unloaded from the same instance
-    within ``window`` seconds before it (a reload the cache could not keep)."""
-    loads = _loads_frame(log)
+    within ``window`` seconds before it (a reload the cache could not keep). ``loads``: the log's
+    :func:`_loads_frame`, where the caller has it."""
+    loads = _loads_frame(log) if loads is None else loads
     out = np.zeros(len(loads), dtype=bool)
     if not log.unloads or not len(loads):
         return out
@@ -394,7 +398,7 @@ def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, cold_wait: np.ndarray
     mem = _memory_series(log, edges)
     gcap, hcap, dcap = log.capacity
     window = ep.cache.thrash_window if ep.mode == "mme" else 600.0
-    th = thrashing(log, window)[((loads["queued"] >= t0) & (loads["queued"] < t1)).to_numpy()]
+    th = thrashing(log, window, loads)[((loads["queued"] >= t0) & (loads["queued"] < t1)).to_numpy()]
     pct = lambda used, cap: float(100.0 * used / (cap * serving_s)) if cap > 0 and serving_s > 0 else None  # noqa
     return {
         "ModelCacheHit": None,  # filled from cache_hit_rate by the caller
