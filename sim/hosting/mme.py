@@ -99,6 +99,7 @@ class MMEEndpoint(EndpointRuntime):
         self.inst_cap = ep.spec.instance_concurrency
         self.queue_limit = ep.queue_limit
         self.rep_above = cache.replicate_above
+        self._gds = cache.policy == "gds"   # read once per request below
         self.max_loads = cache.max_concurrent_loads
         self.victim = EVICTION[cache.policy]
         self.speeds = LoadSpeeds(
@@ -202,7 +203,7 @@ class MMEEndpoint(EndpointRuntime):
         slot.last_used = now
         slot.uses += 1
         if slot.loaded:
-            if self.cache.policy == "gds":
+            if self._gds:
                 slot.h = inst.gds_floor + self._gds_cost(m)
             if self.inst_cap is not None:
                 if self.queue_limit is not None and len(slot.queue) >= self.queue_limit:
@@ -213,7 +214,12 @@ class MMEEndpoint(EndpointRuntime):
                 self._dispatch(inst)
             elif slot.busy < self.max_conc:
                 inst.n += 1
-                self._start(i, slot, now)
+                si = slot.inst   # _start inlined: once per request
+                slot.busy += 1
+                si.serving += 1
+                r.start[i] = now
+                sm = slot.model
+                (si.devices[0] if sm not in self.devices.llm else self._device(si, sm)).start(i, now)
             elif self.queue_limit is not None and len(slot.queue) >= self.queue_limit:
                 self.engine.finish(i, THROTTLED, now)
             else:
