@@ -125,6 +125,17 @@ def _steps_integrals(t: np.ndarray, w: np.ndarray, edges: np.ndarray) -> tuple[n
     return np.diff(cw[k] * edges - cwt[k]), _count_integral(t, edges)
 
 
+def _endpoint_rows(run: RawRun, memo: dict | None) -> list[np.ndarray]:
+    """:func:`rows_by_endpoint` of the run's request table, kept in ``memo`` (the summary's and the
+    timeline's, as :func:`sim.api.run` shares one) for the next call."""
+    if memo is not None and "endpoint_rows" in memo:
+        return memo["endpoint_rows"]
+    rows = rows_by_endpoint(run.endpoint_of_model[run.columns["model"]], len(run.scenario.endpoints))
+    if memo is not None:
+        memo["endpoint_rows"] = rows
+    return rows
+
+
 def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndarray, ...] | None:
     """What :func:`device_series` integrates for endpoint ``e``, whatever the bins: its requests' start and
     end times of service, sorted, and the times (sorted) and GPUs of its devices' busy periods' starts and
@@ -505,7 +516,7 @@ def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
     service = c["service"][win]
     load_s = c["load"][win]
     # Each endpoint's rows of the table, and of its measured part (one sort, not a pass per endpoint).
-    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
+    rows = _endpoint_rows(run, memo)
     pos = np.cumsum(win) - 1    # a row's position among the measured rows
 
     ep_cost, ep_extra = [], []
@@ -618,7 +629,9 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
     edges = np.arange(0.0, horizon, MINUTE)
     edges = np.append(edges, horizon)
     width = np.diff(edges)
-    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
+    rows = _endpoint_rows(run, memo)
+    if memo is not None:
+        memo.pop("endpoint_rows", None)
     frames = []
     for e, (ep, log) in enumerate(zip(sc.endpoints, run.logs)):
         sel = rows[e]        # its rows, ascending: the same figures as a filter over the table, in one sort
