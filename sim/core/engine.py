@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import math
+from array import array
 from heapq import heappop, heappush
 from typing import Callable
 
@@ -56,8 +57,10 @@ class Requests:
         self._tokens_open = (input_tokens, output_tokens)
         self._tokens_closed: list[tuple[int, int]] = []
         self._tokens_lists: tuple[list[int], list[int]] | None = None
-        self.u1: list[float] = route_u[:, 0].tolist()
-        self.u2: list[float] = route_u[:, 1].tolist()
+        # The routing uniforms are read only where a request has several candidates: arrays of doubles
+        # (the same values), not millions of Python floats made up front.
+        self.u1 = array("d", np.ascontiguousarray(route_u[:, 0], dtype=float).tobytes())
+        self.u2 = array("d", np.ascontiguousarray(route_u[:, 1], dtype=float).tobytes())
         self.start: list[float] = [np.nan] * n
         self.end: list[float] = [np.nan] * n
         self.instance: list[int] = [-1] * n
