@@ -80,6 +80,19 @@ def _count_integral(sorted_times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.diff(F)
 
 
+# Times of a run's requests (arrivals, starts, ends) come nearly in order: numpy's stable sort (timsort for
+# floats) sorts them several times faster than its default (introsort), to the same values.
+
+
+def _bin_counts(x, edges: np.ndarray) -> np.ndarray:
+    """``np.histogram(x, bins=edges)[0]``, the same counts (bins closed on the left, the last one on both
+    sides; NaN in none): numpy sorts ``x`` by blocks with its default sort for each call, this with one
+    stable sort (a run's times come nearly in order)."""
+    v = np.sort(np.asarray(x, dtype=float).ravel(), kind="stable")
+    edges = np.asarray(edges, dtype=float)
+    return np.diff(np.concatenate([v.searchsorted(edges[:-1], "left"), v.searchsorted(edges[-1:], "right")]))
+
+
 def _is_sorted(x: np.ndarray) -> bool:
     """Whether ``x`` is in ascending order already (arrival times usually are): then it needs no sort."""
     return bool(np.all(x[1:] >= x[:-1]))
@@ -112,6 +125,17 @@ def _steps_integrals(t: np.ndarray, w: np.ndarray, edges: np.ndarray) -> tuple[n
     return np.diff(cw[k] * edges - cwt[k]), _count_integral(t, edges)
 
 
+def _endpoint_rows(run: RawRun, memo: dict | None) -> list[np.ndarray]:
+    """:func:`rows_by_endpoint` of the run's request table, kept in ``memo`` (the summary's and the
+    timeline's, as :func:`sim.api.run` shares one) for the next call."""
+    if memo is not None and "endpoint_rows" in memo:
+        return memo["endpoint_rows"]
+    rows = rows_by_endpoint(run.endpoint_of_model[run.columns["model"]], len(run.scenario.endpoints))
+    if memo is not None:
+        memo["endpoint_rows"] = rows
+    return rows
+
+
 def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndarray, ...] | None:
     """What :func:`device_series` integrates for endpoint ``e``, whatever the bins: its requests' start and
     end times of service, sorted, and the times (sorted) and GPUs of its devices' busy periods' starts and
@@ -124,25 +148,29 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
     served = c["served_end"][sel]
     end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
     end = np.maximum(end, start)
-    dev = c["device"][sel].astype(np.int64)
+    dev = c["device"][sel]
     if not len(dev):
         return None
+    dev = dev.astype(np.int16) if dev.max() < 2 ** 15 else dev.astype(np.int64)   # 16 bits: a radix sort
     # Busy periods per device: a sweep over its starts (+1) and ends (-1), in time order (starts first on a
     # tie, so back-to-back requests make one period); a device's count returns to 0 at its last end.
     t = np.concatenate([start, end])
     d = np.concatenate([dev, dev])
-    step = np.concatenate([np.ones(len(start)), -np.ones(len(end))])
+    step = np.concatenate([np.ones(len(start), dtype=np.int8), np.full(len(end), -1, dtype=np.int8)])
     # By device, then time, then starts first: the starts come first in ``t``, and both sorts are stable
-    # (the order of np.lexsort((-step, t, d))); a device number of 16 bits sorts by radix.
+    # (the order of np.lexsort((-step, t, d))).
     order = np.argsort(t, kind="stable")
-    order = order[np.argsort(d[order].astype(np.int16) if d.max() < 2 ** 15 else d[order], kind="stable")]
+    order = order[np.argsort(d[order], kind="stable")]
     t, d, step = t[order], d[order], step[order]
-    count = np.cumsum(step)
+    count = np.cumsum(step, dtype=np.int64)
     before = count - step
     up = (before == 0) & (step > 0)
     down = (count == 0) & (step < 0)
-    gpus = run.device_gpus[d].astype(float) if len(run.device_gpus) else np.zeros(len(d))
-    return (np.sort(start), np.sort(end), *_sorted_steps(t[up], gpus[up]), *_sorted_steps(t[down], gpus[down]))
+    gpus = run.device_gpus if len(run.device_gpus) else np.zeros(int(d.max()) + 1)
+    t_up, g_up = t[up], gpus[d[up]].astype(float)
+    t_down, g_down = t[down], gpus[d[down]].astype(float)
+    return (np.sort(start, kind="stable"), np.sort(end, kind="stable"), *_sorted_steps(t_up, g_up),
+            *_sorted_steps(t_down, g_down))
 
 
 def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | None = None,
@@ -216,6 +244,8 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
     load_ms = c["load"] * 1e3
     wait = (c["start"] - c["arrival"]) * 1e3 - load_ms
     ttft, tpot = token_times(c)
+    # copy=False: a column per array, not copied into pandas' 2-D blocks (2 s for 8.7 million rows); the
+    # frame shares the run's columns, which nothing changes after the run.
     return pd.DataFrame({
         "request_id": np.arange(len(c["arrival"]), dtype=np.int64),
         "model": model_names,
@@ -236,7 +266,7 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
         "tpot_ms": tpot,
         # the rows summary.json's figures cover: arrived after warmup, before the horizon
         "measured": (c["arrival"] >= sc.spec.warmup) & (c["arrival"] < sc.horizon),
-    })
+    }, copy=False)
 
 
 def token_times(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +274,8 @@ def token_times(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     tokens - 1)): NaN for requests of models without continuous batching, and TPOT for one output token
     or a request not served to its end."""
     first = c["first_token"]
+    if not np.isfinite(first).any():   # no language model's request (the usual case): every figure is NaN
+        return np.full(len(first), np.nan), np.full(len(first), np.nan)
     ttft = (first - c["arrival"]) * 1e3
     served = np.where(np.isfinite(c["served_end"]), c["served_end"], np.nan)
     out = c["output_tokens"].astype(float)
@@ -287,10 +319,11 @@ def _loads_frame(log: EndpointLog) -> pd.DataFrame:
     })
 
 
-def thrashing(log: EndpointLog, window: float) -> np.ndarray:
+def thrashing(log: EndpointLog, window: float, loads: pd.DataFrame | None = None) -> np.ndarray:
     """For each load, whether the same model was unloaded from the same instance
-    within ``window`` seconds before it (a reload the cache could not keep)."""
-    loads = _loads_frame(log)
+    within ``window`` seconds before it (a reload the cache could not keep). ``loads``: the log's
+    :func:`_loads_frame`, where the caller has it."""
+    loads = _loads_frame(log) if loads is None else loads
     out = np.zeros(len(loads), dtype=bool)
     if not log.unloads or not len(loads):
         return out
@@ -376,7 +409,7 @@ def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, cold_wait: np.ndarray
     mem = _memory_series(log, edges)
     gcap, hcap, dcap = log.capacity
     window = ep.cache.thrash_window if ep.mode == "mme" else 600.0
-    th = thrashing(log, window)[((loads["queued"] >= t0) & (loads["queued"] < t1)).to_numpy()]
+    th = thrashing(log, window, loads)[((loads["queued"] >= t0) & (loads["queued"] < t1)).to_numpy()]
     pct = lambda used, cap: float(100.0 * used / (cap * serving_s)) if cap > 0 and serving_s > 0 else None  # noqa
     return {
         "ModelCacheHit": None,  # filled from cache_hit_rate by the caller
@@ -483,7 +516,7 @@ def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
     service = c["service"][win]
     load_s = c["load"][win]
     # Each endpoint's rows of the table, and of its measured part (one sort, not a pass per endpoint).
-    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
+    rows = _endpoint_rows(run, memo)
     pos = np.cumsum(win) - 1    # a row's position among the measured rows
 
     ep_cost, ep_extra = [], []
@@ -549,7 +582,7 @@ def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
                 f"endpoint {ep.name}: thrashing: {cw['thrashing_index']:.0%} of model loads reload a model "
                 f"unloaded in the previous {ep.cache.thrash_window / 60:g} min; the working set does not fit "
                 "the cache: use a larger instance type or more instances")
-    order = np.argsort(model, kind="stable")
+    order = np.argsort(model.astype(np.int16) if len(sc.models) < 2 ** 15 else model, kind="stable")   # radix
     bounds = np.searchsorted(model[order], np.arange(len(sc.models) + 1))
     for m, mod in enumerate(sc.models):
         idx = order[bounds[m]:bounds[m + 1]]
@@ -596,7 +629,9 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
     edges = np.arange(0.0, horizon, MINUTE)
     edges = np.append(edges, horizon)
     width = np.diff(edges)
-    rows = rows_by_endpoint(run.endpoint_of_model[c["model"]], len(sc.endpoints))
+    rows = _endpoint_rows(run, memo)
+    if memo is not None:
+        memo.pop("endpoint_rows", None)
     frames = []
     for e, (ep, log) in enumerate(zip(sc.endpoints, run.logs)):
         sel = rows[e]        # its rows, ascending: the same figures as a filter over the table, in one sort
@@ -608,27 +643,27 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
         serving_s = step_integral(t, [x[1] for x in log.fleet], edges)
         serving = serving_s / width
         billed = step_integral(t, [x[2] for x in log.fleet], edges)
-        in_flight = (_count_integral(arr if _is_sorted(arr) else np.sort(arr), edges)
-                     - _count_integral(np.sort(end[np.isfinite(end)]), edges)) / width
-        inv = np.histogram(arr, bins=edges)[0]
+        in_flight = (_count_integral(arr if _is_sorted(arr) else np.sort(arr, kind="stable"), edges)
+                     - _count_integral(np.sort(end[np.isfinite(end)], kind="stable"), edges)) / width
+        inv = _bin_counts(arr, edges)
         starts = c["start"][served]
         cold = c["cold"][served]
-        hits = np.histogram(starts[~cold], bins=edges)[0]
-        tot = np.histogram(starts, bins=edges)[0]
+        hits = _bin_counts(starts[~cold], edges)
+        tot = _bin_counts(starts, edges)
         wait_sum = np.histogram(starts[cold], bins=edges, weights=c["load"][served][cold])[0]
-        wait_n = np.histogram(starts[cold], bins=edges)[0]
+        wait_n = _bin_counts(starts[cold], edges)
         mem = _memory_series(log, edges)
         gcap, hcap, dcap = log.capacity
         loads = _loads_frame(log)
         done = loads.dropna(subset=["end"])
-        n_loads = np.histogram(loads["queued"], bins=edges)[0]
+        n_loads = _bin_counts(loads["queued"], edges)
         load_sum = np.histogram(done["end"], bins=edges, weights=done["end"] - done["start"])[0]
-        load_n = np.histogram(done["end"], bins=edges)[0]
+        load_n = _bin_counts(done["end"], edges)
         dl = done[done["downloaded"]]
         dl_sum = np.histogram(dl["end"], bins=edges, weights=dl["download_s"])[0]
-        dl_n = np.histogram(dl["end"], bins=edges)[0]
-        unloads = np.histogram([u[0] for u in log.unloads], bins=edges)[0]
-        failures = np.histogram([f[0] for f in log.failures], bins=edges)[0]
+        dl_n = _bin_counts(dl["end"], edges)
+        unloads = _bin_counts([u[0] for u in log.unloads], edges)
+        failures = _bin_counts([f[0] for f in log.failures], edges)
         it = ep.instance_type
 
         def ratio(a, b, scale=1.0):
@@ -647,7 +682,7 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
             "cost_usd": pricing.cost(it, billed),
             "cold_starts": n_loads,
             "failures": failures,
-            "failed_requests": np.histogram(end[st > TIMEOUT], bins=edges)[0],
+            "failed_requests": _bin_counts(end[st > TIMEOUT], edges),
             "ModelCacheHit": ratio(hits, tot),
             "ModelLoadingWaitTime_ms": ratio(wait_sum, wait_n, 1e3),
             "ModelDownloadingTime_ms": ratio(dl_sum, dl_n, 1e3),

@@ -1,20 +1,23 @@
 """The event core: SimPy's calendar, requests as rows of preallocated columns.
 
 A request is an index ``i`` into the columns of :class:`Requests`. It costs
-two calendar entries: its arrival (one reusable cursor walks the pre-generated
-arrival times) and its completion. Its start happens inside one of those two
-callbacks. Long-lived actors (autoscalers, failure injectors, samplers) may be
+one calendar entry, its completion: the open-loop arrivals, pre-generated in
+time order, are merged into the run's loop from the table (a cursor walks them),
+in the order SimPy's heap would give them. Its start happens inside its arrival
+or a completion. Long-lived actors (autoscalers, failure injectors, samplers) may be
 ordinary SimPy processes on the same environment.
 """
 from __future__ import annotations
 
 import gc
-from heapq import heappush
+import math
+from array import array
+from heapq import heappop, heappush
 from typing import Callable
 
 import numpy as np
 import simpy
-from simpy.core import NORMAL
+from simpy.core import NORMAL, URGENT, EmptySchedule, StopSimulation
 
 # Request status codes (the ``status`` column); STATUS_NAMES maps them to the
 # strings of requests.parquet.
@@ -46,6 +49,7 @@ class Requests:
                  input_tokens: np.ndarray, output_tokens: np.ndarray, route_u: np.ndarray):
         n = len(arrival)
         self.n_open = n
+        self._open = (arrival, model)   # as given: to_arrays returns them where nothing changed
         self.arrival: list[float] = arrival.tolist()
         self.model: list[int] = model.tolist()
         self.service: list[float] = service.tolist()
@@ -53,8 +57,10 @@ class Requests:
         self._tokens_open = (input_tokens, output_tokens)
         self._tokens_closed: list[tuple[int, int]] = []
         self._tokens_lists: tuple[list[int], list[int]] | None = None
-        self.u1: list[float] = route_u[:, 0].tolist()
-        self.u2: list[float] = route_u[:, 1].tolist()
+        # The routing uniforms are read only where a request has several candidates: arrays of doubles
+        # (the same values), not millions of Python floats made up front.
+        self.u1 = array("d", np.ascontiguousarray(route_u[:, 0], dtype=float).tobytes())
+        self.u2 = array("d", np.ascontiguousarray(route_u[:, 1], dtype=float).tobytes())
         self.start: list[float] = [np.nan] * n
         self.end: list[float] = [np.nan] * n
         self.instance: list[int] = [-1] * n
@@ -112,22 +118,31 @@ class Requests:
         return self._tokens_lists
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        # Lists of Python floats to arrays with np.fromiter: np.asarray first walks the list to find its
+        # type (several times slower on millions of rows). The open-loop arrivals and models are the arrays
+        # given, copied, unless requests were appended (closed loop). (Service times change while running:
+        # sustained load, continuous batching.)
+        n = len(self.arrival)
+        floats = lambda x: np.fromiter(x, dtype=float, count=n)  # noqa: E731
+        arrival, model = self._open
+        same = n == self.n_open
+        end = floats(self.end)
         return {
-            "arrival": np.asarray(self.arrival, dtype=float),
-            "model": np.asarray(self.model, dtype=np.int32),
-            "service": np.asarray(self.service, dtype=float),
+            "arrival": np.array(arrival, dtype=float) if same else floats(self.arrival),
+            "model": np.array(model, dtype=np.int32) if same else np.asarray(self.model, dtype=np.int32),
+            "service": floats(self.service),
             "input_tokens": np.concatenate([self._tokens_open[0].astype(np.int64),
                                             np.array([t[0] for t in self._tokens_closed], dtype=np.int64)]),
             "output_tokens": np.concatenate([self._tokens_open[1].astype(np.int64),
                                              np.array([t[1] for t in self._tokens_closed], dtype=np.int64)]),
-            "start": np.asarray(self.start, dtype=float),
-            "end": np.asarray(self.end, dtype=float),
+            "start": floats(self.start),
+            "end": end,
             "instance": np.asarray(self.instance, dtype=np.int32),
             "device": np.asarray(self.device, dtype=np.int32),
             "status": np.asarray(self.status, dtype=np.int8),
-            "load": np.asarray(self.load, dtype=float),
+            "load": floats(self.load),
             "cold": np.asarray(self.cold, dtype=bool),
-            "served_end": self._served_end(),
+            "served_end": self._served_end(end),
             "first_token": self._first_token(),
         }
 
@@ -137,9 +152,10 @@ class Requests:
             out[np.fromiter(self.first_token.keys(), dtype=np.int64)] = np.fromiter(self.first_token.values(), dtype=float)
         return out
 
-    def _served_end(self) -> np.ndarray:
-        """When each request's service ended: its end, or later for one served past its timeout."""
-        out = np.asarray(self.end, dtype=float).copy()
+    def _served_end(self, end: np.ndarray) -> np.ndarray:
+        """When each request's service ended: its ``end`` (the column as an array), or later for one served
+        past its timeout."""
+        out = end.copy()
         if self.served_late:
             k = np.fromiter(self.served_late.keys(), dtype=np.int64)
             out[k] = np.fromiter(self.served_late.values(), dtype=float)
@@ -162,9 +178,12 @@ class Engine:
         self.closed_loop = False
         self.device_gpus: list[int] = []   # GPUs of each device (sim.hosting.device), by index
         self.horizon = float("inf")      # when the run stops (set by run): nothing at or after it happens
+        # The open-loop arrivals are not on SimPy's heap: they are already in time order, so the run's loop
+        # (:meth:`_run_until`) takes the next one from the table when it comes before the heap's first
+        # entry. ``_cursor``: the next one; ``_cursor_eid``: the calendar's sequence number it holds, drawn
+        # where the entry that walked the arrivals was scheduled (so ties fall out as they did on the heap).
         self._cursor = 0
-        self._cursor_callbacks = [self._on_arrival]
-        self._cursor_call = Call(self._cursor_callbacks)
+        self._cursor_eid = -1
 
     # -- scheduling -----------------------------------------------------------
     def at(self, delay: float, callback: Callable[[Call], None], arg: object = None, obj: object = None) -> Call:
@@ -174,17 +193,6 @@ class Engine:
         # Inlined Environment.schedule: this is the hot path.
         heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), call))
         return call
-
-    def _on_arrival(self, call: Call) -> None:
-        i = self._cursor
-        arrival = self.requests.arrival
-        self.arrive_of_model[self.requests.model[i]](i)
-        i += 1
-        self._cursor = i
-        if i < self.requests.n_open:
-            env = self.env
-            call.callbacks = self._cursor_callbacks
-            heappush(env._queue, (arrival[i], NORMAL, next(env._eid), call))
 
     def inject(self, i: int) -> None:
         """Schedule the arrival of an appended request ``i`` (closed loop) at its arrival time."""
@@ -211,12 +219,8 @@ class Engine:
         urgent event of its own at the slice's end, after which the queue resumes in the same order."""
         self.horizon = horizon
         r = self.requests
-        self._cursor_call_callbacks = [self._on_arrival]
         if r.n_open:
-            call = self._cursor_call
-            call.callbacks = self._cursor_callbacks
-            env = self.env
-            heappush(env._queue, (r.arrival[0], NORMAL, next(env._eid), call))
+            self._cursor_eid = next(self.env._eid)
         # No cyclic garbage collection while the calendar runs: a run makes next to no reference cycles
         # (a few hundred objects for 10^5 requests), yet the collector would walk its young objects
         # every few hundred allocations and, now and then, every object of the process (the request
@@ -225,13 +229,87 @@ class Engine:
         gc.disable()
         try:
             if progress is None or horizon <= 0:
-                self.env.run(until=horizon)
+                self._run_until(horizon)
                 return
             for k in range(1, steps + 1):
                 t = horizon if k == steps else horizon * k / steps
                 if t > self.env.now:
-                    self.env.run(until=t)
+                    self._run_until(t)
                 progress(k / steps)
         finally:
             if enabled:
                 gc.enable()
+
+    def _run_until(self, until: float) -> None:
+        """``env.run(until=until)``, with SimPy's ``run`` and ``step`` in one loop here, and the open-loop
+        arrivals merged in from the request table instead of the heap: the same events in the same order
+        (by time, priority, then sequence number, as SimPy's heap orders them; the same stop event, the
+        same handling of a stop and of a failed event), without a call of ``step`` per event nor a heap
+        push and pop per arrival. Hot: once per event."""
+        env = self.env
+        at = until if isinstance(until, int) else float(until)
+        if at <= env._now:
+            raise ValueError(f"until ({at}) must be greater than the current simulation time")
+        stop = simpy.Event(env)
+        stop._ok = True
+        stop._value = None
+        env.schedule(stop, URGENT, at - env._now)
+        stop.callbacks.append(StopSimulation.callback)
+        q = env._queue
+        eid = env._eid
+        r = self.requests
+        arrival, model, n_open = r.arrival, r.model, r.n_open
+        arrive = self.arrive_of_model
+        i = self._cursor                                    # the next open-loop arrival ...
+        ta = arrival[i] if i < n_open else math.inf         # ... its time ...
+        ea = self._cursor_eid                               # ... and its sequence number
+        try:
+            while True:
+                if q:
+                    top = q[0]
+                    t = top[0]
+                    # The arrival first when its key (ta, NORMAL, ea) is the smaller, as on the heap.
+                    if ta < t or (ta == t and (top[1] > NORMAL or (top[1] == NORMAL and ea < top[2]))):
+                        env._now = ta
+                        self._cursor = i + 1
+                        arrive[model[i]](i)
+                        i += 1
+                        if i < n_open:
+                            ta = arrival[i]
+                            ea = next(eid)
+                        else:
+                            ta = math.inf
+                        continue
+                    env._now, _, _, event = heappop(q)
+                elif ta < math.inf:
+                    env._now = ta
+                    self._cursor = i + 1
+                    arrive[model[i]](i)
+                    i += 1
+                    if i < n_open:
+                        ta = arrival[i]
+                        ea = next(eid)
+                    else:
+                        ta = math.inf
+                    continue
+                else:
+                    raise EmptySchedule
+                callbacks, event.callbacks = event.callbacks, None
+                try:
+                    for callback in callbacks:
+                        callback(event)
+                except StopSimulation:
+                    # As SimPy's step: the event's remaining callbacks run when the simulation resumes.
+                    event.callbacks = callbacks[callbacks.index(callback) + 1:]
+                    env.schedule(event, -1)
+                    raise
+                if not event._ok and not hasattr(event, "_defused"):
+                    exc = type(event._value)(*event._value.args)
+                    exc.__cause__ = event._value
+                    raise exc
+        except StopSimulation:
+            return
+        except EmptySchedule:
+            raise RuntimeError(f'No scheduled events left but "until" event was not triggered: {stop}') from None
+        finally:
+            self._cursor_eid = ea

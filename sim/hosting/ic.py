@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import autoscaling, routing
-from ..core.engine import NO_CAPACITY, THROTTLED, Call, Engine
+from ..core.engine import NO_CAPACITY, OK, THROTTLED, Call, Engine
 from ..scenario.resolve import Component, Endpoint, Model
 from ..service import sample
 from . import placement
@@ -408,7 +408,11 @@ class ICEndpoint(EndpointRuntime):
             dev.start(j, now)
         else:
             c.busy -= 1
-        self._served(i, now)
+        if now - r.arrival[i] <= self.timeout and not self.engine.closed_loop:   # _served's usual case
+            r.status[i] = OK
+            r.end[i] = now
+        else:
+            self._served(i, now)
         if c.n == 0 and c.state == DRAINING:
             self._free(c)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from ..core.engine import NO_CAPACITY, THROTTLED, TIMEOUT, Engine
+from ..core.engine import NO_CAPACITY, OK, THROTTLED, TIMEOUT, Engine
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
 from .loading import Loader, LoadRecord, LoadSpeeds
@@ -99,6 +99,7 @@ class MMEEndpoint(EndpointRuntime):
         self.inst_cap = ep.spec.instance_concurrency
         self.queue_limit = ep.queue_limit
         self.rep_above = cache.replicate_above
+        self._gds = cache.policy == "gds"   # read once per request below
         self.max_loads = cache.max_concurrent_loads
         self.victim = EVICTION[cache.policy]
         self.speeds = LoadSpeeds(
@@ -202,7 +203,7 @@ class MMEEndpoint(EndpointRuntime):
         slot.last_used = now
         slot.uses += 1
         if slot.loaded:
-            if self.cache.policy == "gds":
+            if self._gds:
                 slot.h = inst.gds_floor + self._gds_cost(m)
             if self.inst_cap is not None:
                 if self.queue_limit is not None and len(slot.queue) >= self.queue_limit:
@@ -213,7 +214,12 @@ class MMEEndpoint(EndpointRuntime):
                 self._dispatch(inst)
             elif slot.busy < self.max_conc:
                 inst.n += 1
-                self._start(i, slot, now)
+                si = slot.inst   # _start inlined: once per request
+                slot.busy += 1
+                si.serving += 1
+                r.start[i] = now
+                sm = slot.model
+                (si.devices[0] if sm not in self.devices.llm else self._device(si, sm)).start(i, now)
             elif self.queue_limit is not None and len(slot.queue) >= self.queue_limit:
                 self.engine.finish(i, THROTTLED, now)
             else:
@@ -233,7 +239,8 @@ class MMEEndpoint(EndpointRuntime):
         slot.busy += 1
         inst.serving += 1
         self.requests.start[i] = now
-        self._device(inst, slot.model).start(i, now)
+        m = slot.model
+        (inst.devices[0] if m not in self.devices.llm else self._device(inst, m)).start(i, now)
 
     def _device(self, inst: MMEInstance, m: int):
         """Where a request of model ``m`` runs on ``inst``: the instance's shared device, or for a
@@ -266,7 +273,11 @@ class MMEEndpoint(EndpointRuntime):
             inst.n -= 1
             slot.busy -= 1
             inst.serving -= 1
-        self._served(i, now)
+        if now - r.arrival[i] <= self.timeout and not self.engine.closed_loop:   # _served's usual case
+            r.status[i] = OK
+            r.end[i] = now
+        else:
+            self._served(i, now)
         if slot.busy == 0 and not q:
             if not self.cache.enabled:
                 self._unload(inst, slot)

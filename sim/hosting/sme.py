@@ -5,7 +5,7 @@ copy runs on a device of its own (its GPUs): a request starts on the copy with
 the fewest in service."""
 from __future__ import annotations
 
-from ..core.engine import NO_CAPACITY, THROTTLED, Engine
+from ..core.engine import NO_CAPACITY, OK, THROTTLED, Engine
 from ..routing import tracked
 from ..scenario.resolve import Endpoint, Model
 from .base import EndpointRuntime, Instance
@@ -90,9 +90,9 @@ class SMEEndpoint(EndpointRuntime):
     def _done(self, i: int, dev) -> None:
         inst = dev.owner
         q = inst.queue
+        now = self._env._now
+        r = self.requests
         if q:
-            now = self._env._now
-            r = self.requests
             if now - r.arrival[q[0]] < self.timeout:   # the next one still waits: _pop_live's usual case
                 j = q.popleft()
                 inst.n -= 1
@@ -106,11 +106,14 @@ class SMEEndpoint(EndpointRuntime):
                     dev.start(j, now)
                 else:
                     inst.busy -= 1
-            self._served(i, now)
         else:
             inst.n -= 1
             inst.busy -= 1
-            self._served(i, self._env._now)
+        if now - r.arrival[i] <= self.timeout and not self.engine.closed_loop:   # _served's usual case
+            r.status[i] = OK
+            r.end[i] = now
+        else:
+            self._served(i, now)
         if inst.draining:
             self._maybe_release(inst)
 

@@ -138,14 +138,17 @@ def slo_ms(slo: Any) -> float | None:
 def p99_per_minute(arrival_s: np.ndarray, latency_ms: np.ndarray, group: np.ndarray | None = None,
                    q: float = 0.99) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(group, minute, quantile)`` of the latencies by arrival minute (and ``group``, integer codes),
-    with numpy's linear interpolation: one sort of the whole table, not a sort per minute."""
+    with numpy's linear interpolation. The rows are grouped by one stable sort of their (small integer)
+    keys, a radix sort; each group's two order statistics around the quantile are then found by a partial
+    sort (``np.partition``): the same values as sorting every group, at a fraction of the cost on millions
+    of rows."""
     minute = (np.asarray(arrival_s, dtype=float) // 60.0).astype(np.int64)
     lat = np.asarray(latency_ms, dtype=float)
     g = np.zeros(len(lat), dtype=np.int64) if group is None else np.asarray(group, dtype=np.int64)
     if not len(lat):
         return g, minute, lat
     key = g * (int(minute.max()) + 1) + minute
-    order = np.lexsort((lat, key))
+    order = np.argsort(key.astype(np.int16) if 0 <= key.min() and key.max() < 2 ** 15 else key, kind="stable")
     k = key[order]
     v = lat[order]
     starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
@@ -153,7 +156,11 @@ def p99_per_minute(arrival_s: np.ndarray, latency_ms: np.ndarray, group: np.ndar
     pos = starts + q * (counts - 1)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, starts + counts - 1)
-    val = v[lo] + (pos - lo) * (v[hi] - v[lo])
+    v_lo, v_hi = np.empty(len(starts)), np.empty(len(starts))
+    for j, (s, e, a, b) in enumerate(zip(starts.tolist(), (starts + counts).tolist(), lo.tolist(), hi.tolist())):
+        part = np.partition(v[s:e], (a - s, b - s) if b != a else a - s)
+        v_lo[j], v_hi[j] = part[a - s], part[b - s]
+    val = v_lo + (pos - lo) * (v_hi - v_lo)
     first = order[starts]
     return g[first], minute[first], val
 
@@ -269,9 +276,13 @@ def _first_replication(df: "pd.DataFrame") -> "pd.DataFrame":
     return df[df["replication"] == 0] if "replication" in df.columns else df
 
 
-def _measured_ok(req: "pd.DataFrame", warmup: float, horizon: float) -> "pd.DataFrame":
-    a = req["arrival_s"]
-    return req[(req["status"] == "ok") & (a >= warmup) & (a < horizon)]
+def _measured_ok(req: "pd.DataFrame", warmup: float, horizon: float,
+                 columns: list[str] | None = None) -> "pd.DataFrame":
+    """The completed requests of the measured horizon; ``columns``: only those (a fleet's table has
+    millions of rows: taking two columns is a fraction of taking all)."""
+    a = req["arrival_s"].to_numpy()
+    keep = (req["status"] == "ok").to_numpy() & (a >= warmup) & (a < horizon)
+    return (req if columns is None else req[columns])[keep]
 
 
 def latency_cdf(result: "Result") -> PlotFigure:
@@ -279,7 +290,7 @@ def latency_cdf(result: "Result") -> PlotFigure:
     CDF, log), all requests and the busiest endpoints, with the SLO."""
     req = _first_replication(result.requests)
     spec = result.scenario.spec
-    ok = _measured_ok(req, spec.warmup, result.scenario.horizon)
+    ok = _measured_ok(req, spec.warmup, result.scenario.horizon, ["latency_ms", "endpoint"])
     fig, axes = new_figure((11, 4.2), 1, 2)
     series = [("all requests", ok["latency_ms"].to_numpy(), {"color": "black", "lw": 2})]
     eps = result.summary.get("endpoints", {})
@@ -306,7 +317,7 @@ def run_timeline(tl: "pd.DataFrame", req: "pd.DataFrame | None", counts: dict[st
     series = split_series(series, keep, lambda rest: sum_endpoints(pd.concat([series[n] for n in rest])))
     p99: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if req is not None and len(req):
-        ok = req[req["status"] == "ok"]
+        ok = req[["arrival_s", "latency_ms", "endpoint"]][(req["status"] == "ok").to_numpy()]
         names = [str(c) for c in ok["endpoint"].cat.categories] if hasattr(ok["endpoint"], "cat") else None
         if names is None:
             names = sorted(ok["endpoint"].astype(str).unique())
@@ -344,7 +355,7 @@ def token_figure(result: "Result") -> PlotFigure:
     """TTFT and TPOT of the language models' completed requests (measured horizon): each CDF and its tail,
     with their SLOs."""
     req = _first_replication(result.requests)
-    ok = _measured_ok(req, result.scenario.spec.warmup, result.scenario.horizon)
+    ok = _measured_ok(req, result.scenario.spec.warmup, result.scenario.horizon, ["ttft_ms", "tpot_ms", "endpoint"])
     ok = ok[ok["ttft_ms"].notna()]
     slo = result.summary.get("slo") or {}
     fig, axes = new_figure((11, 7.5), 2, 2)
