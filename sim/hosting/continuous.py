@@ -37,12 +37,13 @@ from __future__ import annotations
 
 from collections import deque
 from heapq import heappop, heappush
+from itertools import count
+from math import sqrt
 
 from simpy.core import NORMAL
 
 from ..core.engine import NO_CAPACITY, Call
 from .device import Device, DeviceSet, Done  # noqa: F401 (DeviceSet: types)
-from .steps import one_term_steps_within
 
 
 class _Seq:
@@ -82,7 +83,7 @@ class ContinuousBatching(Device):
 
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
-                 "_sum", "_cnt", "_heap", "_key", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
+                 "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
                  "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
                  "_eager", "_engine")
 
@@ -99,8 +100,8 @@ class ContinuousBatching(Device):
         # decoding, in admission order (a dict: O(1) removal; popitem() gives the most recently admitted)
         self._running: dict[_Seq, None] = {}
         self._pending: Call | None = None    # the end of the step (or run of decode steps) in progress
-        # a decode run: (start, n, K0, steps, a1, s): a one-term step model's steps take a1 + s j seconds
-        # (step j of the run), else a1 is the run's Envelope and s = 0.0
+        # a decode run: (start, steps, a1, s): a one-term step model's steps take a1 + s j seconds (step j
+        # of the run), else a1 is the run's Envelope and s = 0.0
         self._run: tuple | None = None
         self._chunks: tuple | list = ()      # the prefill chunks (sequence, tokens) of the step in progress
         self._p = 0                          # their tokens in all
@@ -113,7 +114,7 @@ class ContinuousBatching(Device):
         self._sum = 0                        # sum of the running sequences' ``base``
         self._cnt = [0] * self._bs           # running sequences by (-base) mod block_size
         self._heap: list[tuple[int, int, _Seq]] = []   # (fin, key, sequence); stale when key differs
-        self._key = 0
+        self._keys = count(1)
         r = self._r
         self._tin, self._tout = r.open_tokens()
         self._nopen = r.n_open
@@ -220,29 +221,70 @@ class ContinuousBatching(Device):
 
     def _cut_run(self, now: float) -> None:
         """An arrival during a decode run: the run ends with the step in progress."""
-        t0, n, k0, m, a1, s = self._run
+        t0, m, a1, s = self._run
+        span = now - t0
         if self._one is None:   # a1: the run's envelope (StepTime.decode_steps_within, decode_time)
-            done = a1.steps_within(now - t0, m)
-            if done + 1 >= m:
-                return   # the run's last step is the one in progress
-            end = t0 + a1.time(done + 1)
-        else:   # StepTime.decode_steps_within and decode_time of one term (the run's a1 and s kept)
-            j = one_term_steps_within(a1, s, now - t0, m)
+            j = a1.steps_within(span, m)
             if j + 1 >= m:
                 return   # the run's last step is the one in progress
-            end = t0 + ((j + 1) * a1 + s * (j + 1) * j / 2.0)
-            done = j
+            end = t0 + a1.time(j + 1)
+        else:
+            # steps.one_term_steps_within(a1, s, span, m), written out: j steps take j a1 + s j (j - 1) / 2 seconds
+            # (StepTime.decode_time of one term); ``tn``, that sum for j + 1 steps, gives the step's end
+            if a1 > span:   # one step takes a1
+                j = 0
+                tn = a1
+            else:
+                if s > 0.0:
+                    half = s / 2.0
+                    g = ((half - a1) + sqrt((a1 - half) ** 2 + 2.0 * s * span)) / s
+                elif a1 > 0.0:
+                    g = span / a1
+                else:
+                    g = m
+                j = m if not (g < m) else (int(g) if g >= 1.0 else 1)   # also nan/inf: m
+                if j < m:
+                    tn = (j + 1) * a1 + s * (j + 1) * j / 2.0
+                    if tn <= span:
+                        j += 1
+                        while j < m:
+                            tn = (j + 1) * a1 + s * (j + 1) * j / 2.0
+                            if tn > span:
+                                break
+                            j += 1
+                    else:
+                        while j > 1:
+                            t = j * a1 + s * j * (j - 1) / 2.0
+                            if t <= span:
+                                break
+                            tn = t
+                            j -= 1
+                else:
+                    while j > 1 and j * a1 + s * j * (j - 1) / 2.0 > span:
+                        j -= 1
+                    tn = (j + 1) * a1 + s * (j + 1) * j / 2.0
+            if j + 1 >= m:
+                return   # the run's last step is the one in progress
+            end = t0 + tn
         self._pending.callbacks = ()   # void it: SimPy calls no callback then
         # Compose the next step now, at its start ``end``: until then nothing on the device changes but
         # starts, which join it where its composition then would have admitted them (_join_ahead).
         running = self._running
-        steps = done + 1
+        bs = self._bs
+        cnt = self._cnt
         D = self._D
         du = 0
-        if steps > 1:   # the blocks of the run's later steps (as _end_step)
-            du = self._allocs(D + 1, steps - 1)
+        if j:   # the blocks of the run's later steps, by the clock D + 1 .. D + j (_allocs, inlined)
+            rem = j
+            if j >= bs:
+                du = j // bs * len(running)
+                rem = j % bs
+            if rem:
+                a = (D + 1) % bs
+                e = a + rem
+                du += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
             self._free -= du
-        D = self._D = D + steps   # no sequence finishes: steps < m
+        D = self._D = D + j + 1   # no sequence finishes: j + 1 < m
         self._run = None
         waiting = self._waiting
         llm = self._llm
@@ -251,9 +293,8 @@ class ContinuousBatching(Device):
             # prefill. Its step is what _step composes then (the running sequences' blocks for their
             # next token, then its first chunk), written out: the same figures, without the general
             # case's loops and records.
-            bs = self._bs
             free = self._free
-            more = self._cnt[D % bs]
+            more = cnt[D % bs]
             n = len(running)
             budget = self._budget - n
             q = waiting[0]
@@ -261,14 +302,12 @@ class ContinuousBatching(Device):
             if c > budget:
                 c = budget
             need = -(-c // bs)
-            if more <= free and budget > 0 and need <= free - more:
+            if more + need <= free and budget > 0:
                 # (the start checked max_num_seqs: n < max_num_seqs)
-                free -= more
-                du += more
                 waiting.popleft()
-                free -= need
+                free -= more + need
                 q.blocks = need
-                du += need
+                du += more + need
                 i = q.i
                 startc = self._startc
                 old = startc[i]
@@ -296,23 +335,22 @@ class ContinuousBatching(Device):
                         top = heap[0]
                     # none finishes at its end, and the next step's blocks fit: its end is known now
                     D1 = D + 1
-                    cnt = self._cnt
                     top0 = top[0]
                     if top0 > D1 and cnt[D1 % bs] + (c % bs == 0) <= free:
                         # Its end is known now: done at once (_end_step's work at ``at``, written out
                         # for this case), with no event at ``at``. A start or a stop before ``at`` takes
                         # it back (_undo_prefill_ahead): the step's end is then an event again. (``q``
-                        # leaves the prefill and the step's chunks as soon as it enters them.)
+                        # leaves the prefill and the step's chunks as soon as it enters them; its ``ctx``
+                        # and ``left``, a prefill's, stay as they were: a running sequence has ``base``
+                        # and ``fin`` instead.)
                         self._D = D1
-                        q.ctx = c
                         first = self._first
                         own_first = i not in first
                         if own_first:
                             first[i] = at
-                        left = q.left = q.left - 1
                         base = q.base = c - D1
-                        key = q.key = self._key = self._key + 1
-                        fin = q.fin = D1 + left
+                        key = q.key = next(self._keys)
+                        fin = q.fin = D1 + q.left - 1
                         running[q] = None
                         heappush(heap, (fin, key, q))
                         k = self._sum = self._sum + base
@@ -334,12 +372,12 @@ class ContinuousBatching(Device):
                         k += n * D1
                         if one is None:
                             ev = self._step_time.envelope(n, float(k), m)
-                            self._run = (at, n, float(k), m, ev, 0.0)
+                            self._run = (at, m, ev, 0.0)
                             t = at + ev.time(m)
                         else:
                             a1 = self._ov + (a + b * n + c_ * k)
                             s = c_ * n
-                            self._run = (at, n, float(k), m, a1, s)
+                            self._run = (at, m, a1, s)
                             t = at + (m * a1 + s * m * (m - 1) / 2.0)
                         call = self._spare   # self._schedule(t), inlined
                         if call is None:
@@ -399,9 +437,7 @@ class ContinuousBatching(Device):
         base = q.base
         self._sum -= base
         self._cnt[-base % self._bs] -= 1
-        q.ctx = 0
-        q.left += 1
-        self._prefill.append(q)
+        self._prefill.append(q)   # (its ctx and left, a prefill's, were left as they were)
         if own_first:
             del self._first[q.i]
         self._chunks = [(q, c)]
@@ -611,13 +647,13 @@ class ContinuousBatching(Device):
         one = self._one
         if one is None:   # the envelope of the run's steps, found once for it and its cut
             ev = self._step_time.envelope(n, float(k), m)
-            self._run = (now, n, float(k), m, ev, 0.0)
+            self._run = (now, m, ev, 0.0)
             at = now + ev.time(m)
         else:   # StepTime.decode_time, inlined
             a, b, c, d = one
             a1 = self._ov + (a + b * n + c * k)
             s = c * n
-            self._run = (now, n, float(k), m, a1, s)
+            self._run = (now, m, a1, s)
             at = now + (m * a1 + s * m * (m - 1) / 2.0)
         call = self._spare   # self._schedule(at), inlined
         if call is None:
@@ -656,37 +692,43 @@ class ContinuousBatching(Device):
         D = self._D
         run = self._run
         if run is not None:
-            steps = run[3]
+            j = run[1] - 1   # the run's steps after its first
             self._run = None
-            if steps > 1 and running:   # blocks a run's later steps took (_steps_in_cache)
-                q, rem = divmod(steps - 1, bs)   # self._allocs(D + 1, steps - 1), inlined
-                du = q * len(running)
+            if j and running:   # the blocks they took (_steps_in_cache): self._allocs(D + 1, j), inlined
+                cnt = self._cnt
+                rem = j
+                if j >= bs:
+                    du = j // bs * len(running)
+                    rem = j % bs
                 if rem:
-                    cnt = self._cnt
                     a = (D + 1) % bs
                     e = a + rem
                     du += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
                 self._free -= du
-            D += steps
+            D += j + 1
         else:
             D += 1
         self._D = D
         finished: list[int] = []
         heap = self._heap
         if heap and heap[0][0] <= D:
+            # the sequences that finish (their entry's key is theirs: not stale); a finished one's
+            # key stays, matching no other entry of it
             cnt = self._cnt
             freed = 0
-            while heap and heap[0][0] <= D:
+            total = self._sum
+            while True:
                 fin, key, s = heappop(heap)
-                if s.key != key:
-                    continue
-                del running[s]
-                s.key = -1
-                base = s.base
-                self._sum -= base
-                cnt[-base % bs] -= 1
-                freed += -(-(base + D) // bs)
-                finished.append(s.i)
+                if s.key == key:
+                    del running[s]
+                    base = s.base
+                    total -= base
+                    cnt[-base % bs] -= 1
+                    freed += -(-(base + D) // bs)
+                    finished.append(s.i)
+                if not heap or heap[0][0] > D:
+                    break
+            self._sum = total
             self._free += freed
             du -= freed
         chunks = self._chunks
@@ -707,7 +749,7 @@ class ContinuousBatching(Device):
                         finished.append(i)
                     else:   # it decodes from the next step: its cache holds ctx = base + D tokens
                         base = s.base = ctx - D
-                        key = s.key = self._key = self._key + 1
+                        key = s.key = next(self._keys)
                         s.fin = D + left
                         running[s] = None
                         heappush(heap, (D + left, key, s))
@@ -768,13 +810,13 @@ class ContinuousBatching(Device):
         one = self._one
         if one is None:
             ev = self._step_time.envelope(n, float(k), m)
-            self._run = (now, n, float(k), m, ev, 0.0)
+            self._run = (now, m, ev, 0.0)
             at = now + ev.time(m)
         else:
             a, b, c, d = one
             a1 = self._ov + (a + b * n + c * k)
             s = c * n
-            self._run = (now, n, float(k), m, a1, s)
+            self._run = (now, m, a1, s)
             at = now + (m * a1 + s * m * (m - 1) / 2.0)
         call = self._spare   # self._schedule(at), inlined
         if call is None:
