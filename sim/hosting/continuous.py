@@ -68,6 +68,9 @@ class _Seq:
         # base, fin and key are set as it starts to decode
 
 
+_new = object.__new__
+
+
 class ContinuousBatching(Device):
     """Iteration-level scheduling of one language model's copy (see the module's doc).
 
@@ -85,7 +88,7 @@ class ContinuousBatching(Device):
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
                  "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
-                 "_eager", "_engine")
+                 "_eager", "_engine", "_eager_ok")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -139,6 +142,7 @@ class ContinuousBatching(Device):
         self._t1 = -1.0
         self._eager: tuple | None = None
         self._engine = devices.engine
+        self._eager_ok = self.prefill_ahead
         self._llm.append((self._env._now, 0, 0, 0, self._blocks))
 
     def _seqs(self) -> int:
@@ -162,7 +166,13 @@ class ContinuousBatching(Device):
             self._r.status[i] = NO_CAPACITY
             return
         self.busy += 1
-        seq = _Seq(i, tin, tout)
+        seq = _new(_Seq)   # _Seq(i, tin, tout), without the call to __init__
+        seq.i = i
+        seq.prompt = tin
+        seq.ctx = 0
+        seq.left = tout
+        seq.blocks = 0
+        seq.admitted = False
         self._waiting.append(seq)
         if self._firing:
             self._dw += 1
@@ -315,8 +325,8 @@ class ContinuousBatching(Device):
                     q.admitted = True
                     startc[i] = end
                 self._free = free
-                row = (end, 1, -1, du, 0)
-                llm.append(row)
+                row0 = (end, 1, -1, du, 0)
+                llm.append(row0)
                 k = self._sum + n * D
                 one = self._one
                 if one is None:
@@ -324,10 +334,8 @@ class ContinuousBatching(Device):
                 else:   # StepTime.time, inlined
                     a, b, c_, d = one
                     at = end + (self._ov + (a + b * n + c_ * k + d * c))
-                self._undo = ([row], 0, [(i, old)])
                 self._ahead = end
-                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
-                if c == q.prompt and q.left > 1 and at < self._engine.horizon and self.prefill_ahead:
+                if c == q.prompt and q.left > 1 and at < self._engine.horizon and self._eager_ok:
                     heap = self._heap
                     top = heap[0]
                     while top[2].key != top[1]:   # (stale entries: _decode drops them too)
@@ -363,7 +371,9 @@ class ContinuousBatching(Device):
                             row = (at, 0, 0, more, 0)
                             llm.append(row)
                         self._t1 = at
-                        self._eager = (q, c, more, row, own_first)
+                        # what taking it back needs, and then the step composed ahead's _undo (its row,
+                        # the start's admission) and _ahead_open: _undo_prefill_ahead sets them
+                        self._eager = (q, c, more, row, own_first, row0, old)
                         # the decode run from ``at`` (_decode, written out: the heap's top is ``top`` or q)
                         n += 1
                         m = (top0 if top0 <= fin else fin) - D1
@@ -388,6 +398,8 @@ class ContinuousBatching(Device):
                         self._pending = call
                         heappush(self._queue, (t, NORMAL, next(self._eid), call))
                         return
+                self._undo = ([row0], 0, [(i, old)])
+                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
                 self._prefill.append(q)
                 self._chunks = [(q, c)]
                 self._p = c
@@ -420,7 +432,7 @@ class ContinuousBatching(Device):
         an event."""
         t1 = self._t1
         self._t1 = -1.0
-        q, c, more, row, own_first = self._eager
+        q, c, more, row, own_first, row0, old = self._eager
         self._eager = None
         self._pending.callbacks = ()   # the decode run's end
         self._run = None
@@ -432,7 +444,8 @@ class ContinuousBatching(Device):
                 k -= 1
             del llm[k]
         self._D -= 1
-        del self._running[q]
+        running = self._running
+        del running[q]
         q.key = -1
         base = q.base
         self._sum -= base
@@ -442,6 +455,10 @@ class ContinuousBatching(Device):
             del self._first[q.i]
         self._chunks = [(q, c)]
         self._p = c
+        # the step composed ahead, as _cut_run leaves one that it does not end at once
+        n = len(running)
+        self._undo = ([row0], 0, [(q.i, old)])
+        self._ahead_open = self._budget - n - c > 0 and n + 1 < self._max_seqs
         self._schedule(t1)
 
     def _join_ahead(self, s: _Seq) -> None:
