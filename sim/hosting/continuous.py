@@ -88,7 +88,7 @@ class ContinuousBatching(Device):
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
                  "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
-                 "_eager", "_engine", "_eager_ok")
+                 "_eager", "_engine", "_eager_ok", "_void")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -111,6 +111,8 @@ class ContinuousBatching(Device):
         self._log = devices.log
         self._llm = devices.log.llm
         self._cbs = [self._end_step]
+        # an entry voided (its step's end moved) only hands itself back for reuse when it comes up
+        self._void = [self._recycle]
         self._firing = False                 # in _end_step: a start there waits for its next step
         self._dw = 0                         # sequences queued meanwhile, not yet in the log
         self._D = 0                          # decode clock: steps run so far
@@ -219,6 +221,10 @@ class ContinuousBatching(Device):
         self._llm.append((now, 0, 0, 0, -self._blocks))
 
     # -- steps --------------------------------------------------------------------------------------------
+    def _recycle(self, call: Call) -> None:
+        """A voided entry comes up: it serves the next step's end (``_spare``) instead of a new one."""
+        self._spare = call
+
     def _schedule(self, at: float) -> None:
         call = self._spare
         if call is None:
@@ -276,7 +282,7 @@ class ContinuousBatching(Device):
             if j + 1 >= m:
                 return   # the run's last step is the one in progress
             end = t0 + tn
-        self._pending.callbacks = ()   # void it: SimPy calls no callback then
+        self._pending.callbacks = self._void   # void it
         # Compose the next step now, at its start ``end``: until then nothing on the device changes but
         # starts, which join it where its composition then would have admitted them (_join_ahead).
         running = self._running
@@ -434,7 +440,7 @@ class ContinuousBatching(Device):
         self._t1 = -1.0
         q, c, more, row, own_first, row0, old = self._eager
         self._eager = None
-        self._pending.callbacks = ()   # the decode run's end
+        self._pending.callbacks = self._void   # the decode run's end
         self._run = None
         if row is not None:
             self._free += more
@@ -490,7 +496,7 @@ class ContinuousBatching(Device):
         self._undo[0].append(row)
         self._ahead_open = budget - c > 0 and n + len(self._prefill) < self._max_seqs
         k = self._sum + n * self._D + sum(q.ctx for q, _ in chunks)
-        self._pending.callbacks = ()
+        self._pending.callbacks = self._void
         one = self._one
         if one is None:
             self._schedule(at + self._step_time.time(n, k, p))
