@@ -87,7 +87,7 @@ class ContinuousBatching(Device):
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
-                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
+                 "_ov", "_spares", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
                  "_eager", "_engine", "_eager_ok", "_void")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
@@ -111,8 +111,6 @@ class ContinuousBatching(Device):
         self._log = devices.log
         self._llm = devices.log.llm
         self._cbs = [self._end_step]
-        # an entry voided (its step's end moved) only hands itself back for reuse when it comes up
-        self._void = [self._recycle]
         self._firing = False                 # in _end_step: a start there waits for its next step
         self._dw = 0                         # sequences queued meanwhile, not yet in the log
         self._D = 0                          # decode clock: steps run so far
@@ -133,7 +131,9 @@ class ContinuousBatching(Device):
         self._eid = env._eid
         self._one = cfg.step._one   # the one term (a, b, c, d) of a one-term step model, else None
         self._ov = cfg.step.overhead
-        self._spare: Call | None = None      # the entry that just fired, for the next step to reuse
+        self._spares: list[Call] = []        # entries that came up, for the next steps to reuse
+        # an entry voided (its step's end moved) only hands itself back for reuse when it comes up
+        self._void = [self._spares.append]
         # a step composed ahead (_cut_run): when it starts, whether a start before then joins it, and what
         # a stop before then takes back: (its log rows, its preemptions, the waiting's starts)
         self._ahead = -1.0
@@ -221,17 +221,13 @@ class ContinuousBatching(Device):
         self._llm.append((now, 0, 0, 0, -self._blocks))
 
     # -- steps --------------------------------------------------------------------------------------------
-    def _recycle(self, call: Call) -> None:
-        """A voided entry comes up: it serves the next step's end (``_spare``) instead of a new one."""
-        self._spare = call
-
     def _schedule(self, at: float) -> None:
-        call = self._spare
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
@@ -395,12 +391,12 @@ class ContinuousBatching(Device):
                             s = c_ * n
                             self._run = (at, m, a1, s)
                             t = at + (m * a1 + s * m * (m - 1) / 2.0)
-                        call = self._spare   # self._schedule(t), inlined
-                        if call is None:
-                            call = Call(self._cbs)
-                        else:
-                            self._spare = None
+                        spares = self._spares   # self._schedule(t), inlined
+                        if spares:
+                            call = spares.pop()
                             call.callbacks = self._cbs
+                        else:
+                            call = Call(self._cbs)
                         self._pending = call
                         heappush(self._queue, (t, NORMAL, next(self._eid), call))
                         return
@@ -409,12 +405,12 @@ class ContinuousBatching(Device):
                 self._prefill.append(q)
                 self._chunks = [(q, c)]
                 self._p = c
-                call = self._spare   # self._schedule(at), inlined
-                if call is None:
-                    call = Call(self._cbs)
-                else:
-                    self._spare = None
+                spares = self._spares   # self._schedule(at), inlined
+                if spares:
+                    call = spares.pop()
                     call.callbacks = self._cbs
+                else:
+                    call = Call(self._cbs)
                 self._pending = call
                 heappush(self._queue, (at, NORMAL, next(self._eid), call))
                 return
@@ -642,12 +638,12 @@ class ContinuousBatching(Device):
         else:
             self._pending = None
             return
-        call = self._spare   # self._schedule(at), inlined
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares   # self._schedule(at), inlined
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
@@ -678,12 +674,12 @@ class ContinuousBatching(Device):
             s = c * n
             self._run = (now, m, a1, s)
             at = now + (m * a1 + s * m * (m - 1) / 2.0)
-        call = self._spare   # self._schedule(at), inlined
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares   # self._schedule(at), inlined
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
@@ -707,7 +703,7 @@ class ContinuousBatching(Device):
         self._pending = None
         if self.dead:
             return
-        self._spare = call
+        self._spares.append(call)
         now = self._env._now
         du = 0
         running = self._running
@@ -841,11 +837,11 @@ class ContinuousBatching(Device):
             s = c * n
             self._run = (now, m, a1, s)
             at = now + (m * a1 + s * m * (m - 1) / 2.0)
-        call = self._spare   # self._schedule(at), inlined
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares   # self._schedule(at), inlined
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))
