@@ -350,7 +350,10 @@ class ContinuousBatching(Device):
                     # none finishes at its end, and the next step's blocks fit: its end is known now
                     D1 = D + 1
                     top0 = top[0]
-                    if top0 > D1 and cnt[D1 % bs] + (c % bs == 0) <= free:
+                    # the blocks of the next step: the running sequences' and q's (q takes one for its
+                    # next token where its cache of c tokens is full: c % bs == 0)
+                    more = cnt[D1 % bs] + (c % bs == 0)
+                    if top0 > D1 and more <= free:
                         # Its end is known now: done at once (_end_step's work at ``at``, written out
                         # for this case), with no event at ``at``. A start or a stop before ``at`` takes
                         # it back (_undo_prefill_ahead): the step's end is then an event again. (``q``
@@ -368,8 +371,7 @@ class ContinuousBatching(Device):
                         running[q] = None
                         heappush(heap, (fin, key, q))
                         k = self._sum = self._sum + base
-                        cnt[-base % bs] += 1
-                        more = cnt[D1 % bs]
+                        cnt[-base % bs] += 1   # (now more == cnt[D1 % bs])
                         row = None
                         if more:
                             free -= more
@@ -786,12 +788,11 @@ class ContinuousBatching(Device):
             self.busy += dr
             svc = self._svc
             start = self._startc
-            for i in finished:   # its time in service: admission to its last token
-                svc[i] = now - start[i]
             self._firing = True
             try:
                 done = self.done
                 for i in finished:
+                    svc[i] = now - start[i]   # its time in service: admission to its last token
                     done(i, self)
             finally:
                 self._firing = False
