@@ -25,7 +25,9 @@ or a stop before that end takes it back, and the end is an event again. Results 
 
 A step costs about the same whatever the batch: the running sequences' state is kept against a decode
 clock (the steps run so far), with their context in all, a heap of when each finishes and, per step
-modulo the block size, how many take a new KV block at such a step.
+modulo the block size, how many take a new KV block at such a step. A request costs about three calendar
+entries (its arrival, the end of the decode run that its arrival cut, voided, and the end of the run it
+finishes); a device makes its entries once and reuses them as they come up (a voided one too).
 
 ``busy`` counts the requests handed to the device (running, in prefill and waiting). The endpoint's
 log gets every change of the running and waiting sequences and of the KV blocks used, as deltas
@@ -55,7 +57,9 @@ class _Seq:
     While it decodes (running), these are kept against the device's decode clock ``D`` (the steps run so
     far) instead: its cache holds ``base + D`` tokens in ``ceil((base + D) / block_size)`` blocks, and it
     finishes when the clock reaches ``fin``; ``key`` names its entry in the device's heap of finishes
-    (-1 once it stops running: the entry is stale)."""
+    (-1 once it stops running, preempted or taken back: that entry is then stale; every entry has a key
+    of its own, so a finished sequence's key matches none left). A running sequence's ``ctx`` and
+    ``left`` are not kept up to date (a prefill's figures)."""
 
     __slots__ = ("i", "prompt", "ctx", "left", "blocks", "admitted", "base", "fin", "key")
 
@@ -70,7 +74,7 @@ class _Seq:
 
 
 _new = object.__new__
-# the engine log's rows between two collections of the cyclic collector's young generation (_end_step)
+# the engine log's rows between two collections of the cyclic collector's young generation (_step)
 GC_ROWS = 16384
 
 
@@ -135,7 +139,7 @@ class ContinuousBatching(Device):
         self._one = cfg.step._one   # the one term (a, b, c, d) of a one-term step model, else None
         self._ov = cfg.step.overhead
         self._spares: list[Call] = []        # entries that came up, for the next steps to reuse
-        self._gc_at = GC_ROWS                # the log's length at which _end_step collects (GC_ROWS)
+        self._gc_at = GC_ROWS                # the log's length at which _step collects (GC_ROWS)
         # an entry voided (its step's end moved) only hands itself back for reuse when it comes up
         self._void = [self._spares.append]
         # a step composed ahead (_cut_run): when it starts, whether a start before then joins it, and what
@@ -524,6 +528,14 @@ class ContinuousBatching(Device):
         dw, du``: the changes of running and waiting sequences and blocks used since the last log row;
         ``hit``: whether any changed at ``now`` (a log row then, even where they cancel out: the log has a
         row at each instant something changed)."""
+        if len(self._llm) > self._gc_at:
+            # The engine log's rows are small tuples, kept to the end of the run, that the cyclic
+            # collector (off while the calendar runs) would otherwise first visit all at once after it,
+            # each then long out of the CPU's caches: its young generation collected now and then (here,
+            # off the usual paths), while they are recent, costs about half as much in all. Nothing else
+            # changes.
+            gc.collect(0)
+            self._gc_at = len(self._llm) + GC_ROWS
         running = self._running
         prefill = self._prefill
         bs = self._bs
@@ -796,13 +808,6 @@ class ContinuousBatching(Device):
                     done(i, self)
             finally:
                 self._firing = False
-            if len(self._llm) > self._gc_at:
-                # The engine log's rows are small tuples, kept to the end of the run, that the cyclic
-                # collector (off while the calendar runs) would otherwise first visit all at once after
-                # it, each then long out of the CPU's caches: its young generation collected now and
-                # then, while they are recent, costs about half as much in all. Nothing else changes.
-                gc.collect(0)
-                self._gc_at = len(self._llm) + GC_ROWS
         dw = self._dw
         if dw:
             self._dw = 0
