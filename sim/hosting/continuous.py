@@ -94,8 +94,8 @@ class ContinuousBatching(Device):
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
-                 "_ov", "_spares", "_gc_at", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
-                 "_eager", "_engine", "_eager_ok", "_void")
+                 "_ov", "_spares", "_gc_at", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok",
+                 "_dcol", "_t1", "_eager", "_engine", "_eager_ok", "_void")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -249,8 +249,10 @@ class ContinuousBatching(Device):
                 return   # the run's last step is the one in progress
             end = t0 + a1.time(j + 1)
         else:
-            # steps.one_term_steps_within(a1, s, span, m), written out: j steps take j a1 + s j (j - 1) / 2 seconds
-            # (StepTime.decode_time of one term); ``tn``, that sum for j + 1 steps, gives the step's end
+            # steps.one_term_steps_within(a1, s, span, m), written out: j steps take j a1 + s j (j - 1) / 2
+            # seconds (StepTime.decode_time of one term); ``tn``, that sum for j + 1 steps, gives the step's end
+            # (the same floats: tests/test_continuous_batching.py compares the engine with a reference that
+            # runs one step at a time)
             if a1 > span:   # one step takes a1
                 j = 0
                 tn = a1
