@@ -6,6 +6,7 @@ routing draws, to measure what requests-as-data buys.
 """
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from .core.rng import Streams
 from .scenario import parse_scenario
 from .simulate import simulate
 from .workload.build import build_workload
+
+
+def _collect() -> None:
+    """A full pass of the cyclic collector before a timed run: a finished run's objects stay in reference
+    cycles until the collector's next full pass, which would otherwise fall in (and be timed with) a later
+    case."""
+    gc.collect()
 
 
 def sme_scenario(requests: float = 1.0e6, instances: int = 10, load: float = 0.7,
@@ -75,6 +83,7 @@ def _simpy_processes(arrival: np.ndarray, service: np.ndarray, u: np.ndarray, in
 
 def bench_sme(requests: float = 1.0e6, baseline_requests: float = 2.0e5) -> dict[str, Any]:
     sc = parse_scenario(sme_scenario(requests), source="bench-sme")
+    _collect()
     t0, c0 = time.perf_counter(), time.process_time()
     raw = simulate(sc)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -85,6 +94,7 @@ def bench_sme(requests: float = 1.0e6, baseline_requests: float = 2.0e5) -> dict
     streams = Streams(scb.spec.seed)
     wl = build_workload(scb, streams)
     u = streams.get("routing").random((len(wl), 2))[:, 0]
+    _collect()
     t0 = time.perf_counter()
     _simpy_processes(wl.arrival, wl.service, u, scb.endpoints[0].instances.start, scb.horizon)
     base_wall = time.perf_counter() - t0
@@ -99,6 +109,7 @@ def bench_sme(requests: float = 1.0e6, baseline_requests: float = 2.0e5) -> dict
 def bench_batching(requests: float = 1.0e6) -> dict[str, Any]:
     """The SME case with 4 requests sharing each GPU (``service.batching``: processor sharing)."""
     sc = parse_scenario(sme_scenario(requests, batching=BENCH_CURVE, max_concurrency=4), source="bench-batching")
+    _collect()
     t0 = time.perf_counter()
     raw = simulate(sc)
     wall = time.perf_counter() - t0
@@ -179,6 +190,7 @@ def day_scenario(rate: float = 10.0, instances: int = 4, seconds: float = 86400.
 
 def _run_llm(d: dict, source: str) -> dict[str, Any]:
     sc = parse_scenario(d, source=source)
+    _collect()
     t0, c0 = time.perf_counter(), time.process_time()
     raw = simulate(sc)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -232,6 +244,7 @@ def mme_scenario(requests: float = 1.0e6, instances: int = 4) -> dict:
 
 def bench_mme(requests: float = 1.0e6) -> dict[str, Any]:
     sc = parse_scenario(mme_scenario(requests), source="bench-mme")
+    _collect()
     t0 = time.perf_counter()
     raw = simulate(sc)
     wall = time.perf_counter() - t0
@@ -247,6 +260,7 @@ def bench_routing(routing: str, instances: int, requests: float = 1.0e5) -> dict
     d = sme_scenario(requests, instances=instances)
     d["endpoints"][0]["routing"] = routing
     sc = parse_scenario(d, source=f"bench-routing-{routing}-{instances}")
+    _collect()
     t0 = time.perf_counter()
     raw = simulate(sc)
     wall = time.perf_counter() - t0

@@ -54,9 +54,22 @@ def least_outstanding(candidates, u1, u2, state):
     buckets in O(log n); on a plain list, a scan."""
     if type(candidates) is LoadList:
         return candidates.least(u1)
-    best = min(c.n for c in candidates)
-    ties = [c for c in candidates if c.n == best]
-    return ties[int(u1 * len(ties))] if len(ties) > 1 else ties[0]
+    # one pass: the first with the fewest, and every one tied with it (in list order)
+    best = candidates[0]
+    fewest = best.n
+    ties = None
+    for c in candidates[1:]:
+        k = c.n
+        if k < fewest:
+            best = c
+            fewest = k
+            ties = None
+        elif k == fewest:
+            if ties is None:
+                ties = [best, c]
+            else:
+                ties.append(c)
+    return best if ties is None else ties[int(u1 * len(ties))]
 
 
 @register("power_of_two")

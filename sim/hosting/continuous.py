@@ -25,7 +25,9 @@ or a stop before that end takes it back, and the end is an event again. Results 
 
 A step costs about the same whatever the batch: the running sequences' state is kept against a decode
 clock (the steps run so far), with their context in all, a heap of when each finishes and, per step
-modulo the block size, how many take a new KV block at such a step.
+modulo the block size, how many take a new KV block at such a step. A request costs about three calendar
+entries (its arrival, the end of the decode run that its arrival cut, voided, and the end of the run it
+finishes); a device makes its entries once and reuses them as they come up (a voided one too).
 
 ``busy`` counts the requests handed to the device (running, in prefill and waiting). The endpoint's
 log gets every change of the running and waiting sequences and of the KV blocks used, as deltas
@@ -35,14 +37,16 @@ rows are not in time order: a reader sorts them (stably) by time.
 """
 from __future__ import annotations
 
+import gc
 from collections import deque
 from heapq import heappop, heappush
+from itertools import count
+from math import sqrt
 
 from simpy.core import NORMAL
 
 from ..core.engine import NO_CAPACITY, Call
 from .device import Device, DeviceSet, Done  # noqa: F401 (DeviceSet: types)
-from .steps import one_term_steps_within
 
 
 class _Seq:
@@ -53,7 +57,9 @@ class _Seq:
     While it decodes (running), these are kept against the device's decode clock ``D`` (the steps run so
     far) instead: its cache holds ``base + D`` tokens in ``ceil((base + D) / block_size)`` blocks, and it
     finishes when the clock reaches ``fin``; ``key`` names its entry in the device's heap of finishes
-    (-1 once it stops running: the entry is stale)."""
+    (-1 once it stops running, preempted or taken back: that entry is then stale; every entry has a key
+    of its own, so a finished sequence's key matches none left). A running sequence's ``ctx`` and
+    ``left`` are not kept up to date (a prefill's figures)."""
 
     __slots__ = ("i", "prompt", "ctx", "left", "blocks", "admitted", "base", "fin", "key")
 
@@ -65,6 +71,11 @@ class _Seq:
         self.blocks = 0
         self.admitted = False
         # base, fin and key are set as it starts to decode
+
+
+_new = object.__new__
+# the engine log's rows between two collections of the cyclic collector's young generation (_step)
+GC_ROWS = 16384
 
 
 class ContinuousBatching(Device):
@@ -82,9 +93,9 @@ class ContinuousBatching(Device):
 
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
-                 "_sum", "_cnt", "_heap", "_key", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
-                 "_ov", "_spare", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok", "_dcol", "_t1",
-                 "_eager", "_engine")
+                 "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
+                 "_ov", "_spares", "_gc_at", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok",
+                 "_dcol", "_t1", "_eager", "_engine", "_eager_ok", "_void")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -99,8 +110,8 @@ class ContinuousBatching(Device):
         # decoding, in admission order (a dict: O(1) removal; popitem() gives the most recently admitted)
         self._running: dict[_Seq, None] = {}
         self._pending: Call | None = None    # the end of the step (or run of decode steps) in progress
-        # a decode run: (start, n, K0, steps, a1, s): a one-term step model's steps take a1 + s j seconds
-        # (step j of the run), else a1 is the run's Envelope and s = 0.0
+        # a decode run: (start, steps, a1, s): a one-term step model's steps take a1 + s j seconds (step j
+        # of the run), else a1 is the run's Envelope and s = 0.0
         self._run: tuple | None = None
         self._chunks: tuple | list = ()      # the prefill chunks (sequence, tokens) of the step in progress
         self._p = 0                          # their tokens in all
@@ -113,7 +124,7 @@ class ContinuousBatching(Device):
         self._sum = 0                        # sum of the running sequences' ``base``
         self._cnt = [0] * self._bs           # running sequences by (-base) mod block_size
         self._heap: list[tuple[int, int, _Seq]] = []   # (fin, key, sequence); stale when key differs
-        self._key = 0
+        self._keys = count(1)
         r = self._r
         self._tin, self._tout = r.open_tokens()
         self._nopen = r.n_open
@@ -127,7 +138,10 @@ class ContinuousBatching(Device):
         self._eid = env._eid
         self._one = cfg.step._one   # the one term (a, b, c, d) of a one-term step model, else None
         self._ov = cfg.step.overhead
-        self._spare: Call | None = None      # the entry that just fired, for the next step to reuse
+        self._spares: list[Call] = []        # entries that came up, for the next steps to reuse
+        self._gc_at = GC_ROWS                # the log's length at which _step collects (GC_ROWS)
+        # an entry voided (its step's end moved) only hands itself back for reuse when it comes up
+        self._void = [self._spares.append]
         # a step composed ahead (_cut_run): when it starts, whether a start before then joins it, and what
         # a stop before then takes back: (its log rows, its preemptions, the waiting's starts)
         self._ahead = -1.0
@@ -138,6 +152,7 @@ class ContinuousBatching(Device):
         self._t1 = -1.0
         self._eager: tuple | None = None
         self._engine = devices.engine
+        self._eager_ok = self.prefill_ahead
         self._llm.append((self._env._now, 0, 0, 0, self._blocks))
 
     def _seqs(self) -> int:
@@ -161,7 +176,13 @@ class ContinuousBatching(Device):
             self._r.status[i] = NO_CAPACITY
             return
         self.busy += 1
-        seq = _Seq(i, tin, tout)
+        seq = _new(_Seq)   # _Seq(i, tin, tout), without the call to __init__
+        seq.i = i
+        seq.prompt = tin
+        seq.ctx = 0
+        seq.left = tout
+        seq.blocks = 0
+        seq.admitted = False
         self._waiting.append(seq)
         if self._firing:
             self._dw += 1
@@ -209,40 +230,83 @@ class ContinuousBatching(Device):
 
     # -- steps --------------------------------------------------------------------------------------------
     def _schedule(self, at: float) -> None:
-        call = self._spare
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
     def _cut_run(self, now: float) -> None:
         """An arrival during a decode run: the run ends with the step in progress."""
-        t0, n, k0, m, a1, s = self._run
+        t0, m, a1, s = self._run
+        span = now - t0
         if self._one is None:   # a1: the run's envelope (StepTime.decode_steps_within, decode_time)
-            done = a1.steps_within(now - t0, m)
-            if done + 1 >= m:
-                return   # the run's last step is the one in progress
-            end = t0 + a1.time(done + 1)
-        else:   # StepTime.decode_steps_within and decode_time of one term (the run's a1 and s kept)
-            j = one_term_steps_within(a1, s, now - t0, m)
+            j = a1.steps_within(span, m)
             if j + 1 >= m:
                 return   # the run's last step is the one in progress
-            end = t0 + ((j + 1) * a1 + s * (j + 1) * j / 2.0)
-            done = j
-        self._pending.callbacks = ()   # void it: SimPy calls no callback then
+            end = t0 + a1.time(j + 1)
+        else:
+            # steps.one_term_steps_within(a1, s, span, m), written out: j steps take j a1 + s j (j - 1) / 2
+            # seconds (StepTime.decode_time of one term); ``tn``, that sum for j + 1 steps, gives the step's end
+            # (the same floats: tests/test_continuous_batching.py compares the engine with a reference that
+            # runs one step at a time)
+            if a1 > span:   # one step takes a1
+                j = 0
+                tn = a1
+            else:
+                if s > 0.0:
+                    half = s / 2.0
+                    g = ((half - a1) + sqrt((a1 - half) ** 2 + 2.0 * s * span)) / s
+                elif a1 > 0.0:
+                    g = span / a1
+                else:
+                    g = m
+                j = m if not (g < m) else (int(g) if g >= 1.0 else 1)   # also nan/inf: m
+                if j < m:
+                    tn = (j + 1) * a1 + s * (j + 1) * j / 2.0
+                    if tn <= span:
+                        j += 1
+                        while j < m:
+                            tn = (j + 1) * a1 + s * (j + 1) * j / 2.0
+                            if tn > span:
+                                break
+                            j += 1
+                    else:
+                        while j > 1:
+                            t = j * a1 + s * j * (j - 1) / 2.0
+                            if t <= span:
+                                break
+                            tn = t
+                            j -= 1
+                else:
+                    while j > 1 and j * a1 + s * j * (j - 1) / 2.0 > span:
+                        j -= 1
+                    tn = (j + 1) * a1 + s * (j + 1) * j / 2.0
+            if j + 1 >= m:
+                return   # the run's last step is the one in progress
+            end = t0 + tn
+        self._pending.callbacks = self._void   # void it
         # Compose the next step now, at its start ``end``: until then nothing on the device changes but
         # starts, which join it where its composition then would have admitted them (_join_ahead).
         running = self._running
-        steps = done + 1
+        bs = self._bs
+        cnt = self._cnt
         D = self._D
         du = 0
-        if steps > 1:   # the blocks of the run's later steps (as _end_step)
-            du = self._allocs(D + 1, steps - 1)
+        if j:   # the blocks of the run's later steps, by the clock D + 1 .. D + j (_allocs, inlined)
+            rem = j
+            if j >= bs:
+                du = j // bs * len(running)
+                rem = j % bs
+            if rem:
+                a = (D + 1) % bs
+                e = a + rem
+                du += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
             self._free -= du
-        D = self._D = D + steps   # no sequence finishes: steps < m
+        D = self._D = D + j + 1   # no sequence finishes: j + 1 < m
         self._run = None
         waiting = self._waiting
         llm = self._llm
@@ -251,9 +315,8 @@ class ContinuousBatching(Device):
             # prefill. Its step is what _step composes then (the running sequences' blocks for their
             # next token, then its first chunk), written out: the same figures, without the general
             # case's loops and records.
-            bs = self._bs
             free = self._free
-            more = self._cnt[D % bs]
+            more = cnt[D % bs]
             n = len(running)
             budget = self._budget - n
             q = waiting[0]
@@ -261,14 +324,12 @@ class ContinuousBatching(Device):
             if c > budget:
                 c = budget
             need = -(-c // bs)
-            if more <= free and budget > 0 and need <= free - more:
+            if more + need <= free and budget > 0:
                 # (the start checked max_num_seqs: n < max_num_seqs)
-                free -= more
-                du += more
                 waiting.popleft()
-                free -= need
+                free -= more + need
                 q.blocks = need
-                du += need
+                du += more + need
                 i = q.i
                 startc = self._startc
                 old = startc[i]
@@ -276,8 +337,8 @@ class ContinuousBatching(Device):
                     q.admitted = True
                     startc[i] = end
                 self._free = free
-                row = (end, 1, -1, du, 0)
-                llm.append(row)
+                row0 = (end, 1, -1, du, 0)
+                llm.append(row0)
                 k = self._sum + n * D
                 one = self._one
                 if one is None:
@@ -285,10 +346,8 @@ class ContinuousBatching(Device):
                 else:   # StepTime.time, inlined
                     a, b, c_, d = one
                     at = end + (self._ov + (a + b * n + c_ * k + d * c))
-                self._undo = ([row], 0, [(i, old)])
                 self._ahead = end
-                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
-                if c == q.prompt and q.left > 1 and at < self._engine.horizon and self.prefill_ahead:
+                if c == q.prompt and q.left > 1 and at < self._engine.horizon and self._eager_ok:
                     heap = self._heap
                     top = heap[0]
                     while top[2].key != top[1]:   # (stale entries: _decode drops them too)
@@ -296,28 +355,29 @@ class ContinuousBatching(Device):
                         top = heap[0]
                     # none finishes at its end, and the next step's blocks fit: its end is known now
                     D1 = D + 1
-                    cnt = self._cnt
                     top0 = top[0]
-                    if top0 > D1 and cnt[D1 % bs] + (c % bs == 0) <= free:
+                    # the blocks of the next step: the running sequences' and q's (q takes one for its
+                    # next token where its cache of c tokens is full: c % bs == 0)
+                    more = cnt[D1 % bs] + (c % bs == 0)
+                    if top0 > D1 and more <= free:
                         # Its end is known now: done at once (_end_step's work at ``at``, written out
                         # for this case), with no event at ``at``. A start or a stop before ``at`` takes
                         # it back (_undo_prefill_ahead): the step's end is then an event again. (``q``
-                        # leaves the prefill and the step's chunks as soon as it enters them.)
+                        # leaves the prefill and the step's chunks as soon as it enters them; its ``ctx``
+                        # and ``left``, a prefill's, stay as they were: a running sequence has ``base``
+                        # and ``fin`` instead.)
                         self._D = D1
-                        q.ctx = c
                         first = self._first
                         own_first = i not in first
                         if own_first:
                             first[i] = at
-                        left = q.left = q.left - 1
                         base = q.base = c - D1
-                        key = q.key = self._key = self._key + 1
-                        fin = q.fin = D1 + left
+                        key = q.key = next(self._keys)
+                        fin = q.fin = D1 + q.left - 1
                         running[q] = None
                         heappush(heap, (fin, key, q))
                         k = self._sum = self._sum + base
-                        cnt[-base % bs] += 1
-                        more = cnt[D1 % bs]
+                        cnt[-base % bs] += 1   # (now more == cnt[D1 % bs])
                         row = None
                         if more:
                             free -= more
@@ -325,7 +385,9 @@ class ContinuousBatching(Device):
                             row = (at, 0, 0, more, 0)
                             llm.append(row)
                         self._t1 = at
-                        self._eager = (q, c, more, row, own_first)
+                        # what taking it back needs, and then the step composed ahead's _undo (its row,
+                        # the start's admission) and _ahead_open: _undo_prefill_ahead sets them
+                        self._eager = (q, c, more, row, own_first, row0, old)
                         # the decode run from ``at`` (_decode, written out: the heap's top is ``top`` or q)
                         n += 1
                         m = (top0 if top0 <= fin else fin) - D1
@@ -334,31 +396,33 @@ class ContinuousBatching(Device):
                         k += n * D1
                         if one is None:
                             ev = self._step_time.envelope(n, float(k), m)
-                            self._run = (at, n, float(k), m, ev, 0.0)
+                            self._run = (at, m, ev, 0.0)
                             t = at + ev.time(m)
                         else:
                             a1 = self._ov + (a + b * n + c_ * k)
                             s = c_ * n
-                            self._run = (at, n, float(k), m, a1, s)
+                            self._run = (at, m, a1, s)
                             t = at + (m * a1 + s * m * (m - 1) / 2.0)
-                        call = self._spare   # self._schedule(t), inlined
-                        if call is None:
-                            call = Call(self._cbs)
-                        else:
-                            self._spare = None
+                        spares = self._spares   # self._schedule(t), inlined
+                        if spares:
+                            call = spares.pop()
                             call.callbacks = self._cbs
+                        else:
+                            call = Call(self._cbs)
                         self._pending = call
                         heappush(self._queue, (t, NORMAL, next(self._eid), call))
                         return
+                self._undo = ([row0], 0, [(i, old)])
+                self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
                 self._prefill.append(q)
                 self._chunks = [(q, c)]
                 self._p = c
-                call = self._spare   # self._schedule(at), inlined
-                if call is None:
-                    call = Call(self._cbs)
-                else:
-                    self._spare = None
+                spares = self._spares   # self._schedule(at), inlined
+                if spares:
+                    call = spares.pop()
                     call.callbacks = self._cbs
+                else:
+                    call = Call(self._cbs)
                 self._pending = call
                 heappush(self._queue, (at, NORMAL, next(self._eid), call))
                 return
@@ -382,9 +446,9 @@ class ContinuousBatching(Device):
         an event."""
         t1 = self._t1
         self._t1 = -1.0
-        q, c, more, row, own_first = self._eager
+        q, c, more, row, own_first, row0, old = self._eager
         self._eager = None
-        self._pending.callbacks = ()   # the decode run's end
+        self._pending.callbacks = self._void   # the decode run's end
         self._run = None
         if row is not None:
             self._free += more
@@ -394,18 +458,21 @@ class ContinuousBatching(Device):
                 k -= 1
             del llm[k]
         self._D -= 1
-        del self._running[q]
+        running = self._running
+        del running[q]
         q.key = -1
         base = q.base
         self._sum -= base
         self._cnt[-base % self._bs] -= 1
-        q.ctx = 0
-        q.left += 1
-        self._prefill.append(q)
+        self._prefill.append(q)   # (its ctx and left, a prefill's, were left as they were)
         if own_first:
             del self._first[q.i]
         self._chunks = [(q, c)]
         self._p = c
+        # the step composed ahead, as _cut_run leaves one that it does not end at once
+        n = len(running)
+        self._undo = ([row0], 0, [(q.i, old)])
+        self._ahead_open = self._budget - n - c > 0 and n + 1 < self._max_seqs
         self._schedule(t1)
 
     def _join_ahead(self, s: _Seq) -> None:
@@ -437,7 +504,7 @@ class ContinuousBatching(Device):
         self._undo[0].append(row)
         self._ahead_open = budget - c > 0 and n + len(self._prefill) < self._max_seqs
         k = self._sum + n * self._D + sum(q.ctx for q, _ in chunks)
-        self._pending.callbacks = ()
+        self._pending.callbacks = self._void
         one = self._one
         if one is None:
             self._schedule(at + self._step_time.time(n, k, p))
@@ -463,6 +530,14 @@ class ContinuousBatching(Device):
         dw, du``: the changes of running and waiting sequences and blocks used since the last log row;
         ``hit``: whether any changed at ``now`` (a log row then, even where they cancel out: the log has a
         row at each instant something changed)."""
+        if len(self._llm) > self._gc_at:
+            # The engine log's rows are small tuples, kept to the end of the run, that the cyclic
+            # collector (off while the calendar runs) would otherwise first visit all at once after it,
+            # each then long out of the CPU's caches: its young generation collected now and then (here,
+            # off the usual paths), while they are recent, costs about half as much in all. Nothing else
+            # changes.
+            gc.collect(0)
+            self._gc_at = len(self._llm) + GC_ROWS
         running = self._running
         prefill = self._prefill
         bs = self._bs
@@ -583,12 +658,12 @@ class ContinuousBatching(Device):
         else:
             self._pending = None
             return
-        call = self._spare   # self._schedule(at), inlined
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares   # self._schedule(at), inlined
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
@@ -611,20 +686,20 @@ class ContinuousBatching(Device):
         one = self._one
         if one is None:   # the envelope of the run's steps, found once for it and its cut
             ev = self._step_time.envelope(n, float(k), m)
-            self._run = (now, n, float(k), m, ev, 0.0)
+            self._run = (now, m, ev, 0.0)
             at = now + ev.time(m)
         else:   # StepTime.decode_time, inlined
             a, b, c, d = one
             a1 = self._ov + (a + b * n + c * k)
             s = c * n
-            self._run = (now, n, float(k), m, a1, s)
+            self._run = (now, m, a1, s)
             at = now + (m * a1 + s * m * (m - 1) / 2.0)
-        call = self._spare   # self._schedule(at), inlined
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares   # self._schedule(at), inlined
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))
 
@@ -648,7 +723,7 @@ class ContinuousBatching(Device):
         self._pending = None
         if self.dead:
             return
-        self._spare = call
+        self._spares.append(call)
         now = self._env._now
         du = 0
         running = self._running
@@ -656,37 +731,43 @@ class ContinuousBatching(Device):
         D = self._D
         run = self._run
         if run is not None:
-            steps = run[3]
+            j = run[1] - 1   # the run's steps after its first
             self._run = None
-            if steps > 1 and running:   # blocks a run's later steps took (_steps_in_cache)
-                q, rem = divmod(steps - 1, bs)   # self._allocs(D + 1, steps - 1), inlined
-                du = q * len(running)
+            if j and running:   # the blocks they took (_steps_in_cache): self._allocs(D + 1, j), inlined
+                cnt = self._cnt
+                rem = j
+                if j >= bs:
+                    du = j // bs * len(running)
+                    rem = j % bs
                 if rem:
-                    cnt = self._cnt
                     a = (D + 1) % bs
                     e = a + rem
                     du += sum(cnt[a:e]) if e <= bs else sum(cnt[a:]) + sum(cnt[:e - bs])
                 self._free -= du
-            D += steps
+            D += j + 1
         else:
             D += 1
         self._D = D
         finished: list[int] = []
         heap = self._heap
         if heap and heap[0][0] <= D:
+            # the sequences that finish (their entry's key is theirs: not stale); a finished one's
+            # key stays, matching no other entry of it
             cnt = self._cnt
             freed = 0
-            while heap and heap[0][0] <= D:
+            total = self._sum
+            while True:
                 fin, key, s = heappop(heap)
-                if s.key != key:
-                    continue
-                del running[s]
-                s.key = -1
-                base = s.base
-                self._sum -= base
-                cnt[-base % bs] -= 1
-                freed += -(-(base + D) // bs)
-                finished.append(s.i)
+                if s.key == key:
+                    del running[s]
+                    base = s.base
+                    total -= base
+                    cnt[-base % bs] -= 1
+                    freed += -(-(base + D) // bs)
+                    finished.append(s.i)
+                if not heap or heap[0][0] > D:
+                    break
+            self._sum = total
             self._free += freed
             du -= freed
         chunks = self._chunks
@@ -707,7 +788,7 @@ class ContinuousBatching(Device):
                         finished.append(i)
                     else:   # it decodes from the next step: its cache holds ctx = base + D tokens
                         base = s.base = ctx - D
-                        key = s.key = self._key = self._key + 1
+                        key = s.key = next(self._keys)
                         s.fin = D + left
                         running[s] = None
                         heappush(heap, (D + left, key, s))
@@ -721,12 +802,11 @@ class ContinuousBatching(Device):
             self.busy += dr
             svc = self._svc
             start = self._startc
-            for i in finished:   # its time in service: admission to its last token
-                svc[i] = now - start[i]
             self._firing = True
             try:
                 done = self.done
                 for i in finished:
+                    svc[i] = now - start[i]   # its time in service: admission to its last token
                     done(i, self)
             finally:
                 self._firing = False
@@ -768,19 +848,19 @@ class ContinuousBatching(Device):
         one = self._one
         if one is None:
             ev = self._step_time.envelope(n, float(k), m)
-            self._run = (now, n, float(k), m, ev, 0.0)
+            self._run = (now, m, ev, 0.0)
             at = now + ev.time(m)
         else:
             a, b, c, d = one
             a1 = self._ov + (a + b * n + c * k)
             s = c * n
-            self._run = (now, n, float(k), m, a1, s)
+            self._run = (now, m, a1, s)
             at = now + (m * a1 + s * m * (m - 1) / 2.0)
-        call = self._spare   # self._schedule(at), inlined
-        if call is None:
-            call = Call(self._cbs)
-        else:
-            self._spare = None
+        spares = self._spares   # self._schedule(at), inlined
+        if spares:
+            call = spares.pop()
             call.callbacks = self._cbs
+        else:
+            call = Call(self._cbs)
         self._pending = call
         heappush(self._queue, (at, NORMAL, next(self._eid), call))

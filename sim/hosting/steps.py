@@ -140,8 +140,12 @@ class Envelope:
             return 0.0
         if m > self.m or self.st._one is not None:   # (a one-term model's closed form is cheaper)
             return self.st.decode_time(self.n, self.k0, m)
+        pieces = self.pieces
+        if len(pieces) == 1:   # the usual run, one line on top all along: the sum below for its one piece
+            a, s = pieces[0][2], pieces[0][3]
+            return m * self.o + (m * a + s * (m - 1) * m / 2.0)
         total = m * self.o
-        for j, end, a, s in self.pieces:
+        for j, end, a, s in pieces:
             if end > m:
                 end = m
             k = end - j
