@@ -361,6 +361,17 @@ def test_salesforce_ic_against_sme_from_planned_plans(tmp_path):
     assert all(t != p4d for t in all_sme) and abs(all_ratio - 0.30) <= 0.05
 
 
+# 10 small batching models at 10 requests/s each on one MME endpoint of ml.g4dn.xlarge.
+POOLED_FLEET = {
+    "name": "pooled", "seed": 3, "duration": "3m", "warmup": "30s", "slo": {"p99": "1s"},
+    "models": [{"name": "m-{i}", "count": 10, "size_gb": 0.88, "memory_gb": 1.04, "host_memory_gb": 0.25,
+                "service": {"dist": "lognormal", "mean": "30ms", "cv": 0.4,
+                            "batching": {"slowdown": {1: 1.0, 5: 4.0}}},
+                "traffic": {"process": "poisson", "rate": "100/s", "popularity": "uniform"}}],
+    "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g4dn.xlarge", "instances": 1,
+                   "max_concurrency": 4, "models": ["m-*"]}]}
+
+
 def test_mme_builder_counts_the_shared_gpu_time_of_all_its_models():
     """An MME instance's one GPU serves every model loaded there, and the slowdown curve counts all
     their requests in service: the MME builder sizes the pooled traffic of its batching models on
@@ -369,16 +380,9 @@ def test_mme_builder_counts_the_shared_gpu_time_of_all_its_models():
     ml.g4dn.xlarge, but one T4 under the curve {5: 4.0} completes at most 5 / (4.0 x 30 ms) =
     42 requests/s, not the 100 offered; the builder's count serves them and the simulation meets
     the SLO in its first round (seed 3, 3 simulated minutes)."""
-    d = {"name": "pooled", "seed": 3, "duration": "3m", "warmup": "30s", "slo": {"p99": "1s"},
-         "models": [{"name": "m-{i}", "count": 10, "size_gb": 0.88, "memory_gb": 1.04, "host_memory_gb": 0.25,
-                     "service": {"dist": "lognormal", "mean": "30ms", "cv": 0.4,
-                                 "batching": {"slowdown": {1: 1.0, 5: 4.0}}},
-                     "traffic": {"process": "poisson", "rate": "100/s", "popularity": "uniform"}}],
-         "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g4dn.xlarge", "instances": 1,
-                        "max_concurrency": 4, "models": ["m-*"]}]}
     from sim.scenario import parse_scenario
 
-    sc = parse_scenario(d, source="pooled")
+    sc = parse_scenario(POOLED_FLEET, source="pooled")
     it = sc.catalog.instance("ml.g4dn.xlarge")
     c = sim.compare(sc, ["mme"], instance_types=[it.name])
     plan = c.plans["mme"]
@@ -398,14 +402,7 @@ def test_optimize_s_estimate_counts_the_shared_gpu_time_as_the_builder_does():
     from sim.plan.load import fleet_load
     from sim.scenario import parse_scenario
 
-    d = {"name": "pooled", "seed": 3, "duration": "3m", "warmup": "30s", "slo": {"p99": "1s"},
-         "models": [{"name": "m-{i}", "count": 10, "size_gb": 0.88, "memory_gb": 1.04, "host_memory_gb": 0.25,
-                     "service": {"dist": "lognormal", "mean": "30ms", "cv": 0.4,
-                                 "batching": {"slowdown": {1: 1.0, 5: 4.0}}},
-                     "traffic": {"process": "poisson", "rate": "100/s", "popularity": "uniform"}}],
-         "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g4dn.xlarge", "instances": 1,
-                        "max_concurrency": 4, "models": ["m-*"]}]}
-    sc = parse_scenario(d, source="pooled")
+    sc = parse_scenario(POOLED_FLEET, source="pooled")
     it = sc.catalog.instance("ml.g4dn.xlarge")
     loads = fleet_load(sc)
     n = instances_needed(loads, it, 1, 4, 1.0, models_per_instance=10)

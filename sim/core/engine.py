@@ -269,19 +269,12 @@ class Engine:
                     top = q[0]
                     t = top[0]
                     # The arrival first when its key (ta, NORMAL, ea) is the smaller, as on the heap.
-                    if ta < t or (ta == t and (top[1] > NORMAL or (top[1] == NORMAL and ea < top[2]))):
-                        env._now = ta
-                        self._cursor = i + 1
-                        arrive[model[i]](i)
-                        i += 1
-                        if i < n_open:
-                            ta = arrival[i]
-                            ea = next(eid)
-                        else:
-                            ta = math.inf
-                        continue
-                    env._now, _, _, event = heappop(q)
+                    first = ta < t or (ta == t and (top[1] > NORMAL or (top[1] == NORMAL and ea < top[2])))
                 elif ta < math.inf:
+                    first = True
+                else:
+                    raise EmptySchedule
+                if first:
                     env._now = ta
                     self._cursor = i + 1
                     arrive[model[i]](i)
@@ -292,8 +285,7 @@ class Engine:
                     else:
                         ta = math.inf
                     continue
-                else:
-                    raise EmptySchedule
+                env._now, _, _, event = heappop(q)
                 callbacks, event.callbacks = event.callbacks, None
                 try:
                     for callback in callbacks:
