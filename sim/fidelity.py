@@ -418,13 +418,20 @@ def _column(values: list) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
-def measured_figures(measured: dict[str, Any]) -> dict[str, float]:
+def _measured_latency(measured: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A testbed run's latency (ms, send to end), which requests completed within the timeout, their
+    send and end times."""
     r = measured["requests"]
     end = _column(r["end_s"])
     send = np.asarray(r["send_s"], dtype=float)
-    ok = np.isfinite(end) & (end - send <= measured["plan"]["timeout_s"])
+    return 1e3 * (end - send), np.isfinite(end) & (end - send <= measured["plan"]["timeout_s"]), send, end
+
+
+def measured_figures(measured: dict[str, Any]) -> dict[str, float]:
+    r = measured["requests"]
+    lat, ok, send, end = _measured_latency(measured)
     cold = np.array([bool(c) for c in r["cold"]])
-    out = figures(1e3 * (end - send), ok, cold, send, end, len(measured["loads"]))
+    out = figures(lat, ok, cold, send, end, len(measured["loads"]))
     if is_llm(measured["plan"]):
         # TTFT: arrival (the send) to the end of the step that completed the prompt; TPOT: the rest
         # of the latency over the output tokens after the first (the README's definitions, Language models)
@@ -519,10 +526,8 @@ def compare_case(measured: dict[str, Any], seed: int = 0, replications: int = SI
     sim = {k: float(np.mean([s[k] for s in sims])) for k in sims[0]}
     real = measured_figures(measured)
     t0 = settled_from(measured)
-    r = measured["requests"]
-    end, send = _column(r["end_s"]), np.asarray(r["send_s"], dtype=float)
-    real_settled = p99_from(1e3 * (end - send), np.isfinite(end) & (end - send <= measured["plan"]["timeout_s"]),
-                            send, t0)
+    lat, ok, send, _ = _measured_latency(measured)
+    real_settled = p99_from(lat, ok, send, t0)
     reqs = res.requests.groupby("replication") if replications > 1 else [(0, res.requests)]
     sim_settled = float(np.mean([p99_from(q["latency_ms"].to_numpy(dtype=float), (q["status"] == "ok").to_numpy(),
                                           q["arrival_s"].to_numpy(dtype=float), t0) for _, q in reqs]))

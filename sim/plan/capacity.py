@@ -22,7 +22,7 @@ Estimates start the planner's sizing; the simulation checks them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 TAIL = 0.002                 # queueing estimate: P(wait > SLO - service P99) allowed
@@ -307,8 +307,6 @@ def pooled(loads: Any, conc: int) -> Any:
     requests of every model loaded there: the slowdown counts them all): their peak rates summed,
     the rate-weighted mean service time, the largest P99, and the curve that slows most at ``conc``
     requests in service (None: no batching model, or no traffic)."""
-    from dataclasses import replace
-
     from ..hosting.device import slowdown_table
 
     shared = [lm for lm in loads if lm.execution == "batching" and lm.peak_rate > 0]
@@ -332,8 +330,6 @@ def instances_needed(loads: Any, it: Any, copies_per_instance: int, concurrency:
     a language model's TTFT and TPOT targets. MAX_UNITS where a model's copy does not run on ``it``. On a GPU type, a
     multi-model endpoint's instances also serve their batching models' pooled traffic
     (:func:`pooled`: the models an instance holds share its GPU)."""
-    from dataclasses import replace
-
     loads = list(loads)
     if not loads:
         return 1
