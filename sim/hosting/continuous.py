@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import gc
 from collections import deque
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush, heapreplace
 from itertools import count
 from math import sqrt
 
@@ -76,6 +76,8 @@ class _Seq:
 _new = object.__new__
 # the engine log's rows between two collections of the cyclic collector's young generation (_step)
 GC_ROWS = 16384
+# the calendar's size up to which a moved end replaces its entry in place (ContinuousBatching._move)
+MOVE_IN_PLACE = 16
 
 
 class ContinuousBatching(Device):
@@ -95,7 +97,7 @@ class ContinuousBatching(Device):
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
                  "_ov", "_spares", "_gc_at", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok",
-                 "_dcol", "_t1", "_eager", "_engine", "_eager_ok", "_void")
+                 "_dcol", "_t1", "_eager", "_engine", "_eager_ok", "_void", "_entry")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -237,7 +239,30 @@ class ContinuousBatching(Device):
         else:
             call = Call(self._cbs)
         self._pending = call
-        heappush(self._queue, (at, NORMAL, next(self._eid), call))
+        e = self._entry = (at, NORMAL, next(self._eid), call)
+        heappush(self._queue, e)
+
+    def _move(self, at: float) -> None:
+        """The pending end moves to ``at``. On a small calendar its entry is replaced in place, so that
+        no voided entry is left to come up; on a larger one (where rebuilding the heap would cost more
+        than that) it is voided and a new one scheduled. The new entry takes the next sequence number
+        either way: the events come in the same order."""
+        q = self._queue
+        n = len(q)
+        if n <= MOVE_IN_PLACE:
+            k = q.index(self._entry)   # (by identity first: entries differ in time or sequence number)
+            e = self._entry = (at, NORMAL, next(self._eid), self._pending)
+            if k == 0:
+                heapreplace(q, e)
+            elif k == n - 1:   # a leaf: the heap holds without it
+                q.pop()
+                heappush(q, e)
+            else:
+                q[k] = e
+                heapify(q)
+        else:
+            self._pending.callbacks = self._void
+            self._schedule(at)
 
     def _cut_run(self, now: float) -> None:
         """An arrival during a decode run: the run ends with the step in progress."""
@@ -288,7 +313,8 @@ class ContinuousBatching(Device):
             if j + 1 >= m:
                 return   # the run's last step is the one in progress
             end = t0 + tn
-        self._pending.callbacks = self._void   # void it
+        # The pending end moves: the paths below put the new end in its place in the calendar (_move), or
+        # void it before _step schedules the next.
         # Compose the next step now, at its start ``end``: until then nothing on the device changes but
         # starts, which join it where its composition then would have admitted them (_join_ahead).
         running = self._running
@@ -403,28 +429,14 @@ class ContinuousBatching(Device):
                             s = c_ * n
                             self._run = (at, m, a1, s)
                             t = at + (m * a1 + s * m * (m - 1) / 2.0)
-                        spares = self._spares   # self._schedule(t), inlined
-                        if spares:
-                            call = spares.pop()
-                            call.callbacks = self._cbs
-                        else:
-                            call = Call(self._cbs)
-                        self._pending = call
-                        heappush(self._queue, (t, NORMAL, next(self._eid), call))
+                        self._move(t)
                         return
                 self._undo = ([row0], 0, [(i, old)])
                 self._ahead_open = budget - c > 0 and n + 1 < self._max_seqs
                 self._prefill.append(q)
                 self._chunks = [(q, c)]
                 self._p = c
-                spares = self._spares   # self._schedule(at), inlined
-                if spares:
-                    call = spares.pop()
-                    call.callbacks = self._cbs
-                else:
-                    call = Call(self._cbs)
-                self._pending = call
-                heappush(self._queue, (at, NORMAL, next(self._eid), call))
+                self._move(at)
                 return
         times = self._log.preempted
         rows, pre = len(llm), len(times)
@@ -434,6 +446,7 @@ class ContinuousBatching(Device):
             starts = [(q.i, startc[q.i])]
         else:
             starts = [(q.i, startc[q.i]) for q in waiting]
+        self._pending.callbacks = self._void   # void it: _step schedules the next end
         self._step(end, 0, 0, du, du != 0)
         self._undo = (llm[rows:], len(times) - pre, starts)
         self._ahead = end
@@ -448,7 +461,6 @@ class ContinuousBatching(Device):
         self._t1 = -1.0
         q, c, more, row, own_first, row0, old = self._eager
         self._eager = None
-        self._pending.callbacks = self._void   # the decode run's end
         self._run = None
         if row is not None:
             self._free += more
@@ -473,7 +485,7 @@ class ContinuousBatching(Device):
         n = len(running)
         self._undo = ([row0], 0, [(q.i, old)])
         self._ahead_open = self._budget - n - c > 0 and n + 1 < self._max_seqs
-        self._schedule(t1)
+        self._move(t1)   # (the decode run's end moves back to the step's)
 
     def _join_ahead(self, s: _Seq) -> None:
         """A start before the step composed ahead begins: that step admits ``s`` if the cache has room
@@ -504,13 +516,12 @@ class ContinuousBatching(Device):
         self._undo[0].append(row)
         self._ahead_open = budget - c > 0 and n + len(self._prefill) < self._max_seqs
         k = self._sum + n * self._D + sum(q.ctx for q, _ in chunks)
-        self._pending.callbacks = self._void
         one = self._one
         if one is None:
-            self._schedule(at + self._step_time.time(n, k, p))
+            self._move(at + self._step_time.time(n, k, p))
         else:   # StepTime.time, inlined
             a, b, c_, d = one
-            self._schedule(at + (self._ov + (a + b * n + c_ * k + d * p)))
+            self._move(at + (self._ov + (a + b * n + c_ * k + d * p)))
 
     def _allocs(self, first: int, steps: int) -> int:
         """The KV blocks the running sequences take over the decode steps ``first .. first + steps - 1``
@@ -665,7 +676,8 @@ class ContinuousBatching(Device):
         else:
             call = Call(self._cbs)
         self._pending = call
-        heappush(self._queue, (at, NORMAL, next(self._eid), call))
+        e = self._entry = (at, NORMAL, next(self._eid), call)
+        heappush(self._queue, e)
 
     def _decode(self, now: float, n: int, free: int) -> None:
         """The step composed at ``now`` decodes only (``n`` sequences, ``free`` blocks left after their
@@ -701,7 +713,8 @@ class ContinuousBatching(Device):
         else:
             call = Call(self._cbs)
         self._pending = call
-        heappush(self._queue, (at, NORMAL, next(self._eid), call))
+        e = self._entry = (at, NORMAL, next(self._eid), call)
+        heappush(self._queue, e)
 
     def _steps_in_cache(self, m: int, free: int) -> int:
         """The most decode steps (at least 1, at most ``m``) that the free blocks cover: the first step's
@@ -863,4 +876,5 @@ class ContinuousBatching(Device):
         else:
             call = Call(self._cbs)
         self._pending = call
-        heappush(self._queue, (at, NORMAL, next(self._eid), call))
+        e = self._entry = (at, NORMAL, next(self._eid), call)
+        heappush(self._queue, e)
