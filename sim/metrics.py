@@ -446,32 +446,52 @@ SLO_LABELS = {"p50_ms": "P50", "p90_ms": "P90", "p99_ms": "P99", "mean_ms": "mea
 SLO_MAX_FAILED = 0.01      # without a P99 target, more than 1% of the finished requests failed misses the SLO
 
 
-def slo_verdict(block: dict[str, Any], slo_ms: dict[str, float]) -> tuple[bool | None, list[str]]:
-    """Whether a summary block (an endpoint's, a model's or the total) meets the SLO targets ``slo_ms``
-    (summary.json's ``slo``: ``{"p99_ms": 5000.0}``), and why not. The rule of ``capsim compare``:
-    every figure within its target (TTFT and TPOT at their P99; where the block has no such requests,
-    not judged), and with a P99 target an attainment of 99% (failed requests count as misses), without
-    one at most SLO_MAX_FAILED of the finished requests failed. None: no target, or no request."""
+def slo_misses(block: dict[str, Any], slo_ms: dict[str, float]) -> dict[str, float]:
+    """What a summary block (an endpoint's, a model's or the total) misses of the SLO targets ``slo_ms``
+    (summary.json's ``slo``: ``{"p99_ms": 5000.0}``): the rule of ``capsim compare`` and of the planner.
+    Every figure within its target (TTFT and TPOT at their P99; where the block has no such requests,
+    not judged): each one above it, as ``{key: figure}`` (inf where no request completed); with a P99
+    target an attainment of 99% (failed requests count as misses): ``slo_attainment`` below it; without
+    one at most SLO_MAX_FAILED of the finished requests failed: ``failed``, their share, above it.
+    Empty: nothing missed, no target or no request."""
+    out: dict[str, float] = {}
     if not slo_ms or not block.get("requests"):
-        return None, []
-    misses = []
+        return out
     for key, target in slo_ms.items():
         fig = SLO_FIGURES.get(key)
         v = block.get(fig) if fig else None
-        label = SLO_LABELS.get(fig, key)
         if v is None:
             if key in ("ttft_ms", "tpot_ms"):
                 continue
-            misses.append(f"no request completed, so no {label}")
+            out[key] = math.inf
         elif v > target + 1e-9:
-            misses.append(f"{label} {v:,.1f} ms > {target:,.0f} ms")
+            out[key] = float(v)
     finished = block["requests"] - (block.get("in_flight") or 0)
     att = block.get("slo_attainment")
     if "p99_ms" in slo_ms and att is not None:
         if att < 0.99 - 1e-9:
-            misses.append(f"attainment {att:.1%} < 99%")
+            out["slo_attainment"] = float(att)
     elif finished > 0 and (block.get("failed") or 0) > SLO_MAX_FAILED * finished:
-        misses.append(f"{block['failed'] / finished:.1%} of the requests failed")
+        out["failed"] = block["failed"] / finished
+    return out
+
+
+def slo_verdict(block: dict[str, Any], slo_ms: dict[str, float]) -> tuple[bool | None, list[str]]:
+    """Whether a summary block meets the SLO targets ``slo_ms`` (:func:`slo_misses`), and why not. None:
+    no target, or no request."""
+    if not slo_ms or not block.get("requests"):
+        return None, []
+    misses = []
+    for key, v in slo_misses(block, slo_ms).items():
+        if key == "slo_attainment":
+            misses.append(f"attainment {v:.1%} < 99%")
+        elif key == "failed":
+            misses.append(f"{v:.1%} of the requests failed")
+        else:
+            fig = SLO_FIGURES.get(key)
+            label = SLO_LABELS.get(fig, key)
+            misses.append(f"no request completed, so no {label}" if math.isinf(v)
+                          else f"{label} {v:,.1f} ms > {slo_ms[key]:,.0f} ms")
     return not misses, misses
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..metrics import slo_misses
 from ..scenario import Scenario, ScenarioError
 
 LATENCY_METRICS = ("p50", "p90", "p99", "mean")
@@ -63,20 +64,13 @@ class SLO:
         :func:`moved`): each target's figure (ms) above it, the SLO attainment below 0.99 (as
         ``-attainment``) and a failed share above 1% (as ``-ok share``)."""
         out: dict[str, float] = {}
-        if block.get("requests", 0) == 0:
-            return out
-        for k, target in self.targets_ms.items():
-            v = block.get(summary_key(k))
-            if v is None and k in TOKEN_METRICS:
-                continue
-            if v is None or v > target + 1e-9:
-                out[k] = math.inf if v is None else float(v)
-        finished = block["requests"] - block.get("in_flight", 0)
-        if "p99" in self.targets_ms and block.get("slo_attainment") is not None:
-            if block["slo_attainment"] < 0.99 - 1e-9:
-                out["slo_attainment"] = -float(block["slo_attainment"])
-        elif finished > 0 and block.get("failed", 0) > 0.01 * finished:
-            out["failed"] = -(1.0 - block["failed"] / finished)
+        for key, v in slo_misses(block, {f"{k}_ms": t for k, t in self.targets_ms.items()}).items():
+            if key == "slo_attainment":
+                out[key] = -v
+            elif key == "failed":
+                out[key] = -(1.0 - v)
+            else:
+                out[key[:-3]] = v
         return out
 
     def check(self, blocks: list[dict], max_failed: float) -> tuple[bool, dict[str, float], float]:
