@@ -220,7 +220,7 @@ def llm_series(log: EndpointLog, edges: np.ndarray) -> dict[str, np.ndarray]:
     if not log.llm:
         nan = np.full(len(width), np.nan)
         return {"running_seqs": nan, "waiting_seqs": nan, "kv_cache_utilization": nan}
-    rows = np.array(log.llm, dtype=float)
+    rows = log.llm_rows()
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
     t = rows[:, 0]
     level = np.cumsum(rows[:, 1:], axis=0)

@@ -157,7 +157,7 @@ def test_continuous_batching_invariants(p):
         assume(False)
     llm = sc.models[0].llm
     run = simulate(sc)
-    rows = np.array(run.logs[0].llm, dtype=float)
+    rows = run.logs[0].llm_rows()
     running, waiting, used, cap = np.cumsum(rows[np.argsort(rows[:, 0], kind="stable"), 1:], axis=0).T
     assert running.min() >= 0 and running.max() <= p["seqs"] and waiting.min() >= 0
     assert (cap == llm.kv_blocks).all() and used.min() >= 0 and used.max() <= llm.kv_blocks

@@ -6,6 +6,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .. import routing
 from ..core.engine import OK, TIMEOUT, Engine
 from ..scenario.resolve import Endpoint
@@ -59,9 +61,17 @@ class EndpointLog:
     # instance failures: (t, instance, zone)
     failures: list[tuple[float, int, int]] = field(default_factory=list)
     # continuous batching: changes (t, running sequences, waiting sequences, KV blocks used, KV blocks), as
-    # deltas over the endpoint's devices; and when a sequence was preempted
-    llm: list[tuple[float, int, int, int, int]] = field(default_factory=list)
+    # deltas over the endpoint's devices, a row five numbers of one flat list (:meth:`llm_rows`: the rows as
+    # an array); and when a sequence was preempted
+    llm: list[float] = field(default_factory=list)
     preempted: list[float] = field(default_factory=list)
+
+    def llm_rows(self) -> np.ndarray:
+        """The continuous-batching log as rows (t, running, waiting, blocks used, blocks) of deltas, in the
+        order they were written (not in time order: a reader sorts them stably by time). A change taken
+        back is cancelled by a row of its opposite at its time, so the levels (the deltas' running sums
+        in time order) are what the log means, not its rows one by one."""
+        return np.fromiter(self.llm, dtype=float, count=len(self.llm)).reshape(-1, 5)
 
 
 class EndpointRuntime:

@@ -25,19 +25,21 @@ or a stop before that end takes it back, and the end is an event again. Results 
 
 A step costs about the same whatever the batch: the running sequences' state is kept against a decode
 clock (the steps run so far), with their context in all, a heap of when each finishes and, per step
-modulo the block size, how many take a new KV block at such a step. A request costs about three calendar
-entries (its arrival, the end of the decode run that its arrival cut, voided, and the end of the run it
-finishes); a device makes its entries once and reuses them as they come up (a voided one too).
+modulo the block size, how many take a new KV block at such a step. A request costs about two calendar
+entries (its arrival, taken from the request table, and the end of the run it finishes): the end of the
+decode run that its arrival cut moves in place on a small calendar, else is voided (:meth:`_move`); a
+device makes its entries once and reuses them as they come up (a voided one too).
 
 ``busy`` counts the requests handed to the device (running, in prefill and waiting). The endpoint's
 log gets every change of the running and waiting sequences and of the KV blocks used, as deltas
-``(t, running, waiting, blocks used, blocks)`` (:attr:`EndpointLog.llm`), a row or a few at each
-instant any changed, and the preemptions. A step composed ahead logs its changes at its start, so the
-rows are not in time order: a reader sorts them (stably) by time.
+``(t, running, waiting, blocks used, blocks)`` (:attr:`EndpointLog.llm`: five numbers a row in one flat
+list, which makes no object per row), a row or a few at each instant any changed, and the preemptions.
+A step composed ahead logs its changes at its start, so the rows are not in time order: a reader sorts
+them (stably) by time. A change taken back (a step composed ahead, or its end done at once, that a start
+or a stop takes back) has its row's deltas zeroed where it stands (the engine keeps rows' positions).
 """
 from __future__ import annotations
 
-import gc
 from collections import deque
 from heapq import heapify, heappop, heappush, heapreplace
 from itertools import count
@@ -74,8 +76,6 @@ class _Seq:
 
 
 _new = object.__new__
-# the engine log's rows between two collections of the cyclic collector's young generation (_step)
-GC_ROWS = 16384
 # the calendar's size up to which a moved end replaces its entry in place (ContinuousBatching._move)
 MOVE_IN_PLACE = 16
 
@@ -96,7 +96,7 @@ class ContinuousBatching(Device):
     __slots__ = ("_step_time", "_bs", "_free", "_blocks", "_max_seqs", "_budget", "_waiting", "_prefill",
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
-                 "_ov", "_spares", "_gc_at", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok",
+                 "_ov", "_spares", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok",
                  "_dcol", "_t1", "_eager", "_engine", "_eager_ok", "_void", "_entry")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
@@ -141,11 +141,10 @@ class ContinuousBatching(Device):
         self._one = cfg.step._one   # the one term (a, b, c, d) of a one-term step model, else None
         self._ov = cfg.step.overhead
         self._spares: list[Call] = []        # entries that came up, for the next steps to reuse
-        self._gc_at = GC_ROWS                # the log's length at which _step collects (GC_ROWS)
         # an entry voided (its step's end moved) only hands itself back for reuse when it comes up
         self._void = [self._spares.append]
         # a step composed ahead (_cut_run): when it starts, whether a start before then joins it, and what
-        # a stop before then takes back: (its log rows, its preemptions, the waiting's starts)
+        # a stop before then takes back: (its log rows' positions, its preemptions, the waiting's starts)
         self._ahead = -1.0
         self._ahead_open = False
         self._undo: tuple | None = None
@@ -155,7 +154,7 @@ class ContinuousBatching(Device):
         self._eager: tuple | None = None
         self._engine = devices.engine
         self._eager_ok = self.prefill_ahead
-        self._llm.append((self._env._now, 0, 0, 0, self._blocks))
+        self._llm.extend((self._env._now, 0, 0, 0, self._blocks))
 
     def _seqs(self) -> int:
         return len(self._running) + len(self._prefill)
@@ -192,7 +191,7 @@ class ContinuousBatching(Device):
         if self._pending is None:
             self._step(now, 0, 1, 0, True)
             return
-        self._llm.append((now, 0, 1, 0, 0))
+        self._llm.extend((now, 0, 1, 0, 0))
         if now < self._t1:   # the prefill step composed ahead ends after this start: an event again
             self._undo_prefill_ahead()
         if now < self._ahead:   # the next step is composed already: it admits this one if it would have
@@ -214,12 +213,9 @@ class ContinuousBatching(Device):
         if now < self._ahead:   # take back the step composed ahead: its rows in the log, at its start
             rows, pre, starts = self._undo
             llm = self._llm
-            for row in rows:
-                dr, dw, du = dr + row[1], dw + row[2], du + row[3]
-                k = len(llm) - 1
-                while llm[k] is not row:
-                    k -= 1
-                del llm[k]
+            for k in rows:   # (their positions: each zeroed, its time kept)
+                dr, dw, du = dr + llm[k + 1], dw + llm[k + 2], du + llm[k + 3]
+                llm[k + 1:k + 4] = (0, 0, 0)
             times = self._log.preempted
             for _ in range(pre):
                 k = len(times) - 1 - times[::-1].index(self._ahead)
@@ -227,8 +223,8 @@ class ContinuousBatching(Device):
             for i, t in starts:
                 self._startc[i] = t
         if dr or dw or du:
-            self._llm.append((now, dr, dw, du, 0))
-        self._llm.append((now, 0, 0, 0, -self._blocks))
+            self._llm.extend((now, dr, dw, du, 0))
+        self._llm.extend((now, 0, 0, 0, -self._blocks))
 
     # -- steps --------------------------------------------------------------------------------------------
     def _schedule(self, at: float) -> None:
@@ -363,8 +359,8 @@ class ContinuousBatching(Device):
                     q.admitted = True
                     startc[i] = end
                 self._free = free
-                row0 = (end, 1, -1, du, 0)
-                llm.append(row0)
+                row0 = len(llm)   # (its position in the log)
+                llm.extend((end, 1, -1, du, 0))
                 k = self._sum + n * D
                 one = self._one
                 if one is None:
@@ -404,15 +400,15 @@ class ContinuousBatching(Device):
                         heappush(heap, (fin, key, q))
                         k = self._sum = self._sum + base
                         cnt[-base % bs] += 1   # (now more == cnt[D1 % bs])
-                        row = None
+                        row = -1
                         if more:
                             free -= more
                             self._free = free
-                            row = (at, 0, 0, more, 0)
-                            llm.append(row)
+                            row = len(llm)
+                            llm.extend((at, 0, 0, more, 0))
                         self._t1 = at
-                        # what taking it back needs, and then the step composed ahead's _undo (its row,
-                        # the start's admission) and _ahead_open: _undo_prefill_ahead sets them
+                        # what taking it back needs, and then the step composed ahead's _undo (its row's
+                        # position, the start's admission) and _ahead_open: _undo_prefill_ahead sets them
                         self._eager = (q, c, more, row, own_first, row0, old)
                         # the decode run from ``at`` (_decode, written out: the heap's top is ``top`` or q)
                         n += 1
@@ -448,7 +444,7 @@ class ContinuousBatching(Device):
             starts = [(q.i, startc[q.i]) for q in waiting]
         self._pending.callbacks = self._void   # void it: _step schedules the next end
         self._step(end, 0, 0, du, du != 0)
-        self._undo = (llm[rows:], len(times) - pre, starts)
+        self._undo = (list(range(rows, len(llm), 5)), len(times) - pre, starts)
         self._ahead = end
         self._ahead_open = (not waiting and self._run is None
                             and self._budget - len(running) - self._p > 0
@@ -462,13 +458,9 @@ class ContinuousBatching(Device):
         q, c, more, row, own_first, row0, old = self._eager
         self._eager = None
         self._run = None
-        if row is not None:
+        if row >= 0:   # its blocks' row, zeroed
             self._free += more
-            llm = self._llm
-            k = len(llm) - 1
-            while llm[k] is not row:
-                k -= 1
-            del llm[k]
+            self._llm[row + 3] = 0
         self._D -= 1
         running = self._running
         del running[q]
@@ -511,9 +503,9 @@ class ContinuousBatching(Device):
         chunks.append((s, c))
         p += c
         self._p = p
-        row = (at, 1, -1, more, 0)
-        self._llm.append(row)
-        self._undo[0].append(row)
+        llm = self._llm
+        self._undo[0].append(len(llm))
+        llm.extend((at, 1, -1, more, 0))
         self._ahead_open = budget - c > 0 and n + len(self._prefill) < self._max_seqs
         k = self._sum + n * self._D + sum(q.ctx for q, _ in chunks)
         one = self._one
@@ -541,14 +533,6 @@ class ContinuousBatching(Device):
         dw, du``: the changes of running and waiting sequences and blocks used since the last log row;
         ``hit``: whether any changed at ``now`` (a log row then, even where they cancel out: the log has a
         row at each instant something changed)."""
-        if len(self._llm) > self._gc_at:
-            # The engine log's rows are small tuples, kept to the end of the run, that the cyclic
-            # collector (off while the calendar runs) would otherwise first visit all at once after it,
-            # each then long out of the CPU's caches: its young generation collected now and then (here,
-            # off the usual paths), while they are recent, costs about half as much in all. Nothing else
-            # changes.
-            gc.collect(0)
-            self._gc_at = len(self._llm) + GC_ROWS
         running = self._running
         prefill = self._prefill
         bs = self._bs
@@ -651,7 +635,7 @@ class ContinuousBatching(Device):
                     break
         self._free = free
         if hit:
-            self._llm.append((now, dr, dw, du, 0))
+            self._llm.extend((now, dr, dw, du, 0))
         one = self._one
         if chunks:
             self._chunks = chunks
@@ -828,7 +812,7 @@ class ContinuousBatching(Device):
             self._dw = 0
         if self.dead:
             if finished or du:
-                self._llm.append((now, dr, dw, du, 0))
+                self._llm.extend((now, dr, dw, du, 0))
             return
         hit = True if finished else du != 0
         n = len(running)
@@ -848,7 +832,7 @@ class ContinuousBatching(Device):
             hit = True
         self._free = free
         if hit:
-            self._llm.append((now, dr, dw, du, 0))
+            self._llm.extend((now, dr, dw, du, 0))
         # the decode run from now (_decode, written out; the step's chunks are cleared already)
         top = heap[0]
         while top[2].key != top[1]:
