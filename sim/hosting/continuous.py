@@ -720,7 +720,6 @@ class ContinuousBatching(Device):
         self._pending = None
         if self.dead:
             return
-        self._spares.append(call)
         now = self._env._now
         du = 0
         running = self._running
@@ -817,6 +816,7 @@ class ContinuousBatching(Device):
         hit = True if finished else du != 0
         n = len(running)
         if not n or self._prefill or self._waiting:
+            self._spares.append(call)   # (for _step to reuse)
             self._step(now, dr, dw, du, hit)
             return
         # The usual case: none in prefill, none waiting: the next step decodes only (_step's path for
@@ -824,6 +824,7 @@ class ContinuousBatching(Device):
         free = self._free
         more = self._cnt[D % bs]
         if more > free:
+            self._spares.append(call)
             self._step(now, dr, dw, du, hit)
             return
         if more:
@@ -853,12 +854,7 @@ class ContinuousBatching(Device):
             s = c * n
             self._run = (now, m, a1, s)
             at = now + (m * a1 + s * m * (m - 1) / 2.0)
-        spares = self._spares   # self._schedule(at), inlined
-        if spares:
-            call = spares.pop()
-            call.callbacks = self._cbs
-        else:
-            call = Call(self._cbs)
+        call.callbacks = self._cbs   # (the entry that came up, scheduled again)
         self._pending = call
         e = self._entry = (at, NORMAL, next(self._eid), call)
         heappush(self._queue, e)
