@@ -693,3 +693,23 @@ def test_multi_model_endpoint_runs_the_language_model_in_steps():
     assert e["preemptions"] == 0 and 0 < e["kv_cache_utilization"] < 1
     small = r[(r["model"] == "small") & (r["status"] == "ok")]
     assert len(small) > 800 and small["ttft_ms"].isna().all()
+
+
+def test_inference_component_logs_its_engine_as_a_single_model_endpoint_does():
+    """An inference component's continuous-batching copy writes its sequences and KV cache to the
+    endpoint's log: one copy on one GPU serves the same requests as the single-model endpoint of the same
+    model (bit-identical ends), and its timeline's ``running_seqs``, ``waiting_seqs`` and
+    ``kv_cache_utilization`` and summary figures are the SME's exactly (they were NaN and absent: the
+    copies wrote to a log the IC endpoint had replaced)."""
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 20.0}, duration=180.0, seed=4)
+    ic = copy.deepcopy(d)
+    ic["endpoints"][0].update(mode="ic", models=[], components=[{"model": "m"}])
+    a = sim.run(parse_scenario(copy.deepcopy(d), source="cb-test"), seed=4)
+    b = sim.run(parse_scenario(ic, source="cb-test"), seed=4)
+    np.testing.assert_array_equal(a.requests["end_s"], b.requests["end_s"])
+    cols = ["running_seqs", "waiting_seqs", "kv_cache_utilization"]
+    assert np.isfinite(b.timeline[cols].to_numpy()).all() and (b.timeline["running_seqs"] > 0).all()
+    np.testing.assert_array_equal(a.timeline[cols].to_numpy(), b.timeline[cols].to_numpy())
+    ea, eb = a.summary["endpoints"]["e"], b.summary["endpoints"]["e"]
+    for k in cols + ["preemptions"]:
+        assert eb[k] == ea[k] and eb[k] is not None
