@@ -388,6 +388,16 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         if b is not None:
             warnings += [f"models[{g.index}].service.batching: {note}" for note in b.notes()]
     warnings += _full_speed_warnings(endpoints, models)
+    slo = spec.slo
+    token_targets = [k for k in ("ttft", "tpot") if slo is not None and getattr(slo, k) is not None]
+    if token_targets and not any(m.service.continuous for m in models):
+        # A request has a TTFT and a TPOT only on a continuous-batching engine: with none, these targets
+        # would judge nothing and the verdict would say met whatever the latency
+        warnings.append(f"slo.{token_targets[0]}: no model is served with continuous batching (a language model "
+                        f"with service.continuous_batching), so {' and '.join(t.upper() for t in token_targets)} "
+                        "apply to no request; " + ("only the latency target judges this fleet" if slo.latency_target
+                                                   is not None else "set a latency target (p99, p90, p50 or mean) "
+                                                   "to judge this fleet"))
 
     for g in groups:
         if g.traffic is None:
