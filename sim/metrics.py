@@ -626,6 +626,10 @@ def outcome_warnings(summary: dict[str, Any]) -> list[str]:
             top = max(by, key=by.get) if by else None
             counts = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
             cause = f": {_FAILURE_CAUSES[top]}" if top in _FAILURE_CAUSES else ""
+            if top == "no_capacity" and "preemptions" in b:
+                # a continuous-batching engine refuses a request longer than a copy's whole KV cache
+                cause += (", or were longer (prompt and output tokens) than a copy's KV cache holds: give the "
+                          "copies more memory or shorten the requests")
             fix = ("; add instances (or copies), a larger instance type or autoscaling"
                    if top in ("timeout", "throttled") else "")
             out.append(f"endpoint {name}: {failed / finished:.1%} of its finished requests failed "

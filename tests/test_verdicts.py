@@ -172,3 +172,16 @@ def test_a_ttft_or_tpot_target_without_a_language_model_warns():
     llm["endpoints"][0]["instance_type"] = "test.gpu8"
     llm["slo"] = {"ttft": "100ms"}
     assert not [x for x in parse_scenario(llm, source="s.yaml").warnings if x.startswith("slo.")]
+
+
+def test_no_capacity_on_a_language_model_endpoint_names_the_kv_cache():
+    """A continuous-batching copy refuses a request longer than its whole KV cache with status
+    no_capacity: the warning of an endpoint with such an engine (its summary has ``preemptions``) names
+    that cause beside the fleet's; other endpoints keep the fleet's alone."""
+    b = {"requests": 100, "in_flight": 0, "failed": 9, "failed_by_status": {"no_capacity": 9}}
+    plain = outcome_warnings({"endpoints": {"e": b}})
+    llm = outcome_warnings({"endpoints": {"e": {**b, "preemptions": 4}}})
+    assert len(plain) == len(llm) == 1 and "KV cache" not in plain[0]
+    assert llm[0].startswith(plain[0]) and llm[0].endswith(
+        ", or were longer (prompt and output tokens) than a copy's KV cache holds: give the copies more memory "
+        "or shorten the requests")
