@@ -713,3 +713,27 @@ def test_inference_component_logs_its_engine_as_a_single_model_endpoint_does():
     ea, eb = a.summary["endpoints"]["e"], b.summary["endpoints"]["e"]
     for k in cols + ["preemptions"]:
         assert eb[k] == ea[k] and eb[k] is not None
+
+
+def test_multi_model_endpoint_without_max_concurrency_warns_its_language_model_runs_alone():
+    """An mme endpoint serving a language model beside another model, max_concurrency unset: each model
+    serves the endpoint's default of 1 request at a time, the language model included (only where every
+    model batches continuously does the default become max_num_seqs): a warning says so and names the
+    key; with max_concurrency set, or with language models alone, none."""
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 0.5}, duration=60.0, seed=9)
+    d["models"].append({"name": "small", "size_gb": 1, "service": {"mean": "50ms"},
+                        "traffic": {"process": "poisson", "rate": 2.0}})
+    d["endpoints"][0].update(mode="mme", models=["m", "small"])
+    sc = parse_scenario(copy.deepcopy(d), source="cb-test")
+    warned = [w for w in sc.warnings if w.startswith("endpoints[0].max_concurrency: ")]
+    assert warned == ["endpoints[0].max_concurrency: unset, so each model of the endpoint serves 1 request at a "
+                      "time per instance, the continuous-batching 'm' included (its max_num_seqs is 16); set "
+                      "max_concurrency (one value for every model of an mme endpoint)"]
+    assert sc.endpoints[0].max_concurrency == 1
+    d["endpoints"][0]["max_concurrency"] = 8
+    assert not [w for w in parse_scenario(copy.deepcopy(d), source="cb-test").warnings if "max_concurrency:" in w]
+    d["models"].pop()
+    d["endpoints"][0].pop("max_concurrency")
+    d["endpoints"][0]["models"] = ["m"]
+    sc = parse_scenario(d, source="cb-test")
+    assert not [w for w in sc.warnings if "max_concurrency:" in w] and sc.endpoints[0].max_concurrency == 16

@@ -314,6 +314,14 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                 raise ScenarioError(f"duplicate endpoint name {es.name!r}", source=source, path=f"{where}.name")
             ep_names.add(es.name)
             _check_cache_fit([models[m] for m in matched], es, it, where, source)
+            llms = [models[m] for m in matched if models[m].service.continuous]
+            if llms and len(llms) < len(matched) and "max_concurrency" not in es.model_fields_set:
+                # _concurrency takes max_num_seqs only where every model batches continuously: beside other
+                # models the default of 1 serves a language model one request at a time
+                warnings.append(f"{where}.max_concurrency: unset, so each model of the endpoint serves 1 request "
+                                f"at a time per instance, the continuous-batching {llms[0].name!r} included (its "
+                                f"max_num_seqs is {llms[0].service.continuous_batching.max_num_seqs}); set "
+                                "max_concurrency (one value for every model of an mme endpoint)")
             endpoints.append(Endpoint(len(endpoints), es.name, es.mode, it, es.instances, es.routing,
                                       _concurrency(es, [models[m] for m in matched]), es.queue_limit,
                                       es.timeout, tuple(matched), 1, es, e,
