@@ -584,7 +584,9 @@ def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
         dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]),
                              rows[e], memo)
         blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
-        if run.logs[e].llm:   # continuous batching: its sequences, its cache, its preemptions
+        # continuous batching: its sequences, its cache, its preemptions; null where no engine ran (an mme
+        # instance that never loaded its language model), so that every replication has the same keys
+        if run.logs[e].llm or any(getattr(sc.models[m], "llm", None) is not None for m in ep.models):
             blk.update({k: _nan_none(v[0]) for k, v in llm_series(run.logs[e], np.array([t0, t1])).items()})
             blk["preemptions"] = int(sum(1 for t in run.logs[e].preempted if t0 <= t < t1))
         if hasattr(run.logs[e], "summary_block"):
@@ -742,10 +744,11 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
     def merge(blocks: list[dict]) -> dict:
         out: dict[str, Any] = {}
-        for k in blocks[0]:
-            vals = [b[k] for b in blocks]
-            if isinstance(vals[0], dict):
-                out[k] = merge(vals)
+        # every key of any replication: a figure one of them lacks is null in the mean
+        for k in dict.fromkeys(k for b in blocks for k in b):
+            vals = [b.get(k) for b in blocks]
+            if any(isinstance(v, dict) for v in vals):
+                out[k] = merge([v if isinstance(v, dict) else {} for v in vals])
                 continue
             if any(v is None for v in vals) or not all(isinstance(v, (int, float)) for v in vals):
                 out[k] = None if any(v is None for v in vals) else vals[0]

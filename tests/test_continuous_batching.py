@@ -737,3 +737,29 @@ def test_multi_model_endpoint_without_max_concurrency_warns_its_language_model_r
     d["endpoints"][0]["models"] = ["m"]
     sc = parse_scenario(d, source="cb-test")
     assert not [w for w in sc.warnings if "max_concurrency:" in w] and sc.endpoints[0].max_concurrency == 16
+
+
+def test_engine_figures_are_in_every_replication_even_where_no_engine_ran():
+    """An mme endpoint whose language model no instance loaded (here: it has no traffic) still has the
+    engine's keys in its summary, null (preemptions 0), so that replications where one loaded it and one
+    did not merge: the mean of summaries whose keys differ took the first one's keys and stopped with
+    a KeyError (a run with replications: 2 of an mme endpoint of a bursty language model and failing
+    instances). A key some replication lacks is null in the mean."""
+    from sim.metrics import combine
+
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 0.0}, duration=60.0, seed=9)
+    d["models"].append({"name": "small", "size_gb": 1, "service": {"mean": "50ms"},
+                        "traffic": {"process": "poisson", "rate": 2.0}})
+    d["endpoints"][0].update(mode="mme", models=["m", "small"], max_concurrency=8)
+    res = sim.run(parse_scenario(copy.deepcopy(d), source="cb-test"), seed=9, replications=2)
+    e = res.summary["endpoints"]["e"]
+    assert e["requests"] > 0 and e["preemptions"] == 0
+    assert all(e[k] is None for k in ("running_seqs", "waiting_seqs", "kv_cache_utilization"))
+    one = {"scenario": "s", "seed": 1, "simulated_seconds": 60.0, "warmup_seconds": 0.0, "wall_seconds": 1.0,
+           "slo": {}, "overall": {"requests": 10}, "models": {},
+           "endpoints": {"e": {"requests": 10, "running_seqs": 2.0, "cloudwatch": {"x": 1.0}}}}
+    two = copy.deepcopy(one)
+    del two["endpoints"]["e"]["running_seqs"], two["endpoints"]["e"]["cloudwatch"]
+    two["endpoints"]["e"]["requests"] = 20
+    out = combine([one, two])["endpoints"]["e"]
+    assert out["requests"] == 15.0 and out["running_seqs"] is None and out["cloudwatch"] == {"x": None}
