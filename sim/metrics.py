@@ -148,7 +148,11 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
     served = c["served_end"][sel]
     end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
     end = np.maximum(end, start)
-    dev = c["device"][sel]
+    mme = run.scenario.endpoints[e].mode == "mme"
+    # An mme instance's models share its GPUs, a language model's engine there too (a device of its own
+    # on the same GPUs): the instance is busy while any of them serves, so its busy periods are the
+    # instance's, not each device's (which would count its GPUs once per device)
+    dev = c["instance" if mme else "device"][sel]
     if not len(dev):
         return None
     dev = dev.astype(np.int16) if dev.max() < 2 ** 15 else dev.astype(np.int64)   # 16 bits: a radix sort
@@ -166,7 +170,10 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
     before = count - step
     up = (before == 0) & (step > 0)
     down = (count == 0) & (step < 0)
-    gpus = run.device_gpus if len(run.device_gpus) else np.zeros(int(d.max()) + 1)
+    if mme:
+        gpus = np.full(int(d.max()) + 1, run.scenario.endpoints[e].instance_type.gpus)
+    else:
+        gpus = run.device_gpus if len(run.device_gpus) else np.zeros(int(d.max()) + 1)
     t_up, g_up = t[up], gpus[d[up]].astype(float)
     t_down, g_down = t[down], gpus[d[down]].astype(float)
     return (np.sort(start, kind="stable"), np.sort(end, kind="stable"), *_sorted_steps(t_up, g_up),
@@ -176,8 +183,8 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
 def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | None = None,
                   memo: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
-    while it has a request in service; it counts its GPUs), the request-seconds in service and the
-    device-seconds busy. From the request table: each request served is in service on its device over
+    while it has a request in service; it counts its GPUs; the devices of an mme instance, which share its
+    GPUs, count as one), the request-seconds in service and the device-seconds busy. From the request table: each request served is in service on its device over
     [start, the end of its service) (the horizon while in flight). ``rows``: the endpoint's rows of the
     table in ascending order (:func:`rows_by_endpoint`), found here when not given; ``memo``: a dict that
     keeps each endpoint's sorted busy periods for the next call on the same run (:func:`summarize` and

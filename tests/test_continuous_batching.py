@@ -763,3 +763,32 @@ def test_engine_figures_are_in_every_replication_even_where_no_engine_ran():
     two["endpoints"]["e"]["requests"] = 20
     out = combine([one, two])["endpoints"]["e"]
     assert out["requests"] == 15.0 and out["running_seqs"] is None and out["cloudwatch"] == {"x": None}
+
+
+def test_an_mme_instance_s_engines_share_its_gpu_in_its_utilisation():
+    """Two language models on one single-GPU mme instance each run their own engine (a device each) on
+    the instance's one GPU: the GPU is busy while either serves, so its utilisation is at most 100%
+    (it counted the GPU once per engine: 135% on a run of two 7B models) and its batch the sequences of
+    both; each minute's utilisation is the instance's busy share, the union of the engines' busy spans,
+    computed here from the request table (rel 1e-9)."""
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 6.0}, duration=180.0, seed=3)
+    second = copy.deepcopy(d["models"][0])
+    d["models"][0]["name"], second["name"] = "a", "b"
+    d["models"].append(second)
+    d["endpoints"][0].update(mode="mme", models=["a", "b"], max_concurrency=16, timeout=600)
+    res = sim.run(parse_scenario(d, source="cb-test"), seed=3)
+    tl, r = res.timeline, res.requests
+    served = r[np.isfinite(r["start_s"])]
+    assert set(served["model"]) == {"a", "b"} and (tl["gpu_utilization"] <= 100.0 + 1e-9).all()
+    assert res.summary["endpoints"]["e"]["gpu_utilization"] <= 100.0
+    # the union of [start, end) over both models' requests, per minute
+    spans = sorted(zip(served["start_s"], np.minimum(served["end_s"].fillna(180.0), 180.0)))
+    merged = []
+    for s0, s1 in spans:
+        if merged and s0 <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], s1)
+        else:
+            merged.append([s0, s1])
+    for k, t0 in enumerate(tl["t_s"]):
+        busy = sum(max(0.0, min(s1, t0 + 60) - max(s0, t0)) for s0, s1 in merged)
+        assert tl["gpu_utilization"].iloc[k] == pytest.approx(100.0 * busy / 60.0, rel=1e-9)
