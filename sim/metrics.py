@@ -184,8 +184,9 @@ def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | Non
                   memo: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
     while it has a request in service; it counts its GPUs; the devices of an mme instance, which share its
-    GPUs, count as one), the request-seconds in service and the device-seconds busy. From the request table: each request served is in service on its device over
-    [start, the end of its service) (the horizon while in flight). ``rows``: the endpoint's rows of the
+    GPUs, count as one), the request-seconds in service and the device-seconds busy. From the request
+    table: each request served is in service on its device over [start, the end of its service) (the
+    horizon while in flight). ``rows``: the endpoint's rows of the
     table in ascending order (:func:`rows_by_endpoint`), found here when not given; ``memo``: a dict that
     keeps each endpoint's sorted busy periods for the next call on the same run (:func:`summarize` and
     :func:`timeline` share one in :func:`sim.api.run`)."""
