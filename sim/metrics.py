@@ -148,7 +148,11 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
     served = c["served_end"][sel]
     end = np.minimum(np.where(np.isfinite(served), served, run.scenario.horizon), run.scenario.horizon)
     end = np.maximum(end, start)
-    dev = c["device"][sel]
+    mme = run.scenario.endpoints[e].mode == "mme"
+    # An mme instance's models share its GPUs, a language model's engine there too (a device of its own
+    # on the same GPUs): the instance is busy while any of them serves, so its busy periods are the
+    # instance's, not each device's (which would count its GPUs once per device)
+    dev = c["instance" if mme else "device"][sel]
     if not len(dev):
         return None
     dev = dev.astype(np.int16) if dev.max() < 2 ** 15 else dev.astype(np.int64)   # 16 bits: a radix sort
@@ -166,7 +170,10 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
     before = count - step
     up = (before == 0) & (step > 0)
     down = (count == 0) & (step < 0)
-    gpus = run.device_gpus if len(run.device_gpus) else np.zeros(int(d.max()) + 1)
+    if mme:
+        gpus = np.full(int(d.max()) + 1, run.scenario.endpoints[e].instance_type.gpus)
+    else:
+        gpus = run.device_gpus if len(run.device_gpus) else np.zeros(int(d.max()) + 1)
     t_up, g_up = t[up], gpus[d[up]].astype(float)
     t_down, g_down = t[down], gpus[d[down]].astype(float)
     return (np.sort(start, kind="stable"), np.sort(end, kind="stable"), *_sorted_steps(t_up, g_up),
@@ -176,9 +183,10 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
 def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | None = None,
                   memo: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin of ``edges``, for endpoint ``e``: the GPU-seconds its devices were busy (a device is busy
-    while it has a request in service; it counts its GPUs), the request-seconds in service and the
-    device-seconds busy. From the request table: each request served is in service on its device over
-    [start, the end of its service) (the horizon while in flight). ``rows``: the endpoint's rows of the
+    while it has a request in service; it counts its GPUs; the devices of an mme instance, which share its
+    GPUs, count as one), the request-seconds in service and the device-seconds busy. From the request
+    table: each request served is in service on its device over [start, the end of its service) (the
+    horizon while in flight). ``rows``: the endpoint's rows of the
     table in ascending order (:func:`rows_by_endpoint`), found here when not given; ``memo``: a dict that
     keeps each endpoint's sorted busy periods for the next call on the same run (:func:`summarize` and
     :func:`timeline` share one in :func:`sim.api.run`)."""
@@ -584,7 +592,9 @@ def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
         dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]),
                              rows[e], memo)
         blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
-        if run.logs[e].llm:   # continuous batching: its sequences, its cache, its preemptions
+        # continuous batching: its sequences, its cache, its preemptions; null where no engine ran (an mme
+        # instance that never loaded its language model), so that every replication has the same keys
+        if run.logs[e].llm or any(getattr(sc.models[m], "llm", None) is not None for m in ep.models):
             blk.update({k: _nan_none(v[0]) for k, v in llm_series(run.logs[e], np.array([t0, t1])).items()})
             blk["preemptions"] = int(sum(1 for t in run.logs[e].preempted if t0 <= t < t1))
         if hasattr(run.logs[e], "summary_block"):
@@ -626,6 +636,10 @@ def outcome_warnings(summary: dict[str, Any]) -> list[str]:
             top = max(by, key=by.get) if by else None
             counts = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
             cause = f": {_FAILURE_CAUSES[top]}" if top in _FAILURE_CAUSES else ""
+            if top == "no_capacity" and "preemptions" in b:
+                # a continuous-batching engine refuses a request longer than a copy's whole KV cache
+                cause += (", or were longer (prompt and output tokens) than a copy's KV cache holds: give the "
+                          "copies more memory or shorten the requests")
             fix = ("; add instances (or copies), a larger instance type or autoscaling"
                    if top in ("timeout", "throttled") else "")
             out.append(f"endpoint {name}: {failed / finished:.1%} of its finished requests failed "
@@ -738,10 +752,11 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
     def merge(blocks: list[dict]) -> dict:
         out: dict[str, Any] = {}
-        for k in blocks[0]:
-            vals = [b[k] for b in blocks]
-            if isinstance(vals[0], dict):
-                out[k] = merge(vals)
+        # every key of any replication: a figure one of them lacks is null in the mean
+        for k in dict.fromkeys(k for b in blocks for k in b):
+            vals = [b.get(k) for b in blocks]
+            if any(isinstance(v, dict) for v in vals):
+                out[k] = merge([v if isinstance(v, dict) else {} for v in vals])
                 continue
             if any(v is None for v in vals) or not all(isinstance(v, (int, float)) for v in vals):
                 out[k] = None if any(v is None for v in vals) else vals[0]

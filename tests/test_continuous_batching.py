@@ -707,3 +707,102 @@ def test_multi_model_endpoint_runs_the_language_model_in_steps():
     assert e["preemptions"] == 0 and 0 < e["kv_cache_utilization"] < 1
     small = r[(r["model"] == "small") & (r["status"] == "ok")]
     assert len(small) > 800 and small["ttft_ms"].isna().all()
+
+
+def test_inference_component_logs_its_engine_as_a_single_model_endpoint_does():
+    """An inference component's continuous-batching copy writes its sequences and KV cache to the
+    endpoint's log: one copy on one GPU serves the same requests as the single-model endpoint of the same
+    model (bit-identical ends), and its timeline's ``running_seqs``, ``waiting_seqs`` and
+    ``kv_cache_utilization`` and summary figures are the SME's exactly (they were NaN and absent: the
+    copies wrote to a log the IC endpoint had replaced)."""
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 20.0}, duration=180.0, seed=4)
+    ic = copy.deepcopy(d)
+    ic["endpoints"][0].update(mode="ic", models=[], components=[{"model": "m"}])
+    a = sim.run(parse_scenario(copy.deepcopy(d), source="cb-test"), seed=4)
+    b = sim.run(parse_scenario(ic, source="cb-test"), seed=4)
+    np.testing.assert_array_equal(a.requests["end_s"], b.requests["end_s"])
+    cols = ["running_seqs", "waiting_seqs", "kv_cache_utilization"]
+    assert np.isfinite(b.timeline[cols].to_numpy()).all() and (b.timeline["running_seqs"] > 0).all()
+    np.testing.assert_array_equal(a.timeline[cols].to_numpy(), b.timeline[cols].to_numpy())
+    ea, eb = a.summary["endpoints"]["e"], b.summary["endpoints"]["e"]
+    for k in cols + ["preemptions"]:
+        assert eb[k] == ea[k] and eb[k] is not None
+
+
+def test_multi_model_endpoint_without_max_concurrency_warns_its_language_model_runs_alone():
+    """An mme endpoint serving a language model beside another model, max_concurrency unset: each model
+    serves the endpoint's default of 1 request at a time, the language model included (only where every
+    model batches continuously does the default become max_num_seqs): a warning says so and names the
+    key; with max_concurrency set, or with language models alone, none."""
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 0.5}, duration=60.0, seed=9)
+    d["models"].append({"name": "small", "size_gb": 1, "service": {"mean": "50ms"},
+                        "traffic": {"process": "poisson", "rate": 2.0}})
+    d["endpoints"][0].update(mode="mme", models=["m", "small"])
+    sc = parse_scenario(copy.deepcopy(d), source="cb-test")
+    warned = [w for w in sc.warnings if w.startswith("endpoints[0].max_concurrency: ")]
+    assert warned == ["endpoints[0].max_concurrency: unset, so each model of the endpoint serves 1 request at a "
+                      "time per instance, the continuous-batching 'm' included (its max_num_seqs is 16); set "
+                      "max_concurrency (one value for every model of an mme endpoint)"]
+    assert sc.endpoints[0].max_concurrency == 1
+    d["endpoints"][0]["max_concurrency"] = 8
+    assert not [w for w in parse_scenario(copy.deepcopy(d), source="cb-test").warnings if "max_concurrency:" in w]
+    d["models"].pop()
+    d["endpoints"][0].pop("max_concurrency")
+    d["endpoints"][0]["models"] = ["m"]
+    sc = parse_scenario(d, source="cb-test")
+    assert not [w for w in sc.warnings if "max_concurrency:" in w] and sc.endpoints[0].max_concurrency == 16
+
+
+def test_engine_figures_are_in_every_replication_even_where_no_engine_ran():
+    """An mme endpoint whose language model no instance loaded (here: it has no traffic) still has the
+    engine's keys in its summary, null (preemptions 0), so that replications where one loaded it and one
+    did not merge: the mean of summaries whose keys differ took the first one's keys and stopped with
+    a KeyError (a run with replications: 2 of an mme endpoint of a bursty language model and failing
+    instances). A key some replication lacks is null in the mean."""
+    from sim.metrics import combine
+
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 0.0}, duration=60.0, seed=9)
+    d["models"].append({"name": "small", "size_gb": 1, "service": {"mean": "50ms"},
+                        "traffic": {"process": "poisson", "rate": 2.0}})
+    d["endpoints"][0].update(mode="mme", models=["m", "small"], max_concurrency=8)
+    res = sim.run(parse_scenario(copy.deepcopy(d), source="cb-test"), seed=9, replications=2)
+    e = res.summary["endpoints"]["e"]
+    assert e["requests"] > 0 and e["preemptions"] == 0
+    assert all(e[k] is None for k in ("running_seqs", "waiting_seqs", "kv_cache_utilization"))
+    one = {"scenario": "s", "seed": 1, "simulated_seconds": 60.0, "warmup_seconds": 0.0, "wall_seconds": 1.0,
+           "slo": {}, "overall": {"requests": 10}, "models": {},
+           "endpoints": {"e": {"requests": 10, "running_seqs": 2.0, "cloudwatch": {"x": 1.0}}}}
+    two = copy.deepcopy(one)
+    del two["endpoints"]["e"]["running_seqs"], two["endpoints"]["e"]["cloudwatch"]
+    two["endpoints"]["e"]["requests"] = 20
+    out = combine([one, two])["endpoints"]["e"]
+    assert out["requests"] == 15.0 and out["running_seqs"] is None and out["cloudwatch"] == {"x": None}
+
+
+def test_an_mme_instance_s_engines_share_its_gpu_in_its_utilisation():
+    """Two language models on one single-GPU mme instance each run their own engine (a device each) on
+    the instance's one GPU: the GPU is busy while either serves, so its utilisation is at most 100%
+    (it counted the GPU once per engine: 135% on a run of two 7B models) and its batch the sequences of
+    both; each minute's utilisation is the instance's busy share, the union of the engines' busy spans,
+    computed here from the request table (rel 1e-9)."""
+    d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 6.0}, duration=180.0, seed=3)
+    second = copy.deepcopy(d["models"][0])
+    d["models"][0]["name"], second["name"] = "a", "b"
+    d["models"].append(second)
+    d["endpoints"][0].update(mode="mme", models=["a", "b"], max_concurrency=16, timeout=600)
+    res = sim.run(parse_scenario(d, source="cb-test"), seed=3)
+    tl, r = res.timeline, res.requests
+    served = r[np.isfinite(r["start_s"])]
+    assert set(served["model"]) == {"a", "b"} and (tl["gpu_utilization"] <= 100.0 + 1e-9).all()
+    assert res.summary["endpoints"]["e"]["gpu_utilization"] <= 100.0
+    # the union of [start, end) over both models' requests, per minute
+    spans = sorted(zip(served["start_s"], np.minimum(served["end_s"].fillna(180.0), 180.0)))
+    merged = []
+    for s0, s1 in spans:
+        if merged and s0 <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], s1)
+        else:
+            merged.append([s0, s1])
+    for k, t0 in enumerate(tl["t_s"]):
+        busy = sum(max(0.0, min(s1, t0 + 60) - max(s0, t0)) for s0, s1 in merged)
+        assert tl["gpu_utilization"].iloc[k] == pytest.approx(100.0 * busy / 60.0, rel=1e-9)

@@ -251,6 +251,23 @@ def test_set_takes_effect(cli):
     assert sim.load_scenario(REPO / BASE).endpoints[0].instances.start == 2
 
 
+def test_set_starts_a_mapping_the_file_leaves_out():
+    """``--set slo.p99=1s`` on a scenario without ``slo`` (as compare's message suggests) starts the
+    mapping; so do nested keys of a mapping left out. A name close to a key of the file is a typo
+    (an error with the suggestion), and a key the schema does not know is refused by it."""
+    sc = sim.load_scenario(REPO / BASE, overrides=["slo.p99=1s", "slo.ttft=200ms"])
+    assert (sc.spec.slo.p99, sc.spec.slo.ttft) == (1.0, 0.2)
+    with pytest.raises(sim.ScenarioError) as info:
+        sim.load_scenario(REPO / BASE, overrides=["endpoints[0].autoscaling.target=5"])
+    assert "endpoints[0].autoscaling.metric: missing required key" in str(info.value)
+    with pytest.raises(sim.ScenarioError) as info:
+        sim.load_scenario(REPO / BASE, overrides=["sloo.p99=1s"])
+    assert "unknown key 'sloo' (did you mean slo?)" in str(info.value)
+    with pytest.raises(sim.ScenarioError) as info:
+        sim.load_scenario(REPO / BASE, overrides=["endpoints[0].autoscalin.target=5"])
+    assert "(did you mean autoscaling?)" in str(info.value)
+
+
 def test_empirical_service_errors_name_the_key():
     for bad, word in (({"dist": "empirical"}, "samples"), ({"dist": "empirical", "samples": []}, "samples"),
                       ({"dist": "empirical", "samples": ["10ms"], "mean": 0.01}, "mean and cv"),

@@ -211,3 +211,25 @@ def test_optimize_meets_a_tpot_target():
     assert res.feasible
     ov = res.best_summary["overall"]
     assert ov["tpot_p99_ms"] + ov["tpot_p99_ms_ci95"] <= 55.0 and ov["ttft_p99_ms"] <= 1000.0
+
+
+def test_a_language_model_no_type_serves_within_ttft_is_told_so(llm):
+    """A TTFT target that no type's prefill meets (1 ms for llm_code_7b's prompts of about 1,000 tokens):
+    the SME and MME builders said the model "fits no instance type" or that no type "holds" its 15 GB
+    (on types of 24 and 48 GB); they now say why a language model fits no type although its weights
+    would, as the IC builder does. Without a TTFT target the same loads get plans."""
+    from dataclasses import replace
+
+    from sim.plan.builders import build_mme, build_sme
+
+    sc, lm = llm
+    types = list(sc.catalog.instance_types.values())
+    tight = replace(lm, llm=replace(lm.llm, ttft_s=0.001))
+    err = build_sme([tight], types, None).error
+    assert err == ("model 'code-7b' (15 GB, 1 accelerator(s)) fits no instance type of the catalog (a language "
+                   "model's KV cache needs room beside its weights, and its P99 prompt's prefill must fit the TTFT "
+                   "target)")
+    err = build_mme([tight], types, None).error
+    assert err.startswith("no single-GPU instance type serves the models: ") and "holds them all, but no count of " \
+        "it serves 'code-7b' within the targets (a language model's KV cache" in err and "TTFT" in err
+    assert build_sme([lm], types, None).error is None and build_mme([lm], types, None).error is None

@@ -163,3 +163,20 @@ def test_plans_with_the_same_cost_and_p99_are_told_apart(monkeypatch):
     texts = [t.get_text() for t in ax.texts]
     assert "sme = mme: $10.00/h, same P99" in texts and "ic: $4.00/h" in texts
     assert made[0].legends and not ax.get_legend()   # the legend sits outside the axes: it hides no point
+
+
+def test_latency_figure_of_values_all_zero_warns_of_nothing():
+    """A step model without a decode term makes every TPOT 0 ms: the latency figure keeps a linear axis
+    for it (a log axis has nothing to show, and matplotlib warned "Data has no positive values" on the
+    user's stderr); with a value > 0 the axes stay logarithmic."""
+    import warnings
+
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    for values, scale in ((np.zeros(50), "linear"), (np.array([0.0, 1.0, 10.0]), "log")):
+        axes = Figure().subplots(1, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plots.draw_latency(axes, [("tpot", values, {})], None)
+        assert [ax.get_xscale() for ax in axes] == [scale, scale]

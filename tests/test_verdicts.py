@@ -143,3 +143,45 @@ def test_many_endpoints_that_met_the_slo_fold_into_one_line():
     assert lines[2] == "  the other 12 met it (the closest: endpoint e11, P99 111.0 ms)"
     assert len(lines) == 3
     assert len(slo_lines(summary, blocks)) == 14          # unfolded without ``most``
+
+
+def test_a_ttft_or_tpot_target_without_a_language_model_warns():
+    """TTFT and TPOT exist only for requests of a continuous-batching engine: a scenario whose SLO sets
+    them with no such model (its verdict would say "met" whatever the latency) warns, naming the key,
+    and says whether a latency target still judges the fleet; with a language model it does not."""
+    import copy
+
+    from sim.scenario import parse_scenario
+
+    d = sme(duration=60.0)
+    d["slo"] = {"tpot": "10ms", "ttft": "100ms"}
+    w = [x for x in parse_scenario(copy.deepcopy(d), source="s.yaml").warnings if x.startswith("slo.")]
+    assert w == ["slo.ttft: no model is served with continuous batching (a language model with "
+                 "service.continuous_batching), so TTFT and TPOT apply to no request; set a latency target "
+                 "(p99, p90, p50 or mean) to judge this fleet"]
+    d["slo"] = {"tpot": "10ms", "p99": "1s"}
+    w = [x for x in parse_scenario(copy.deepcopy(d), source="s.yaml").warnings if x.startswith("slo.")]
+    assert len(w) == 1 and w[0].startswith("slo.tpot: ") and w[0].endswith("only the latency target judges this fleet")
+    llm = sme(duration=60.0)
+    m = llm["models"][0]
+    del m["size_gb"]
+    m.update(architecture="llama-2-7b", tokens={"input": 10, "output": 5},
+             service={"continuous_batching": {"step": {"base": "4ms", "per_prefill_token": 0, "per_decode_seq": 0,
+                                                       "per_kv_token": 0}}})
+    llm["instance_types"][0]["gpu_memory_gb"] = 80
+    llm["endpoints"][0]["instance_type"] = "test.gpu8"
+    llm["slo"] = {"ttft": "100ms"}
+    assert not [x for x in parse_scenario(llm, source="s.yaml").warnings if x.startswith("slo.")]
+
+
+def test_no_capacity_on_a_language_model_endpoint_names_the_kv_cache():
+    """A continuous-batching copy refuses a request longer than its whole KV cache with status
+    no_capacity: the warning of an endpoint with such an engine (its summary has ``preemptions``) names
+    that cause beside the fleet's; other endpoints keep the fleet's alone."""
+    b = {"requests": 100, "in_flight": 0, "failed": 9, "failed_by_status": {"no_capacity": 9}}
+    plain = outcome_warnings({"endpoints": {"e": b}})
+    llm = outcome_warnings({"endpoints": {"e": {**b, "preemptions": 4}}})
+    assert len(plain) == len(llm) == 1 and "KV cache" not in plain[0]
+    assert llm[0].startswith(plain[0]) and llm[0].endswith(
+        ", or were longer (prompt and output tokens) than a copy's KV cache holds: give the copies more memory "
+        "or shorten the requests")

@@ -408,6 +408,32 @@ def test_csv_trace_basic(tmp_path):
     assert "model" not in df2.columns
 
 
+def test_csv_trace_missing_a_token_column_takes_the_models_own(tmp_path):
+    """A csv trace with one token column: the other side's counts are the model's ``tokens`` (here
+    output 50, input 7), not 0 (a language model's request then ended at its first token). Both
+    columns: the trace's; neither: the model's, as before."""
+    from sim.scenario import parse_scenario
+    from sim.workload.build import arrivals_frame
+
+    def frame(text):
+        _write(tmp_path, "t.csv", text)
+        d = {"name": "t", "duration": 10, "models": [{
+            "name": "m", "size_gb": 1, "tokens": {"input": 7, "output": 50},
+            "service": {"base": "1ms", "per_input_token": "0.01ms", "per_output_token": "1ms"},
+            "traffic": {"process": "trace", "path": "t.csv"}}],
+            "endpoints": [{"name": "e", "instance_type": "ml.g5.xlarge", "models": ["m"]}]}
+        return arrivals_frame(parse_scenario(d, source="t", base_dir=tmp_path))
+
+    f = frame("arrival_s,input_tokens\n1,10\n2,20\n")
+    assert f["input_tokens"].tolist() == [10, 20] and f["output_tokens"].tolist() == [50, 50]
+    f = frame("arrival_s,output_tokens\n1,3\n2,4\n")
+    assert f["input_tokens"].tolist() == [7, 7] and f["output_tokens"].tolist() == [3, 4]
+    f = frame("arrival_s,input_tokens,output_tokens\n1,10,3\n")
+    assert f["input_tokens"].tolist() == [10] and f["output_tokens"].tolist() == [3]
+    f = frame("arrival_s\n1\n")
+    assert f["input_tokens"].tolist() == [7] and f["output_tokens"].tolist() == [50]
+
+
 def test_csv_missing_column_names_file_line_and_column(tmp_path):
     p = _write(tmp_path, "nocol.csv", "time,input_tokens\n0,1\n")
     with pytest.raises(TraceError) as e:

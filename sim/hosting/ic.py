@@ -269,6 +269,7 @@ class ICEndpoint(EndpointRuntime):
         it = ep.instance_type
         super().__init__(engine, ep, (it.total_gpu_memory_gb, it.memory_gb, it.storage_gb), models)
         self.log = ICLog(self.log.capacity)
+        self.devices.log = self.log   # the devices (continuous batching) write their rows to this log
         spec = ep.spec
         self.on_gpu = it.gpus > 0
         self.cap = (it.gpus, it.memory_gb, float(it.vcpus))

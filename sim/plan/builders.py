@@ -95,6 +95,16 @@ def size_sme(lm: ModelLoad, types: Sequence[InstanceType], slo_s: float | None) 
     return None if best is None else (best[1], best[2])
 
 
+def _llm_why(lm: ModelLoad) -> str:
+    """Why a language model may fit no type although its weights would: its engine there (sizing
+    refuses a type where its KV cache has no room, or where no count meets the TTFT target)."""
+    if getattr(lm, "llm", None) is None:
+        return ""
+    return (" (a language model's KV cache needs room beside its weights"
+            + (", and its P99 prompt's prefill must fit the TTFT target" if lm.llm.ttft_s is not None else "")
+            + ")")
+
+
 def build_sme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: float | None,
               groups: Sequence[tuple[str, list[str]]] = ()) -> Plan:
     plan = Plan("sme", "sme")
@@ -102,7 +112,7 @@ def build_sme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: 
         got = size_sme(lm, types, slo_s)
         if got is None:
             plan.error = (f"model {lm.name!r} ({lm.memory_gb:g} GB, {lm.accelerators} accelerator(s)) fits no "
-                          "instance type of the catalog")
+                          f"instance type of the catalog{_llm_why(lm)}")
             return plan
         plan.endpoints.append(sme_endpoint(lm, *got))
     plan.description = "one endpoint per model, on the instance type that serves it at the lowest estimated cost"
@@ -162,14 +172,21 @@ def build_mme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: 
         cands = [t for t in gpu_types(types) if t.gpus == 1]
     conc = max(lm.concurrency for lm in shared)
     best = None
+    held = None   # a type that holds every model, where no count serves them (a language model's TTFT target)
     for it in cands:
         if all(mme_problem(lm, it, cache) is None for lm in shared):
             n = mme_count(shared, it, cache, slo_s, conc)
             if n >= MAX_UNITS:
+                held = held or it
                 continue
             key = (n * hourly(it), hourly(it), it.name)
             if best is None or key < best[0]:
                 best = (key, it, n)
+    if best is None and held is not None:
+        slow = next((lm for lm in shared if mme_count([lm], held, cache, slo_s, conc) >= MAX_UNITS), shared[0])
+        plan.error = (f"no single-GPU instance type serves the models: {held.name}, for one, holds them all, but no "
+                      f"count of it serves {slow.name!r} within the targets{_llm_why(slow)}")
+        return plan
     if best is None:
         big = max(shared, key=lambda lm: lm.memory_gb)
         most = max((t.total_gpu_memory_gb for t in cands), default=0.0)
@@ -187,7 +204,7 @@ def build_mme(loads: Sequence[ModelLoad], types: Sequence[InstanceType], slo_s: 
     for lm in alone:
         got = size_sme(lm, types, slo_s)
         if got is None:
-            plan.error = f"model {lm.name!r} fits no instance type of the catalog"
+            plan.error = f"model {lm.name!r} fits no instance type of the catalog{_llm_why(lm)}"
             return plan
         plan.endpoints.append(sme_endpoint(lm, *got, name=f"sme-{lm.name}"))
     if alone:

@@ -75,10 +75,12 @@ def draw_latency(axes, series: Iterable[tuple[str, np.ndarray, dict]], slo_ms: f
     with the SLO as a vertical line."""
     cdf, ccdf = axes
     ymin = 1.0
+    positive = False   # a log axis needs a value > 0 (a step model without a term can make every TPOT 0)
     for label, v, kw in series:
         x, q = quantile_curve(np.asarray(v, dtype=float))
         if not len(x):
             continue
+        positive = positive or bool((x > 0).any())
         line, = cdf.plot(x, q, label=label, **kw)
         keep = q < 1.0
         ccdf.plot(x[keep], 1.0 - q[keep], color=line.get_color(), **{k: w for k, w in kw.items() if k != "color"})
@@ -87,8 +89,9 @@ def draw_latency(axes, series: Iterable[tuple[str, np.ndarray, dict]], slo_ms: f
     for ax in axes:
         if slo_ms:
             ax.axvline(slo_ms, color="red", ls="--", lw=1, label=f"SLO {slo_ms:g} ms" if ax is cdf else None)
-        ax.set_xscale("log")
-        log_ticks(ax.xaxis)
+        if positive:
+            ax.set_xscale("log")
+            log_ticks(ax.xaxis)
         ax.set_xlabel(unit)
         ax.grid(True, which="both", alpha=0.3)
     cdf.axhline(0.99, color="grey", ls=":", lw=0.8)

@@ -145,7 +145,9 @@ def apply_overrides(data: dict, overrides: Iterable[str], source: str = "--set")
     """A copy of ``data`` with each ``key.path=value`` applied (value parsed as YAML).
 
     List items are addressed by index (``endpoints[0]`` or ``endpoints.0``) or
-    by their ``name`` (``endpoints.embeddings.instances=3``).
+    by their ``name`` (``endpoints.embeddings.instances=3``). A mapping the data lacks is started
+    empty (``slo.p99=1s`` on a scenario without ``slo``), unless its name is close to a key there
+    (a typo: an error with the suggestion).
     """
     out = copy.deepcopy(data)
     for item in overrides:
@@ -177,8 +179,14 @@ def apply_overrides(data: dict, overrides: Iterable[str], source: str = "--set")
                                         source=source, path=here)
             elif isinstance(node, dict):
                 if seg not in node and not last:
-                    hint = suggest(seg, node) or (f"; expected one of {', '.join(map(str, node))}" if node else "")
-                    raise ScenarioError(f"no key {seg!r} to descend into{hint}", source=source, path=here)
+                    close = suggest(seg, node)
+                    if isinstance(segs[depth + 1], str) and not close:
+                        # a mapping the file leaves out (slo.p99=1s on a scenario without slo): start it
+                        # empty; the schema then checks the key and what it holds
+                        node[seg] = {}
+                    else:
+                        hint = close or (f"; expected one of {', '.join(map(str, node))}" if node else "")
+                        raise ScenarioError(f"no key {seg!r} to descend into{hint}", source=source, path=here)
             else:
                 raise ScenarioError("cannot set a key inside a scalar", source=source, path=here)
             if last:

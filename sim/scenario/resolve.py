@@ -314,6 +314,14 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                 raise ScenarioError(f"duplicate endpoint name {es.name!r}", source=source, path=f"{where}.name")
             ep_names.add(es.name)
             _check_cache_fit([models[m] for m in matched], es, it, where, source)
+            llms = [models[m] for m in matched if models[m].service.continuous]
+            if llms and len(llms) < len(matched) and "max_concurrency" not in es.model_fields_set:
+                # _concurrency takes max_num_seqs only where every model batches continuously: beside other
+                # models the default of 1 serves a language model one request at a time
+                warnings.append(f"{where}.max_concurrency: unset, so each model of the endpoint serves 1 request "
+                                f"at a time per instance, the continuous-batching {llms[0].name!r} included (its "
+                                f"max_num_seqs is {llms[0].service.continuous_batching.max_num_seqs}); set "
+                                "max_concurrency (one value for every model of an mme endpoint)")
             endpoints.append(Endpoint(len(endpoints), es.name, es.mode, it, es.instances, es.routing,
                                       _concurrency(es, [models[m] for m in matched]), es.queue_limit,
                                       es.timeout, tuple(matched), 1, es, e,
@@ -388,6 +396,16 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         if b is not None:
             warnings += [f"models[{g.index}].service.batching: {note}" for note in b.notes()]
     warnings += _full_speed_warnings(endpoints, models)
+    slo = spec.slo
+    token_targets = [k for k in ("ttft", "tpot") if slo is not None and getattr(slo, k) is not None]
+    if token_targets and not any(m.service.continuous for m in models):
+        # A request has a TTFT and a TPOT only on a continuous-batching engine: with none, these targets
+        # would judge nothing and the verdict would say met whatever the latency
+        warnings.append(f"slo.{token_targets[0]}: no model is served with continuous batching (a language model "
+                        f"with service.continuous_batching), so {' and '.join(t.upper() for t in token_targets)} "
+                        "apply to no request; " + ("only the latency target judges this fleet" if slo.latency_target
+                                                   is not None else "set a latency target (p99, p90, p50 or mean) "
+                                                   "to judge this fleet"))
 
     for g in groups:
         if g.traffic is None:

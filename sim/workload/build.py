@@ -158,10 +158,11 @@ def _group_arrivals(scenario: Scenario, group: Group, streams: Streams, horizon:
             elif len(mapped) and all(x in known for x in set(trace_models)):
                 mine = mapped >= 0
                 times, rows, local = times[mine], rows[mine], mapped[mine]
-        if not df.attrs.get("token_columns", ["input_tokens"]):
-            return times, local, None, None   # no tokens in the trace: the model's own token counts
-        tin = df["input_tokens"].to_numpy()[rows].astype(np.int64)
-        tout = df["output_tokens"].to_numpy()[rows].astype(np.int64)
+        # A token column the trace lacks (a csv trace may have either, both or none): the model's own
+        # token counts for it (None here)
+        cols = df.attrs.get("token_columns", ("input_tokens", "output_tokens"))
+        tin, tout = (df[c].to_numpy()[rows].astype(np.int64) if c in cols else None
+                     for c in ("input_tokens", "output_tokens"))
         return times, local, tin, tout
     raise ValueError(f"not an open-loop process: {p}")
 
@@ -184,8 +185,10 @@ def build_workload(scenario: Scenario, streams: Streams) -> Workload:
         n = len(times)
         if local is None:
             local = assign(streams.get("popularity", group.name), n, group_weights(group))
-        if tin is None:
-            tin, tout = _tokens(spec.tokens, streams.get("tokens", group.name), n)
+        if tin is None or tout is None:
+            own_in, own_out = _tokens(spec.tokens, streams.get("tokens", group.name), n)
+            tin = own_in if tin is None else tin
+            tout = own_out if tout is None else tout
         svc = service_times(streams.get("service", group.name), group.service, tin, tout, n)
         models = np.asarray(group.models, dtype=np.int32)[local]
         parts.append((times, models, svc, tin, tout))
