@@ -429,3 +429,14 @@ def test_warning_token_means_longer_than_the_cache():
     assert sc.models[0].llm.kv_tokens == 1760
     assert any(w.startswith("models[0].service.continuous_batching: model 'llm': a request of 6250 tokens (input "
                             "and output, means) needs more than the copy's KV cache of 1760 tokens") for w in sc.warnings)
+
+
+def test_warning_memory_below_the_architectures_weights():
+    """A language model whose memory_gb is below its architecture's weights (13.48 GB for llama-2-7b) would
+    have its KV cache sized beside the smaller figure: a warning naming both; none at the weights."""
+    d = _scenario({"architecture": "llama-2-7b", "memory_gb": 8, "service": {"continuous_batching": {}}})
+    small = parse_scenario(copy.deepcopy(d), source="s.yaml")
+    msg = [w for w in small.warnings if "weights are" in w]
+    assert msg and msg[0].startswith("models[0]: 'llm' takes 8 GB of memory") and "13.5 GB" in msg[0], small.warnings
+    del d["models"][0]["memory_gb"]
+    assert not [w for w in parse_scenario(d, source="s.yaml").warnings if "weights are" in w]

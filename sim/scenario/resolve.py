@@ -450,6 +450,11 @@ def continuous_batching_on(model: Model, it: InstanceType, acc: int, mode: str, 
     if mode == "mme":
         warnings.append(f"{where}: in an mme endpoint the KV cache is sized as if {model.name!r} had its copy's "
                         "GPUs to itself")
+    if model.memory_gb < arch.weight_gb * (1.0 - 1e-6):
+        # the KV cache is what is left beside memory_gb: less than the weights leaves it too much room
+        warnings.append(f"models[{g}]: {model.name!r} takes {model.memory_gb:.3g} GB of memory (memory_gb or size_gb) "
+                        f"but {arch.name}'s weights are {arch.weight_gb:.3g} GB: its KV cache is sized beside the "
+                        "smaller figure, so it holds more than a real copy's would")
 
     # The KV cache: what gpu_memory_utilization of the copy's memory leaves beside the weights.
     util = cb.gpu_memory_utilization
