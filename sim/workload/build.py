@@ -50,7 +50,7 @@ class ClosedSource:
 
     def _refill(self) -> None:
         m = self._models[assign(self._rng_pop, _CHUNK, self._weights)]
-        tin, tout = _tokens(self._spec.tokens, self._rng_tok, _CHUNK)
+        tin, tout = _served_tokens(self.group, *_tokens(self._spec.tokens, self._rng_tok, _CHUNK))
         svc = service_times(self._rng_svc, self.group.service, tin, tout, _CHUNK)
         self._buf = list(zip(m.tolist(), svc.tolist(), tin.tolist(), tout.tolist()))[::-1]
 
@@ -81,6 +81,15 @@ def _tokens(spec, rng, n) -> tuple[np.ndarray, np.ndarray]:
         z = np.zeros(n, dtype=np.int64)
         return z, z.copy()
     return sample_tokens(rng, spec.input, n), sample_tokens(rng, spec.output, n)
+
+
+def _served_tokens(group: Group, tin: np.ndarray, tout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens as served: a continuous-batching model's sequence takes at least one token in and gives
+    at least one out (a count of 0, drawn or in a trace, is served as 1, and the request table says so);
+    other models' counts as they are."""
+    if group.service.continuous:
+        return np.maximum(tin, 1), np.maximum(tout, 1)
+    return tin, tout
 
 
 def _trace_table(scenario: Scenario, group: Group, cache: dict):
@@ -189,6 +198,7 @@ def build_workload(scenario: Scenario, streams: Streams) -> Workload:
             own_in, own_out = _tokens(spec.tokens, streams.get("tokens", group.name), n)
             tin = own_in if tin is None else tin
             tout = own_out if tout is None else tout
+        tin, tout = _served_tokens(group, tin, tout)
         svc = service_times(streams.get("service", group.name), group.service, tin, tout, n)
         models = np.asarray(group.models, dtype=np.int32)[local]
         parts.append((times, models, svc, tin, tout))
