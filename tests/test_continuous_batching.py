@@ -694,6 +694,10 @@ def test_multi_model_endpoint_runs_the_language_model_in_steps():
     sc = parse_scenario(copy.deepcopy(d), source="cb-test")
     assert any("in an mme endpoint the KV cache is sized as if 'm' had its copy's GPUs to itself" in w
                for w in sc.warnings)
+    alone = copy.deepcopy(d)   # the language model alone in the mme: it has the GPU to itself, no warning
+    alone["models"].pop()
+    alone["endpoints"][0]["models"] = ["m"]
+    assert not any("sized as if" in w for w in parse_scenario(alone, source="cb-test").warnings)
     res = sim.run(sc, seed=9)
     r = res.requests
     llm = r[(r["model"] == "m") & (r["status"] == "ok")]

@@ -207,7 +207,7 @@ class LLMSizing:
 
         acc = self.model.accelerators if accelerators is None else accelerators
         try:
-            eng = continuous_batching_on(self.model, it, acc, "sme", self.catalog, self.base_dir, self.source, [])
+            eng = continuous_batching_on(self.model, it, acc, self.catalog, self.base_dir, self.source, [])
         except ScenarioError:
             return None
         if self.max_num_seqs is not None:

@@ -426,13 +426,17 @@ def _resolve_llm(model: Model, ep: Endpoint, catalog: Catalog, base_dir: Path, s
     acc = model.accelerators
     if ep.mode == "ic":
         acc = next(c.accelerators for c in ep.components if c.model == model.index)
-    return continuous_batching_on(model, ep.instance_type, acc, ep.mode, catalog, base_dir, source, warnings)
+    if ep.mode == "mme" and len(ep.models) > 1:
+        warnings.append(f"models[{model.group}].service.continuous_batching: in an mme endpoint the KV cache is "
+                        f"sized as if {model.name!r} had its copy's GPUs to itself (the endpoint's other models "
+                        "share them)")
+    return continuous_batching_on(model, ep.instance_type, acc, catalog, base_dir, source, warnings)
 
 
-def continuous_batching_on(model: Model, it: InstanceType, acc: int, mode: str, catalog: Catalog, base_dir: Path,
+def continuous_batching_on(model: Model, it: InstanceType, acc: int, catalog: Catalog, base_dir: Path,
                            source: str, warnings: list[str]) -> ContinuousBatching:
-    """:func:`_resolve_llm` for a copy of ``acc`` accelerators on ``it`` in an endpoint of ``mode``; the
-    planner asks it of each instance type it weighs (a ScenarioError: no copy runs there)."""
+    """:func:`_resolve_llm` for a copy of ``acc`` accelerators on ``it``; the planner asks it of each
+    instance type it weighs (a ScenarioError: no copy runs there)."""
     from ..hosting.roofline import roofline   # pure: no simulation state
 
     g = model.group
@@ -447,9 +451,6 @@ def continuous_batching_on(model: Model, it: InstanceType, acc: int, mode: str, 
         raise ScenarioError(f"{arch.name} has {arch.heads} attention heads, which {tp} tensor-parallel GPUs "
                             "cannot share evenly; choose accelerators that divide the heads",
                             source=source, path=f"models[{g}].accelerators")
-    if mode == "mme":
-        warnings.append(f"{where}: in an mme endpoint the KV cache is sized as if {model.name!r} had its copy's "
-                        "GPUs to itself")
     if model.memory_gb < arch.weight_gb * (1.0 - 1e-6):
         # the KV cache is what is left beside memory_gb: less than the weights leaves it too much room
         warnings.append(f"models[{g}]: {model.name!r} takes {model.memory_gb:.3g} GB of memory (memory_gb or size_gb) "
