@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from ..metrics import SLO_LABELS
 from ..pricing import hourly
 from ..scenario import ScenarioError, apply_overrides, parse_scenario
 from ..scenario.schema import ROUTING_POLICIES
@@ -512,7 +513,8 @@ class EndpointSearch:
             best = (self.ep_cost(e, c), c)
         if best is not None:
             return best[1], True
-        # Nothing meets the SLO: keep the simulated plan of this endpoint with the lowest P99.
+        # Nothing meets the SLO: keep the simulated plan of this endpoint with the lowest figure of the first
+        # target (its upper end).
         evaluated = [(rec["upper"][e], self.ep_cost(e, st[e]), st[e]) for st, rec in self._states_for(e)]
         if evaluated:
             evaluated.sort(key=lambda x: (x[0], x[1]))
@@ -564,13 +566,14 @@ class EndpointSearch:
                                                         "routing": self.state[e].routing} for e in self.targets}
         for e, kn in self.knobs.items():   # the knob's value, where searched
             best_plan[self.base.spec.endpoints[e].name][kn.kind] = kn.shown(self.state[e].knob)
+        first = SLO_LABELS.get(summary_key(m0), m0)   # what an infeasible endpoint's plan is chosen by
         for e in self.targets:
             if not feasible[e]:
                 sooner = (" (growing stopped sooner where more instances no longer helped)"
                           if any(k[0] == e for k in self.stalled) else "")
                 self.notes.append(f"endpoint {self.base.spec.endpoints[e].name}: no plan meets the SLO within "
                                   f"{self.max_n} instances (--max-instances) of {', '.join(self.types[e])}{sooner}; "
-                                  "the plan shown has the lowest P99 simulated")
+                                  f"the plan shown has the lowest {first} simulated")
         return OptimizeResult(
             scenario=self.base.name, slo={m: v * 1e3 for m, v in self.slo.items()}, max_failed=self.max_failed,
             replications=self.reps, best_plan=best_plan, best_overrides=ovs,
