@@ -702,7 +702,9 @@ def compare(scenario, plans, out, seed, overrides, as_json, with_report, workers
         for w in b.get("warnings", []):
             click.echo(f"{name}: warning: {w}", err=True)
     best = summary["best"]
-    click.echo((f"cheapest plan meeting the SLO: {best}" if best else "no plan meets the SLO")
+    judged = any(b.get("slo_met") is not None for b in summary["plans"].values())
+    click.echo((f"cheapest plan meeting the SLO: {best}" if best else "no plan meets the SLO" if judged
+                else "no plan judged against the SLO (no target, or no request in the horizon)")
                + f"; written to {out}/ (compare.json, plans/*.yaml to edit and re-run, runs/)", err=True)
 
 

@@ -358,3 +358,19 @@ def test_plans_show_execution_models_gpu_utilisation_and_batch_size(small, tmp_p
         print_comparison(c.summary)
     text = buf.getvalue()
     assert "execution models" in text and "40 x batching" in text and "TTFT" not in text
+
+
+def test_a_fleet_with_no_request_is_not_judged(tmp_path):
+    """No request in the horizon: no plan is judged against the SLO (slo_met null, no best), and the CLI
+    says so instead of naming a cheapest plan meeting it."""
+    from conftest import sme
+
+    d = sme(rate=1e-6, duration=60.0)
+    d["slo"] = {"p99": "1s"}
+    path = tmp_path / "empty.yaml"
+    path.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(main, ["compare", str(path), "--plans", "sme", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert out["best"] is None and all(p["slo_met"] is None for p in out["plans"].values())
+    assert "no plan judged against the SLO" in res.output and "meeting the SLO" not in res.output

@@ -100,7 +100,7 @@ def after_round(plan: Plan, res: Result, runner: Runner, slo: SLO, r: int, round
     loads: dict[str, ModelLoad] = plan.state["loads"]
     plan.result = res
     s = res.summary
-    ok = slo.met(s["overall"]) if slo.targets_ms else None
+    ok = slo.verdict(s["overall"])
     plan.sizing.append({"round": r + 1, "cost_per_hour_usd": cost_per_hour(s), "p99_ms": s["overall"]["p99_ms"],
                         "slo_attainment": s["overall"]["slo_attainment"], "slo_met": ok,
                         "instances": instances(plan.endpoints)})
@@ -139,7 +139,7 @@ def after_round(plan: Plan, res: Result, runner: Runner, slo: SLO, r: int, round
 def judge(plan: Plan, slo: SLO, replications: int) -> None:
     """The plan's verdict from its (final) result, logged as a row of its sizing."""
     s = plan.result.summary
-    ok = slo.met(s["overall"]) if slo.targets_ms else None
+    ok = slo.verdict(s["overall"])
     plan.sizing.append({"round": len(plan.sizing) + 1, "replications": replications,
                         "cost_per_hour_usd": cost_per_hour(s), "p99_ms": s["overall"]["p99_ms"],
                         "slo_attainment": s["overall"]["slo_attainment"], "slo_met": ok,

@@ -54,6 +54,10 @@ class SLO:
         v = lat.get("p99", min(lat.values()) if lat else None)
         return None if v is None else v / 1e3
 
+    def verdict(self, block: dict) -> bool | None:
+        """:meth:`met`, or None where there is nothing to judge: no target, or no request in the block."""
+        return self.met(block) if self.targets_ms and block.get("requests") else None
+
     def met(self, block: dict) -> bool:
         """Whether a summary block meets every target (point estimates); failed requests count as misses:
         it misses nothing (:meth:`missed`)."""
