@@ -434,6 +434,29 @@ def test_csv_trace_missing_a_token_column_takes_the_models_own(tmp_path):
     assert f["input_tokens"].tolist() == [7] and f["output_tokens"].tolist() == [50]
 
 
+def test_csv_trace_model_names_route_all_or_none(tmp_path):
+    """A csv trace's model column: names that are all the scenario's route each row to its model; names
+    none of which are spread by the group's popularity; some of each (a typo, a model left out) is an error
+    naming the unknown ones and the traffic's key, not rows silently spread over the other models."""
+    from sim.scenario import ScenarioError, parse_scenario
+    from sim.workload.build import arrivals_frame
+
+    def frame(text):
+        _write(tmp_path, "t.csv", text)
+        d = {"name": "t", "duration": 10, "models": [{
+            "name": "a", "size_gb": 1, "count": 1, "service": {"mean": "10ms"},
+            "traffic": {"process": "trace", "path": "t.csv"}}, {
+            "name": "b", "size_gb": 1, "service": {"mean": "10ms"}}],
+            "endpoints": [{"name": "e", "instance_type": "ml.g5.xlarge", "models": ["a", "b"]}]}
+        return arrivals_frame(parse_scenario(d, source="t", base_dir=tmp_path))
+
+    assert frame("arrival_s,model\n1,a\n2,a\n")["model"].tolist() == ["a", "a"]
+    assert frame("arrival_s,model\n1,x\n2,y\n")["model"].tolist() == ["a", "a"]   # the group's one model
+    with pytest.raises(ScenarioError) as e:
+        frame("arrival_s,model\n1,a\n2,c\n")
+    assert "'c', which no model of the scenario has" in str(e.value) and "models[0].traffic.path" in str(e.value)
+
+
 def test_csv_missing_column_names_file_line_and_column(tmp_path):
     p = _write(tmp_path, "nocol.csv", "time,input_tokens\n0,1\n")
     with pytest.raises(TraceError) as e:

@@ -127,12 +127,13 @@ def _check_loop(scenario: Scenario, group: Group, df) -> None:
 
 
 def check_traces(scenario: Scenario) -> None:
-    """Read every trace a scenario replays: ScenarioError (with the traffic's key path) for a file
-    that a run would refuse."""
+    """Read every trace a scenario replays and take its arrivals as a run would: ScenarioError (with the
+    traffic's key path) for a file, or a model column, that a run would refuse."""
     cache: dict = {}
+    streams = Streams(scenario.spec.seed)
     for g in scenario.groups:
         if g.traffic is not None and g.traffic.process == "trace":
-            _trace_table(scenario, g, cache)
+            _group_arrivals(scenario, g, streams, scenario.horizon, cache)
 
 
 def _group_arrivals(scenario: Scenario, group: Group, streams: Streams, horizon: float,
@@ -156,17 +157,29 @@ def _group_arrivals(scenario: Scenario, group: Group, streams: Streams, horizon:
         local = None
         if "model" in df.columns:
             # A trace naming the scenario's models sends each request to its model: this group
-            # takes the rows of its own. Other names: the group's popularity spreads the rows.
+            # takes the rows of its own. Other names: the group's popularity spreads the rows. Both
+            # (some names the scenario's, some not): an error.
             names = [scenario.models[m].name for m in group.models]
             pos = {n: k for k, n in enumerate(names)}
             trace_models = df["model"].to_numpy()[rows].astype(str)
             mapped = np.array([pos.get(x, -1) for x in trace_models], dtype=np.int64)
             known = {m.name for m in scenario.models}
+            seen = set(trace_models.tolist())
             if len(mapped) and (mapped >= 0).all():
                 local = mapped
-            elif len(mapped) and all(x in known for x in set(trace_models)):
+            elif len(mapped) and seen <= known:
                 mine = mapped >= 0
                 times, rows, local = times[mine], rows[mine], mapped[mine]
+            elif seen & known:
+                # Some names are the scenario's and some are not: a typo or a model left out, whose rows the
+                # popularity would otherwise spread over the group's models without a word
+                other = sorted(seen - known)
+                raise ScenarioError(
+                    f"the trace's model column names {', '.join(map(repr, other[:5]))}"
+                    f"{' and more' if len(other) > 5 else ''}, which no model of the scenario has, beside "
+                    f"names it does ({', '.join(map(repr, sorted(seen & known)[:5]))}): name in the scenario "
+                    "every model the trace does, or none (the group's popularity then spreads the rows)",
+                    source=scenario.source, path=f"models[{group.index}].traffic.path")
         # A token column the trace lacks (a csv trace may have either, both or none): the model's own
         # token counts for it (None here)
         cols = df.attrs.get("token_columns", ("input_tokens", "output_tokens"))
