@@ -361,6 +361,32 @@ def test_instance_failures_keep_the_engine_log_consistent(monkeypatch):
     assert (status != 0).mean() > 0.9
 
 
+@pytest.mark.parametrize("copies", [4, 24])
+def test_a_moved_step_end_in_place_or_voided_changes_nothing(monkeypatch, copies):
+    """A step end that moves is put in its place in the calendar where the calendar is small, else voided
+    and scheduled anew (ContinuousBatching._move): either way the same run, to the bit, and the same
+    engine levels over time. 4 copies keep the calendar small; 24 take it past MOVE_IN_PLACE (the
+    fallback), so both ways are compared on both sides of the threshold."""
+    from sim.bench import llm_scenario
+    from sim.hosting import continuous
+    from sim.simulate import simulate
+
+    sc = parse_scenario(llm_scenario(3.0e3, instances=copies), source="cb-move")
+    moved = []
+    real = continuous.ContinuousBatching._move
+    monkeypatch.setattr(continuous.ContinuousBatching, "_move",
+                        lambda self, at: (moved.append(len(self._queue) <= continuous.MOVE_IN_PLACE), real(self, at)))
+    default = simulate(sc, seed=2)
+    assert moved and (all(moved) if copies == 4 else not any(moved))
+    monkeypatch.setattr(continuous, "MOVE_IN_PLACE", -1)   # always voided
+    voided = simulate(sc, seed=2)
+    for k, v in voided.columns.items():
+        np.testing.assert_array_equal(default.columns[k], v, err_msg=k)
+    for a, b in zip(default.logs, voided.logs):
+        for x, y in zip(_levels(a), _levels(b)):
+            np.testing.assert_array_equal(x, y)
+
+
 def _levels(log) -> tuple[np.ndarray, np.ndarray]:
     """What an engine log means: the levels (running, waiting, blocks used, blocks) as a step function of
     time, at each instant where they change (after every row at that instant, the rows sorted stably by
