@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import gc
 import json
 import os
 import subprocess
@@ -185,19 +184,6 @@ def test_merge_refuses_different_hosts_unless_forced():
 
 
 # ---------------------------------------------------------------- mini run
-@pytest.fixture
-def frozen_heap():
-    """The objects the test process holds so far (the suite's imports and results) moved out of the
-    collector's reach for one job: the job's untimed set-up collects garbage before every repeat
-    (calibration.loads._fresh), and a full collection of a whole test session's heap took longer
-    than the job's measurements. As in the job's own process, the collector still sees all the
-    job's objects."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
 def _mini_cfg(tmp_path, **kw):
     cfg = dict(out=str(tmp_path / "mini.json"), device="cpu", quick=True,
                sizes=["0.3M", "1M", "2M"], infer_sizes=["0.3M"], families=["encoder"],
@@ -207,7 +193,7 @@ def _mini_cfg(tmp_path, **kw):
     return runmod.Config(**cfg)
 
 
-def test_mini_run_produces_a_valid_profile(tmp_path, frozen_heap):
+def test_mini_run_produces_a_valid_profile(tmp_path):
     logs = []
     p = runmod.run(_mini_cfg(tmp_path), log=logs.append)
     q = prof.load(tmp_path / "mini.json")
@@ -232,7 +218,7 @@ def test_mini_run_produces_a_valid_profile(tmp_path, frozen_heap):
     assert not os.path.exists(runmod.partial_path(str(tmp_path / "mini.json")))
 
 
-def test_interrupted_run_resumes_and_cleans_up(tmp_path, monkeypatch, frozen_heap):
+def test_interrupted_run_resumes_and_cleans_up(tmp_path, monkeypatch):
     real = runmod._run_step
 
     def boom(step, *a, **kw):
@@ -256,7 +242,7 @@ def test_interrupted_run_resumes_and_cleans_up(tmp_path, monkeypatch, frozen_hea
     assert "encoder" in p["fits"]["inference"] and "disk_to_host" in p["fits"]["load"]
 
 
-def test_oom_is_recorded_and_the_job_goes_on(tmp_path, monkeypatch, frozen_heap):
+def test_oom_is_recorded_and_the_job_goes_on(tmp_path, monkeypatch):
     from calibration import inference
     real = inference.measure_model
 
