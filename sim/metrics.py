@@ -6,6 +6,7 @@ pandas), so the event core never logs per event.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from typing import Any
 
 import numpy as np
@@ -341,7 +342,9 @@ def thrashing(log: EndpointLog, window: float, loads: pd.DataFrame | None = None
     for k, (inst, m, q) in enumerate(zip(loads["instance"], loads["model"], loads["queued"])):
         ts = last.get((int(inst), int(m)))
         if ts:
-            j = np.searchsorted(ts, q, side="right") - 1
+            # bisect on the list (the log's times, in order): np.searchsorted would copy the whole
+            # list into an array for each load, quadratic in a thrashing cache's reloads
+            j = bisect_right(ts, q) - 1
             out[k] = j >= 0 and q - ts[j] <= window
     return out
 

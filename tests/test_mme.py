@@ -66,7 +66,7 @@ def test_hit_rate_is_one_when_every_model_fits():
 def test_lfu_beats_lru_on_a_static_zipf_and_gds_runs():
     hits = {}
     for policy in ("lru", "lfu", "gds"):
-        res = run_dict(mme(100, capacity_models=10, zipf=0.9, rate=100.0, duration=900, policy=policy))
+        res = run_dict(mme(100, capacity_models=10, zipf=0.9, rate=100.0, duration=450, policy=policy))
         hits[policy] = res.summary["overall"]["cache_hit_rate"]
     # LFU keeps the most popular models (the best static choice under independent requests).
     assert hits["lfu"] > hits["lru"] + 0.02
