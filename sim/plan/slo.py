@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..metrics import slo_misses
+from ..metrics import slo_misses, slo_verdict
 from ..scenario import Scenario, ScenarioError
 
 LATENCY_METRICS = ("p50", "p90", "p99", "mean")
@@ -54,9 +54,15 @@ class SLO:
         v = lat.get("p99", min(lat.values()) if lat else None)
         return None if v is None else v / 1e3
 
+    @property
+    def slo_ms(self) -> dict[str, float]:
+        """The targets as summary.json's ``slo`` holds them (``{"p99_ms": 5000.0}``)."""
+        return {f"{k}_ms": t for k, t in self.targets_ms.items()}
+
     def verdict(self, block: dict) -> bool | None:
-        """:meth:`met`, or None where there is nothing to judge: no target, or no request in the block."""
-        return self.met(block) if self.targets_ms and block.get("requests") else None
+        """:meth:`met`, or None where there is nothing to judge: no target, or no request in the block
+        (:func:`sim.metrics.slo_verdict`)."""
+        return slo_verdict(block, self.slo_ms)[0]
 
     def met(self, block: dict) -> bool:
         """Whether a summary block meets every target (point estimates); failed requests count as misses:
@@ -68,7 +74,7 @@ class SLO:
         :func:`moved`): each target's figure (ms) above it, the SLO attainment below 0.99 (as
         ``-attainment``) and a failed share above 1% (as ``-ok share``)."""
         out: dict[str, float] = {}
-        for key, v in slo_misses(block, {f"{k}_ms": t for k, t in self.targets_ms.items()}).items():
+        for key, v in slo_misses(block, self.slo_ms).items():
             if key == "slo_attainment":
                 out[key] = -v
             elif key == "failed":
