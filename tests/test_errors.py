@@ -347,3 +347,16 @@ def test_a_token_distribution_refuses_the_spread_its_dist_cannot_have():
     assert str(e.value).endswith("models[0].tokens.output: an exponential distribution has cv 1; use lognormal "
                                  "or gamma for another cv")
     assert parse_scenario(sme(), source="t.yaml").endpoints[0].spec.provisioning.cv == 0.3   # the default stands
+
+
+@pytest.mark.parametrize("count", [3_000_000_000, "3000000000", -5, -5.0, 10**9 + 1])
+def test_a_token_count_out_of_range_names_the_tokens_range(count):
+    from sim.scenario.units import MAX_TOKENS
+
+    d = sme(instance_type="ml.g5.xlarge")
+    d["models"][0]["service"] = {"base": "20ms", "per_output_token": "1ms"}
+    d["models"][0]["tokens"] = {"input": count, "output": 10}
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(d, source="t.yaml")
+    assert f"models[0].tokens.input: expected a whole number of tokens between 0 and {MAX_TOKENS}" in str(e.value)
+    assert "1000000000" not in str(e.value)

@@ -74,10 +74,19 @@ class TokensSpec(Strict):
     input: Count | Distribution = 0
     output: Count | Distribution = 0
 
-    @field_validator("input", "output")
+    @field_validator("input", "output", mode="before")
     @classmethod
     def _non_negative(cls, v: Any) -> Any:
-        if isinstance(v, int) and not 0 <= v <= MAX_TOKENS:
+        # (before parsing: a whole number's own bound, MAX_COUNT, would name the wrong range)
+        n = v
+        if isinstance(v, str):
+            try:
+                n = int(v.strip())
+            except ValueError:
+                pass
+        elif isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            n = int(v)
+        if isinstance(n, int) and not isinstance(n, bool) and not 0 <= n <= MAX_TOKENS:
             raise ValueError(f"expected a whole number of tokens between 0 and {MAX_TOKENS}, got {shown(v)}")
         return v
 
