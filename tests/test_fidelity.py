@@ -440,6 +440,23 @@ def test_calibration_groups_only_where_an_instance_serves_several_at_once():
     assert sorted(np.bincount(counts)[1:]) == [replay.GROUP_ROUNDS] * 4       # each size 1..4, every round
 
 
+def test_calibration_spans_its_share_of_the_measured_replay():
+    pytest.importorskip("torch")
+    from calibration.testbed import replay
+
+    plan = {"mode": "sme", "instances": 1, "instance_concurrency": 1, "max_concurrency": 1,
+            "models": [{"name": "m", "memory_gb": 0.1}]}
+    probed = {"m": {"service": {"mean": 0.01}, "load": {"mean": 0.05}}}   # 50 requests/s, half busy
+    short = replay.calibration_arrivals(plan, probed, 100, 1, burst=False)
+    assert len(short) == 100 and short[-1][0] < 3.0                        # n requests: about 2 s
+    assert replay.calibration_arrivals(plan, probed, 100, 1, burst=False, seconds=1.0) == short
+    long = replay.calibration_arrivals(plan, probed, 100, 1, burst=False, seconds=30.0)
+    assert long[:100] == short                                              # the same draws, and on
+    assert 29.0 < long[-1][0] <= 30.0
+    assert abs(len(long) - 50 * 30) < 4 * (50 * 30) ** 0.5                  # Poisson count, 4 sd
+    assert replay.calibration_arrivals(plan, probed, 10_000, 1, burst=False, seconds=30.0)[-1][0] <= 30.0
+
+
 def _measured(case, probe, concurrency=None, noise=None):
     names = [m["name"] for m in case.models]
     plan = {"max_concurrency": 1, "instance_concurrency": 1, "max_concurrent_loads": 1, "replicate_above": 8,

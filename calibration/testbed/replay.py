@@ -131,11 +131,15 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
         # speed drifts (a shared host: +-10% over minutes here), and a drift in between
         # then biases neither side.
         cals, poisson = [], []
+        # Each half's Poisson part spans a share of the measured replay at least: the machine's speed
+        # wanders over seconds, and a few seconds of it would set the level of a much longer replay.
+        seconds = CALIBRATION_SHARE * (arrivals[-1][0] if arrivals else 0.0)
         for half in range(2):
             poisson.append(len(calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half,
-                                                    burst=False, groups=False)))
+                                                    burst=False, groups=False, seconds=seconds)))
             # The burst comes last: its seconds above capacity slow this machine for a while after.
-            cal = calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half, burst=half == 1)
+            cal = calibration_arrivals(plan, probed, calibration_requests // 2, seed + 1 + half, burst=half == 1,
+                                       seconds=seconds)
             log(f"testbed: calibration replay {half + 1} of 2, {len(cal)} requests over "
                 f"{cal[-1][0] if cal else 0:.0f} s")
             cals.append(_replay(plan, cal, conns, seed + 1 + half, lambda m: None))
@@ -220,7 +224,8 @@ def miss_share(plan: dict) -> float:
 
 
 CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay
-CALIBRATION_MAX_S = 20.0    # and its longest span
+CALIBRATION_MAX_S = 20.0    # and its longest span (for ``n`` requests),
+CALIBRATION_SHARE = 0.125   # but each half spans this share of the measured replay at least
 RESTS = 30                  # then, with the burst, requests one at a time after rests
 RESTS_S = (0.005, 1.0)      # log-uniform over this span,
 BURST_LOAD = 1.25           # then a burst at this multiple of capacity,
@@ -232,10 +237,11 @@ SLOWDOWN_MIN_SAMPLES = 5    # a level with fewer requests is left out of the cur
 
 
 def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: bool = True,
-                         groups: bool = True) -> list:
+                         groups: bool = True, seconds: float = 0.0) -> list:
     """A calibration workload: Poisson arrivals spread evenly over the models, at a
     rate that keeps an instance about half busy (requests and the loads of the
-    models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds; then, with
+    models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds, and on until ``seconds``
+    (``run`` asks for CALIBRATION_SHARE of the measured replay's span); then, with
     ``burst``, RESTS requests of the models that fit, each sent a request's time plus a rest
     (log-uniform over RESTS_S) after the one before, whose times show how the speed comes back
     over a rest; and after a pause of BURST_PAUSE_S, BURST_S of Poisson arrivals at BURST_LOAD times
@@ -256,9 +262,9 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
     rate = CALIBRATION_BUSY * plan["instances"] / (svc + miss_share(plan) * load)
     rng = random.Random(seed)
     out, t = [], 0.0
-    while len(out) < n:
+    while len(out) < n or t < seconds:
         t += rng.expovariate(rate)
-        if t > CALIBRATION_MAX_S:
+        if t > max(CALIBRATION_MAX_S, seconds) or (len(out) >= n and t > seconds):
             break
         out.append((t, rng.randrange(len(ms))))
     most = concurrency(plan) if groups else 1
