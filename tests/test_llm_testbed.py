@@ -217,6 +217,35 @@ def test_the_step_rows_count_the_whole_iteration_but_not_the_idle_wait():
     assert f["per_decode_seq"] == pytest.approx(2.1e-4, rel=0.1)
 
 
+def test_the_step_fit_carries_the_mean_step_time_of_skewed_steps():
+    """A loop whose steps are mostly typical and sometimes slow (1 in 10 takes 1.6 times as long: a mean
+    of 1.06 times the typical): the simulator's steps take their predicted time exactly, so the fit
+    must carry the mean (the time the loop's work takes), not the typical step that a fit of relative
+    residuals finds."""
+    pytest.importorskip("torch")
+    from calibration import fit
+    from calibration.testbed.llm import fit_steps, step_rows
+
+    rng = np.random.default_rng(3)
+
+    def replay():
+        n = rng.integers(1, 16, 2000)
+        K = n * rng.integers(20, 300, 2000)
+        p = np.where(rng.random(2000) < 0.3, rng.integers(1, 256, 2000), 0)
+        dt = (2e-3 + 3e-5 * p + 2e-4 * n + 1e-8 * K) * np.where(rng.random(2000) < 0.1, 1.6, 1.0)
+        b = np.r_[0.0, np.cumsum(dt)[:-1]]
+        return {"steps": {"begin_s": b.tolist(), "end_s": (b + dt).tolist(), "n": n.tolist(), "K": K.tolist(),
+                          "p": p.tolist(), "prefill_seqs": (p > 0).astype(int).tolist(), "waited_s": [0.0] * 2000}}
+    recs = [replay(), replay()]
+    f = fit_steps(recs)
+    assert f["mean_scale"] > 1.03
+    for term, true in (("base", 2e-3), ("per_prefill_token", 3e-5), ("per_decode_seq", 2e-4)):
+        assert f[term] == pytest.approx(1.06 * true, rel=0.04), term
+    typical = fit.fit_step(*[np.concatenate(c) for c in zip(*[step_rows(r["steps"])[:2] for r in recs])],
+                           robust=True)
+    assert typical["per_decode_seq"] == pytest.approx(2e-4, rel=0.04)   # the fit alone: the typical step
+
+
 def test_a_short_replay_through_the_serving_process(tmp_path):
     """The whole testbed on a tiny decoder: probe, two calibration replays, the measured one."""
     pytest.importorskip("torch")
