@@ -192,6 +192,19 @@ def _other_measured() -> dict:
             "requests": {"send_s": [0.0, 1.0], "end_s": [0.01, 1.01], "cold": [False, False]}, "loads": []}
 
 
+def _steps_replay(rng, k: int, level) -> dict:
+    """A replay record of ``k`` steps of random composition taking 2 ms + 30 us per prefill token + 200 us
+    per decoding sequence + 10 ns per context token, times ``level`` (a number, or a function of ``k``
+    giving one factor a step)."""
+    n = rng.integers(1, 16, k)
+    K = n * rng.integers(20, 300, k)
+    p = np.where(rng.random(k) < 0.3, rng.integers(1, 256, k), 0)
+    dt = (2e-3 + 3e-5 * p + 2e-4 * n + 1e-8 * K) * (level(k) if callable(level) else level)
+    b = np.r_[0.0, np.cumsum(dt)[:-1]]
+    return {"steps": {"begin_s": b.tolist(), "end_s": (b + dt).tolist(), "n": n.tolist(), "K": K.tolist(),
+                      "p": p.tolist(), "prefill_seqs": (p > 0).astype(int).tolist(), "waited_s": [0.0] * k}}
+
+
 def test_the_step_rows_count_the_whole_iteration_but_not_the_idle_wait():
     pytest.importorskip("torch")
     from calibration.testbed.llm import fit_steps, step_rows
@@ -203,16 +216,7 @@ def test_the_step_rows_count_the_whole_iteration_but_not_the_idle_wait():
     assert y == pytest.approx([0.010, 0.010, 0.008])      # to the next begin; less the wait; the last to its end
     # the fit over replays: each replay's level against it, and the drift between the first and the last
     rng = np.random.default_rng(0)
-
-    def replay(level):
-        n = rng.integers(1, 16, 300)
-        K = n * rng.integers(20, 300, 300)
-        p = np.where(rng.random(300) < 0.3, rng.integers(1, 256, 300), 0)
-        dt = level * (2e-3 + 3e-5 * p + 2e-4 * n + 1e-8 * K)
-        b = np.r_[0.0, np.cumsum(dt)[:-1]]
-        return {"steps": {"begin_s": b.tolist(), "end_s": (b + dt).tolist(), "n": n.tolist(), "K": K.tolist(),
-                          "p": p.tolist(), "prefill_seqs": (p > 0).astype(int).tolist(), "waited_s": [0.0] * 300}}
-    f = fit_steps([replay(1.0), replay(1.1)])
+    f = fit_steps([_steps_replay(rng, 300, 1.0), _steps_replay(rng, 300, 1.1)])
     assert f["level_drift"] == pytest.approx(0.1, abs=0.02) and f["r2"] > 0.9
     assert f["per_decode_seq"] == pytest.approx(2.1e-4, rel=0.1)
 
@@ -227,16 +231,7 @@ def test_the_step_fit_carries_the_mean_step_time_of_skewed_steps():
     from calibration.testbed.llm import fit_steps, step_rows
 
     rng = np.random.default_rng(3)
-
-    def replay():
-        n = rng.integers(1, 16, 2000)
-        K = n * rng.integers(20, 300, 2000)
-        p = np.where(rng.random(2000) < 0.3, rng.integers(1, 256, 2000), 0)
-        dt = (2e-3 + 3e-5 * p + 2e-4 * n + 1e-8 * K) * np.where(rng.random(2000) < 0.1, 1.6, 1.0)
-        b = np.r_[0.0, np.cumsum(dt)[:-1]]
-        return {"steps": {"begin_s": b.tolist(), "end_s": (b + dt).tolist(), "n": n.tolist(), "K": K.tolist(),
-                          "p": p.tolist(), "prefill_seqs": (p > 0).astype(int).tolist(), "waited_s": [0.0] * 2000}}
-    recs = [replay(), replay()]
+    recs = [_steps_replay(rng, 2000, lambda k: np.where(rng.random(k) < 0.1, 1.6, 1.0)) for _ in range(2)]
     f = fit_steps(recs)
     assert f["mean_scale"] > 1.03
     for term, true in (("base", 2e-3), ("per_prefill_token", 3e-5), ("per_decode_seq", 2e-4)):
