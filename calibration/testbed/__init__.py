@@ -31,7 +31,8 @@ end, decoding sequences ``n``, their context tokens ``K``, prefill tokens ``p``,
 sequences, the idle wait before it), and under ``probe``: the reference step, the designed grid
 with its fit, the calibration replays and ``step``, the step-time coefficients fitted on their
 steps (what the simulator takes), scaled to the steps' mean time (``mean_scale``: llm.fit_steps),
-with ``measured_prediction``, how well they predict the measured replay's steps. ``loads`` is empty and every request is warm (``cold`` false).
+with ``measured_prediction``, how well they predict the measured replay's steps. ``loads`` is empty
+and every request is warm (``cold`` false).
 """
 from __future__ import annotations
 
