@@ -35,7 +35,8 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
 # The simulator against the real serving testbed on this machine (capsim fidelity --quick, about
-# 5 minutes on a quiet 2-core machine): its own step, after make test, in .ci/run. A case that
+# 10 minutes on a quiet 2-core machine, up to 25 where cases miss and run again): its own step,
+# after make test, in .ci/run. A case that
 # misses its tolerance on a machine too noisy to measure is reported as such (xfail), not failed.
 fidelity-quick: $(VENV)/.installed-dev
 	$(PY) -m pytest -m fidelity -rxs
