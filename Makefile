@@ -36,8 +36,8 @@ test: $(VENV)/.installed-dev
 
 # The simulator against the real serving testbed on this machine (capsim fidelity --quick, about
 # 10 minutes on a quiet 2-core machine, up to 25 where cases miss and run again): its own step,
-# after make test, in .ci/run. A case that
-# misses its tolerance on a machine too noisy to measure is reported as such (xfail), not failed.
+# after make test, in .ci/run. A case that misses its tolerance on a machine too noisy to measure
+# is reported as such (xfail), not failed.
 fidelity-quick: $(VENV)/.installed-dev
 	$(PY) -m pytest -m fidelity -rxs
 
