@@ -69,8 +69,8 @@ class EndpointLog:
     def llm_rows(self) -> np.ndarray:
         """The continuous-batching log as rows (t, running, waiting, blocks used, blocks) of deltas, in the
         order they were written (not in time order: a reader sorts them stably by time). A change taken
-        back is cancelled by a row of its opposite at its time, so the levels (the deltas' running sums
-        in time order) are what the log means, not its rows one by one."""
+        back has its row's deltas zeroed where it stands, so the levels (the deltas' running sums in time
+        order) are what the log means, not its rows one by one."""
         return np.fromiter(self.llm, dtype=float, count=len(self.llm)).reshape(-1, 5)
 
 
