@@ -366,8 +366,8 @@ def fit_steps(recs: list) -> dict:
     # time exactly. Scaled so that the steps' predicted time, weighted alike, is their measured time:
     # the simulated loop does the same work in the same time (on 2026-12-07 the fit's steps came out
     # 2-7% short of the mean, and the simulated P50 and P99 8% short on the mean of 9 runs).
-    pred = np.c_[np.ones(len(y)), X] @ coef
-    scale = float(np.sum(w * y) / np.sum(w * pred)) if np.sum(w * pred) > 0 else 1.0
+    predicted = float(np.sum(w * (np.c_[np.ones(len(y)), X] @ coef)))
+    scale = float(np.sum(w * y)) / predicted if predicted > 0 else 1.0
     coef = coef * scale
     f = {**f, **dict(zip(fit.STEP_TERMS, (float(c) for c in coef))), "mean_scale": scale}
     levels = []
