@@ -54,7 +54,8 @@ def robust_linear(X, y, *, intercept: bool = True) -> dict:
     else:
         x0 = np.linalg.lstsq(A / y[:, None], np.ones(n), rcond=None)[0]
     lo = np.full(p, 1e-12)
-    x0 = np.maximum(x0, 1e-9 * max(float(np.median(y)), 1e-12))
+    # a start on or above the bounds, however small the times (sub-ms loads)
+    x0 = np.maximum(x0, np.maximum(lo, 1e-9 * float(np.median(y))))
 
     def resid(beta):
         return np.log(np.maximum(A @ beta, 1e-300)) - logy
