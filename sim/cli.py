@@ -795,6 +795,9 @@ def fidelity(measured, device, quick, cases, out, runs, profile, prepare, as_jso
         noisy = [r["noise"]["why"] for r in row["runs"] if (r.get("noise") or {}).get("noisy")]
         if row.get("verdict") == "too noisy":
             click.echo(f"{name}: outside the tolerance, on a machine too noisy to measure ({'; '.join(noisy)})")
+        elif row.get("verdict") == "known gap":
+            click.echo(f"{name}: outside the tolerance on known gaps only, each within its bound: "
+                       + "; ".join(f"{k} {row[k + '_err']:+.1%} ({why})" for k, why in row["known_gaps"].items()))
         elif row.get("verdict") == "outside":
             click.echo(f"{name}: outside the tolerance ({', '.join(k for k, ok in row['within'].items() if not ok)})")
         elif noisy:

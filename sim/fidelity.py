@@ -56,6 +56,23 @@ Log = Callable[[str], None]
 # case outside its tolerance on such runs is judged "too noisy", not "outside".
 NOISY_NEIGHBOUR_SHARE = 0.25    # of the machine's cores
 NOISY_DRIFT = 0.10              # relative change of the request time's median between the calibrations
+# Known gaps: a case's figures that the README's "Limits that still hold" lists as not yet modelled,
+# each with a bound above the worst error recorded for it on the mean of a suite's runs
+# (docs/fidelity-history.md). A case whose only misses are these, each within its bound, is judged a
+# "known gap", not "outside"; any other miss, or a known gap past its bound (a regression, not the
+# known limit), is still "outside".
+_SHARED_TAIL = ("CPU workers sharing cores: the measured tail is wider than processor sharing at the curve's "
+                "mean slowdown gives (README, Limits that still hold)")
+_SHARED_MEDIAN = "the shared-device cases' median comes out slow (README, Limits that still hold)"
+_LLM_FAST = "the language model's simulated steps run fast of the measured ones (README, Limits that still hold)"
+KNOWN_GAPS: dict[str, dict[str, tuple[float, str]]] = {
+    # worst on a mean: P50 +12.1%, P99 -29.3% (sme_concurrent) and -39.4% (mme_shared)
+    "sme_concurrent": {"p50": (0.25, _SHARED_MEDIAN), "p99": (0.50, _SHARED_TAIL)},
+    "mme_shared": {"p50": (0.25, _SHARED_MEDIAN), "p99": (0.50, _SHARED_TAIL)},
+    # worst on a mean: P50 -18.8%, P99 -29.4%, TTFT P99 -59.3%, TPOT P50 -21.0%, TPOT P99 -20.8%
+    "llm_conversation": {"p50": (0.25, _LLM_FAST), "p99": (0.40, _LLM_FAST), "ttft_p99": (0.70, _LLM_FAST),
+                         "tpot_p50": (0.30, _LLM_FAST), "tpot_p99": (0.30, _LLM_FAST)},
+}
 # A replay's start: its first second, longer while the loads begun in it last. An MME case's first
 # requests wait for its models' first loads, and on the testbed those loads share the cores with the
 # requests in service (their service runs 1.6-2.9x its steady median meanwhile); the 1% slowest
@@ -498,11 +515,24 @@ def noise_of(measured: dict[str, Any]) -> dict[str, Any]:
             "noisy": bool(why), "why": "; ".join(why) or None}
 
 
-def verdict(row: dict[str, Any]) -> str:
-    """``within`` (the tolerances hold), ``too noisy`` (they do not, and a run was made on a machine
-    too noisy to measure: ``noise_of``) or ``outside``."""
+def known_gaps(case: str | None, row: dict[str, Any]) -> dict[str, str] | None:
+    """The figures a case misses (``row["within"]``) with why, when every one is a known gap of the
+    case within its bound (``KNOWN_GAPS``); None when any miss is not."""
+    gaps = KNOWN_GAPS.get(case or "", {})
+    missed = [k for k, ok in row["within"].items() if not ok]
+    if not all(k in gaps and abs(row[f"{k}_err"]) <= gaps[k][0] for k in missed):
+        return None
+    return {k: gaps[k][1] for k in missed}
+
+
+def verdict(row: dict[str, Any], case: str | None = None) -> str:
+    """``within`` (the tolerances hold), ``known gap`` (only the case's known gaps miss, each within its
+    bound: ``known_gaps``), ``too noisy`` (they do not, and a run was made on a machine too noisy to
+    measure: ``noise_of``) or ``outside``."""
     if all(row["within"].values()):
         return "within"
+    if known_gaps(case, row):
+        return "known gap"
     if any((r.get("noise") or {}).get("noisy") for r in row["runs"]):
         return "too noisy"
     return "outside"
@@ -601,7 +631,7 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
               profile: Path | None = None, prepare: bool = False, log: Log = lambda m: None) -> dict[str, Any]:
     """Run each case on the testbed and in the simulator; write ``out/fidelity.json`` after each case
     (an interrupted suite keeps the cases it finished) and return it. A case outside the tolerances
-    is run again, ``attempts`` times at most; each case is run at least ``runs`` times (two or more
+    (its known gaps within their bounds aside) is run again, ``attempts`` times at most; each case is run at least ``runs`` times (two or more
     give the real system's own spread). With ``profile``, the simulator takes its service and load
     times from that calibration profile instead of the testbed's calibration replays. With
     ``prepare``, only write each case's plan.json and arrivals.csv (for a testbed run elsewhere,
@@ -635,7 +665,7 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
                                      profile=profile))
             row = pooled(done)
             row["within"] = within(row, result["tolerance"])
-            if attempt >= runs and (all(row["within"].values()) or attempt == most):
+            if attempt >= runs and (verdict(row, name) in ("within", "known gap") or attempt == most):
                 break
             if attempt < runs:
                 continue
@@ -645,7 +675,7 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
             log(f"{name}: outside the tolerance ({', '.join(f for f, ok in row['within'].items() if not ok)}); "
                 "running it again")
         row.update(what=case.what, attempts=attempt, wall_seconds=time.perf_counter() - t0,
-                   verdict=verdict(row))
+                   verdict=verdict(row, name), known_gaps=known_gaps(name, row) or {})
         if row["verdict"] == "too noisy":
             log(f"{name}: outside the tolerance on a machine too noisy to measure: "
                 + "; ".join(r["noise"]["why"] for r in row["runs"] if r["noise"]["noisy"]))
