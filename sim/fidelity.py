@@ -50,12 +50,13 @@ QUICK_TOLERANCE = {"p50": 0.15, "p99": 0.15, "cold_starts": 0.15, "hit_rate_pp":
 FULL_TOLERANCE = {"p50": 0.05, "p99": 0.10, "cold_starts": 0.05, "hit_rate_pp": 2.0}
 Log = Callable[[str], None]
 # A testbed run measures its machine's noise (measured.json's ``noise``): the cores other processes
-# used during the measured replay, and how far the speed moved between the calibration replay before
-# it and the one after. Above either bound the run measured the neighbours as much as the serving
+# used during the measured replay, how far the speed moved between the calibration replay before it
+# and the one after, and how far the measured replay's speed was from theirs. Above any bound the run measured the neighbours as much as the serving
 # system (a load average of 4 on this 2-core machine took the quick suite's P99 errors past 50%): a
 # case outside its tolerance on such runs is judged "too noisy", not "outside".
 NOISY_NEIGHBOUR_SHARE = 0.25    # of the machine's cores
-NOISY_DRIFT = 0.10              # relative change of the request time's median between the calibrations
+NOISY_DRIFT = 0.10              # relative change of the request time's median between the calibrations,
+                                # or between them and the measured replay (``level_gap``)
 # Known gaps: a case's figures that the README's "Limits that still hold" lists as not yet modelled,
 # each with a bound above the worst error recorded for it on the mean of a suite's runs
 # (docs/fidelity-history.md). A case whose only misses are these, each within its bound, is judged a
@@ -511,8 +512,11 @@ def noise_of(measured: dict[str, Any]) -> dict[str, Any]:
         why.append(f"other processes used {cores:.2f} of {cpus} cores during the measured replay")
     if drift is not None and abs(drift) > NOISY_DRIFT:
         why.append(f"the request time moved by {drift:+.0%} between the calibration replays")
-    return {"neighbour_cores": cores, "cpus": cpus, "level_drift": drift, "loadavg": n.get("loadavg"),
-            "noisy": bool(why), "why": "; ".join(why) or None}
+    gap = n.get("level_gap")
+    if gap is not None and abs(gap) > NOISY_DRIFT:
+        why.append(f"the measured replay ran {gap:+.0%} off its calibration replays' speed")
+    return {"neighbour_cores": cores, "cpus": cpus, "level_drift": drift, "level_gap": gap,
+            "loadavg": n.get("loadavg"), "noisy": bool(why), "why": "; ".join(why) or None}
 
 
 def known_gaps(case: str | None, row: dict[str, Any]) -> dict[str, str] | None:

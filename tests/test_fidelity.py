@@ -195,7 +195,7 @@ def test_quick_suite_is_within_its_tolerances(tmp_path):
             n = e["noise"]
             print(f"{name:<18}{e['p50_err']:>+8.1%}{e['p99_err']:>+8.1%}{e['cold_starts_err']:>+8.1%}"
                   f"{e['hit_rate_err_pp']:>+8.1f}  (one run; neighbours {n['neighbour_cores'] or 0:.2f} cores, "
-                  f"drift {n['level_drift'] or 0:+.1%})")
+                  f"drift {n['level_drift'] or 0:+.1%}, gap {n.get('level_gap') or 0:+.1%})")
             counts_hold = (abs(e["cold_starts_err"]) <= fid.QUICK_TOLERANCE["cold_starts"]
                            and abs(e["hit_rate_err_pp"]) <= fid.QUICK_TOLERANCE["hit_rate_pp"])
             if not counts_hold and n["noisy"]:
@@ -504,6 +504,8 @@ def test_a_run_on_a_noisy_machine_is_judged_too_noisy_not_outside():
     assert busy["noisy"] and "1.40 of 2 cores" in busy["why"]
     drift = fid.noise_of({"noise": quiet | {"level_drift": -0.15}})
     assert drift["noisy"] and "-15%" in drift["why"]
+    gap = fid.noise_of({"noise": quiet | {"level_gap": 0.21}})       # the measured replay's own speed
+    assert gap["noisy"] and "+21%" in gap["why"] and not fid.noise_of({"noise": quiet | {"level_gap": 0.08}})["noisy"]
     row = {"within": {"p50": True, "p99": False}, "runs": [{"noise": fid.noise_of({"noise": quiet})}]}
     assert fid.verdict(row) == "outside"
     row["runs"].append({"noise": busy})
@@ -529,6 +531,22 @@ def test_a_case_missing_only_its_known_gaps_within_their_bounds_is_a_known_gap()
         assert case in fid.CASES
         assert all(0 < b < 1 and "README" in w for b, w in gaps.values())
         assert set(gaps) <= {"p50", "p99", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"}
+
+
+def test_the_level_gap_is_the_measured_replays_request_time_over_its_calibrations():
+    pytest.importorskip("torch")
+    from calibration.testbed.replay import level_drift, level_gap
+
+    def rec(times, unfinished=0):
+        s = np.arange(len(times) + unfinished, dtype=float)
+        return {"requests": {"start_s": s.tolist(),
+                             "end_s": [a + t for a, t in zip(s, times)] + [None] * unfinished}}
+
+    cals = [rec([0.010] * 5 + [0.5] * 3), rec([0.012] * 5 + [0.5] * 3)]    # Poisson parts: the first 5 of each
+    assert level_drift(cals, [5, 5]) == pytest.approx(0.2)
+    assert level_gap(rec([0.0143] * 9, unfinished=2), cals, [5, 5]) == pytest.approx(0.0143 / 0.011 - 1)
+    assert level_gap(rec([], unfinished=3), cals, [5, 5]) is None
+    assert level_gap(rec([0.011]), [rec([], 2), cals[1]], [2, 5]) is None
 
 
 def test_neighbours_measure_other_processes_cpu_not_ours():

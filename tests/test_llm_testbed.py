@@ -207,7 +207,7 @@ def _steps_replay(rng, k: int, level) -> dict:
 
 def test_the_step_rows_count_the_whole_iteration_but_not_the_idle_wait():
     pytest.importorskip("torch")
-    from calibration.testbed.llm import fit_steps, step_rows
+    from calibration.testbed.llm import fit_steps, level_gap, step_rows
 
     steps = {"begin_s": [0.0, 0.010, 0.050], "end_s": [0.009, 0.019, 0.058], "n": [1, 2, 1], "K": [10, 21, 5],
              "p": [0, 0, 8], "prefill_seqs": [0, 0, 1], "waited_s": [0.0, 0.0, 0.030]}
@@ -218,6 +218,9 @@ def test_the_step_rows_count_the_whole_iteration_but_not_the_idle_wait():
     rng = np.random.default_rng(0)
     f = fit_steps([_steps_replay(rng, 300, 1.0), _steps_replay(rng, 300, 1.1)])
     assert f["level_drift"] == pytest.approx(0.1, abs=0.02) and f["r2"] > 0.9
+    # and a measured replay's level against theirs: 1.3 over their mean 1.05
+    assert level_gap(f, _steps_replay(rng, 300, 1.3)["steps"]) == pytest.approx(1.3 / 1.05 - 1, abs=0.02)
+    assert level_gap(f, dict.fromkeys(("begin_s", "end_s", "n", "K", "p", "prefill_seqs", "waited_s"), [])) is None
     assert f["per_decode_seq"] == pytest.approx(2.1e-4, rel=0.1)
 
 

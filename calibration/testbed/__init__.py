@@ -16,8 +16,9 @@ takes its times from there, never from the replay. Neither imports the simulator
 ``probe.concurrency``: where an instance serves several requests at once, the slowdown with
 concurrency its calibration replays measured (``replay.slowdown_curve``), else null; ``noise``:
 the cores other processes used during the measured replay (``neighbour_cores``, of ``cpus``), the
-load average after it and the drift of the request time between the calibration replays
-(``level_drift``);
+load average after it, the drift of the request time between the calibration replays
+(``level_drift``) and how far the measured replay's was from theirs (``level_gap``; a language
+model's: its step time's level under the fit);
 request and load times in seconds from the arrivals' origin. With the plan's
 ``reference_request_s`` the arrivals' times are first multiplied by
 ``time_scale`` (``replay.time_scale``: this machine's request time over that

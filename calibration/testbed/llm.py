@@ -370,12 +370,29 @@ def fit_steps(recs: list) -> dict:
     scale = float(np.sum(w * y)) / predicted if predicted > 0 else 1.0
     coef = coef * scale
     f = {**f, **dict(zip(fit.STEP_TERMS, (float(c) for c in coef))), "mean_scale": scale}
-    levels = []
-    for x, v, _ in rows:
-        pred = np.c_[np.ones(len(v)), x] @ coef if len(v) else np.zeros(0)
-        levels.append(float(np.median(v / pred)) if len(v) else None)
+    levels = [step_level(f, r["steps"]) for r in recs]
     drift = levels[-1] / levels[0] - 1.0 if len(levels) > 1 and levels[0] and levels[-1] else None
     return {**f, "levels": levels, "level_drift": drift}
+
+
+def step_level(coef: dict, steps: dict) -> float | None:
+    """A replay's level under a step fit: the median ratio of its steps' times to the fit's; None
+    without steps."""
+    X, y, _ = step_rows(steps)
+    return float(np.median(y / _predicted(coef, X))) if len(y) else None
+
+
+def _predicted(coef: dict, X: np.ndarray) -> np.ndarray:
+    """The step times coefficients ``coef`` predict for rows ``X`` (step_rows')."""
+    return np.c_[np.ones(len(X)), X] @ np.array([coef[k] for k in fit.STEP_TERMS])
+
+
+def level_gap(stepfit: dict, steps: dict) -> float | None:
+    """How far the machine's speed during the measured replay (its ``steps``) was from its
+    calibration replays': its level under the fit over the mean of theirs (``levels``), less 1;
+    None without steps on both sides."""
+    mine, cal = step_level(stepfit, steps), [v for v in stepfit["levels"] if v]
+    return mine / float(np.mean(cal)) - 1.0 if mine and cal else None
 
 
 def predict_error(coef: dict, steps: dict) -> dict:
@@ -383,8 +400,7 @@ def predict_error(coef: dict, steps: dict) -> dict:
     X, y, _ = step_rows(steps)
     if not len(y):
         return {"median": None, "mean": None, "n": 0}
-    pred = np.c_[np.ones(len(y)), X] @ np.array([coef[k] for k in fit.STEP_TERMS])
-    rel = (pred - y) / y
+    rel = (_predicted(coef, X) - y) / y
     return {"median": float(np.median(rel)), "mean_abs": float(np.mean(np.abs(rel))), "n": int(len(y))}
 
 
@@ -422,6 +438,7 @@ def run(plan: dict, arrivals: list, device: str = "cpu", seed: int = 0, calibrat
                          "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
         stepfit = fit_steps(cals)
         noise["level_drift"] = stepfit["level_drift"]
+        noise["level_gap"] = level_gap(stepfit, measured["steps"])
         stepfit["measured_prediction"] = predict_error(stepfit, measured["steps"])
         probed["step"] = stepfit
         probed["calibration"] = cals

@@ -151,6 +151,7 @@ def run(plan: dict, arrivals: list, files: list, device: str = "cpu", seed: int 
                          "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
                 _reset(conns)
         noise["level_drift"] = level_drift(cals, poisson)
+        noise["level_gap"] = level_gap(measured, cals, poisson)
         curve = slowdown_curve(plan, cals)
         probed = _calibrated(plan, probed, cals, curve)
         if curve:
@@ -337,19 +338,38 @@ def occupancy(req: dict, loads: list, instances: int, busy: list | None = None) 
     return out
 
 
+def _median_in_service(rec: dict, n: int | None = None) -> float | None:
+    """The median time in service (end - start) of a replay's first ``n`` requests (all: None) that
+    finished; None if none did."""
+    r = rec["requests"]
+    y = [e - s for s, e in zip(r["start_s"][:n], r["end_s"][:n]) if e is not None]
+    return float(np.median(y)) if y else None
+
+
 def level_drift(recs: list, n: list) -> float | None:
     """How far the machine's speed moved between the calibration replay before the measured one and
     the one after: the median time in service (end - start) of the first ``n[i]`` requests of
     replay ``i`` (their Poisson part, alike in both) in the second over the first, less 1; None
     without finished requests in both."""
-    med = []
-    for rec, k in zip(recs, n):
-        r = rec["requests"]
-        y = [e - s for s, e in zip(r["start_s"][:k], r["end_s"][:k]) if e is not None]
-        if not y:
-            return None
-        med.append(float(np.median(y)))
-    return med[-1] / med[0] - 1.0 if len(med) > 1 else None
+    med = [_median_in_service(rec, k) for rec, k in zip(recs, n)]
+    if len(med) < 2 or None in med:
+        return None
+    return med[-1] / med[0] - 1.0
+
+
+def level_gap(measured: dict, recs: list, n: list) -> float | None:
+    """How far the machine's speed during the measured replay was from its calibration replays':
+    the measured requests' median time in service over the mean of the calibrations' (their Poisson
+    parts, the first ``n[i]`` requests of replay ``i``, whose rate ramps around the measured one), less
+    1; None without finished requests on both sides. Both calibrations can agree (``level_drift``
+    near 0) while the minute between them ran slower: on 2026-12-07 two quick runs' measured replays
+    took 21% and 26% longer per request than both calibrations around them, and the simulator, whose
+    times come from those, came out 20-35% fast on those runs alone."""
+    cal = [_median_in_service(rec, k) for rec, k in zip(recs, n)]
+    mine = _median_in_service(measured)
+    if mine is None or not cal or None in cal:
+        return None
+    return mine / float(np.mean(cal)) - 1.0
 
 
 def _intervals(rec: dict, inst: int) -> tuple:
