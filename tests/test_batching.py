@@ -138,6 +138,36 @@ def test_multi_class_processor_sharing_on_one_mme_gpu():
         assert lat.mean() == pytest.approx(m / (1 - rho), rel=0.05), f"m{k}"
 
 
+@pytest.mark.parametrize("b_curve", [{1: 1.0, 2: 1.5}, {1: 1.0, 2: 1.5, 3: 2.0}])   # one clock; one per curve
+def test_a_load_on_an_mme_instances_cpus_takes_a_share_of_them(tmp_path, b_curve):
+    # Two models on one MME instance, 1 s of work a request, slowdown(2) = 1.5, each load 1 s.
+    # a: loads 0-1, its request starts at 1. b arrives at 1.5 and loads 1.5-2.5. On the instance's
+    # CPUs the load runs on the cores the request uses: a's request has 0.5 s done at 1.5 and the
+    # rest at 1/1.5 beside the load, ending at 2.25; b's starts at 2.5 alone and ends at 3.5. On a
+    # GPU a load does not share the device: a's ends at 2.0.
+    trace = tmp_path / "arrivals.csv"
+    trace.write_text("arrival_s,model\n0.0,a\n1.5,b\n")
+    ends = {}
+    for kind, gpus in (("cpu", 0), ("gpu", 1)):
+        it = {"name": f"test.{kind}", "gpus": gpus, "gpu_memory_gb": 80 * gpus, "vcpus": 8, "memory_gb": 256,
+              "price_per_hour": 1.0, "storage": "nvme", "storage_gb": 1000, "disk_read_gbs": 1e6,
+              "network_gbps": 8e6}
+        d = {"name": "load-share", "seed": 1, "duration": 30.0, "warmup": 0, "instance_types": [it],
+             "models": [{"name": n, "size_gb": 1e-9, "memory_gb": 1.0, "init_time": 1.0, "accelerators": 0 if
+                         kind == "cpu" else 1,
+                         "service": {"dist": "deterministic", "mean": 1.0,
+                                     "batching": {"slowdown": {1: 1.0, 2: 1.5} if n == "a" else b_curve}},
+                         "traffic": {"process": "trace", "path": str(trace), "format": "csv"}} for n in "ab"],
+             "endpoints": [{"name": "e", "mode": "mme", "instance_type": it["name"], "instances": 1,
+                            "max_concurrency": 4, "models": ["a", "b"],
+                            "cache": {"host_reserve": 0, "s3_throughput": 1e6}}]}
+        r = run_dict(d).requests.sort_values("arrival_s")
+        assert r["start_s"].tolist() == pytest.approx([1.0, 2.5], abs=1e-6), kind
+        ends[kind] = r["end_s"].tolist()
+    assert ends["cpu"] == pytest.approx([2.25, 3.5], abs=1e-6)
+    assert ends["gpu"] == pytest.approx([2.0, 3.5], abs=1e-6)
+
+
 # -- no-op default ---------------------------------------------------------------------------------------------
 def test_batching_changes_the_run_only_where_set():
     base = sme(rate=30, mean=0.05, max_concurrency=4, duration=600, instance_type="test.gpu1", instance_types=[GPU1])

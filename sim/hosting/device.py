@@ -137,6 +137,15 @@ class Device:
         """The device is gone (its instance failed): the requests on it end unseen."""
         self.dead = True
 
+    def hold(self, now: float) -> None:
+        """A job that is no request takes a share of the device from ``now`` until :meth:`release`: a
+        model loading on an instance's CPUs, which does its work on the cores its requests use. An
+        execution model that shares the device (``batching``) slows the requests in service as if it
+        were one more of them; independent slots do not share, and ignore it."""
+
+    def release(self, now: float) -> None:
+        """The end of a :meth:`hold`."""
+
     # The speed under sustained load. ``warm`` is the part of the device's speed-up not yet gained, 1 at
     # rest: while it serves requests it decays as exp(-t / time_constant); while it serves none (idle, or
     # its instance loading a model) it comes back as 1 - (1 - warm) * exp(-t / rest_time_constant), at
@@ -240,7 +249,7 @@ class Batching(Device):
     """Processor sharing with a capacity function: ``k`` requests in service each progress at ``1 /
     slowdown(k)`` of their speed alone (``k`` over every model on the device)."""
 
-    __slots__ = ("_v", "_heaps", "_t", "_pending", "_firing", "_tables", "_fire_cbs")
+    __slots__ = ("_v", "_heaps", "_t", "_pending", "_firing", "_tables", "_fire_cbs", "_held")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done):
         super().__init__(devices, index, done)
@@ -250,15 +259,36 @@ class Batching(Device):
         self._t = self._env._now                # when the clocks were last moved
         self._pending: Call | None = None       # the one calendar entry: the next finish
         self._firing = False
-        # per curve, slowdown(k) for k = 0, 1, ... (extended as k grows)
+        # per curve, slowdown(k + held) for k = 0, 1, ... requests in service (extended as k grows)
         self._tables: list[list[float]] = [[1.0] for _ in range(n)]
         self._fire_cbs = [self._fire]
+        self._held = 0                          # jobs that are no request holding a share (hold)
 
     def _factor(self, c: int, k: int) -> float:
         tab = self._tables[c]
         while len(tab) <= k:
-            tab.append(self._set.curves[c](len(tab)))
+            tab.append(self._set.curves[c](len(tab) + self._held))
         return tab[k]
+
+    def hold(self, now: float) -> None:
+        self._reshare(now, 1)
+
+    def release(self, now: float) -> None:
+        self._reshare(now, -1)
+
+    def _reshare(self, now: float, change: int) -> None:
+        """The requests in service progress at the share they had until ``now``, and from then on at
+        slowdown(k + held) with ``held`` changed by ``change``."""
+        if self.dead:
+            return
+        self._advance(now)
+        self._held += change
+        self._retable()
+        if not self._firing:
+            self._schedule()
+
+    def _retable(self) -> None:
+        self._tables = [[1.0] for _ in self._tables]
 
     def _advance(self, now: float) -> None:
         dt = now - self._t
@@ -380,7 +410,7 @@ class SharedBatching(Batching):
         self.busy = k
         tab = self._tab
         if k == len(tab):
-            tab.append(self._curve(k))
+            tab.append(self._curve(k + self._held))
         if self._firing:
             return
         pending = self._pending
@@ -396,6 +426,28 @@ class SharedBatching(Batching):
         self._pending = call
         env = self._env
         heappush(env._queue, (now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))
+
+    # Batching's clock and calendar on the one curve: for hold and release, off the requests' path.
+    def _advance(self, now: float) -> None:
+        k = self.busy
+        if k and now > self._t:
+            self._v += (now - self._t) / self._tab[k]
+        self._t = now
+
+    def _schedule(self) -> None:
+        if self._pending is not None:
+            self._pending.callbacks = ()
+            self._pending = None
+        k = self.busy
+        if not k:
+            return
+        dt = (self._heap[0][0] - self._v) * self._tab[k]
+        env = self._env
+        call = self._pending = Call(self._fire_cbs)
+        heappush(env._queue, (env._now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))
+
+    def _retable(self) -> None:
+        self._tab = [1.0] + [self._curve(k + self._held) for k in range(1, len(self._tab))]
 
     def _fire(self, call: Call) -> None:
         self._pending = None
@@ -445,7 +497,7 @@ class SharedBatching(Batching):
             self._spare = call
             return
         v = self._v
-        dt = (heap[0][0] - v) * tab[k]
+        dt = (heap[0][0] - v) * self._tab[k]   # the table anew: a hold in a callback replaces it
         call.callbacks = self._fire_cbs
         self._pending = call
         heappush(env._queue, (now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))

@@ -390,6 +390,8 @@ class MMEEndpoint(EndpointRuntime):
             peak[k] = max(peak[k], v)
         rec = slot.record
         rec.start = self.engine.env._now
+        if not self.on_gpu:     # a load on the instance's CPUs runs on the cores its requests use
+            inst.devices[0].hold(rec.start)
         self.log.loads.append(rec)
         inst.loader.load(mod.size_gb, on_disk, mod.init_time, rec, lambda: self._loaded(inst, slot), self.on_gpu)
 
@@ -397,6 +399,8 @@ class MMEEndpoint(EndpointRuntime):
         if inst.failed:
             return
         now = self.engine.env._now
+        if not self.on_gpu:
+            inst.devices[0].release(now)
         inst.loading -= 1
         slot.loaded = True
         self._totals[0] += 1
