@@ -51,9 +51,10 @@ FULL_TOLERANCE = {"p50": 0.05, "p99": 0.10, "cold_starts": 0.05, "hit_rate_pp": 
 Log = Callable[[str], None]
 # A testbed run measures its machine's noise (measured.json's ``noise``): the cores other processes
 # used during the measured replay, how far the speed moved between the calibration replay before it
-# and the one after, and how far the measured replay's speed was from theirs. Above any bound the run measured the neighbours as much as the serving
-# system (a load average of 4 on this 2-core machine took the quick suite's P99 errors past 50%): a
-# case outside its tolerance on such runs is judged "too noisy", not "outside".
+# and the one after, and how far the measured replay's speed was from theirs. Above any bound the
+# run measured the neighbours, or the machine's wandering speed, as much as the serving system (a
+# load average of 4 on this 2-core machine took the quick suite's P99 errors past 50%): a case
+# outside its tolerance on such runs is judged "too noisy", not "outside".
 NOISY_NEIGHBOUR_SHARE = 0.25    # of the machine's cores
 NOISY_DRIFT = 0.10              # relative change of the request time's median between the calibrations,
                                 # or between them and the measured replay (``level_gap``)
@@ -62,8 +63,8 @@ NOISY_DRIFT = 0.10              # relative change of the request time's median b
 # (docs/fidelity-history.md). A case whose only misses are these, each within its bound, is judged a
 # "known gap", not "outside"; any other miss, or a known gap past its bound (a regression, not the
 # known limit), is still "outside".
-_SHARED_TAIL = ("CPU workers sharing cores: the measured tail is wider than processor sharing at the curve's "
-                "mean slowdown gives (README, Limits that still hold)")
+_SHARED_TAIL = ("CPU workers sharing cores: the measured tail is wider than processor sharing on one "
+                "slowdown curve gives (README, Limits that still hold)")
 _SHARED_MEDIAN = "the shared-device cases' median comes out slow (README, Limits that still hold)"
 _LLM_FAST = "the language model's simulated steps run fast of the measured ones (README, Limits that still hold)"
 KNOWN_GAPS: dict[str, dict[str, tuple[float, str]]] = {
@@ -635,8 +636,8 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
               profile: Path | None = None, prepare: bool = False, log: Log = lambda m: None) -> dict[str, Any]:
     """Run each case on the testbed and in the simulator; write ``out/fidelity.json`` after each case
     (an interrupted suite keeps the cases it finished) and return it. A case outside the tolerances
-    (its known gaps within their bounds aside) is run again, ``attempts`` times at most; each case is run at least ``runs`` times (two or more
-    give the real system's own spread). With ``profile``, the simulator takes its service and load
+    (its known gaps within their bounds aside) is run again, ``attempts`` times at most; each case is
+    run at least ``runs`` times (two or more give the real system's own spread). With ``profile``, the simulator takes its service and load
     times from that calibration profile instead of the testbed's calibration replays. With
     ``prepare``, only write each case's plan.json and arrivals.csv (for a testbed run elsewhere,
     compared later by :func:`from_measured`) and return {"cases": {name: its folder}}."""
