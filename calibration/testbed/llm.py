@@ -360,17 +360,15 @@ def fit_steps(recs: list) -> dict:
     y = np.concatenate([v for _, v, _ in rows])
     w = np.concatenate([s for _, _, s in rows])
     f = fit.fit_step(X, y, robust=True, weights=w)
-    coef = np.array([f[k] for k in fit.STEP_TERMS])
     # The level: a fit of relative residuals predicts a typical step, below the mean of step times
     # skewed to the right (a loop's slow iterations), and the simulator's steps take their predicted
     # time exactly. Scaled so that the steps' predicted time, weighted alike, is their measured time:
     # the simulated loop does the same work in the same time (on 2026-12-07 the fit's steps came out
     # 2-7% short of the mean, and the simulated P50 and P99 8% short on the mean of 9 runs).
-    predicted = float(np.sum(w * (np.c_[np.ones(len(y)), X] @ coef)))
+    predicted = float(np.sum(w * _predicted(f, X)))
     scale = float(np.sum(w * y)) / predicted if predicted > 0 else 1.0
-    coef = coef * scale
-    f = {**f, **dict(zip(fit.STEP_TERMS, (float(c) for c in coef))), "mean_scale": scale}
-    levels = [step_level(f, r["steps"]) for r in recs]
+    f = {**f, **{k: float(f[k] * scale) for k in fit.STEP_TERMS}, "mean_scale": scale}
+    levels = [_level(f, x, v) for x, v, _ in rows]
     drift = levels[-1] / levels[0] - 1.0 if len(levels) > 1 and levels[0] and levels[-1] else None
     return {**f, "levels": levels, "level_drift": drift}
 
@@ -379,6 +377,10 @@ def step_level(coef: dict, steps: dict) -> float | None:
     """A replay's level under a step fit: the median ratio of its steps' times to the fit's; None
     without steps."""
     X, y, _ = step_rows(steps)
+    return _level(coef, X, y)
+
+
+def _level(coef: dict, X: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.median(y / _predicted(coef, X))) if len(y) else None
 
 
