@@ -369,8 +369,11 @@ def scenario_of(measured: dict[str, Any], arrivals_csv: Path, profile: Path | No
         service["samples"] = (svc / med[rep] * med.mean()).tolist()
         if curve is not None:
             service["batching"] = {"slowdown": curve}
+        # A load's time: alone, where the simulator slows it by the requests beside it (a curve; a run
+        # from before load_alone_s has the loads as measured)
+        loads = p.get("load_alone_s") if curve is not None else None
         models.append({"name": m["name"], "size_gb": m["memory_gb"], "memory_gb": m["memory_gb"],
-                       "host_memory_gb": 0, "accelerators": 0, "init_time": float(np.median(p["load_s"])),
+                       "host_memory_gb": 0, "accelerators": 0, "init_time": float(np.median(loads or p["load_s"])),
                        "service": service,
                        "traffic": {"process": "trace", "path": str(arrivals_csv), "format": "csv"}})
     # One group per model: the trace's model column sends each request to its model.

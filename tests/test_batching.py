@@ -138,13 +138,17 @@ def test_multi_class_processor_sharing_on_one_mme_gpu():
         assert lat.mean() == pytest.approx(m / (1 - rho), rel=0.05), f"m{k}"
 
 
-@pytest.mark.parametrize("b_curve", [{1: 1.0, 2: 1.5}, {1: 1.0, 2: 1.5, 3: 2.0}])   # one clock; one per curve
-def test_a_load_on_an_mme_instances_cpus_takes_a_share_of_them(tmp_path, b_curve):
-    # Two models on one MME instance, 1 s of work a request, slowdown(2) = 1.5, each load 1 s.
-    # a: loads 0-1, its request starts at 1. b arrives at 1.5 and loads 1.5-2.5. On the instance's
-    # CPUs the load runs on the cores the request uses: a's request has 0.5 s done at 1.5 and the
-    # rest at 1/1.5 beside the load, ending at 2.25; b's starts at 2.5 alone and ends at 3.5. On a
-    # GPU a load does not share the device: a's ends at 2.0.
+# (one clock; one per curve; the load on b's own curve, slower beside a request than a's)
+@pytest.mark.parametrize("b_curve,b_load_end", [({1: 1.0, 2: 1.5}, 2.75), ({1: 1.0, 2: 1.5, 3: 2.0}, 2.75),
+                                                ({1: 1.0, 2: 2.0}, 2.875)])
+def test_a_load_on_an_mme_instances_cpus_shares_them(tmp_path, b_curve, b_load_end):
+    # Two models on one MME instance, 1 s of work a request, a's slowdown(2) = 1.5, each load's init 1 s
+    # alone. a: loads 0-1 alone, its request starts at 1. b arrives at 1.5 and starts loading. On the
+    # instance's CPUs the load's init is one more job on the cores the request uses: a's request has
+    # 0.5 s done at 1.5 and the rest at 1/1.5 (a's curve at k = 2), ending at 2.25; the load does
+    # 0.75 / b's slowdown(2) by then and the rest alone: 2.75 with b's slowdown(2) = 1.5, 2.875 with
+    # 2.0. b's request starts there alone, 1 s. On a GPU a load does not share the device: a's request
+    # ends at 2.0, b's load at 2.5.
     trace = tmp_path / "arrivals.csv"
     trace.write_text("arrival_s,model\n0.0,a\n1.5,b\n")
     ends = {}
@@ -162,10 +166,11 @@ def test_a_load_on_an_mme_instances_cpus_takes_a_share_of_them(tmp_path, b_curve
                             "max_concurrency": 4, "models": ["a", "b"],
                             "cache": {"host_reserve": 0, "s3_throughput": 1e6}}]}
         r = run_dict(d).requests.sort_values("arrival_s")
-        assert r["start_s"].tolist() == pytest.approx([1.0, 2.5], abs=1e-6), kind
-        ends[kind] = r["end_s"].tolist()
-    assert ends["cpu"] == pytest.approx([2.25, 3.5], abs=1e-6)
-    assert ends["gpu"] == pytest.approx([2.0, 3.5], abs=1e-6)
+        ends[kind] = (r["start_s"].tolist(), r["end_s"].tolist())
+    assert ends["cpu"][0] == pytest.approx([1.0, b_load_end], abs=1e-6)
+    assert ends["cpu"][1] == pytest.approx([2.25, b_load_end + 1.0], abs=1e-6)
+    assert ends["gpu"][0] == pytest.approx([1.0, 2.5], abs=1e-6)
+    assert ends["gpu"][1] == pytest.approx([2.0, 3.5], abs=1e-6)
 
 
 # -- no-op default ---------------------------------------------------------------------------------------------
@@ -182,28 +187,40 @@ def test_batching_changes_the_run_only_where_set():
 
 
 # -- invariants (Hypothesis) ---------------------------------------------------------------------------------------
-def _check_device_work(cols: dict, f, horizon: float, cap: int) -> None:
+def _check_device_work(cols: dict, f, horizon: float, cap: int, jobs: dict | None = None) -> None:
     """Walk each device's requests in time order: the work each completed request receives, its time in
-    service integrated at 1 / slowdown(k), is its service time; k never exceeds the device's cap."""
+    service integrated at 1 / slowdown(k), is its service time; k never exceeds the device's cap (its
+    requests). ``jobs``: per device, (start, end, work) of the jobs that are no request there (a load's
+    init on an MME instance's CPUs): they count in k and each receives its work too."""
     start, end, dev, svc = cols["start"], cols["served_end"], cols["device"], cols["service"]
     done = np.isin(cols["status"], (OK, TIMEOUT)) & np.isfinite(start) & np.isfinite(end)
     for d in np.unique(dev[dev >= 0]):
         mine = np.flatnonzero((dev == d) & np.isfinite(start))
-        t = np.concatenate([start[mine], np.where(np.isfinite(end[mine]), end[mine], horizon)])
-        step = np.concatenate([np.ones(len(mine)), -np.ones(len(mine))])
+        js = np.asarray((jobs or {}).get(int(d), []), dtype=float).reshape(-1, 3)
+        t = np.concatenate([start[mine], js[:, 0], np.where(np.isfinite(end[mine]), end[mine], horizon), js[:, 1]])
+        n = len(mine) + len(js)
+        step = np.concatenate([np.ones(n), -np.ones(n)])
+        req = np.concatenate([np.ones(len(mine)), np.zeros(len(js))] * 2)
         order = np.lexsort((step, t))      # ends first on a tie
         ts, k = t[order], np.cumsum(step[order])
-        assert k.max() <= cap
-        # k is constant on [ts[s], ts[s + 1]); a request there does (length) / slowdown(k) of work
-        rate = np.array([1.0 / f(int(round(x))) if x > 0 else 0.0 for x in k[:-1]])
-        cum = np.concatenate([[0.0], np.cumsum(np.diff(ts) * rate)])
-
-        def work_at(x):
-            j = np.clip(np.searchsorted(ts, x, side="right") - 1, 0, len(ts) - 2)
-            return cum[j] + (x - ts[j]) * rate[j]
-
+        assert np.cumsum((step * req)[order]).max() <= cap
+        for a, b, w in js[np.isfinite(js[:, 2])]:   # (one still in service at the horizon: nan)
+            assert work_of(ts, k, f, a, b) == pytest.approx(w, rel=1e-6, abs=1e-9)
         for j in mine[done[mine]]:
-            assert work_at(end[j]) - work_at(start[j]) == pytest.approx(svc[j], rel=1e-6, abs=1e-9)
+            assert work_of(ts, k, f, start[j], end[j]) == pytest.approx(svc[j], rel=1e-6, abs=1e-9)
+
+
+def work_of(ts: np.ndarray, k: np.ndarray, f, a: float, b: float) -> float:
+    """The work a job in service from ``a`` to ``b`` receives: k (of all jobs) is constant on [ts[s],
+    ts[s + 1]), where each job does (length) / slowdown(k) of work."""
+    rate = np.array([1.0 / f(int(round(x))) if x > 0 else 0.0 for x in k[:-1]])
+    cum = np.concatenate([[0.0], np.cumsum(np.diff(ts) * rate)])
+
+    def at(x):
+        j = np.clip(np.searchsorted(ts, x, side="right") - 1, 0, len(ts) - 2)
+        return cum[j] + (x - ts[j]) * rate[j]
+
+    return at(b) - at(a)
 
 
 params = st.fixed_dictionaries({
@@ -252,6 +269,45 @@ def test_each_request_receives_its_work_and_devices_hold_their_cap(p):
     ended = c["status"] != IN_FLIGHT
     assert np.all(c["end"][ended] >= c["arrival"][ended] - 1e-9)
     assert np.all(np.isnan(c["end"][~ended]))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(st.fixed_dictionaries({
+    "load": st.floats(0.2, 1.2),
+    "max_concurrency": st.integers(1, 4),
+    "points": st.lists(st.tuples(st.integers(2, 8), st.floats(1.0, 6.0)), min_size=1, max_size=3),
+    "models": st.integers(2, 6),
+    "init": st.floats(0.01, 0.5),
+    "seed": st.integers(0, 2**31),
+}))
+def test_loads_on_an_mme_instances_cpus_receive_their_work_beside_its_requests(p):
+    # An MME instance on CPUs whose memory holds two models: loads come and go while requests are in
+    # service, each load's init counting in k on the instance's device (the transfers before it take
+    # ~1e-18 s: the artifact is 1e-9 GB on links of 1e6+ GB/s).
+    curve = {1: 1.0, **{k: f for k, f in p["points"]}}
+    n = p["models"]
+    cpu = {"name": "test.cpu", "gpus": 0, "vcpus": 8, "memory_gb": 2.0, "price_per_hour": 1.0, "storage": "nvme",
+           "storage_gb": 1000, "disk_read_gbs": 1e6, "network_gbps": 8e6}
+    models = [{"name": f"m{k}", "size_gb": 1e-9, "memory_gb": 1.0, "init_time": p["init"], "accelerators": 0,
+               "service": {"dist": "exponential", "mean": 0.1, "batching": {"slowdown": curve}},
+               "traffic": {"process": "poisson", "rate": p["load"] * 10.0 / n}} for k in range(n)]
+    d = {"name": "prop-loads", "seed": p["seed"], "duration": 60.0, "warmup": 0, "instance_types": [cpu],
+         "models": models,
+         "endpoints": [{"name": "e", "mode": "mme", "instance_type": "test.cpu", "instances": 1,
+                        "max_concurrency": p["max_concurrency"], "timeout": 5.0, "models": ["m*"],
+                        "cache": {"host_reserve": 0, "s3_throughput": 1e6}}]}
+    sc = parse_scenario(d, source="test")
+    run = simulate(sc)
+    c = run.columns
+    loads = run.logs[0].loads
+    assert len(loads) > 1
+    dev = {int(i): int(v) for i, v in zip(c["instance"], c["device"]) if v >= 0}
+    jobs: dict[int, list] = {}
+    for rec in loads:   # (a load still in service at the horizon counts in k; its work is not checked)
+        done = rec.end >= 0
+        jobs.setdefault(dev[rec.instance], []).append(
+            (rec.start, rec.end if done else sc.horizon, p["init"] if done else np.nan))
+    _check_device_work(c, slowdown_table(curve), sc.horizon, p["max_concurrency"] * n, jobs)
 
 
 # -- errors and warnings ----------------------------------------------------------------------------------------

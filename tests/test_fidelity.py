@@ -420,6 +420,16 @@ def test_the_slowdown_curve_is_the_median_time_with_k_in_service_over_the_time_a
     p = replay._calibrated(plan, probed, recs, c)["m"]
     assert p["service_s"] == pytest.approx([0.010] * 48 + [0.012] * 48)
     assert "sustained" not in p
+    assert p["load_alone_s"] == [0.05]   # no load in the replays: the probe's
+    # a load beside the first group of 2 (both in service 0.014 s at slowdown(3) = 2.1 with it): its
+    # time alone is its alone part and its shared part over 2.1, as the requests' are
+    two = 0.010 + 0.05   # when the first group of 2 starts (after the first alone and a gap of 0.05)
+    loaded = [dict(recs[0], loads=[{"instance": 0, "model": 0, "start_s": two - 0.02, "end_s": two + 0.014}]),
+              recs[1]]
+    p = replay._calibrated(plan, probed, loaded, c)["m"]
+    assert p["load_alone_s"] == pytest.approx([0.02 + 0.014 / 2.1, 0.05])
+    assert p["load_s"] == pytest.approx([0.034, 0.05])
+    assert "load_alone_s" not in replay._calibrated(plan, probed, recs, None)["m"]   # no curve
 
 
 def test_alone_times_integrate_the_speed_under_the_curve():
@@ -490,6 +500,12 @@ def test_a_case_with_concurrency_gets_its_measured_curve_and_the_others_none():
         # four requests a millisecond apart on one device: they share it, the last ends after 2.5x alone
         assert res.requests["latency_ms"].max() > 20.0
         assert fid.scenario_of(_measured(case, probe), Path("a.csv"))["models"][0]["service"].get("batching") is None
+        # a load's time: alone where the simulator shares the device with it (a run from before
+        # load_alone_s: as measured), as measured without a curve
+        alone = probe | {"load_s": [0.05, 0.09, 0.2], "load_alone_s": [0.04, 0.05, 0.06]}
+        assert fid.scenario_of(_measured(case, alone, curve), Path("a.csv"))["models"][0]["init_time"] == 0.05
+        assert fid.scenario_of(_measured(case, alone), Path("a.csv"))["models"][0]["init_time"] == 0.09
+        assert sc["models"][0]["init_time"] == 0.05
     for name in ("sme_warm", "mme_thrash", "azure_code_burst"):     # one request at a time: as before
         case = fid.CASES[name]
         assert fid.concurrency_of(fid.plan_of(case)) == 1

@@ -14,7 +14,8 @@ takes its times from there, never from the replay. Neither imports the simulator
 {name: {"load_s": [...], "service_s": [...], ...}}}, "requests": {column:
 [...]}, "loads": [...], "unloads": [...], "unfinished", "send_lag_ms", "time_scale", "noise"}``;
 ``probe.concurrency``: where an instance serves several requests at once, the slowdown with
-concurrency its calibration replays measured (``replay.slowdown_curve``), else null; ``noise``:
+concurrency its calibration replays measured (``replay.slowdown_curve``), else null (with one, each
+model's ``load_alone_s``: its loads' times alone under it, as its ``service_s`` are); ``noise``:
 the cores other processes used during the measured replay (``neighbour_cores``, of ``cpus``), the
 load average after it, the drift of the request time between the calibration replays
 (``level_drift``) and how far the measured replay's was from theirs (``level_gap``; a language

@@ -487,7 +487,9 @@ def _calibrated(plan: dict, probed: dict, recs: list, curve: dict | None = None)
     probe's loads are added (its own samples kept under ``probe_*``). A service time is the
     worker's occupancy (``occupancy``) where an instance has one worker, else end - start, and with
     a slowdown ``curve`` (``slowdown_curve``) the time alone that end - start amounts to under it
-    (``alone_times``): the simulator slows its draws down by the requests in service itself.
+    (``alone_times``): the simulator slows its draws down by the requests in service itself. With a
+    curve, ``load_alone_s`` holds the loads' times alone the same way (a load's init on an
+    instance's CPUs shares them with its requests in the simulator too).
 
     ``service_replay``: which replay each sample came from. With one worker, ``fit.fit_warmth``
     fits how the speed changes along a worker's busy periods and comes back over its rests
@@ -498,6 +500,7 @@ def _calibrated(plan: dict, probed: dict, recs: list, curve: dict | None = None)
     one_worker = plan["instance_concurrency"] == 1
     slowdown = slowdown_fn(curve["slowdown"]) if curve else None
     seqs = []   # per replay, its finished requests' columns
+    alone_loads = []   # with a curve: (model, time alone) of each replay's loads
     for rec in recs:
         r = rec["requests"]
         busy = [None] * len(r["end_s"])
@@ -506,12 +509,16 @@ def _calibrated(plan: dict, probed: dict, recs: list, curve: dict | None = None)
         else:
             occ = [None if e is None else e - s for s, e in zip(r["start_s"], r["end_s"])]
             if slowdown is not None:
-                # each request's time alone, under the measured slowdown with concurrency
+                # each request's and load's time alone, under the measured slowdown with concurrency
+                # (a load's jobs come last in _intervals, in the replay's order)
                 for inst in range(plan["instances"]):
                     s, e, rid = _intervals(rec, inst)
-                    for j, a in zip(rid, alone_times(s, e, slowdown)):
+                    alone = alone_times(s, e, slowdown)
+                    for j, a in zip(rid, alone):
                         if j >= 0:
                             occ[j] = float(a)
+                    mine = [x["model"] for x in rec["loads"] if x["instance"] == inst]
+                    alone_loads += zip(mine, alone[rid < 0].tolist())
         done = [j for j, o in enumerate(occ) if o is not None]
         seq = {k: np.array([r[c][j] for j in done], dtype=float) for k, c in
                (("end", "end_s"), ("instance", "instance"), ("model", "model"))}
@@ -541,6 +548,8 @@ def _calibrated(plan: dict, probed: dict, recs: list, curve: dict | None = None)
                     sus["rest_time_constant_s"])[my]]
         p["load_s"] = [x["end_s"] - x["start_s"] for rec in recs for x in rec["loads"] if x["model"] == k]
         p["load_s"] += p["probe_load_s"]
+        if slowdown is not None and not one_worker:   # (the probe loads alone)
+            p["load_alone_s"] = [a for mk, a in alone_loads if mk == k] + p["probe_load_s"]
         p["service"], p["load"] = harness.robust_summary(p["service_s"]), harness.robust_summary(p["load_s"])
         out[m["name"]] = p
     return out

@@ -137,14 +137,13 @@ class Device:
         """The device is gone (its instance failed): the requests on it end unseen."""
         self.dead = True
 
-    def hold(self, now: float) -> None:
-        """A job that is no request takes a share of the device from ``now`` until :meth:`release`: a
-        model loading on an instance's CPUs, which does its work on the cores its requests use. An
-        execution model that shares the device (``batching``) slows the requests in service as if it
-        were one more of them; independent slots do not share, and ignore it."""
-
-    def release(self, now: float) -> None:
-        """The end of a :meth:`hold`."""
+    def job(self, work: float, on_done: Callable[[], None], model: int | None = None) -> None:
+        """Work that is no request, ``work`` seconds long alone, then ``on_done()``: a model's init on an
+        instance's CPUs, done on the cores its requests use (``model``: the model it is for). Independent
+        slots do not share the device: it is a plain delay. An execution model that shares the device
+        (``batching``) runs it as one more job in service: it slows the requests as one more request
+        would, and it progresses at the share they get."""
+        self._set.engine.at(work, lambda call: on_done())
 
     # The speed under sustained load. ``warm`` is the part of the device's speed-up not yet gained, 1 at
     # rest: while it serves requests it decays as exp(-t / time_constant); while it serves none (idle, or
@@ -249,7 +248,8 @@ class Batching(Device):
     """Processor sharing with a capacity function: ``k`` requests in service each progress at ``1 /
     slowdown(k)`` of their speed alone (``k`` over every model on the device)."""
 
-    __slots__ = ("_v", "_heaps", "_t", "_pending", "_firing", "_tables", "_fire_cbs", "_held")
+    __slots__ = ("_v", "_heaps", "_t", "_pending", "_firing", "_tables", "_fire_cbs", "_held", "_jobs", "_jt",
+                 "_jcall", "_job_cbs")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done):
         super().__init__(devices, index, done)
@@ -262,7 +262,13 @@ class Batching(Device):
         # per curve, slowdown(k + held) for k = 0, 1, ... requests in service (extended as k grows)
         self._tables: list[list[float]] = [[1.0] for _ in range(n)]
         self._fire_cbs = [self._fire]
-        self._held = 0                          # jobs that are no request holding a share (hold)
+        # Jobs that are no request (job): each [work left alone, its curve, on_done, its slowdown since
+        # _jt], few (loads); ``_held`` of them, each counting in k. They keep their own calendar entry.
+        self._held = 0
+        self._jobs: list[list] = []
+        self._jt = 0.0
+        self._jcall: Call | None = None
+        self._job_cbs = [self._job_end]
 
     def _factor(self, c: int, k: int) -> float:
         tab = self._tables[c]
@@ -270,17 +276,62 @@ class Batching(Device):
             tab.append(self._set.curves[c](len(tab) + self._held))
         return tab[k]
 
-    def hold(self, now: float) -> None:
+    def job(self, work: float, on_done: Callable[[], None], model: int | None = None) -> None:
+        if self.dead:
+            super().job(work, on_done)
+            return
+        now = self._env._now
+        self._jobs_sync(now)   # (the jobs already in service, up to now)
+        c = 0 if model is None else self._set.curve_of.get(model, 0)
+        self._jobs.append([work, c, on_done, 1.0])
         self._reshare(now, 1)
+        self._jobs_sync(now)
 
-    def release(self, now: float) -> None:
-        self._reshare(now, -1)
+    def _jobs_sync(self, now: float) -> None:
+        """After a change of what is in service on the device (called at once, before the clock moves on):
+        the jobs progress at the slowdown they had until ``now``, and from then on at their curve's
+        slowdown(requests + jobs); their next end is scheduled anew."""
+        dt = now - self._jt
+        self._jt = now
+        k = self.busy + self._held
+        curves = self._set.curves
+        best = math.inf
+        for j in self._jobs:
+            if dt > 0.0:
+                j[0] -= dt / j[3]
+            f = j[3] = curves[j[1]](k)
+            t = j[0] * f
+            if t < best:
+                best = t
+        if self._jcall is not None:
+            self._jcall.callbacks = []   # void it
+            self._jcall = None
+        if self._jobs:
+            env = self._env
+            call = self._jcall = Call(self._job_cbs)
+            heappush(env._queue, (now + max(best, 0.0), NORMAL, next(env._eid), call))
+
+    def _job_end(self, call: Call) -> None:
+        self._jcall = None
+        now = self._env._now
+        dt = now - self._jt
+        self._jt = now
+        jobs = self._jobs
+        for j in jobs:
+            j[0] -= dt / j[3]
+        # the end this entry was scheduled for is due, whatever float residue is left; so is any other
+        # due within a nanosecond
+        first = min(jobs, key=lambda j: j[0] * j[3])
+        due = [j for j in jobs if j is first or j[0] * j[3] <= 1e-9]
+        self._jobs = [j for j in jobs if not any(j is d for d in due)]
+        self._reshare(now, -len(due))
+        self._jobs_sync(now)
+        for j in due:
+            j[2]()
 
     def _reshare(self, now: float, change: int) -> None:
         """The requests in service progress at the share they had until ``now``, and from then on at
         slowdown(k + held) with ``held`` changed by ``change``."""
-        if self.dead:
-            return
         self._advance(now)
         self._held += change
         self._retable()
@@ -328,6 +379,8 @@ class Batching(Device):
             self._v[c] = 0.0                    # an idle clock restarts at 0: tags stay small
         heappush(self._heaps[c], (self._v[c] + work, i))
         self.busy += 1
+        if self._held:
+            self._jobs_sync(now)
         if not self._firing:
             self._schedule()
 
@@ -362,6 +415,8 @@ class Batching(Device):
         finally:
             self._firing = False
         if not self.dead:
+            if self._held:
+                self._jobs_sync(now)
             self._schedule()
 
     def stop(self) -> None:
@@ -369,6 +424,13 @@ class Batching(Device):
         if self._pending is not None:
             self._pending.callbacks = []
             self._pending = None
+        if self._jobs:   # the jobs end as they would alone from here (a load on a failed instance)
+            self._jobs_sync(self._env._now)
+            self._jcall.callbacks = []
+            self._jcall = None
+            for j in self._jobs:
+                Device.job(self, max(j[0], 0.0), j[2])
+            self._jobs = []
 
 
 class SharedBatching(Batching):
@@ -411,6 +473,8 @@ class SharedBatching(Batching):
         tab = self._tab
         if k == len(tab):
             tab.append(self._curve(k + self._held))
+        if self._held:
+            self._jobs_sync(now)
         if self._firing:
             return
         pending = self._pending
@@ -427,7 +491,7 @@ class SharedBatching(Batching):
         env = self._env
         heappush(env._queue, (now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))
 
-    # Batching's clock and calendar on the one curve: for hold and release, off the requests' path.
+    # Batching's clock and calendar on the one curve: for jobs, off the requests' path.
     def _advance(self, now: float) -> None:
         k = self.busy
         if k and now > self._t:
@@ -492,12 +556,14 @@ class SharedBatching(Batching):
                 self._firing = False
         if self.dead:
             return
+        if self._held:
+            self._jobs_sync(now)
         k = self.busy
         if not k:
             self._spare = call
             return
         v = self._v
-        dt = (heap[0][0] - v) * self._tab[k]   # the table anew: a hold in a callback replaces it
+        dt = (heap[0][0] - v) * self._tab[k]   # the table anew: a job in a callback replaces it
         call.callbacks = self._fire_cbs
         self._pending = call
         heappush(env._queue, (now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))

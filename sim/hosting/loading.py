@@ -3,12 +3,13 @@
 A cold start is download (when the artifact is not on the instance's disk),
 disk -> host read, host -> GPU copy and a runtime init. The first three run
 on per-instance links whose bandwidth concurrent loads share equally
-(processor sharing, as a fluid); init is a plain delay.
+(processor sharing, as a fluid); init is a plain delay, or, for a load onto
+an instance's CPUs, a job on the device its requests share.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from ..core.engine import Call, Engine
 
@@ -100,7 +101,10 @@ class Loader:
         self.pcie = SharedLink(engine, speeds.h2d_gbs)
 
     def load(self, size_gb: float, on_disk: bool, init_s: float, rec: LoadRecord,
-             on_done: Callable[[], None], to_gpu: bool = True) -> None:
+             on_done: Callable[[], None], to_gpu: bool = True, init_on: Any = None, model: int | None = None) -> None:
+        """Load a model of ``size_gb``, then call ``on_done()``. ``init_on``: the device whose cores run
+        the init (a load onto an instance's CPUs: :meth:`~sim.hosting.device.Device.job`, a share of them
+        beside the requests there; ``model``: the model loaded), else the init is a plain delay."""
         env = self.engine.env
         init_s += self.speeds.init_s
 
@@ -109,10 +113,12 @@ class Loader:
             on_done()
 
         def after_h2d():
-            if init_s > 0:
-                self.engine.at(init_s, after_init)
-            else:
+            if init_s <= 0:
                 after_init()
+            elif init_on is not None:
+                init_on.job(init_s, after_init, model)
+            else:
+                self.engine.at(init_s, after_init)
 
         def after_read():
             if to_gpu:

@@ -390,17 +390,15 @@ class MMEEndpoint(EndpointRuntime):
             peak[k] = max(peak[k], v)
         rec = slot.record
         rec.start = self.engine.env._now
-        if not self.on_gpu:     # a load on the instance's CPUs runs on the cores its requests use
-            inst.devices[0].hold(rec.start)
         self.log.loads.append(rec)
-        inst.loader.load(mod.size_gb, on_disk, mod.init_time, rec, lambda: self._loaded(inst, slot), self.on_gpu)
+        # a load onto the instance's CPUs inits on the cores its requests use: a job of their device
+        inst.loader.load(mod.size_gb, on_disk, mod.init_time, rec, lambda: self._loaded(inst, slot), self.on_gpu,
+                         init_on=None if self.on_gpu else inst.devices[0], model=m)
 
     def _loaded(self, inst: MMEInstance, slot: Slot) -> None:
         if inst.failed:
             return
         now = self.engine.env._now
-        if not self.on_gpu:
-            inst.devices[0].release(now)
         inst.loading -= 1
         slot.loaded = True
         self._totals[0] += 1
