@@ -67,13 +67,20 @@ class Requests:
         self.device: list[int] = [-1] * n      # the device that served it (sim.hosting.device)
         # requests whose service ended after their client gave up (a timeout): when it ended
         self.served_late: dict[int, float] = {}
-        # when a language model's request got its first token (continuous batching only)
-        self.first_token: dict[int, float] = {}
+        # when a language model's request got its first token (nan: none yet), a column made by the first
+        # continuous-batching device (track_first_token); None in a run without one
+        self.first_token: list[float] | None = None
         self.status: list[int] = [IN_FLIGHT] * n
         self.load: list[float] = [0.0] * n
         self.cold: list[bool] = [False] * n
         # the service draws, kept apart where a sustained-load service rescales ``service`` (keep_draws)
         self.drawn: list[float] | None = None
+
+    def track_first_token(self) -> list[float]:
+        """The ``first_token`` column (made at the first call)."""
+        if self.first_token is None:
+            self.first_token = [np.nan] * len(self.arrival)
+        return self.first_token
 
     def keep_draws(self) -> None:
         if self.drawn is None:
@@ -100,6 +107,8 @@ class Requests:
         self.status.append(IN_FLIGHT)
         self.load.append(0.0)
         self.cold.append(False)
+        if self.first_token is not None:
+            self.first_token.append(np.nan)
         return len(self.arrival) - 1
 
     def tokens(self, i: int) -> tuple[int, int]:
@@ -143,14 +152,8 @@ class Requests:
             "load": floats(self.load),
             "cold": np.asarray(self.cold, dtype=bool),
             "served_end": self._served_end(end),
-            "first_token": self._first_token(),
+            "first_token": np.full(n, np.nan) if self.first_token is None else floats(self.first_token),
         }
-
-    def _first_token(self) -> np.ndarray:
-        out = np.full(len(self.arrival), np.nan)
-        if self.first_token:
-            out[np.fromiter(self.first_token.keys(), dtype=np.int64)] = np.fromiter(self.first_token.values(), dtype=float)
-        return out
 
     def _served_end(self, end: np.ndarray) -> np.ndarray:
         """When each request's service ended: its ``end`` (the column as an array), or later for one served

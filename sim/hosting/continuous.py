@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections import deque
 from heapq import heapify, heappop, heappush, heapreplace
 from itertools import count
-from math import sqrt
+from math import nan, sqrt
 
 from simpy.core import NORMAL
 
@@ -130,7 +130,7 @@ class ContinuousBatching(Device):
         r = self._r
         self._tin, self._tout = r.open_tokens()
         self._nopen = r.n_open
-        self._first = r.first_token
+        self._first = r.track_first_token()   # (nan: no first token yet)
         self._startc = r.start
         self._svc = r.service
         self._dcol = r.device
@@ -390,7 +390,7 @@ class ContinuousBatching(Device):
                         # and ``fin`` instead.)
                         self._D = D1
                         first = self._first
-                        own_first = i not in first
+                        own_first = first[i] != first[i]   # (nan: none yet)
                         if own_first:
                             first[i] = at
                         base = q.base = c - D1
@@ -470,7 +470,7 @@ class ContinuousBatching(Device):
         self._cnt[-base % self._bs] -= 1
         self._prefill.append(q)   # (its ctx and left, a prefill's, were left as they were)
         if own_first:
-            del self._first[q.i]
+            self._first[q.i] = nan
         self._chunks = [(q, c)]
         self._p = c
         # the step composed ahead, as _cut_run leaves one that it does not end at once
@@ -775,7 +775,7 @@ class ContinuousBatching(Device):
                 if ctx >= s.prompt:   # prefill complete: the step's end gives the next token
                     prefill.remove(s)
                     i = s.i
-                    if i not in first:
+                    if first[i] != first[i]:   # (nan: its first)
                         first[i] = now
                     left = s.left = s.left - 1
                     if left <= 0:
