@@ -68,18 +68,20 @@ class Requests:
         # requests whose service ended after their client gave up (a timeout): when it ended
         self.served_late: dict[int, float] = {}
         # when a language model's request got its first token (nan: none yet), a column made by the first
-        # continuous-batching device (track_first_token); None in a run without one
-        self.first_token: list[float] | None = None
+        # continuous-batching device (track_first_token); None in a run without one. An array of doubles:
+        # to_arrays copies it as it is, where a list's floats (made one by one, all over memory) would be
+        # read one at a time.
+        self.first_token: array | None = None
         self.status: list[int] = [IN_FLIGHT] * n
         self.load: list[float] = [0.0] * n
         self.cold: list[bool] = [False] * n
         # the service draws, kept apart where a sustained-load service rescales ``service`` (keep_draws)
         self.drawn: list[float] | None = None
 
-    def track_first_token(self) -> list[float]:
+    def track_first_token(self) -> array:
         """The ``first_token`` column (made at the first call)."""
         if self.first_token is None:
-            self.first_token = [np.nan] * len(self.arrival)
+            self.first_token = array("d", [math.nan]) * len(self.arrival)
         return self.first_token
 
     def keep_draws(self) -> None:
@@ -108,7 +110,7 @@ class Requests:
         self.load.append(0.0)
         self.cold.append(False)
         if self.first_token is not None:
-            self.first_token.append(np.nan)
+            self.first_token.append(math.nan)
         return len(self.arrival) - 1
 
     def tokens(self, i: int) -> tuple[int, int]:
@@ -152,7 +154,7 @@ class Requests:
             "load": floats(self.load),
             "cold": np.asarray(self.cold, dtype=bool),
             "served_end": self._served_end(end),
-            "first_token": np.full(n, np.nan) if self.first_token is None else floats(self.first_token),
+            "first_token": np.full(n, np.nan) if self.first_token is None else np.array(self.first_token, dtype=float),
         }
 
     def _served_end(self, end: np.ndarray) -> np.ndarray:
