@@ -55,10 +55,11 @@ def least_outstanding(candidates, u1, u2, state):
     if type(candidates) is LoadList:
         return candidates.least(u1)
     # one pass: the first with the fewest, and every one tied with it (in list order)
-    best = candidates[0]
+    rest = iter(candidates)   # (no copy of the list after its first)
+    best = next(rest)
     fewest = best.n
     ties = None
-    for c in candidates[1:]:
+    for c in rest:
         k = c.n
         if k < fewest:
             best = c

@@ -76,6 +76,8 @@ class _Seq:
 
 
 _new = object.__new__
+# a start's log row after its time: one more sequence waiting (ContinuousBatching.start)
+_WAITS = (0, 1, 0, 0)
 # the calendar's size up to which a moved end replaces its entry in place (ContinuousBatching._move)
 MOVE_IN_PLACE = 16
 
@@ -191,7 +193,9 @@ class ContinuousBatching(Device):
         if self._pending is None:
             self._step(now, 0, 1, 0, True)
             return
-        self._llm.extend((now, 0, 1, 0, 0))
+        llm = self._llm   # its row: one more waiting (the time, then the constant deltas: no tuple made)
+        llm.append(now)
+        llm.extend(_WAITS)
         if now < self._t1:   # the prefill step composed ahead ends after this start: an event again
             self._undo_prefill_ahead()
         if now < self._ahead:   # the next step is composed already: it admits this one if it would have
@@ -273,14 +277,15 @@ class ContinuousBatching(Device):
             # steps.one_term_steps_within(a1, s, span, m), written out: j steps take j a1 + s j (j - 1) / 2
             # seconds (StepTime.decode_time of one term); ``tn``, that sum for j + 1 steps, gives the step's end
             # (the same floats: tests/test_continuous_batching.py compares the engine with a reference that
-            # runs one step at a time)
+            # runs one step at a time; the root ``g`` is only a first guess, which the sums checked below
+            # correct, so it squares by a product rather than ``** 2``)
             if a1 > span:   # one step takes a1
                 j = 0
                 tn = a1
             else:
                 if s > 0.0:
                     half = s / 2.0
-                    g = ((half - a1) + sqrt((a1 - half) ** 2 + 2.0 * s * span)) / s
+                    g = ((half - a1) + sqrt((a1 - half) * (a1 - half) + 2.0 * s * span)) / s
                 elif a1 > 0.0:
                     g = span / a1
                 else:
