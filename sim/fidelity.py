@@ -642,8 +642,9 @@ def run_suite(cases: list[str] | None = None, *, quick: bool = True, device: str
     """Run each case on the testbed and in the simulator; write ``out/fidelity.json`` after each case
     (an interrupted suite keeps the cases it finished) and return it. A case outside the tolerances
     (its known gaps within their bounds aside) is run again, ``attempts`` times at most; each case is
-    run at least ``runs`` times (two or more give the real system's own spread). With ``profile``, the simulator takes its service and load
-    times from that calibration profile instead of the testbed's calibration replays. With
+    run at least ``runs`` times (two or more give the real system's own spread). With ``profile``, the
+    simulator takes its service and load times from that calibration profile instead of the testbed's
+    calibration replays. With
     ``prepare``, only write each case's plan.json and arrivals.csv (for a testbed run elsewhere,
     compared later by :func:`from_measured`) and return {"cases": {name: its folder}}."""
     names = list(CASES) if not cases else cases

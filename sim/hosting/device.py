@@ -248,8 +248,8 @@ class Batching(Device):
     """Processor sharing with a capacity function: ``k`` requests in service each progress at ``1 /
     slowdown(k)`` of their speed alone (``k`` over every model on the device)."""
 
-    __slots__ = ("_v", "_heaps", "_t", "_pending", "_firing", "_tables", "_fire_cbs", "_held", "_jobs", "_jt",
-                 "_jcall", "_job_cbs")
+    __slots__ = ("_v", "_heaps", "_t", "_pending", "_firing", "_tables", "_fire_cbs", "_jobs", "_jt", "_jcall",
+                 "_job_cbs")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done):
         super().__init__(devices, index, done)
@@ -259,12 +259,11 @@ class Batching(Device):
         self._t = self._env._now                # when the clocks were last moved
         self._pending: Call | None = None       # the one calendar entry: the next finish
         self._firing = False
-        # per curve, slowdown(k + held) for k = 0, 1, ... requests in service (extended as k grows)
+        # per curve, slowdown(k + jobs) for k = 0, 1, ... requests in service (extended as k grows)
         self._tables: list[list[float]] = [[1.0] for _ in range(n)]
         self._fire_cbs = [self._fire]
         # Jobs that are no request (job): each [work left alone, its curve, on_done, its slowdown since
-        # _jt], few (loads); ``_held`` of them, each counting in k. They keep their own calendar entry.
-        self._held = 0
+        # _jt], few (loads), each counting in k. They keep their own calendar entry.
         self._jobs: list[list] = []
         self._jt = 0.0
         self._jcall: Call | None = None
@@ -273,7 +272,7 @@ class Batching(Device):
     def _factor(self, c: int, k: int) -> float:
         tab = self._tables[c]
         while len(tab) <= k:
-            tab.append(self._set.curves[c](len(tab) + self._held))
+            tab.append(self._set.curves[c](len(tab) + len(self._jobs)))
         return tab[k]
 
     def job(self, work: float, on_done: Callable[[], None], model: int | None = None) -> None:
@@ -281,24 +280,28 @@ class Batching(Device):
             super().job(work, on_done)
             return
         now = self._env._now
-        self._jobs_sync(now)   # (the jobs already in service, up to now)
+        self._jobs_advance(now)
         c = 0 if model is None else self._set.curve_of.get(model, 0)
-        self._jobs.append([work, c, on_done, 1.0])
-        self._reshare(now, 1)
+        self._reshare(now, self._jobs + [[work, c, on_done, 1.0]])
         self._jobs_sync(now)
+
+    def _jobs_advance(self, now: float) -> None:
+        """The jobs progress until ``now`` at the slowdown each had since the last change."""
+        dt = now - self._jt
+        self._jt = now
+        if dt > 0.0:
+            for j in self._jobs:
+                j[0] -= dt / j[3]
 
     def _jobs_sync(self, now: float) -> None:
         """After a change of what is in service on the device (called at once, before the clock moves on):
-        the jobs progress at the slowdown they had until ``now``, and from then on at their curve's
+        the jobs progress until ``now`` at the slowdown they had, and from then on at their curve's
         slowdown(requests + jobs); their next end is scheduled anew."""
-        dt = now - self._jt
-        self._jt = now
-        k = self.busy + self._held
+        self._jobs_advance(now)
+        k = self.busy + len(self._jobs)
         curves = self._set.curves
         best = math.inf
         for j in self._jobs:
-            if dt > 0.0:
-                j[0] -= dt / j[3]
             f = j[3] = curves[j[1]](k)
             t = j[0] * f
             if t < best:
@@ -314,26 +317,22 @@ class Batching(Device):
     def _job_end(self, call: Call) -> None:
         self._jcall = None
         now = self._env._now
-        dt = now - self._jt
-        self._jt = now
+        self._jobs_advance(now)
         jobs = self._jobs
-        for j in jobs:
-            j[0] -= dt / j[3]
         # the end this entry was scheduled for is due, whatever float residue is left; so is any other
         # due within a nanosecond
         first = min(jobs, key=lambda j: j[0] * j[3])
         due = [j for j in jobs if j is first or j[0] * j[3] <= 1e-9]
-        self._jobs = [j for j in jobs if not any(j is d for d in due)]
-        self._reshare(now, -len(due))
+        self._reshare(now, [j for j in jobs if j is not first and j[0] * j[3] > 1e-9])
         self._jobs_sync(now)
         for j in due:
             j[2]()
 
-    def _reshare(self, now: float, change: int) -> None:
+    def _reshare(self, now: float, jobs: list[list]) -> None:
         """The requests in service progress at the share they had until ``now``, and from then on at
-        slowdown(k + held) with ``held`` changed by ``change``."""
+        slowdown(k + jobs) with the device's jobs ``jobs``."""
         self._advance(now)
-        self._held += change
+        self._jobs = jobs
         self._retable()
         if not self._firing:
             self._schedule()
@@ -379,7 +378,7 @@ class Batching(Device):
             self._v[c] = 0.0                    # an idle clock restarts at 0: tags stay small
         heappush(self._heaps[c], (self._v[c] + work, i))
         self.busy += 1
-        if self._held:
+        if self._jobs:
             self._jobs_sync(now)
         if not self._firing:
             self._schedule()
@@ -415,7 +414,7 @@ class Batching(Device):
         finally:
             self._firing = False
         if not self.dead:
-            if self._held:
+            if self._jobs:
                 self._jobs_sync(now)
             self._schedule()
 
@@ -425,7 +424,7 @@ class Batching(Device):
             self._pending.callbacks = []
             self._pending = None
         if self._jobs:   # the jobs end as they would alone from here (a load on a failed instance)
-            self._jobs_sync(self._env._now)
+            self._jobs_advance(self._env._now)
             self._jcall.callbacks = []
             self._jcall = None
             for j in self._jobs:
@@ -472,8 +471,8 @@ class SharedBatching(Batching):
         self.busy = k
         tab = self._tab
         if k == len(tab):
-            tab.append(self._curve(k + self._held))
-        if self._held:
+            tab.append(self._curve(k + len(self._jobs)))
+        if self._jobs:
             self._jobs_sync(now)
         if self._firing:
             return
@@ -511,7 +510,8 @@ class SharedBatching(Batching):
         heappush(env._queue, (env._now + (dt if dt > 0.0 else 0.0), NORMAL, next(env._eid), call))
 
     def _retable(self) -> None:
-        self._tab = [1.0] + [self._curve(k + self._held) for k in range(1, len(self._tab))]
+        jobs = len(self._jobs)
+        self._tab = [1.0] + [self._curve(k + jobs) for k in range(1, len(self._tab))]
 
     def _fire(self, call: Call) -> None:
         self._pending = None
@@ -556,7 +556,7 @@ class SharedBatching(Batching):
                 self._firing = False
         if self.dead:
             return
-        if self._held:
+        if self._jobs:
             self._jobs_sync(now)
         k = self.busy
         if not k:
