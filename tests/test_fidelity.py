@@ -565,6 +565,28 @@ def test_the_level_gap_is_the_measured_replays_request_time_over_its_calibration
     assert level_gap(rec([0.011]), [rec([], 2), cals[1]], [2, 5]) is None
 
 
+def test_with_a_curve_the_level_compares_times_alone():
+    """Where requests share the cores, the level is the requests' time alone under the calibration's
+    curve: a measured replay whose requests overlap more, on a machine as fast, has no gap."""
+    pytest.importorskip("torch")
+    from calibration.testbed.replay import level_gap, slowdown_fn
+
+    def rec(pairs):   # requests on instance 0: (start, end)
+        return {"requests": {"instance": [0] * len(pairs), "start_s": [a for a, _ in pairs],
+                             "end_s": [b for _, b in pairs]}, "loads": []}
+
+    alone = [(k, k + 0.01) for k in range(6)]                           # 10 ms each, one at a time
+    # pairs that share the cores throughout: 20 ms each in service, 10 ms alone under slowdown(2) = 2
+    shared = [(k + d, k + d + 0.02) for k in range(4) for d in (0.0, 0.0)]
+    curve = slowdown_fn({"1": 1.0, "2": 2.0})
+    assert level_gap(rec(shared), [rec(alone), rec(alone)], [6, 6]) == pytest.approx(1.0)
+    assert level_gap(rec(shared), [rec(alone), rec(alone)], [6, 6], curve) == pytest.approx(0.0, abs=1e-9)
+    # a load counts in k as a request does (it shares the cores); a machine 10% slower reads +10%
+    slow = rec([(k, k + 0.022) for k in range(4)])
+    slow["loads"] = [{"instance": 0, "start_s": k, "end_s": k + 0.022, "model": 0} for k in range(4)]
+    assert level_gap(slow, [rec(alone), rec(alone)], [6, 6], curve) == pytest.approx(0.1)
+
+
 def test_neighbours_measure_other_processes_cpu_not_ours():
     pytest.importorskip("torch")
     from calibration.harness import Neighbours

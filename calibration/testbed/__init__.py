@@ -18,8 +18,9 @@ concurrency its calibration replays measured (``replay.slowdown_curve``), else n
 model's ``load_alone_s``: its loads' times alone under it, as its ``service_s`` are); ``noise``:
 the cores other processes used during the measured replay (``neighbour_cores``, of ``cpus``), the
 load average after it, the drift of the request time between the calibration replays
-(``level_drift``) and how far the measured replay's was from theirs (``level_gap``; a language
-model's: its step time's level under the fit);
+(``level_drift``) and how far the measured replay's was from theirs (``level_gap``; with a
+slowdown curve, of the requests' times alone under it; a language model's: its step time's level
+under the fit);
 request and load times in seconds from the arrivals' origin. With the plan's
 ``reference_request_s`` the arrivals' times are first multiplied by
 ``time_scale`` (``replay.time_scale``: this machine's request time over that
