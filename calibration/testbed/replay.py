@@ -227,7 +227,13 @@ def miss_share(plan: dict) -> float:
     return max(0.0, 1.0 - fitting(plan) / len(plan["models"]))
 
 
-CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay
+CALIBRATION_BUSY = 0.5      # target busy fraction of the calibration replay,
+# and where an instance serves several requests at once (``concurrency``): its Poisson part then measures
+# the slowdown with concurrency too, under sustained load as a served replay has it. At half of one
+# worker's capacity it met 4 in service in short stretches only: on 2026-12-07 the curve it gave at 4
+# ranged over 1.67-2.42 from run to run (and 1.5-2.9 between a replay's parts), where the measured
+# replays' own requests (at 70%) gave 1.90-2.21, and the simulated P99 swung with it.
+CALIBRATION_BUSY_SHARED = 0.8
 CALIBRATION_MAX_S = 20.0    # and its longest span (for ``n`` requests),
 CALIBRATION_SHARE = 0.125   # but each half spans this share of the measured replay at least
 RESTS = 30                  # then, with the burst, requests one at a time after rests
@@ -244,7 +250,8 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
                          groups: bool = True, seconds: float = 0.0) -> list:
     """A calibration workload: Poisson arrivals spread evenly over the models, at a
     rate that keeps an instance about half busy (requests and the loads of the
-    models that do not fit), ``n`` requests or CALIBRATION_MAX_S seconds, and on until ``seconds``
+    models that do not fit; with concurrency, CALIBRATION_BUSY_SHARED of one request
+    at a time), ``n`` requests or CALIBRATION_MAX_S seconds, and on until ``seconds``
     (``run`` asks for CALIBRATION_SHARE of the measured replay's span); then, with
     ``burst``, RESTS requests of the models that fit, each sent a request's time plus a rest
     (log-uniform over RESTS_S) after the one before, whose times show how the speed comes back
@@ -263,7 +270,8 @@ def calibration_arrivals(plan: dict, probed: dict, n: int, seed: int, burst: boo
     svc = sum(p["service"]["mean"] for p in probed.values()) / len(probed)
     load = sum(p["load"]["mean"] for p in probed.values()) / len(probed)
     fits = fitting(plan)
-    rate = CALIBRATION_BUSY * plan["instances"] / (svc + miss_share(plan) * load)
+    busy = CALIBRATION_BUSY_SHARED if concurrency(plan) > 1 else CALIBRATION_BUSY
+    rate = busy * plan["instances"] / (svc + miss_share(plan) * load)
     rng = random.Random(seed)
     out, t = [], 0.0
     while len(out) < n or t < seconds:
