@@ -65,7 +65,8 @@ NOISY_DRIFT = 0.10              # relative change of the request time's median b
 # known limit), is still "outside".
 _SHARED_TAIL = ("CPU workers sharing cores: the simulated P99 is short of the measured on most runs, by up to a "
                 "half, and long on some (README, Limits that still hold)")
-_SHARED_MEDIAN = "the shared-device cases' median comes out slow (README, Limits that still hold)"
+_SHARED_MEDIAN = ("the shared-device cases' median follows the machine's speed during the measured replay against its "
+                  "calibrations' (README, Limits that still hold)")
 _LLM_OFF = ("the language model's simulated latency is off the measured by up to a fifth, fast on most runs and slow "
             "on some (README, Limits that still hold)")
 KNOWN_GAPS: dict[str, dict[str, tuple[float, str]]] = {
