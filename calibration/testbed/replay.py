@@ -389,8 +389,8 @@ def level_gap(measured: dict, recs: list, n: list, slowdown=None) -> float | Non
 
     Where requests share an instance's cores (a ``slowdown`` function: the calibration's curve), each
     side's time is the time alone under it (``alone_times``): a time in service counts the requests
-    beside it, more of them at the measured replay's load than at the calibrations' half-busy one, and
-    that alone would read as a slower machine. (On the four full runs of the shared-device cases of
+    beside it, and the measured replay's load is not the calibrations' (more of them there at a higher
+    load): that alone would read as a slower machine. (On the four full runs of the shared-device cases of
     2026-12-07 the measured replay ran 8-12% faster than its calibrations' Poisson parts alone, where
     times in service said 3-8%; on quick runs that times in service put 6-11% slower, 1-4%.)"""
     cal = [_median_in_service(rec, k, slowdown) for rec, k in zip(recs, n)]
