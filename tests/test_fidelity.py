@@ -460,7 +460,8 @@ def test_calibration_groups_only_where_an_instance_serves_several_at_once():
     t, counts = np.unique([x[0] for x in a[len(plain):]], return_counts=True)
     assert sorted(np.bincount(counts)[1:]) == [replay.GROUP_ROUNDS] * 4       # each size 1..4, every round
     # the Poisson part's rate: half of one worker's capacity, and with concurrency CALIBRATION_BUSY_SHARED
-    long = [replay.calibration_arrivals(p, probed, 10, 1, burst=False, groups=False, seconds=50.0) for p in (plan, four)]
+    long = [replay.calibration_arrivals(p, probed, 10, 1, burst=False, groups=False, seconds=50.0)
+            for p in (plan, four)]
     for part, busy in zip(long, (replay.CALIBRATION_BUSY, replay.CALIBRATION_BUSY_SHARED)):
         n = busy / 0.01 * 50
         assert abs(len(part) - n) < 4 * n ** 0.5                              # Poisson count, 4 sd

@@ -392,7 +392,7 @@ def level_gap(measured: dict, recs: list, n: list, slowdown=None) -> float | Non
     beside it, and the measured replay's load is not the calibrations' (more of them there at a higher
     load): that alone would read as a slower machine. (On the four full runs of the shared-device cases of
     2026-12-07 the measured replay ran 8-12% faster than its calibrations' Poisson parts alone, where
-    times in service said 3-8%; on quick runs that times in service put 6-11% slower, 1-4%.)"""
+    times in service said 3-8%; six quick runs that times in service put 6-11% slower came out at -1% to +4%.)"""
     cal = [_median_in_service(rec, k, slowdown) for rec, k in zip(recs, n)]
     mine = _median_in_service(measured, None, slowdown)
     if mine is None or not cal or None in cal:
