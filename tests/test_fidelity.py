@@ -583,7 +583,7 @@ def test_with_a_curve_the_level_compares_times_alone():
 
     alone = [(k, k + 0.01) for k in range(6)]                           # 10 ms each, one at a time
     # pairs that share the cores throughout: 20 ms each in service, 10 ms alone under slowdown(2) = 2
-    shared = [(k + d, k + d + 0.02) for k in range(4) for d in (0.0, 0.0)]
+    shared = [(k, k + 0.02) for k in range(4) for _ in range(2)]
     curve = slowdown_fn({"1": 1.0, "2": 2.0})
     assert level_gap(rec(shared), [rec(alone), rec(alone)], [6, 6]) == pytest.approx(1.0)
     assert level_gap(rec(shared), [rec(alone), rec(alone)], [6, 6], curve) == pytest.approx(0.0, abs=1e-9)
