@@ -357,12 +357,7 @@ def _median_in_service(rec: dict, n: int | None = None, slowdown=None) -> float 
     if slowdown is None:
         y = [e - s for s, e in zip(r["start_s"][:n], r["end_s"][:n]) if e is not None]
         return float(np.median(y)) if y else None
-    alone = np.full(len(r["end_s"]), np.nan)
-    for inst in set(r["instance"]):
-        s, e, rid = _intervals(rec, inst)
-        a = alone_times(s, e, slowdown)
-        alone[rid[rid >= 0]] = a[rid >= 0]
-    y = alone[:n]
+    y = times_alone(rec, set(r["instance"]), slowdown)[0][:n]
     y = y[np.isfinite(y)]
     return float(np.median(y)) if y.size else None
 
@@ -453,6 +448,22 @@ def alone_times(start, end, slowdown) -> np.ndarray:
     return work[np.searchsorted(t, e)] - work[np.searchsorted(t, s)]
 
 
+def times_alone(rec: dict, instances, slowdown) -> tuple[np.ndarray, list]:
+    """A replay's jobs on ``instances``, each one's time alone under ``slowdown`` (``alone_times``): per
+    request (nan for one that did not finish) and, per load, (its model, its time alone) in the
+    replay's order."""
+    r = rec["requests"]
+    out = np.full(len(r["end_s"]), np.nan)
+    loads: list = []
+    for inst in instances:
+        s, e, rid = _intervals(rec, inst)
+        a = alone_times(s, e, slowdown)
+        out[rid[rid >= 0]] = a[rid >= 0]
+        # (a load's jobs come last in _intervals, in the replay's order)
+        loads += zip([x["model"] for x in rec["loads"] if x["instance"] == inst], a[rid < 0].tolist())
+    return out, loads
+
+
 def slowdown_curve(plan: dict, recs: list, min_samples: int = SLOWDOWN_MIN_SAMPLES) -> dict | None:
     """The slowdown with concurrency, from calibration replays: each finished request is labelled
     with the mean number of jobs in service on its instance over its time in service (rounded),
@@ -538,15 +549,9 @@ def _calibrated(plan: dict, probed: dict, recs: list, curve: dict | None = None)
             occ = [None if e is None else e - s for s, e in zip(r["start_s"], r["end_s"])]
             if slowdown is not None:
                 # each request's and load's time alone, under the measured slowdown with concurrency
-                # (a load's jobs come last in _intervals, in the replay's order)
-                for inst in range(plan["instances"]):
-                    s, e, rid = _intervals(rec, inst)
-                    alone = alone_times(s, e, slowdown)
-                    for j, a in zip(rid, alone):
-                        if j >= 0:
-                            occ[j] = float(a)
-                    mine = [x["model"] for x in rec["loads"] if x["instance"] == inst]
-                    alone_loads += zip(mine, alone[rid < 0].tolist())
+                alone, loads = times_alone(rec, range(plan["instances"]), slowdown)
+                occ = [None if a != a else float(a) for a in alone.tolist()]
+                alone_loads += loads
         done = [j for j, o in enumerate(occ) if o is not None]
         seq = {k: np.array([r[c][j] for j in done], dtype=float) for k, c in
                (("end", "end_s"), ("instance", "instance"), ("model", "model"))}
