@@ -148,6 +148,7 @@ def concurrent(model, family: str, device: str, k: int, per_thread: int, a: int,
 def _concurrent_once(model, family: str, device: str, k: int, per_thread: int, a: int, b: int,
                      warmup: int = 1) -> dict:
     barrier = threading.Barrier(k)
+    threads_each = torch.get_num_threads()   # (OpenMP's count is per thread: each worker sets it)
     lat = [[] for _ in range(k)]
     spans = [[None, None] for _ in range(k)]
     errors = []
@@ -155,6 +156,7 @@ def _concurrent_once(model, family: str, device: str, k: int, per_thread: int, a
 
     def worker(i):
         try:
+            torch.set_num_threads(threads_each)
             stream = torch.cuda.Stream() if on_cuda else None
             ctx = torch.cuda.stream(stream) if on_cuda else _null()
             with ctx, torch.inference_mode():

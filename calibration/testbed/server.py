@@ -213,6 +213,9 @@ class Server:
         idle, and the next request would pay the wake-up (cold caches, a
         descheduled virtual CPU), about +10% here, a cost that depends on the gaps
         between requests, which the probe cannot know."""
+        # OpenMP's thread count is per thread: a new thread would run its matrix products on every
+        # core until its first parallel operator takes the process's setting
+        torch.set_num_threads(self.plan["threads"])
         me = threading.get_ident()
         while True:
             self.read()
