@@ -251,7 +251,10 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
     ep_names = pd.Categorical.from_codes(ep_codes, categories=[e.name for e in sc.endpoints])
     latency = (c["end"] - c["arrival"]) * 1e3
     load_ms = c["load"] * 1e3
-    wait = (c["start"] - c["arrival"]) * 1e3 - load_ms
+    # a request whose service began after its client gave up (a timeout: a continuous-batching copy
+    # admits what its own queue holds) never started for that client, as one dropped from a queue
+    start = np.where(c["start"] > c["end"], np.nan, c["start"])
+    wait = (start - c["arrival"]) * 1e3 - load_ms
     ttft, tpot = token_times(c)
     # copy=False: a column per array, not copied into pandas' 2-D blocks (2 s for 8.7 million rows); the
     # frame shares the run's columns, which nothing changes after the run.
@@ -261,7 +264,7 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
         "endpoint": ep_names,
         "instance": c["instance"],
         "arrival_s": c["arrival"],
-        "start_s": c["start"],
+        "start_s": start,
         "end_s": c["end"],
         "latency_ms": latency,
         "wait_ms": wait,
@@ -280,17 +283,18 @@ def requests_frame(run: RawRun) -> pd.DataFrame:
 
 def token_times(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per request, ``ttft_ms`` (arrival to first token) and ``tpot_ms`` ((latency - ttft) / (output
-    tokens - 1)): NaN for requests of models without continuous batching, and TPOT for one output token
-    or a request not served to its end."""
+    tokens - 1)), as its client saw them: NaN for requests of models without continuous batching, TTFT
+    for a first token after the client gave up (a timeout), and TPOT for one output token or a request
+    not served OK (a timed-out client's latency is its timeout, not its last token)."""
     first = c["first_token"]
     if not np.isfinite(first).any():   # no language model's request (the usual case): every figure is NaN
         return np.full(len(first), np.nan), np.full(len(first), np.nan)
-    ttft = (first - c["arrival"]) * 1e3
-    served = np.where(np.isfinite(c["served_end"]), c["served_end"], np.nan)
+    with np.errstate(invalid="ignore"):
+        ttft = np.where(first > c["end"], np.nan, (first - c["arrival"]) * 1e3)   # (in flight: no end yet)
     out = c["output_tokens"].astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(out > 1, (served - first) * 1e3 / (out - 1), np.nan)
-    tpot[~np.isin(c["status"], (OK, TIMEOUT))] = np.nan
+        tpot = np.where(out > 1, (c["end"] - first) * 1e3 / (out - 1), np.nan)
+    tpot[c["status"] != OK] = np.nan
     return ttft, tpot
 
 

@@ -848,3 +848,31 @@ def test_zero_token_counts_are_served_and_recorded_as_one():
         assert len(r) > 50 and (r["status"] == "ok").all()
         assert (r["output_tokens"] == 1).all() and r["input_tokens"].min() == 1
         assert r["tpot_ms"].isna().all() and (r["ttft_ms"] <= r["latency_ms"] + 1e-9).all()
+
+
+@pytest.mark.parametrize("max_concurrency", [None, 64])
+def test_timed_out_rows_are_the_clients_view(max_concurrency):
+    """An overloaded copy (10 requests/s of 500 + 100 tokens on the roofline of an ml.g5.xlarge, a 3 s
+    timeout) times most requests out, some before their service begins, some part-way. Each row is
+    what its client saw: no start after its end (a service begun after the client gave up is no start:
+    NaN, as a request dropped from a queue), no wait beyond its latency, a TTFT only for a first token
+    within its latency, a TPOT only for a request served OK, and there (latency - TTFT) / (tokens - 1)."""
+    d = {"name": "z", "seed": 1, "duration": 40, "models": [{
+        "name": "lm", "architecture": "llama-2-7b", "tokens": {"input": 500, "output": 100},
+        "service": {"continuous_batching": {"max_num_seqs": 8}},
+        "traffic": {"process": "poisson", "rate": 10}}],
+        "endpoints": [{"name": "e", "mode": "sme", "instance_type": "ml.g5.xlarge", "instances": 1, "timeout": 3,
+                       "models": ["lm"]}]}
+    if max_concurrency:
+        d["endpoints"][0]["max_concurrency"] = max_concurrency
+    r = sim.run(parse_scenario(d, source="timeouts"), seed=1).requests
+    timeout = r["status"] == "timeout"
+    assert timeout.sum() > 100 and r.loc[timeout, "ttft_ms"].notna().any()
+    assert r.loc[timeout, "start_s"].isna().any() and r.loc[timeout, "start_s"].notna().any()
+    assert not (r["start_s"] > r["end_s"]).any()
+    assert not (r["wait_ms"] > r["latency_ms"] + 1e-9).any()
+    assert not (r["ttft_ms"] > r["latency_ms"] + 1e-9).any()
+    assert r.loc[r["status"] != "ok", "tpot_ms"].isna().all()
+    ok = r[r["status"] == "ok"]
+    np.testing.assert_allclose(ok["tpot_ms"], (ok["latency_ms"] - ok["ttft_ms"]) / (ok["output_tokens"] - 1),
+                               rtol=1e-9)
