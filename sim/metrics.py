@@ -208,12 +208,18 @@ def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | Non
     return gpu_up - gpu_down, in_service, n_up - n_down
 
 
+def _holding_s(log: EndpointLog, edges: np.ndarray) -> np.ndarray:
+    """Per bin, the instance-seconds of the instances holding their devices: in service, or draining
+    (out of service, their requests still running)."""
+    return step_integral(np.array([x[0] for x in log.fleet]), [x[3] for x in log.fleet], edges)
+
+
 def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray,
                    rows: np.ndarray | None = None, memo: dict | None = None) -> dict[str, np.ndarray]:
     """Per bin: ``gpu_utilization`` (CloudWatch's GPUUtilization: the busy share of each GPU, summed over
-    an instance's GPUs, 0-100 x GPUs, averaged over the instances in service) and ``batch_size_mean``
-    (requests in service per busy device); NaN where undefined. ``rows``, ``memo``: as
-    :func:`device_series`."""
+    an instance's GPUs, 0-100 x GPUs, averaged over the instances that hold their GPUs: ``serving_s``,
+    their instance-seconds, :func:`_holding_s`) and ``batch_size_mean`` (requests in service per busy
+    device); NaN where undefined. ``rows``, ``memo``: as :func:`device_series`."""
     busy_gpu, in_service, busy = device_series(run, e, edges, rows, memo)
     gpus = run.scenario.endpoints[e].instance_type.gpus
     util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
@@ -596,8 +602,8 @@ def summarize(run: RawRun, memo: dict | None = None) -> dict[str, Any]:
         blk = _block(lat[sel_ok], status[sel], cold[sel], duration, ep_cost[e], None if met is None else met[sel],
                      loads_e, tok(sel_ok))
         blk.update(ep_extra[e])
-        dev = device_figures(run, e, np.array([t0, t1]), np.array([ep_extra[e]["instances_mean"] * duration]),
-                             rows[e], memo)
+        edges = np.array([t0, t1])
+        dev = device_figures(run, e, edges, _holding_s(run.logs[e], edges), rows[e], memo)
         blk.update({k: _nan_none(v[0]) for k, v in dev.items()})
         # continuous batching: its sequences, its cache, its preemptions; null where no engine ran (an mme
         # instance that never loaded its language model), so that every replication has the same keys
@@ -734,7 +740,7 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
             "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
             "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
         }
-        dev = device_figures(run, e, edges, serving_s, sel, memo)
+        dev = device_figures(run, e, edges, _holding_s(log, edges), sel, memo)
         if memo is not None:
             memo.pop(("busy_periods", e), None)
         cols["gpu_utilization"] = cols["GPUUtilization"] = dev["gpu_utilization"]

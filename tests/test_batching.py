@@ -83,6 +83,24 @@ def test_device_metrics(tmp_path):
     assert res.timeline["gpu_utilization"].iloc[0] == pytest.approx(100 * 2.5 / 30)
 
 
+def test_gpu_utilization_counts_draining_instances():
+    """Three instances scaled in to one by a step policy while 30 s requests (a curve, up to 16 at once)
+    still run on them: a draining instance's GPU stays busy out of service, so GPUUtilization averages
+    over the instances holding their GPUs (in service or draining), never above 100 per GPU."""
+    d = {"name": "g", "seed": 1, "duration": 300, "models": [{
+        "name": "m", "size_gb": 1, "traffic": {"process": "poisson", "rate": 1},
+        "service": {"dist": "deterministic", "mean": 30, "batching": {"slowdown": {1: 1, 8: 2}}}}],
+        "endpoints": [{"name": "e", "mode": "sme", "instance_type": "ml.g5.xlarge", "max_concurrency": 16,
+                       "instances": {"initial": 3, "min": 1, "max": 3}, "models": ["m"],
+                       "autoscaling": {"metric": "invocations_per_instance", "policy": "step",
+                                       "steps": [{"below": 100000, "change": -1}], "scale_in_cooldown": 60}}]}
+    res = run_dict(d)
+    fleet = np.array(simulate(parse_scenario(copy.deepcopy(d), source="test")).logs[0].fleet)
+    assert (fleet[:, 3] > fleet[:, 1]).any()   # instances drained while busy
+    assert (res.timeline["gpu_utilization"] <= 100.0 + 1e-9).all()
+    assert 90.0 < res.summary["endpoints"]["e"]["gpu_utilization"] <= 100.0 + 1e-9
+
+
 # -- theory -------------------------------------------------------------------------------------------------------
 def _chain_mean_sojourn(lam: float, mean: float, curve: dict, K: int, n_max: int = 4000) -> float:
     f = slowdown_table(curve)

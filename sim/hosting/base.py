@@ -42,7 +42,8 @@ class Instance:
 class EndpointLog:
     """Changes of an endpoint's state, appended as they happen (rare events only).
 
-    ``fleet``: ``(t, instances in service, instances billed)``;
+    ``fleet``: ``(t, instances in service, instances billed, instances holding their devices)`` (the last:
+    in service or draining, whose requests in service still run);
     ``memory``: ``(t, loaded models, GPU GB used, host GB used, disk GB used)``,
     totals over the endpoint; ``capacity``: per instance ``(GPU, host, disk)`` GB;
     ``loads`` and ``unloads``: model loads and unloads ``(t, instance, model)``;
@@ -50,7 +51,7 @@ class EndpointLog:
     """
 
     capacity: tuple[float, float, float]
-    fleet: list[tuple[float, int, int]] = field(default_factory=list)
+    fleet: list[tuple[float, int, int, int]] = field(default_factory=list)
     memory: list[tuple[float, int, float, float, float]] = field(default_factory=list)
     loads: list[LoadRecord] = field(default_factory=list)
     unloads: list[tuple[float, int, int]] = field(default_factory=list)
@@ -95,6 +96,7 @@ class EndpointRuntime:
         self.instances: list[Instance] = []
         self.active: list[Instance] = []
         self.billed = 0
+        self.draining = 0   # instances out of service whose requests still run (Instance.draining)
         self.pending = 0          # asked for, not yet up
         self.preparing: list[Instance] = []   # up, getting ready to serve (an sme instance loading its model)
         self._cancelled = 0       # pending ones a scale-in gave up before they came
@@ -136,7 +138,8 @@ class EndpointRuntime:
         return self.active
 
     def _log_fleet(self) -> None:
-        self.log.fleet.append((self.engine.env._now, len(self.active), self.billed))
+        n = len(self.active)
+        self.log.fleet.append((self.engine.env._now, n, self.billed, n + self.draining))
 
     # -- the request path shared by the modes (hot: keep lean) ---------------------------
     def _pop_live(self, q: deque, now: float) -> tuple[int, int]:
@@ -255,12 +258,14 @@ class EndpointRuntime:
     def _drain(self, inst: Instance) -> None:
         self._leave_service(inst)
         inst.draining = True
+        self.draining += 1
         self._on_fleet_change()
         self._maybe_release(inst)
 
     def _maybe_release(self, inst: Instance) -> None:
         if inst.draining and inst.n == 0:
             inst.draining = False
+            self.draining -= 1
             self.billed -= 1
             self._release(inst)
             self._log_fleet()
@@ -290,7 +295,9 @@ class EndpointRuntime:
             self.preparing.remove(inst)
             self._in_zone[inst.zone] -= 1
         inst.failed = True
-        inst.draining = False
+        if inst.draining:
+            inst.draining = False
+            self.draining -= 1
         for d in inst.devices:
             d.stop()
         self.billed -= 1
