@@ -755,13 +755,17 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
 
 def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each figure over replications, and ``<key>_ci95``: the half-width
-    of its 95% confidence interval (Student t), when there are several."""
+    of its 95% confidence interval (Student t), when there are several. A figure that some replications
+    have as null (undefined there: a percentile of no request served OK) is the mean over those that
+    have it, its interval theirs (null with fewer than two; a warning says so); a key some replication
+    lacks altogether is null, its interval too."""
     if len(summaries) == 1:
         return summaries[0]
     from scipy import stats   # here: a run of one replication never loads scipy.stats (2 s on a busy machine)
 
     r = len(summaries)
-    tq = float(stats.t.ppf(0.975, r - 1))
+    partial: set[int] = set()   # how many replications had a figure that others had as null
+    tq = {n: float(stats.t.ppf(0.975, n - 1)) for n in range(2, r + 1)}   # Student t's quantile, by count
 
     def merge(blocks: list[dict]) -> dict:
         out: dict[str, Any] = {}
@@ -771,12 +775,22 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             if any(isinstance(v, dict) for v in vals):
                 out[k] = merge([v if isinstance(v, dict) else {} for v in vals])
                 continue
-            if any(v is None for v in vals) or not all(isinstance(v, (int, float)) for v in vals):
+            numbers = [v for v in vals if isinstance(v, (int, float))]
+            if any(k not in b for b in blocks) or len(numbers) + vals.count(None) < r:
+                # a key some replication lacks, or not a number (a name): null, or the first's
                 out[k] = None if any(v is None for v in vals) else vals[0]
+                if numbers:
+                    out[f"{k}_ci95"] = None
                 continue
-            a = np.asarray(vals, dtype=float)
+            if not numbers:   # null in every replication
+                out[k] = out[f"{k}_ci95"] = None
+                continue
+            if len(numbers) < r:
+                partial.add(len(numbers))
+            a = np.asarray(numbers, dtype=float)
             out[k] = float(a.mean())
-            out[f"{k}_ci95"] = float(tq * a.std(ddof=1) / math.sqrt(r))
+            n = len(a)
+            out[f"{k}_ci95"] = float(tq[n] * a.std(ddof=1) / math.sqrt(n)) if n > 1 else None
         return out
 
     first = summaries[0]
@@ -792,4 +806,9 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     own = {w for s in summaries for w in outcome_warnings(s)}
     kept = dict.fromkeys(w for s in summaries for w in s.get("warnings", []) if w not in own)
     out["warnings"] = list(kept) + outcome_warnings(out)
+    if partial:
+        out["warnings"].append(
+            f"some figures are undefined in some replications (no request served OK there): their means "
+            f"and intervals are over the {', '.join(str(n) for n in sorted(partial))} of {r} replications "
+            f"that have them")
     return out

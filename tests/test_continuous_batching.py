@@ -788,7 +788,7 @@ def test_engine_figures_are_in_every_replication_even_where_no_engine_ran():
     engine's keys in its summary, null (preemptions 0), so that replications where one loaded it and one
     did not merge: the mean of summaries whose keys differ took the first one's keys and stopped with
     a KeyError (a run with replications: 2 of an mme endpoint of a bursty language model and failing
-    instances). A key some replication lacks is null in the mean."""
+    instances). A key some replication lacks is null in the mean, its interval too."""
     from sim.metrics import combine
 
     d = _llm(tin=100, tout=20, traffic={"process": "poisson", "rate": 0.0}, duration=60.0, seed=9)
@@ -806,7 +806,7 @@ def test_engine_figures_are_in_every_replication_even_where_no_engine_ran():
     del two["endpoints"]["e"]["running_seqs"], two["endpoints"]["e"]["cloudwatch"]
     two["endpoints"]["e"]["requests"] = 20
     out = combine([one, two])["endpoints"]["e"]
-    assert out["requests"] == 15.0 and out["running_seqs"] is None and out["cloudwatch"] == {"x": None}
+    assert out["requests"] == 15.0 and out["running_seqs"] is None and out["cloudwatch"] == {"x": None, "x_ci95": None}
 
 
 def test_an_mme_instance_s_engines_share_its_gpu_in_its_utilisation():

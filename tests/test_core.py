@@ -90,6 +90,25 @@ def test_replications_give_confidence_intervals():
     assert min(p99s) <= o["p99_ms"] <= max(p99s)
 
 
+def test_replications_without_requests_leave_the_others_figures():
+    """Five replications of 10 s at 0.2 requests/s (seed 4): two serve no request. The latency figures are
+    the means over the three that have them, each with its interval; a warning says so; every figure has
+    its ``_ci95`` key (null where undefined: no language model here)."""
+    d = sme(rate=0.2, duration=10, replications=5, seed=4)
+    d["slo"] = {"p99": 1.0}
+    res = run_dict(d)
+    per = [s["overall"] for s in res.replication_summaries]
+    served = [b for b in per if b["completed"]]
+    assert 2 <= len(served) < 5
+    o = res.summary["overall"]
+    for k in ("p50_ms", "p99_ms", "mean_ms", "slo_attainment"):
+        vals = [b[k] for b in served]
+        assert o[k] == pytest.approx(sum(vals) / len(vals)) and f"{k}_ci95" in o
+    assert o["completed"] == pytest.approx(sum(b["completed"] for b in per) / 5)
+    assert o["ttft_p50_ms"] is None and "ttft_p50_ms_ci95" in o
+    assert any(f"over the {len(served)} of 5 replications" in w for w in res.summary["warnings"])
+
+
 def test_sme_with_several_models_expands_per_model():
     d = sme(rate=5, duration=120)
     d["models"][0].update(name="m-{i}", count=3, traffic={"process": "poisson", "rate": 9,
