@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .scenario import ScenarioError
+from .scenario.units import MAX_SEED
 
 
 def _default_out(scenario: Path, *sub: str) -> Path:
@@ -146,7 +147,7 @@ def slo_lines(summary: dict, blocks: dict[str, dict], most: int | None = None) -
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Results directory "
               "(default results/<name>/).")
-@click.option("--seed", type=click.IntRange(min=0), help="Override the scenario's seed.")
+@click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), help="Override the scenario's seed.")
 @click.option("--replications", type=click.IntRange(min=1), help="Override the number of replications.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a scenario key, e.g. --set endpoints[0].instances=4 (repeatable).")
@@ -386,7 +387,7 @@ def calibrate(ctx):
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--seed", type=click.IntRange(min=0), help="Override the scenario's seed.")
+@click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), help="Override the scenario's seed.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
 @click.option("--force", is_flag=True, help="Write them even where the size estimate says they will not fit in "
               "the memory available.")
@@ -651,7 +652,7 @@ def print_comparison(summary: dict) -> None:
                    "endpoints, or name -> scenario file whose endpoints are taken).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default "
               "results/<name>/compare/): compare.json, plans/<plan>.yaml, runs/<plan>/.")
-@click.option("--seed", type=click.IntRange(min=0), help="Override the scenario's seed.")
+@click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), help="Override the scenario's seed.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a scenario key first, e.g. --set slo.p99=1s (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json alone on stdout.")

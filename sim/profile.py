@@ -198,12 +198,17 @@ def service_model(profile: dict, family: str, params: str | int | float, *, cata
     """
     fams = profile["fits"].get("inference") or {}
     if family not in fams or not fams[family]:
-        raise ProfileError(f"{where}: the profile has no inference fits for family {family!r}; "
-                           f"it has {', '.join(sorted(fams)) or 'none'}")
+        has = [f for f in sorted(fams) if fams[f]]
+        raise ProfileError(f"{where}: the profile has no inference fits for family {family!r}"
+                           + (" (its entry is empty)" if family in fams else "")
+                           + f"; it has fits for {', '.join(has) or 'no family'}")
     try:
         want = parse_params(params)
     except ProfileError as e:
         raise ProfileError(f"{where}.params: {e}") from None
+    if not want >= 1 or want == float("inf"):
+        raise ProfileError(f"{where}.params: expected a parameter count of at least 1 (such as 50M or 7B), "
+                           f"got {params!r}")
     entries = sorted(((float(v.get("params") or parse_params(k)), v) for k, v in fams[family].items()),
                      key=lambda x: x[0])
     size, fit = min(entries, key=lambda e: abs(_log(e[0]) - _log(want)))

@@ -288,12 +288,20 @@ def test_calibrated_params_errors_name_the_key(tmp_path):
     d["models"][0]["tokens"] = {"input": 64}
     with pytest.raises(ScenarioError, match=r"models\[0\]\.service\.params: expected a parameter count"):
         parse_scenario(d, source="t.yaml")
+    for none in (0, "0M", 0.5):   # no parameters: every term would scale to 0 ms
+        d["models"][0]["service"]["params"] = none
+        with pytest.raises(ScenarioError, match=r"models\[0\]\.service\.params: expected a parameter count of "
+                                                r"at least 1"):
+            parse_scenario(d, source="t.yaml")
 
 
 def test_seed_and_output_errors_of_the_cli(tmp_path):
     for verb in (("run", BASE, "--out", str(tmp_path / "r")), ("trace", BASE, "--out", str(tmp_path / "a.csv"))):
         res = _cli(*verb, "--seed", "-3")
         assert res["rc"] == 2 and "Traceback" not in res["stderr"] and "--seed" in res["stderr"]
+    # the scenario's own bound (seed: at most 2**63 - 1), so that a run's seed can be written back to a file
+    res = _cli("run", BASE, "--out", str(tmp_path / "r"), "--seed", str(2 ** 63))
+    assert res["rc"] == 2 and "--seed" in res["stderr"] and "9223372036854775807" in res["stderr"]
     # trace makes the folder it writes into; one it cannot make is a one-line error
     res = _cli("trace", BASE, "--out", str(tmp_path / "new" / "dir" / "a.csv"))
     assert res["rc"] == 0 and (tmp_path / "new" / "dir" / "a.csv").exists()

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from ..catalog import Architecture, UnknownNameError, load_catalog
-from .units import CV, Text, MAX_TOKENS, Bandwidth, Count, Duration, Number, Params, Period, Rate, Size, shown
+from .units import CV, Text, MAX_SEED, MAX_TOKENS, Bandwidth, Count, Duration, Number, Params, Period, Rate, Size, shown
 
 # One source of truth for the names the YAML accepts; each registry in the
 # core is checked against these lists by the tests.
@@ -857,7 +857,7 @@ class SLOSpec(Strict):
 
 class ScenarioSpec(Strict):
     name: Text = Field(min_length=1)
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     duration: Duration
     warmup: Duration = 0.0
     replications: Count = Field(default=1, ge=1, le=10_000)

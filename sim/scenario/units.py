@@ -165,6 +165,7 @@ def parse_rate(value: object) -> float:
 _PARAMS_RE = re.compile(rf"^\s*{_NUM}\s*([kKmMbBtT]?)\s*$")
 _PARAMS_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 MAX_PARAMS = 1e15          # parameters of one model
+MAX_SEED = 2 ** 63 - 1     # a scenario's seed (numpy's generators take it whole)
 
 
 def parse_params(value: object) -> int:
