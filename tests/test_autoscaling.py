@@ -113,3 +113,26 @@ def test_cost_accrues_from_request_to_release(tmp_path):
     assert res.summary["overall"]["cost_usd"] == pytest.approx(expect)
     # instances billed while they start: billed exceeds in service during provisioning
     assert any(f[2] > f[1] for f in fleet)
+
+
+def test_a_scheduled_action_keeps_min_at_most_max():
+    """A scheduled action sets min, max or both and must leave min <= max, the bound it does not set
+    taken from the endpoint's (or the component's) own: refused with the action's key path otherwise."""
+    from sim.scenario import ScenarioError, parse_scenario
+
+    def endpoint(schedule):
+        d = sme(rate=5, duration=600)
+        d["endpoints"][0].update(instances={"min": 1, "max": 3}, autoscaling={
+            "metric": "invocations_per_instance", "target": 5000, "schedule": schedule})
+        return d
+
+    for schedule, key, words in (([{"at": "01:00", "min": 10}], "schedule[0].min", "min 10 is above the instances' max 3"),
+                                 ([{"at": "01:00", "min": 4, "max": 2}], "schedule[0].min", "min 4 is above its max 2"),
+                                 ([{"at": "01:00", "min": 2}, {"at": "02:00", "max": 0}], "schedule[1].max",
+                                  "max 0 is below the instances' min 1"),
+                                 ([{"at": "01:00"}], "schedule[0]", "sets min, max or both")):
+        with pytest.raises(ScenarioError) as e:
+            parse_scenario(endpoint(schedule), source="s.yaml")
+        assert f"endpoints[0].autoscaling.{key}" in str(e.value) and words in str(e.value), str(e.value)
+    sc = parse_scenario(endpoint([{"at": "01:00", "min": 5, "max": 6}, {"at": "02:00", "max": 2}]), source="s.yaml")
+    assert len(sc.endpoints[0].spec.autoscaling.schedule) == 2

@@ -624,6 +624,27 @@ def _check_autoscaling(es: EndpointSpec, where: str, source: str) -> None:
     if es.instances.lo == es.instances.hi and not a.schedule:
         raise ScenarioError(f"autoscaling needs room to scale: set instances: {{min, max}} "
                             f"(now min = max = {es.instances.lo})", source=source, path=f"{where}.instances")
+    _check_schedule(a, es.instances.lo, es.instances.hi, f"{where}.autoscaling", "instances", source)
+
+
+def _check_schedule(a, lo: int, hi: int, where: str, what: str, source: str) -> None:
+    """Each scheduled action sets min, max or both, and leaves min <= max (with the bound it leaves as
+    configured: ``lo``, ``hi``), as Application Auto Scaling requires of a scalable target."""
+    for k, s in enumerate(a.schedule):
+        at = f"{where}.schedule[{k}]"
+        if s.min is None and s.max is None:
+            raise ScenarioError(f"a scheduled action sets min, max or both (the {what} from its time of day)",
+                                source=source, path=at)
+        new_lo = s.min if s.min is not None else lo
+        new_hi = s.max if s.max is not None else hi
+        if new_lo > new_hi:
+            if s.min is not None and s.max is not None:
+                why = f"min {s.min} is above its max {s.max}"
+            elif s.min is not None:
+                why = f"min {s.min} is above the {what}' max {hi} (set max in the action too)"
+            else:
+                why = f"max {s.max} is below the {what}' min {lo} (set min in the action too)"
+            raise ScenarioError(why, source=source, path=f"{at}.{'min' if s.min is not None else 'max'}")
 
 
 def _check_cache_fit(models: list[Model], es: EndpointSpec, it: InstanceType, where: str, source: str) -> None:
@@ -704,6 +725,7 @@ def _resolve_ic(es: EndpointSpec, e: int, index: int, models: list[Model], catal
                 if cs.copies.lo == cs.copies.hi and not a.schedule:
                     raise ScenarioError(f"autoscaling needs room to scale: set copies: {{min, max}} (now min = max "
                                         f"= {cs.copies.lo})", source=source, path=f"{cw}.copies")
+                _check_schedule(a, cs.copies.lo, cs.copies.hi, f"{cw}.autoscaling", "copies", source)
             wake = cs.scale_from_zero
             if wake is not None and cs.copies.lo > 0:
                 raise ScenarioError("scale_from_zero applies to a component with copies.min 0", source=source,
