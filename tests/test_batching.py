@@ -338,6 +338,7 @@ def test_loads_on_an_mme_instances_cpus_receive_their_work_beside_its_requests(p
     ({2: -1.0}, "factor > 0"),
     ({2: float("inf")}, "finite number"),
     ({1: 2.0}, "1 by definition"),
+    ({1: 1.0, 2: 1.5, "2": 1.7}, "level 2 is given twice"),
 ])
 def test_bad_curves_name_the_key(curve, msg):
     d = sme(instance_type="test.gpu1", instance_types=[GPU1])

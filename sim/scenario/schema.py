@@ -139,6 +139,12 @@ class BatchingSpec(Strict):
                 if not ok:
                     raise ValueError(f"slowdown: level {k!r} is not a whole number of requests (expected "
                                      "{k: factor} with k = 1, 2, ...)")
+            seen: dict[int, Any] = {}
+            for k in v:
+                n = int(k)
+                if n in seen:   # 2 and "2" (or "02"): one level twice, the last silently winning otherwise
+                    raise ValueError(f"slowdown: level {n} is given twice ({seen[n]!r} and {k!r})")
+                seen[n] = k
         return v
 
     @field_validator("slowdown")
