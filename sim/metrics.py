@@ -205,7 +205,8 @@ def device_series(run: RawRun, e: int, edges: np.ndarray, rows: np.ndarray | Non
     in_service = _count_integral(s_start, edges) - _count_integral(s_end, edges)
     gpu_up, n_up = _steps_integrals(t_up, w_up, edges)
     gpu_down, n_down = _steps_integrals(t_down, w_down, edges)
-    return gpu_up - gpu_down, in_service, n_up - n_down
+    # (differences of running sums: clipped at 0, where rounding would leave -1e-14 in an idle bin)
+    return np.maximum(gpu_up - gpu_down, 0.0), np.maximum(in_service, 0.0), np.maximum(n_up - n_down, 0.0)
 
 
 def _holding_s(log: EndpointLog, edges: np.ndarray) -> np.ndarray:

@@ -368,3 +368,13 @@ def test_a_token_count_out_of_range_names_the_tokens_range(count):
         parse_scenario(d, source="t.yaml")
     assert f"models[0].tokens.input: expected a whole number of tokens between 0 and {MAX_TOKENS}" in str(e.value)
     assert "1000000000" not in str(e.value)
+
+
+def test_an_sme_artifact_larger_than_the_volume_warns():
+    """A 31 GB artifact on an ml.inf2.xlarge (a 30 GB volume): the warning names both; 30 GB does not warn."""
+    d = sme(instance_type="ml.inf2.xlarge", duration=60.0)
+    d["models"][0]["size_gb"] = 31
+    w = [x for x in parse_scenario(d, source="t.yaml").warnings if "of disk" in x]
+    assert len(w) == 1 and "31 GB" in w[0] and "30 GB" in w[0] and w[0].startswith("endpoints[0].instance_type")
+    d["models"][0]["size_gb"] = 30
+    assert not [x for x in parse_scenario(d, source="t.yaml").warnings if "of disk" in x]

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..catalog import Architecture, Catalog, InstanceType, load_catalog
 from ..hosting.steps import StepTime
 from .errors import ScenarioError, suggest
-from .fit import ic_problem, mme_problem, sme_fit
+from .fit import disk_problem, ic_problem, mme_problem, sme_fit
 from .schema import CacheSpec, EndpointSpec, InstancesSpec, ModelSpec, ScenarioSpec, ServiceSpec, TokensSpec, TrafficSpec
 from .schema import AutoscalingSpec, BatchingSpec, ScaleFromZeroSpec, SustainedSpec
 
@@ -335,6 +335,10 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                 raise ScenarioError(f"duplicate endpoint name {name!r}", source=source, path=f"{where}.name")
             ep_names.add(name)
             copies = _check_fit(m, it, f"{where}.instance_type", source)
+            disk = disk_problem(m, it)
+            if disk is not None:   # (SageMaker downloads the artifact to the instance's volume)
+                warnings.append(f"{where}.instance_type: {disk}: its instances could not download it (the run "
+                                "goes on as if they could); set the type's storage_gb where its volume is larger")
             endpoints.append(Endpoint(len(endpoints), name, es.mode, it, es.instances, es.routing,
                                       _concurrency(es, [m]), es.queue_limit, es.timeout, tuple(ms), copies, es, e,
                                       h2d))
