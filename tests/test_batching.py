@@ -93,7 +93,7 @@ def test_gpu_utilization_counts_draining_instances():
         "endpoints": [{"name": "e", "mode": "sme", "instance_type": "ml.g5.xlarge", "max_concurrency": 16,
                        "instances": {"initial": 3, "min": 1, "max": 3}, "models": ["m"],
                        "autoscaling": {"metric": "invocations_per_instance", "policy": "step",
-                                       "steps": [{"below": 100000, "change": -1}], "scale_in_cooldown": 60}}]}
+                                       "steps": [{"below": 100000, "change": -1}], "scale_out_cooldown": 60}}]}
     res = run_dict(d)
     fleet = np.array(simulate(parse_scenario(copy.deepcopy(d), source="test")).logs[0].fleet)
     assert (fleet[:, 3] > fleet[:, 1]).any()   # instances drained while busy

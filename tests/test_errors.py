@@ -378,3 +378,17 @@ def test_an_sme_artifact_larger_than_the_volume_warns():
     assert len(w) == 1 and "31 GB" in w[0] and "30 GB" in w[0] and w[0].startswith("endpoints[0].instance_type")
     d["models"][0]["size_gb"] = 30
     assert not [x for x in parse_scenario(d, source="t.yaml").warnings if "of disk" in x]
+
+
+def test_keys_their_process_or_policy_does_not_read_warn():
+    """Keys the scenario accepts but its choice ignores are named in a warning each (a run goes on)."""
+    d = sme(traffic={"process": "poisson", "rate": 20, "cv": 5, "think_time": 1})
+    d["endpoints"][0].update(placement="spread", instances={"min": 1, "max": 2}, autoscaling={
+        "metric": "invocations_per_instance", "policy": "step", "steps": [{"above": 100, "change": 1}],
+        "target": 5, "scale_in_cooldown": 60})
+    w = parse_scenario(d, source="t.yaml").warnings
+    for key in ("models[0].traffic.cv", "models[0].traffic.think_time", "endpoints[0].placement",
+                "endpoints[0].autoscaling.target", "endpoints[0].autoscaling.scale_in_cooldown"):
+        assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
+    d = sme(traffic={"process": "gamma", "rate": 20, "cv": 2})
+    assert not [x for x in parse_scenario(d, source="t.yaml").warnings if "does not use" in x]

@@ -256,6 +256,10 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
                                 ms.accelerators, ms.init_time, ms.service, ms.tokens, ms.arch))
         groups.append(Group(g, ms.name, ms.traffic, tuple(idx), ms.service))
         _check_service(ms, g, source)
+        if ms.traffic is not None:
+            for k in ms.traffic.unused():
+                warnings.append(f"models[{g}].traffic.{k}: process {ms.traffic.process!r} does not use it "
+                                f"(it reads {', '.join(ms.traffic.USES[ms.traffic.process])}); ignored")
 
     names = [m.name for m in models]
     served_by: dict[int, str] = {}
@@ -276,8 +280,11 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         if es.mode != "mme" and mme_only:
             raise ScenarioError(f"{mme_only[0]} applies to mode 'mme' endpoints only", source=source,
                                 path=f"{where}.{mme_only[0]}")
+        if "placement" in es.model_fields_set:
+            warnings.append(f"{where}.placement: applies to mode 'ic' endpoints (where copies are placed); ignored")
         if es.autoscaling is not None:
             _check_autoscaling(es, where, source)
+            warnings += _autoscaling_unused(es.autoscaling, f"{where}.autoscaling")
         try:
             it = catalog.instance(es.instance_type)
         except KeyError as err:
@@ -629,6 +636,15 @@ def _check_autoscaling(es: EndpointSpec, where: str, source: str) -> None:
         raise ScenarioError(f"autoscaling needs room to scale: set instances: {{min, max}} "
                             f"(now min = max = {es.instances.lo})", source=source, path=f"{where}.instances")
     _check_schedule(a, es.instances.lo, es.instances.hi, f"{where}.autoscaling", "instances", source)
+
+
+def _autoscaling_unused(a, where: str) -> list[str]:
+    """Warnings for the keys a scaling policy does not read."""
+    unused = (("steps", "datapoints") if a.policy == "target_tracking" else
+              ("target", "scale_out_datapoints", "scale_in_datapoints", "scale_in_ratio", "scale_in_cooldown"))
+    hint = {"scale_in_cooldown": " (step scaling has one cooldown: scale_out_cooldown)"}
+    return [f"{where}.{k}: policy {a.policy!r} does not use it{hint.get(k, '')}; ignored"
+            for k in unused if k in a.model_fields_set]
 
 
 def _check_schedule(a, lo: int, hi: int, where: str, what: str, source: str) -> None:

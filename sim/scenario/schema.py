@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -425,6 +425,17 @@ class TrafficSpec(Strict):
     loop: bool = False
     # how a group's traffic splits over its models
     popularity: dict[str, Any] | Literal["uniform"] = "uniform"
+
+    # the keys each process reads (popularity: every process, for a group's models)
+    USES: ClassVar[dict[str, tuple[str, ...]]] = {"poisson": ("rate",), "gamma": ("rate", "cv"),
+            "diurnal": ("rate", "peak_to_trough", "period", "phase", "hourly_weights"),
+            "mmpp": ("rate", "rate_off", "mean_on", "mean_off"), "closed": ("users", "think_time"),
+            "trace": ("path", "format", "rate_scale", "time_scale", "loop")}
+
+    def unused(self) -> list[str]:
+        """The keys given that its process does not read (ignored: a warning says so)."""
+        uses = set(self.USES[self.process]) | {"process", "popularity"}
+        return [k for k in type(self).model_fields if k in self.model_fields_set and k not in uses]
 
     @model_validator(mode="after")
     def _required(self) -> "TrafficSpec":
