@@ -392,3 +392,23 @@ def test_keys_their_process_or_policy_does_not_read_warn():
         assert sum(x.startswith(key + ":") for x in w) == 1, (key, w)
     d = sme(traffic={"process": "gamma", "rate": 20, "cv": 2})
     assert not [x for x in parse_scenario(d, source="t.yaml").warnings if "does not use" in x]
+
+
+def test_schema_wording_and_a_group_named_by_its_entry():
+    """pydantic's own wording is put as the rest of the messages ("expected ..."), and an endpoint that
+    names a model entry with count > 1 is told its models' names."""
+    for mutate, key, words in ((lambda d: d.update(models=5), "models", "expected a list, got 5"),
+                               (lambda d: d.update(models=[]), "models", "expected at least 1 item, got 0"),
+                               (lambda d: d.update(name="x" * 300), "name", "expected at most 256 characters, got 300")):
+        d = sme()
+        mutate(d)
+        with pytest.raises(ScenarioError) as e:
+            parse_scenario(d, source="t.yaml")
+        assert f"t.yaml: {key}: {words}" in str(e.value), str(e.value)
+    d = sme()
+    d["models"][0].update(name="m1", count=3)
+    d["endpoints"][0].update(mode="mme", models=["m1"])
+    with pytest.raises(ScenarioError, match=r"endpoints\[0\]\.models\[0\]: no model matches 'm1': its entry in "
+                                            r"models has count 3, so its models are m1-0 \.\. m1-2; name them all "
+                                            r"with m1-\*"):
+        parse_scenario(d, source="t.yaml")

@@ -271,6 +271,16 @@ def _message(err: dict) -> str:
                 + ("" if isinstance(got, (dict, list)) else f", got {got!r}"))
     if kind == "int_from_float":
         return f"expected a whole number, got {got!r}"
+    ctx = err.get("ctx", {})
+    if kind == "list_type":
+        return "expected a list" + ("" if isinstance(got, (dict, list)) else f", got {got!r}")
+    if kind == "too_short" and "min_length" in ctx:
+        n = ctx["min_length"]
+        return f"expected at least {n} item{'s' if n != 1 else ''}, got {ctx.get('actual_length', 'fewer')}"
+    if kind in ("too_long", "string_too_long") and "max_length" in ctx:
+        what = "characters" if kind == "string_too_long" else "items"
+        raw = err.get("input")
+        return f"expected at most {ctx['max_length']} {what}, got {len(raw) if hasattr(raw, '__len__') else 'more'}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "int_parsing",
                 "float_parsing", "int_type", "float_type", "bool_type", "string_type", "too_short",
                 "string_too_short",

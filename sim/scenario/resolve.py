@@ -297,6 +297,11 @@ def resolve(spec: ScenarioSpec, *, source: str = "<scenario>", base_dir: Path | 
         for k, pat in enumerate(es.models):
             hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pat)]
             if not hits:
+                group = next((ms for ms in spec.models if ms.name == pat and ms.count > 1 and "{" not in pat), None)
+                if group is not None:   # a group's name: its models are named after it (_expand_name)
+                    raise ScenarioError(f"no model matches {pat!r}: its entry in models has count {group.count}, so "
+                                        f"its models are {pat}-0 .. {pat}-{group.count - 1}; name them all with "
+                                        f"{pat}-*", source=source, path=f"{where}.models[{k}]")
                 raise ScenarioError(f"no model matches {pat!r}{suggest(pat, names + [m.name for m in spec.models])}",
                                     source=source, path=f"{where}.models[{k}]")
             matched += [h for h in hits if h not in matched]
