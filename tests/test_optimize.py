@@ -173,6 +173,10 @@ def test_a_type_the_model_does_not_fit_is_skipped_without_simulating():
     assert len(skipped) == 1 and skipped[0]["status"] == "skipped" and "GPU memory" in skipped[0]["reason"]
     assert set(res.plans["chat.instance_type"]) == {"ml.g6.xlarge"}
     assert res.feasible and res.best_plan["chat"]["instance_type"] == "ml.g6.xlarge"
+    # None weighed fits: an error naming why, not the scenario's own plan on a type not asked for
+    with pytest.raises(ScenarioError, match=r"endpoints\[0\]\.instance_type: no instance type weighed "
+                                            r"\(ml\.g4dn\.xlarge\) can serve endpoint chat: model 'chat' needs 20 GB"):
+        optimize(DEMO, instance_types=["ml.g4dn.xlarge"], max_instances=10, slo="p99=600ms", replications=2)
 
 
 def test_hosting_modes_are_searched_and_the_cheapest_feasible_wins(tmp_path):

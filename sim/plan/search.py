@@ -245,7 +245,7 @@ class EndpointSearch:
         try:
             sc = self._load(self.base_overrides + self.overrides(probe))
         except ScenarioError as err:
-            info.update(status="skipped", reason=str(err))
+            info.update(status="skipped", reason=str(err), problem=err.message)
             return info
         wl = self._workload(sc, e, t)
         horizon = sc.horizon
@@ -473,6 +473,12 @@ class EndpointSearch:
                     else:
                         at = "" if kn is None else f" {kn.kind} {info.get('value')}"
                         self.log(f"{name}: {t} {r}{at} {info['status']}: {info['reason']}")
+        mine = [i for i in self.candidates if i["endpoint"] == name]
+        if mine and all(i["status"] == "skipped" for i in mine):
+            reasons = dict.fromkeys(i.get("problem", i["reason"]) for i in mine)
+            raise ScenarioError(f"no instance type weighed ({', '.join(self.types[e])}) can serve endpoint {name}: "
+                                + "; ".join(list(reasons)[:3]), source=self.source,
+                                path=f"endpoints[{e}].instance_type")
         if kn is None:
             cands.sort(key=lambda i: i["lower_cost_per_hour"])   # stable: the given order breaks ties
         else:   # the cheapest estimate first, so that the others are searched below its cost
@@ -515,7 +521,8 @@ class EndpointSearch:
             return best[1], True
         # Nothing meets the SLO: keep the simulated plan of this endpoint with the lowest figure of the first
         # target (its upper end).
-        evaluated = [(rec["upper"][e], self.ep_cost(e, st[e]), st[e]) for st, rec in self._states_for(e)]
+        evaluated = [(rec["upper"][e], self.ep_cost(e, st[e]), st[e]) for st, rec in self._states_for(e)
+                     if st[e].instance_type in self.types[e]]   # (not the scenario's own type, if not weighed)
         if evaluated:
             evaluated.sort(key=lambda x: (x[0], x[1]))
             return evaluated[0][2], False

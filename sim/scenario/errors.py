@@ -8,6 +8,7 @@ class ScenarioError(Exception):
     def __init__(self, message: str, *, source: str | None = None, path: str | None = None):
         self.source = source
         self.path = path
+        self.message = message   # without its source and key path
         parts = [p for p in (source, path) if p]
         super().__init__(": ".join(parts + [message]))
 
