@@ -220,8 +220,24 @@ def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray
     """Per bin: ``gpu_utilization`` (CloudWatch's GPUUtilization: the busy share of each GPU, summed over
     an instance's GPUs, 0-100 x GPUs, averaged over the instances that hold their GPUs: ``serving_s``,
     their instance-seconds, :func:`_holding_s`) and ``batch_size_mean`` (requests in service per busy
-    device); NaN where undefined. ``rows``, ``memo``: as :func:`device_series`."""
+    device; a continuous-batching copy's: its running sequences); NaN where undefined. ``rows``, ``memo``: as :func:`device_series`."""
     busy_gpu, in_service, busy = device_series(run, e, edges, rows, memo)
+    log = run.logs[e]
+    if log.llm:
+        # A continuous-batching copy's batch is its running sequences (its engine's log), not the requests
+        # it admitted once: a preempted sequence waits out of the batch until admitted again.
+        c = run.columns
+        if rows is None:
+            rows = np.flatnonzero(run.endpoint_of_model[c["model"]] == e)
+        cb = np.array([getattr(m, "llm", None) is not None for m in run.scenario.models])
+        sel = rows[cb[c["model"][rows]] & np.isfinite(c["start"][rows]) & (c["device"][rows] >= 0)]
+        start = c["start"][sel]
+        served = c["served_end"][sel]
+        horizon = run.scenario.horizon
+        end = np.maximum(np.minimum(np.where(np.isfinite(served), served, horizon), horizon), start)
+        admitted = (_count_integral(np.sort(start, kind="stable"), edges)
+                    - _count_integral(np.sort(end, kind="stable"), edges))
+        in_service = np.maximum(in_service - admitted + llm_series(log, edges)["running_seqs"] * np.diff(edges), 0.0)
     gpus = run.scenario.endpoints[e].instance_type.gpus
     util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
     return {"gpu_utilization": util if gpus > 0 else np.full(len(util), np.nan),

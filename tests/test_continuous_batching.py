@@ -876,3 +876,21 @@ def test_timed_out_rows_are_the_clients_view(max_concurrency):
     ok = r[r["status"] == "ok"]
     np.testing.assert_allclose(ok["tpot_ms"], (ok["latency_ms"] - ok["ttft_ms"]) / (ok["output_tokens"] - 1),
                                rtol=1e-9)
+
+
+def test_batch_size_counts_running_sequences_not_preempted_ones():
+    """A KV cache of 1 GB on each of two tensor-parallel copies (ml.g5.12xlarge, 4 GPUs): most admitted
+    sequences wait preempted. batch_size_mean is the running sequences per busy copy (both busy all
+    along: half the endpoint's running_seqs), not the requests admitted once (about 27 here before)."""
+    d = {"name": "y", "seed": 1, "duration": 120, "models": [{
+        "name": "lm", "architecture": "llama-2-7b", "accelerators": 2, "tokens": {"input": 500, "output": 200},
+        "service": {"continuous_batching": {"max_num_seqs": 32, "kv_cache_gb": 1}},
+        "traffic": {"process": "poisson", "rate": 2}}],
+        "endpoints": [{"name": "e", "mode": "sme", "instance_type": "ml.g5.12xlarge", "instances": 1,
+                       "models": ["lm"]}]}
+    res = sim.run(parse_scenario(d, source="kv"))
+    e = res.summary["endpoints"]["e"]
+    assert e["preemptions"] > 50 and e["waiting_seqs"] > 10 * e["running_seqs"] / 2
+    assert e["batch_size_mean"] == pytest.approx(e["running_seqs"] / 2, rel=0.02)
+    tl = res.timeline
+    np.testing.assert_allclose(tl["batch_size_mean"], tl["running_seqs"] / 2, rtol=0.05)
