@@ -220,7 +220,8 @@ def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray
     """Per bin: ``gpu_utilization`` (CloudWatch's GPUUtilization: the busy share of each GPU, summed over
     an instance's GPUs, 0-100 x GPUs, averaged over the instances that hold their GPUs: ``serving_s``,
     their instance-seconds, :func:`_holding_s`) and ``batch_size_mean`` (requests in service per busy
-    device; a continuous-batching copy's: its running sequences); NaN where undefined. ``rows``, ``memo``: as :func:`device_series`."""
+    device; a continuous-batching copy's: its running sequences); NaN where undefined. ``rows``, ``memo``:
+    as :func:`device_series`."""
     busy_gpu, in_service, busy = device_series(run, e, edges, rows, memo)
     log = run.logs[e]
     if log.llm:
@@ -237,7 +238,8 @@ def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray
         end = np.maximum(np.minimum(np.where(np.isfinite(served), served, horizon), horizon), start)
         admitted = (_count_integral(np.sort(start, kind="stable"), edges)
                     - _count_integral(np.sort(end, kind="stable"), edges))
-        in_service = np.maximum(in_service - admitted + llm_series(log, edges)["running_seqs"] * np.diff(edges), 0.0)
+        running = llm_series(log, edges)["running_seqs"] * np.diff(edges)
+        in_service = np.maximum(in_service - admitted + running, 0.0)
     gpus = run.scenario.endpoints[e].instance_type.gpus
     util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
     return {"gpu_utilization": util if gpus > 0 else np.full(len(util), np.nan),

@@ -126,7 +126,8 @@ def test_a_scheduled_action_keeps_min_at_most_max():
             "metric": "invocations_per_instance", "target": 5000, "schedule": schedule})
         return d
 
-    for schedule, key, words in (([{"at": "01:00", "min": 10}], "schedule[0].min", "min 10 is above the instances' max 3"),
+    for schedule, key, words in (([{"at": "01:00", "min": 10}], "schedule[0].min",
+                                  "min 10 is above the instances' max 3"),
                                  ([{"at": "01:00", "min": 4, "max": 2}], "schedule[0].min", "min 4 is above its max 2"),
                                  ([{"at": "01:00", "min": 2}, {"at": "02:00", "max": 0}], "schedule[1].max",
                                   "max 0 is below the instances' min 1"),

@@ -399,7 +399,8 @@ def test_schema_wording_and_a_group_named_by_its_entry():
     names a model entry with count > 1 is told its models' names."""
     for mutate, key, words in ((lambda d: d.update(models=5), "models", "expected a list, got 5"),
                                (lambda d: d.update(models=[]), "models", "expected at least 1 item, got 0"),
-                               (lambda d: d.update(name="x" * 300), "name", "expected at most 256 characters, got 300")):
+                               (lambda d: d.update(name="x" * 300), "name",
+                                "expected at most 256 characters, got 300")):
         d = sme()
         mutate(d)
         with pytest.raises(ScenarioError) as e:
