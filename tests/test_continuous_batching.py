@@ -894,3 +894,22 @@ def test_batch_size_counts_running_sequences_not_preempted_ones():
     assert e["batch_size_mean"] == pytest.approx(e["running_seqs"] / 2, rel=0.02)
     tl = res.timeline
     np.testing.assert_allclose(tl["batch_size_mean"], tl["running_seqs"] / 2, rtol=0.05)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 4, 5])
+def test_a_request_longer_than_the_cache_on_an_mme_instance_ends_apart(seed):
+    """Two 7B language models on one A10G mme instance (room for one at a time), KV caches of 0.2 GB that
+    some prompts overflow: such a request ends as no capacity in an event of its own. Refused inside its
+    start, it ran the endpoint's done() there, which could unload the model while the instance started
+    the model's next waiting request (a KeyError on these seeds)."""
+    tok = {"input": {"dist": "exponential", "mean": 200}, "output": 300}
+    d = {"name": "mme-llm", "seed": seed, "duration": 60, "models": [
+        {"name": f"m{k}", "architecture": "llama-2-7b", "tokens": tok,
+         "service": {"continuous_batching": {"kv_cache_gb": 0.2}}, "traffic": {"process": "poisson", "rate": 3}}
+        for k in range(2)],
+        "endpoints": [{"name": "e", "mode": "mme", "instance_type": "ml.g5.xlarge", "instances": 1,
+                       "models": ["m0", "m1"]}]}
+    r = sim.run(parse_scenario(d, source="mme-llm")).requests
+    refused = r["status"] == "no_capacity"
+    assert refused.sum() > 10 and (r["input_tokens"] + r["output_tokens"])[refused].min() > 300
+    assert (r["status"] == "ok").any() and r["status"].notna().all()

@@ -99,7 +99,7 @@ class ContinuousBatching(Device):
                  "_running", "_pending", "_run", "_chunks", "_log", "_llm", "_cbs", "_firing", "_dw", "_D",
                  "_sum", "_cnt", "_heap", "_keys", "_tin", "_tout", "_nopen", "_first", "_startc", "_svc", "_one",
                  "_ov", "_spares", "_ahead", "_ahead_open", "_undo", "_p", "_queue", "_eid", "_maxtok",
-                 "_dcol", "_t1", "_eager", "_engine", "_eager_ok", "_void", "_entry")
+                 "_dcol", "_t1", "_eager", "_engine", "_eager_ok", "_void", "_entry", "_refuse_cbs")
 
     def __init__(self, devices: DeviceSet, index: int, done: Done, cfg):
         super().__init__(devices, index, done)
@@ -122,6 +122,7 @@ class ContinuousBatching(Device):
         self._log = devices.log
         self._llm = devices.log.llm
         self._cbs = [self._end_step]
+        self._refuse_cbs = [self._refuse]
         self._firing = False                 # in _end_step: a start there waits for its next step
         self._dw = 0                         # sequences queued meanwhile, not yet in the log
         self._D = 0                          # decode clock: steps run so far
@@ -174,9 +175,11 @@ class ContinuousBatching(Device):
         if tout < 1:
             tout = 1
         if tin + tout > self._maxtok:   # more blocks than the cache has: ceil(tokens / block_size) > blocks
-            # longer than the whole cache holds (vLLM refuses a prompt beyond max_model_len)
-            self.done(i, self)
-            self._r.status[i] = NO_CAPACITY
+            # longer than the whole cache holds (vLLM refuses a prompt beyond max_model_len): refused at this
+            # instant as an event of its own, so that the endpoint's done() does not run inside its start()
+            # (an mme instance could unload the model there while it starts that model's next request)
+            self.busy += 1
+            heappush(self._queue, (now, NORMAL, next(self._eid), Call(self._refuse_cbs, i)))
             return
         self.busy += 1
         seq = _new(_Seq)   # _Seq(i, tin, tout), without the call to __init__
@@ -203,6 +206,15 @@ class ContinuousBatching(Device):
                 self._join_ahead(seq)
         elif self._run is not None and len(self._running) + len(self._prefill) < self._max_seqs:
             self._cut_run(now)
+
+    def _refuse(self, call: Call) -> None:
+        """A request longer than the whole cache (:meth:`start`) ends, as no capacity."""
+        if self.dead:   # (the instance failed meanwhile: its failure took the request)
+            return
+        self.busy -= 1
+        i = call.arg
+        self.done(i, self)
+        self._r.status[i] = NO_CAPACITY
 
     def stop(self) -> None:
         if self._env._now < self._t1:
