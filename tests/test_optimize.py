@@ -230,3 +230,17 @@ def test_a_bare_slo_target_far_beyond_seconds_gets_a_note():
     assert unit_hints("p99=2000ms,p50=2s") == unit_hints(None) == []
     res = optimize(DEMO, instance_types=["ml.g6.xlarge"], max_instances=2, slo="p99=2000", replications=1)
     assert any(n.startswith("--slo slo.p99: 2000 is") for n in res.notes)
+
+
+def test_a_closed_loop_language_model_is_sized(tmp_path):
+    """A closed loop of 4 users on a continuous-batching 7B model: its knob (max_num_seqs) has no capacity
+    estimate to weigh (no arrival rate), and the search sorted its candidates on that estimate (KeyError)."""
+    d = {"name": "closed", "seed": 1, "duration": 60, "models": [{
+        "name": "c", "architecture": "mistral-7b", "tokens": {"input": 200, "output": 50},
+        "service": {"continuous_batching": {}}, "traffic": {"process": "closed", "users": 4, "think_time": 1}}],
+        "endpoints": [{"name": "c", "mode": "sme", "instance_type": "ml.g6e.xlarge", "instances": 1,
+                       "models": ["c"]}], "slo": {"p99": 30}}
+    path = tmp_path / "closed.yaml"
+    path.write_text(yaml.safe_dump(d))
+    res = optimize(path, max_instances=3, replications=2)
+    assert res.feasible and res.best_plan["c"]["instance_type"] == "ml.g6e.xlarge"

@@ -482,7 +482,8 @@ class EndpointSearch:
         if kn is None:
             cands.sort(key=lambda i: i["lower_cost_per_hour"])   # stable: the given order breaks ties
         else:   # the cheapest estimate first, so that the others are searched below its cost
-            cands.sort(key=lambda i: (math.inf if i["estimated_cost_per_hour"] is None else
+            # (a type whose knob was not weighed, knob_bounds' first return, has no estimate)
+            cands.sort(key=lambda i: (math.inf if i.get("estimated_cost_per_hour") is None else
                                       i["estimated_cost_per_hour"], i["lower_cost_per_hour"]))
         best: tuple[float, Choice] | None = None
         for info in cands:
