@@ -913,3 +913,24 @@ def test_a_request_longer_than_the_cache_on_an_mme_instance_ends_apart(seed):
     refused = r["status"] == "no_capacity"
     assert refused.sum() > 10 and (r["input_tokens"] + r["output_tokens"])[refused].min() > 300
     assert (r["status"] == "ok").any() and r["status"].notna().all()
+
+
+def test_a_retried_request_s_first_token_is_its_retry_s():
+    """Instance 0 of 2 fails at 20 s with in-flight requests retried on instance 1: a retried request's
+    answer is generated again, so its first token (TTFT) is its retry's, after its (new) start; it kept
+    the failed attempt's (6 ms on a request that waited 1.5 s for its retry)."""
+    d = {"name": "fail-ttft", "seed": 5, "duration": 60, "models": [{
+        "name": "m", "architecture": "llama-2-7b", "tokens": {"input": 100, "output": 300},
+        "service": {"continuous_batching": {"step": {"base": "5ms", "per_prefill_token": "0.01ms",
+                                                     "per_decode_seq": "0.1ms", "per_kv_token": "0.05us"}}},
+        "traffic": {"process": "poisson", "rate": 1}}],
+        "endpoints": [{"name": "e", "mode": "sme", "instance_type": "ml.g5.xlarge", "instances": 2,
+                       "routing": "round_robin", "models": ["m"],
+                       "failures": {"events": [{"at": "20s", "instance": 0}], "in_flight": "retry"}}]}
+    r = sim.run(parse_scenario(d, source="retry")).requests
+    ok = r[r["status"] == "ok"]
+    retried = ok[(ok["arrival_s"] < 20) & (ok["end_s"] > 20) & (ok["instance"] == 1) & (ok["start_s"] >= 20)]
+    assert len(retried) >= 1
+    assert (ok["ttft_ms"] >= ok["wait_ms"] - 1e-6).all()
+    np.testing.assert_allclose(ok["tpot_ms"], (ok["latency_ms"] - ok["ttft_ms"]) / (ok["output_tokens"] - 1),
+                               rtol=1e-9)

@@ -317,6 +317,8 @@ class EndpointRuntime:
                 r.start[i] = float("nan")
                 r.cold[i] = False
                 r.load[i] = 0.0
+                if r.first_token is not None:   # the retry generates its answer again, first token too
+                    r.first_token[i] = float("nan")
                 self.arrive(i)
             else:
                 engine.finish(i, INSTANCE_FAILURE, now)
