@@ -464,12 +464,13 @@ def sweep(scenario, grids, replications, out, scheduler, workers, overrides, ret
 
 
 def _sweep_params(table) -> list[str]:
-    """The swept keys: the table's columns before its figures, less the point's own columns."""
+    """The swept keys: the table's columns before its figures, less the point's own columns (its seed too,
+    unless the grid sweeps it)."""
     from .plan.sweep import META_COLUMNS
 
     params = []
     for c in table.columns:
-        if c in META_COLUMNS:
+        if c in META_COLUMNS and not (c == "seed" and table["seed"].nunique() > 1):   # (a grid over seed)
             continue
         if c == "requests":
             break

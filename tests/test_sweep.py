@@ -57,6 +57,19 @@ def test_cli_bad_grid_is_one_paragraph(tmp_path):
     assert out.startswith("error: ") and "s.yaml (--grid)" in out and "'foo'" in out and "\n" not in out
 
 
+def test_cli_table_shows_a_swept_seed(tmp_path):
+    """The seed is a point's own column, left out of the printed table, unless the grid sweeps it."""
+    from sim.cli import _sweep_params
+
+    path = write_scenario(tmp_path, duration=20.0, warmup=0.0)
+    r = CliRunner().invoke(main, ["sweep", str(path), "--grid", "seed=1,2", "--workers", "1",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(tmp_path / "o" / "results.csv")
+    assert _sweep_params(table) == ["seed"]
+    assert _sweep_params(table.assign(seed=1)) == []
+
+
 def test_table_figures_cis_files_and_seeds_as_sim_run(tmp_path):
     path = write_scenario(tmp_path)
     out = tmp_path / "sw"
