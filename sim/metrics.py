@@ -139,8 +139,9 @@ def _endpoint_rows(run: RawRun, memo: dict | None) -> list[np.ndarray]:
 
 def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndarray, ...] | None:
     """What :func:`device_series` integrates for endpoint ``e``, whatever the bins: its requests' start and
-    end times of service, sorted, and the times (sorted) and GPUs of its devices' busy periods' starts and
-    ends; None when none of its requests was served on a device."""
+    end times of service, sorted (but a continuous-batching model's: its batch is its engine's running
+    sequences, :func:`device_figures`), and the times (sorted) and GPUs of its devices' busy periods'
+    starts and ends; None when none of its requests was served on a device."""
     c = run.columns
     if rows is None:
         rows = np.flatnonzero(run.endpoint_of_model[c["model"]] == e)
@@ -177,6 +178,9 @@ def _busy_periods(run: RawRun, e: int, rows: np.ndarray | None) -> tuple[np.ndar
         gpus = run.device_gpus if len(run.device_gpus) else np.zeros(int(d.max()) + 1)
     t_up, g_up = t[up], gpus[d[up]].astype(float)
     t_down, g_down = t[down], gpus[d[down]].astype(float)
+    if run.logs[e].llm:   # (a preempted sequence waits out of its copy's batch: not in service)
+        batched = np.array([getattr(m, "llm", None) is None for m in run.scenario.models])[c["model"][sel]]
+        start, end = start[batched], end[batched]
     return (np.sort(start, kind="stable"), np.sort(end, kind="stable"), *_sorted_steps(t_up, g_up),
             *_sorted_steps(t_down, g_down))
 
@@ -224,22 +228,8 @@ def device_figures(run: RawRun, e: int, edges: np.ndarray, serving_s: np.ndarray
     as :func:`device_series`."""
     busy_gpu, in_service, busy = device_series(run, e, edges, rows, memo)
     log = run.logs[e]
-    if log.llm:
-        # A continuous-batching copy's batch is its running sequences (its engine's log), not the requests
-        # it admitted once: a preempted sequence waits out of the batch until admitted again.
-        c = run.columns
-        if rows is None:
-            rows = np.flatnonzero(run.endpoint_of_model[c["model"]] == e)
-        cb = np.array([getattr(m, "llm", None) is not None for m in run.scenario.models])
-        sel = rows[cb[c["model"][rows]] & np.isfinite(c["start"][rows]) & (c["device"][rows] >= 0)]
-        start = c["start"][sel]
-        served = c["served_end"][sel]
-        horizon = run.scenario.horizon
-        end = np.maximum(np.minimum(np.where(np.isfinite(served), served, horizon), horizon), start)
-        admitted = (_count_integral(np.sort(start, kind="stable"), edges)
-                    - _count_integral(np.sort(end, kind="stable"), edges))
-        running = llm_series(log, edges)["running_seqs"] * np.diff(edges)
-        in_service = np.maximum(in_service - admitted + running, 0.0)
+    if log.llm:   # a continuous-batching copy's batch: its running sequences (its engine's log)
+        in_service = in_service + llm_series(log, edges)["running_seqs"] * np.diff(edges)
     gpus = run.scenario.endpoints[e].instance_type.gpus
     util = np.where(serving_s > 0, 100.0 * busy_gpu / np.where(serving_s > 0, serving_s, 1.0), np.nan)
     return {"gpu_utilization": util if gpus > 0 else np.full(len(util), np.nan),
@@ -795,7 +785,8 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
                 out[k] = merge([v if isinstance(v, dict) else {} for v in vals])
                 continue
             numbers = [v for v in vals if isinstance(v, (int, float))]
-            if any(k not in b for b in blocks) or len(numbers) + vals.count(None) < r:
+            lacked = any(k not in b for b in blocks)
+            if lacked or len(numbers) + vals.count(None) < r:
                 # a key some replication lacks, or not a number (a name): null, or the first's
                 out[k] = None if any(v is None for v in vals) else vals[0]
                 if numbers:
