@@ -67,8 +67,9 @@ _SHARED_TAIL = ("CPU workers sharing cores: the simulated P99 is short of the me
                 "half, and long on some (README, Limits that still hold)")
 _SHARED_MEDIAN = ("the shared-device cases' median follows the machine's speed during the measured replay against its "
                   "calibrations' (README, Limits that still hold)")
-_LLM_OFF = ("the language model's simulated latency is off the measured by up to a fifth, fast on most runs and slow "
-            "on some (README, Limits that still hold)")
+_LLM_OFF = ("the language model's simulated latency follows this machine's speed during the measured replay against "
+            "its calibrations' (about -2.7 times that gap at P50), and a 60 s replay's tail is one draw of its slow "
+            "stretches (README, Limits that still hold)")
 KNOWN_GAPS: dict[str, dict[str, tuple[float, str]]] = {
     # worst on a mean: P50 +12.1% and -12.0%, P99 -35.4% and +28.3% (sme_concurrent) and -58.5% (mme_shared, its
     # whole replay, the first second's loads in it: -35.2% from 1 s on)

@@ -224,6 +224,27 @@ def test_the_step_rows_count_the_whole_iteration_but_not_the_idle_wait():
     assert f["per_decode_seq"] == pytest.approx(2.1e-4, rel=0.1)
 
 
+def test_a_replays_level_weighs_each_step_by_its_sequences_and_calibrations_grow_with_the_replay():
+    """The level the latencies feel: a step's time counts once per sequence in it, so one-sequence steps
+    50% slower than the fit, beside as many exact 8-sequence steps, raise the level by their share of
+    the sequences' time (about 4%), where the steps' median ratio would say 1.5 (51 of 101 steps)."""
+    pytest.importorskip("torch")
+    from calibration.testbed import llm
+
+    coef = {"base": 1e-3, "per_prefill_token": 0.0, "per_decode_seq": 1e-4, "per_kv_token": 0.0}
+    n = [1, 8] * 50 + [1]
+    dt = [(1e-3 + 1e-4 * k) * (1.5 if k == 1 else 1.0) for k in n]
+    b = np.r_[0.0, np.cumsum(dt)[:-1]]
+    steps = {"begin_s": b.tolist(), "end_s": (b + dt).tolist(), "n": n, "K": [0] * len(n), "p": [0] * len(n),
+             "prefill_seqs": [0] * len(n), "waited_s": [0.0] * len(n)}
+    t1, t8 = 1.1e-3, 1.8e-3
+    assert llm.step_level(coef, steps) == pytest.approx((51 * 1.5 * t1 + 50 * 8 * t8) / (51 * t1 + 50 * 8 * t8))
+    # each calibration replay: CALIBRATION_S, or a share of a longer measured replay
+    assert llm.calibration_span([(0.0, 5, 5), (60.0, 5, 5)]) == llm.CALIBRATION_S
+    assert llm.calibration_span([(0.0, 5, 5), (240.0, 5, 5)]) == pytest.approx(llm.CALIBRATION_SHARE * 240.0)
+    assert llm.calibration_span([]) == llm.CALIBRATION_S
+
+
 def test_the_step_fit_carries_the_mean_step_time_of_skewed_steps():
     """A loop whose steps are mostly typical and sometimes slow (1 in 10 takes 1.6 times as long: a mean
     of 1.06 times the typical): the simulator's steps take their predicted time exactly, so the fit
