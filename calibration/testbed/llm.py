@@ -390,7 +390,7 @@ def step_level(coef: dict, steps: dict) -> float | None:
 def _level(coef: dict, X: np.ndarray, y: np.ndarray, w: np.ndarray) -> float | None:
     """The steps' measured time over the fit's, each step weighted by its sequences (the time the
     requests feel: see fit_steps); None without steps. A median ratio of step times, unweighted, is
-    set by the many steps of one or two sequences: on ten quick runs of 2026-12-06 and 2026-12-07 the
+    set by the many steps of one or two sequences: on ten quick runs of 2026-12-07 the
     weighted gap of the measured replay against its calibrations correlated -0.98 with the simulated
     P50's error (about -2.7% per 1% of gap), the median one -0.71."""
     if not len(y):
