@@ -435,12 +435,14 @@ def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, cold_wait: np.ndarray
     lw = loads[(loads["queued"] >= t0) & (loads["queued"] < t1)]
     done = lw.dropna(subset=["end"])
     edges = np.array([t0, t1])
-    serving_s, _, _ = _fleet_integrals(log.fleet, t0, t1)
+    # per instance holding its memory: in service or draining (a draining instance keeps what it loaded
+    # until its last request ends)
+    holding_s = float(_holding_s(log, edges)[0])
     mem = _memory_series(log, edges)
     gcap, hcap, dcap = log.capacity
     window = ep.cache.thrash_window if ep.mode == "mme" else 600.0
     th = thrashing(log, window, loads)[((loads["queued"] >= t0) & (loads["queued"] < t1)).to_numpy()]
-    pct = lambda used, cap: float(100.0 * used / (cap * serving_s)) if cap > 0 and serving_s > 0 else None  # noqa
+    pct = lambda used, cap: float(100.0 * used / (cap * holding_s)) if cap > 0 and holding_s > 0 else None  # noqa
     return {
         "ModelCacheHit": None,  # filled from cache_hit_rate by the caller
         "ModelLoadingWaitTime_ms": float(cold_wait.mean() * 1e3) if len(cold_wait) else None,
@@ -448,7 +450,7 @@ def _cloudwatch(run: RawRun, e: int, t0: float, t1: float, cold_wait: np.ndarray
         if done["downloaded"].any() else None,
         "ModelLoadingTime_ms": float((done["end"] - done["start"]).mean() * 1e3) if len(done) else None,
         "ModelUnloadingTime_count": int(sum(1 for t, _, _ in log.unloads if t0 <= t < t1)),
-        "LoadedModelCount": float(mem["loaded"][0] / serving_s) if serving_s > 0 else None,
+        "LoadedModelCount": float(mem["loaded"][0] / holding_s) if holding_s > 0 else None,
         "LoadedModelCount_max": max((int(p[3]) for p in log.peaks.values()), default=None),
         "GPUMemoryUtilization": pct(mem["gpu"][0], gcap),
         "MemoryUtilization": pct(mem["host"][0], hcap),
@@ -709,6 +711,7 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
         wait_sum = np.histogram(starts[cold], bins=edges, weights=c["load"][served][cold])[0]
         wait_n = _bin_counts(starts[cold], edges)
         mem = _memory_series(log, edges)
+        holding_s = _holding_s(log, edges)   # the memory figures: per instance holding it (as _cloudwatch's)
         gcap, hcap, dcap = log.capacity
         loads = _loads_frame(log)
         done = loads.dropna(subset=["end"])
@@ -733,7 +736,7 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
             "invocations": inv,
             "in_flight": in_flight,
             "loaded_models": mem["loaded"] / width,
-            "gpu_memory_utilization": ratio(mem["gpu"], gcap * serving_s),
+            "gpu_memory_utilization": ratio(mem["gpu"], gcap * holding_s),
             "model_cache_hit": ratio(hits, tot),
             "cost_usd": pricing.cost(it, billed),
             "cold_starts": n_loads,
@@ -744,12 +747,12 @@ def timeline(run: RawRun, memo: dict | None = None) -> pd.DataFrame:
             "ModelDownloadingTime_ms": ratio(dl_sum, dl_n, 1e3),
             "ModelLoadingTime_ms": ratio(load_sum, load_n, 1e3),
             "ModelUnloadingTime_count": unloads,
-            "LoadedModelCount": ratio(mem["loaded"], serving_s),
-            "GPUMemoryUtilization": ratio(mem["gpu"], gcap * serving_s, 100.0),
-            "MemoryUtilization": ratio(mem["host"], hcap * serving_s, 100.0),
-            "DiskUtilization": ratio(mem["disk"], dcap * serving_s, 100.0),
+            "LoadedModelCount": ratio(mem["loaded"], holding_s),
+            "GPUMemoryUtilization": ratio(mem["gpu"], gcap * holding_s, 100.0),
+            "MemoryUtilization": ratio(mem["host"], hcap * holding_s, 100.0),
+            "DiskUtilization": ratio(mem["disk"], dcap * holding_s, 100.0),
         }
-        dev = device_figures(run, e, edges, _holding_s(log, edges), sel, memo)
+        dev = device_figures(run, e, edges, holding_s, sel, memo)
         if memo is not None:
             memo.pop(("busy_periods", e), None)
         cols["gpu_utilization"] = cols["GPUUtilization"] = dev["gpu_utilization"]

@@ -77,7 +77,9 @@ def _prewarm(engine: Engine, scenario: Scenario, rt: EndpointRuntime, streams: S
             tin = tout = np.zeros(1, dtype=np.int64)
             svc = float(service_times(rng, spec, tin, tout, 1)[0])
             u = rng.random(2)
-            i = r.append(engine.env.now, m, svc, 0, 0, float(u[0]), float(u[1]))
+            # (a language model's ping: one prompt token and one output token, what its engine serves and records)
+            tok = 1 if scenario.models[m].llm is not None else 0
+            i = r.append(engine.env.now, m, svc, tok, tok, float(u[0]), float(u[1]))
             engine.inject(i)
         yield engine.env.timeout(interval)
 

@@ -101,6 +101,35 @@ def test_gpu_utilization_counts_draining_instances():
     assert 90.0 < res.summary["endpoints"]["e"]["gpu_utilization"] <= 100.0 + 1e-9
 
 
+@pytest.mark.parametrize("mode", ["sme", "mme"])
+def test_memory_figures_count_draining_instances(mode):
+    """The same scale-in, one model of 12 GB on each 24 GB GPU: a draining instance keeps its model
+    loaded until its last request ends, so the memory figures average over the instances holding
+    memory (in service or draining): GPU memory at 50% all along, one model loaded per instance, where
+    an mme endpoint counted a draining instance's model against the instances in service (up to
+    100%, two models an instance) and an sme endpoint dropped it before it was unloaded."""
+    d = {"name": "g", "seed": 1, "duration": 300, "models": [{
+        "name": "m", "size_gb": 1, "memory_gb": 12, "traffic": {"process": "poisson", "rate": 1},
+        "service": {"dist": "deterministic", "mean": 30, "batching": {"slowdown": {1: 1, 8: 2}}}}],
+        "endpoints": [{"name": "e", "mode": mode, "instance_type": "ml.g5.xlarge", "max_concurrency": 16,
+                       "instances": {"initial": 3, "min": 1, "max": 3}, "models": ["m"],
+                       "autoscaling": {"metric": "invocations_per_instance", "policy": "step",
+                                       "steps": [{"below": 100000, "change": -1}], "scale_out_cooldown": 60}}]}
+    res = run_dict(d)
+    fleet = np.array(simulate(parse_scenario(copy.deepcopy(d), source="test")).logs[0].fleet)
+    assert (fleet[:, 3] > fleet[:, 1]).any()   # instances drained while busy
+    tl = res.timeline
+    loaded = tl["t_s"] >= 60   # (the first minute: the first loads)
+    assert tl.loc[loaded, "gpu_memory_utilization"].to_numpy() == pytest.approx(0.5)
+    assert (tl["LoadedModelCount"] <= 1.0 + 1e-9).all()
+    cw = res.summary["endpoints"]["e"]["cloudwatch"]
+    assert cw["GPUMemoryUtilization"] <= 50.0 + 1e-9
+    if mode == "sme":
+        assert cw["GPUMemoryUtilization"] == pytest.approx(50.0) and cw["LoadedModelCount"] == pytest.approx(1.0)
+    else:
+        assert cw["LoadedModelCount"] <= cw["LoadedModelCount_max"] == 1
+
+
 # -- theory -------------------------------------------------------------------------------------------------------
 def _chain_mean_sojourn(lam: float, mean: float, curve: dict, K: int, n_max: int = 4000) -> float:
     f = slowdown_table(curve)

@@ -239,6 +239,21 @@ def test_prewarming_keeps_every_model_loaded():
     assert not late["cold"].any()
 
 
+def test_a_language_models_ping_is_a_one_token_request():
+    """A pre-warming ping of a language model is served as one prompt token and one output token, and
+    recorded so (not as 0 and 0 beside a TTFT): its row says what the engine served."""
+    d = {"name": "p", "seed": 1, "duration": 300, "models": [{
+        "name": "m0", "architecture": "mistral-7b", "tokens": {"input": 200, "output": 50},
+        "service": {"continuous_batching": {}}, "traffic": {"process": "poisson", "rate": 0.2}}],
+        "endpoints": [{"name": "ep", "mode": "mme", "instance_type": "ml.g6e.xlarge", "instances": 1,
+                       "prewarm": "1m", "models": ["m0"]}]}
+    r = run_dict(d).requests
+    pings = r[r["input_tokens"] < 200]
+    assert len(pings) == 5 and (pings["arrival_s"] % 60 == 0).all()
+    assert (pings["input_tokens"] == 1).all() and (pings["output_tokens"] == 1).all()
+    assert (pings["ttft_ms"] == pings["latency_ms"]).all() and pings["tpot_ms"].isna().all()
+
+
 def test_instance_concurrency_workers_serve_and_load_oldest_first(tmp_path):
     """One worker runs requests and loads alike, the longest-waiting job first (exact times)."""
     trace = tmp_path / "t.csv"

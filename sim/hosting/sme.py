@@ -55,8 +55,12 @@ class SMEEndpoint(EndpointRuntime):
     def _copies_per_instance(self) -> int:
         return self.ep.copies_per_instance
 
+    def _release(self, inst: Instance) -> None:
+        self._log_memory()   # (a draining instance held its copies until now)
+
     def _log_memory(self) -> None:
-        n, c, m = len(self.active), self.ep.copies_per_instance, self.model
+        # the instances holding their copies: in service or draining (their requests still running)
+        n, c, m = len(self.active) + self.draining, self.ep.copies_per_instance, self.model
         on_gpu = self.ep.instance_type.gpus > 0 and m.accelerators > 0
         self.log.memory.append((self.engine.env._now, n * c, n * c * m.memory_gb if on_gpu else 0.0,
                                 n * c * (m.host_memory_gb + (0.0 if on_gpu else m.memory_gb)), n * m.size_gb))
