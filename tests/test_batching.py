@@ -83,20 +83,27 @@ def test_device_metrics(tmp_path):
     assert res.timeline["gpu_utilization"].iloc[0] == pytest.approx(100 * 2.5 / 30)
 
 
-def test_gpu_utilization_counts_draining_instances():
+def _scaled_in_while_busy(mode: str = "sme", **model):
     """Three instances scaled in to one by a step policy while 30 s requests (a curve, up to 16 at once)
-    still run on them: a draining instance's GPU stays busy out of service, so GPUUtilization averages
-    over the instances holding their GPUs (in service or draining), never above 100 per GPU."""
+    still run on them; the run's result, after checking that instances drained while busy."""
     d = {"name": "g", "seed": 1, "duration": 300, "models": [{
         "name": "m", "size_gb": 1, "traffic": {"process": "poisson", "rate": 1},
-        "service": {"dist": "deterministic", "mean": 30, "batching": {"slowdown": {1: 1, 8: 2}}}}],
-        "endpoints": [{"name": "e", "mode": "sme", "instance_type": "ml.g5.xlarge", "max_concurrency": 16,
+        "service": {"dist": "deterministic", "mean": 30, "batching": {"slowdown": {1: 1, 8: 2}}}, **model}],
+        "endpoints": [{"name": "e", "mode": mode, "instance_type": "ml.g5.xlarge", "max_concurrency": 16,
                        "instances": {"initial": 3, "min": 1, "max": 3}, "models": ["m"],
                        "autoscaling": {"metric": "invocations_per_instance", "policy": "step",
                                        "steps": [{"below": 100000, "change": -1}], "scale_out_cooldown": 60}}]}
     res = run_dict(d)
     fleet = np.array(simulate(parse_scenario(copy.deepcopy(d), source="test")).logs[0].fleet)
     assert (fleet[:, 3] > fleet[:, 1]).any()   # instances drained while busy
+    return res
+
+
+def test_gpu_utilization_counts_draining_instances():
+    """Three instances scaled in to one by a step policy while 30 s requests (a curve, up to 16 at once)
+    still run on them: a draining instance's GPU stays busy out of service, so GPUUtilization averages
+    over the instances holding their GPUs (in service or draining), never above 100 per GPU."""
+    res = _scaled_in_while_busy()
     assert (res.timeline["gpu_utilization"] <= 100.0 + 1e-9).all()
     assert 90.0 < res.summary["endpoints"]["e"]["gpu_utilization"] <= 100.0 + 1e-9
 
@@ -108,16 +115,7 @@ def test_memory_figures_count_draining_instances(mode):
     memory (in service or draining): GPU memory at 50% all along, one model loaded per instance, where
     an mme endpoint counted a draining instance's model against the instances in service (up to
     100%, two models an instance) and an sme endpoint dropped it before it was unloaded."""
-    d = {"name": "g", "seed": 1, "duration": 300, "models": [{
-        "name": "m", "size_gb": 1, "memory_gb": 12, "traffic": {"process": "poisson", "rate": 1},
-        "service": {"dist": "deterministic", "mean": 30, "batching": {"slowdown": {1: 1, 8: 2}}}}],
-        "endpoints": [{"name": "e", "mode": mode, "instance_type": "ml.g5.xlarge", "max_concurrency": 16,
-                       "instances": {"initial": 3, "min": 1, "max": 3}, "models": ["m"],
-                       "autoscaling": {"metric": "invocations_per_instance", "policy": "step",
-                                       "steps": [{"below": 100000, "change": -1}], "scale_out_cooldown": 60}}]}
-    res = run_dict(d)
-    fleet = np.array(simulate(parse_scenario(copy.deepcopy(d), source="test")).logs[0].fleet)
-    assert (fleet[:, 3] > fleet[:, 1]).any()   # instances drained while busy
+    res = _scaled_in_while_busy(mode, memory_gb=12)
     tl = res.timeline
     loaded = tl["t_s"] >= 60   # (the first minute: the first loads)
     assert tl.loc[loaded, "gpu_memory_utilization"].to_numpy() == pytest.approx(0.5)
