@@ -788,8 +788,7 @@ def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
                 out[k] = merge([v if isinstance(v, dict) else {} for v in vals])
                 continue
             numbers = [v for v in vals if isinstance(v, (int, float))]
-            lacked = any(k not in b for b in blocks)
-            if lacked or len(numbers) + vals.count(None) < r:
+            if any(k not in b for b in blocks) or len(numbers) + vals.count(None) < r:
                 # a key some replication lacks, or not a number (a name): null, or the first's
                 out[k] = None if any(v is None for v in vals) else vals[0]
                 if numbers:
